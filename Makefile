@@ -1,0 +1,49 @@
+# hmqat: the two set-up commands are `make reproduce` and `make test`; both create .venv if needed.
+PY      ?= python3
+VENV    ?= .venv
+PROFILE ?= quick
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.hmqat-installed
+
+# Headless runs: plain-text progress every 30 s, deterministic hashing, the venv's kernels first.
+export HMQAT_HEADLESS ?= 1
+export TQDM_MININTERVAL ?= 30
+export PYTHONHASHSEED ?= 0
+export JUPYTER_PREFER_ENV_PATH ?= 1
+export CUBLAS_WORKSPACE_CONFIG ?= :4096:8
+
+.PHONY: setup reproduce test bench lab clean clean-cache help
+
+help:
+	@echo "make reproduce [PROFILE=quick|smoke|paper|imagenet]  set up, then run the study"
+	@echo "make test                                            set up, then run the tests"
+	@echo "make bench | make lab | make clean | make clean-cache"
+
+# Idempotent set-up: reinstalls only when requirements.txt or pyproject.toml change.
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+setup: $(STAMP)
+
+reproduce: $(STAMP)
+	$(BIN)/python -m hmqat.pipeline --profile $(PROFILE)
+
+test: $(STAMP)
+	TQDM_DISABLE=1 $(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+lab: $(STAMP)
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (hmqat)"
+	HMQAT_HEADLESS= $(BIN)/jupyter lab notebooks/
+
+clean:
+	rm -rf results/smoke .pytest_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +
+
+clean-cache:
+	rm -rf results/*/cache results/*/checkpoints $${HMQAT_CACHE_DIR:-$$HOME/.cache/hmqat}

@@ -1,0 +1,772 @@
+"""Bit allocation: the exact Pareto frontier of (cost, ΣΩ) and the reference searches.
+
+DESIGN.md §2 "Search": minimise Σ_i Ω_i(b_i) subject to Σ_i n_i·b_i ≤ budget_bits (or a BOPs
+budget). This is a multiple-choice knapsack with integer costs, so a dynamic program that merges
+Pareto lists layer by layer, pruning dominated states, yields the *exact* set of non-dominated
+configurations; every budget is then answered by a lookup (:func:`select`).
+
+    >>> import pandas as pd
+    >>> from hmqat.search import pareto_frontier, select
+    >>> omega = pd.DataFrame({2: [4.0, 9.0], 4: [1.0, 2.0], 8: [0.0, 0.1]}, index=["a", "b"])
+    >>> front = pareto_frontier(omega, {"a": 100, "b": 300})
+    >>> select(front, max_mb=0.0002)["config"]
+    {'a': 4, 'b': 4}
+
+Accounting (HAWQ-V3, DESIGN.md §2 "Size, compression, BOPs"):
+
+* ``size_bytes = Σ_i n_i·b_i/8 + 4·other_params``; ``MB = 2**20`` bytes.
+* ``compression = fp32_mb / size_mb`` with ``fp32_mb = 4·fp32_params / 2**20``. ``fp32_params``
+  is the parameter count of the FP32 model (weights + biases + BN, *without* quantizer steps).
+  ``other_params`` (hmqat.quant's convention) *does* include the quantizer step sizes, so the
+  default ``fp32_params = Σ n_i + other_params`` over-counts FP32 by the steps (a few hundred
+  parameters); pass ``fp32_params`` (e.g. ``sum(p.numel() for p in fp32_model.parameters())``)
+  for the exact ratio.
+* ``BOPs = Σ_i MACs_i · b_i · a_bits_i`` (``a_bits`` an int or a per-layer dict, e.g. 8 for the
+  first layer's input under the first_last_8 policy).
+
+References for checking and ablations: :func:`brute_force_frontier`, :func:`ilp_select`
+(HAWQ-V3 ILP with PuLP/CBC), :func:`greedy_select`, :func:`random_select`,
+:func:`uniform_select`; :func:`evaluate_config` scores any config.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "SearchError",
+    "InfeasibleBudgetError",
+    "Frontier",
+    "Allocation",
+    "pareto_frontier",
+    "select",
+    "evaluate_config",
+    "brute_force_frontier",
+    "ilp_select",
+    "greedy_select",
+    "random_select",
+    "uniform_select",
+]
+
+MB = 2 ** 20
+BRUTE_FORCE_LIMIT = 1_000_000
+
+
+class SearchError(ValueError):
+    """Bad input to the bit-allocation search (the message names the key and the fix)."""
+
+
+class InfeasibleBudgetError(SearchError):
+    """No allowed configuration meets the budget; the message states the smallest achievable."""
+
+
+# --------------------------------------------------------------------------------------------
+# Problem preparation and validation
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Unit:
+    """A super-layer of the DP: one free layer, a fixed layer or a tied group (DESIGN.md §2)."""
+
+    members: np.ndarray      # layer indices (int)
+    bits: np.ndarray         # allowed bit widths, ascending (int)
+    cost: np.ndarray         # Σ_{i∈unit} c_i·b for each allowed b (int64)
+    omega: np.ndarray        # Σ_{i∈unit} Ω_i(b) for each allowed b (float64)
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """Validated search problem: per-layer tables and the unit decomposition."""
+
+    layers: list[str]
+    bits: tuple[int, ...]                 # candidate bits for free layers
+    columns: tuple[int, ...]              # every bit with an Ω column
+    omega: np.ndarray                     # [L, len(columns)] float64
+    n_params: np.ndarray                  # [L] int64
+    bops_coef: np.ndarray | None          # [L] int64: MACs_i · a_bits_i, or None
+    cost: str                             # "size" | "bops"
+    fixed: dict[str, int]
+    tied: list[list[str]]
+    units: list[_Unit]
+    other_params: int
+    fp32_params: int
+
+    @property
+    def cost_coef(self) -> np.ndarray:
+        """c_i with cost_int = Σ_i c_i·b_i: n_i (bits of weights) or MACs_i·a_bits_i."""
+        return self.n_params if self.cost == "size" else self.bops_coef  # type: ignore[return-value]
+
+    @property
+    def fp32_mb(self) -> float:
+        """FP32 model size in MB: 4·fp32_params / 2^20."""
+        return 4.0 * self.fp32_params / MB
+
+    def col(self, b: int) -> int:
+        return self.columns.index(b)
+
+
+def _as_omega_frame(omega: pd.DataFrame | Mapping[str, Mapping[int, float]]) -> pd.DataFrame:
+    """Ω table as a float DataFrame with int columns (accepts dict-of-dicts and CSV str labels)."""
+    if isinstance(omega, Mapping):
+        omega = pd.DataFrame.from_dict({k: dict(v) for k, v in omega.items()}, orient="index")
+    if not isinstance(omega, pd.DataFrame):
+        raise SearchError(f"omega must be a pandas DataFrame (index=layer, columns=bits) or a "
+                          f"dict {{layer: {{bits: Ω}}}}, got {type(omega).__name__}")
+    if omega.empty:
+        raise SearchError("omega is empty: it needs one row per layer and one column per "
+                          "candidate bit width")
+    cols = []
+    for c in omega.columns:
+        try:
+            b = int(c)
+        except (TypeError, ValueError):
+            raise SearchError(f"omega column {c!r} is not a bit width; columns must be ints "
+                              f"such as 2, 4, 8") from None
+        if b != float(c) or b < 1:
+            raise SearchError(f"omega column {c!r} is not a positive integer bit width")
+        cols.append(b)
+    if len(set(cols)) != len(cols):
+        raise SearchError(f"omega has duplicate bit columns {cols}")
+    dup = omega.index[omega.index.duplicated()].tolist()
+    if dup:
+        raise SearchError(f"omega has duplicate layer names {dup}; one row per layer")
+    out = omega.copy()
+    out.columns = cols
+    out.index = [str(i) for i in out.index]
+    try:
+        out = out.astype(np.float64)
+    except (TypeError, ValueError) as exc:
+        raise SearchError(f"omega values must be numbers: {exc}") from None
+    return out[sorted(cols)]
+
+
+def _check_names(what: str, keys: Iterable[str], layers: Sequence[str]) -> None:
+    """Raise if ``keys`` is not exactly the set of ``layers``, naming missing and extra keys."""
+    keys = list(keys)
+    missing = [k for k in layers if k not in set(keys)]
+    extra = [k for k in keys if k not in set(layers)]
+    if missing or extra:
+        raise SearchError(f"{what} layer names do not match omega's index: missing {missing}, "
+                          f"unknown {extra}. Give one entry per row of omega, same names.")
+
+
+def _int_map(what: str, values: Mapping[str, Any], layers: Sequence[str],
+             minimum: int) -> np.ndarray:
+    """Per-layer non-negative integers in layer order, with name and value checks."""
+    if not isinstance(values, Mapping):
+        raise SearchError(f"{what} must be a dict {{layer: int}}, got {type(values).__name__}")
+    _check_names(what, values.keys(), layers)
+    out = np.empty(len(layers), dtype=np.int64)
+    for j, name in enumerate(layers):
+        v = values[name]
+        if isinstance(v, (bool, np.bool_)) or not float(v).is_integer() or int(v) < minimum:
+            raise SearchError(f"{what}[{name!r}] = {v!r}; it must be an integer >= {minimum}")
+        out[j] = int(v)
+    return out
+
+
+def _prepare(omega, n_params, bits, *, cost="size", macs=None, a_bits=None, fixed=None,
+             tied=None, other_params=0, fp32_params=None) -> _Problem:
+    """Validate every input and build the unit decomposition (tied groups = super-layers)."""
+    table = _as_omega_frame(omega)
+    layers = list(table.index)
+    columns = tuple(int(c) for c in table.columns)
+    if cost not in ("size", "bops"):
+        raise SearchError(f"cost={cost!r}; choose 'size' (Σ n_i·b_i) or 'bops' "
+                          f"(Σ MACs_i·b_i·a_bits_i)")
+    n = _int_map("n_params", n_params, layers, minimum=1)
+
+    if bits is None:
+        cand = columns
+    else:
+        cand = tuple(sorted({int(b) for b in bits}))
+        if not cand:
+            raise SearchError("bits is empty; give at least one candidate bit width, e.g. "
+                              "bits=(2, 4, 8), or None for every omega column")
+        bad = [b for b in cand if b not in columns]
+        if bad:
+            raise SearchError(f"bits {bad} are not columns of omega {list(columns)}; compute Ω "
+                              f"for them or drop them from bits")
+
+    fixed = dict(fixed or {})
+    unknown = [k for k in fixed if k not in set(layers)]
+    if unknown:
+        raise SearchError(f"fixed names unknown layers {unknown}; known layers: {layers}")
+    for k, b in fixed.items():
+        if b not in columns:
+            raise SearchError(f"fixed[{k!r}] = {b!r} is not a candidate bit width: omega has no "
+                              f"column {b!r} (columns {list(columns)}); add it or pin another")
+
+    tied = list(tied or [])
+    owner: dict[str, int] = {}
+    for gi, group in enumerate(tied):
+        if isinstance(group, str) or not isinstance(group, Iterable) or not list(group):
+            raise SearchError(f"tied[{gi}] = {group!r}; each tied group is a non-empty list of "
+                              f"layer names, e.g. tied=[['layer1.0.conv1', 'layer1.0.downsample.0']]")
+        for name in group:
+            if name not in set(layers):
+                raise SearchError(f"tied[{gi}] names unknown layer {name!r}; known layers: "
+                                  f"{layers}")
+            if name in owner:
+                raise SearchError(f"layer {name!r} is in two tied groups (tied[{owner[name]}] "
+                                  f"and tied[{gi}]); merge those groups into one")
+            owner[name] = gi
+    tied = [list(g) for g in tied]
+
+    # Ω values used by the search: candidate columns for free layers, the pinned column otherwise
+    used = set(cand) | set(fixed.values())
+    sub = table[[c for c in columns if c in used]]
+    vals = sub.to_numpy()
+    bad = ~np.isfinite(vals) | (vals < 0)
+    if bad.any():
+        r, c = map(int, np.argwhere(bad)[0])
+        raise SearchError(f"omega[{layers[r]!r}][{sub.columns[c]}] = {float(vals[r, c])!r}; Ω must be "
+                          f"finite and >= 0 (fix or recompute the sensitivity table)")
+
+    bops_coef = None
+    if macs is not None:
+        m = _int_map("macs", macs, layers, minimum=0)
+        if a_bits is None:
+            raise SearchError("macs given but a_bits is None; pass a_bits (int, e.g. 4, or "
+                              "{layer: bits}) so BOPs = Σ MACs_i·b_i·a_bits_i can be computed")
+        if isinstance(a_bits, Mapping):
+            a = _int_map("a_bits", a_bits, layers, minimum=1)
+        else:
+            if not float(a_bits).is_integer() or int(a_bits) < 1:
+                raise SearchError(f"a_bits = {a_bits!r}; it must be a positive int or a dict")
+            a = np.full(len(layers), int(a_bits), dtype=np.int64)
+        bops_coef = m * a
+    if cost == "bops" and bops_coef is None:
+        raise SearchError("cost='bops' needs macs={layer: MACs} (hmqat.models.quantizable_layers"
+                          " gives them) and a_bits")
+    if int(other_params) < 0:
+        raise SearchError(f"other_params = {other_params!r}; it must be >= 0")
+    fp32 = int(n.sum()) + int(other_params) if fp32_params is None else int(fp32_params)
+    if fp32 <= 0:
+        raise SearchError(f"fp32_params = {fp32_params!r}; it must be > 0")
+
+    problem = _Problem(layers, cand, columns, table.to_numpy(), n, bops_coef, cost, fixed, tied,
+                       [], int(other_params), fp32)
+    problem.units.extend(_units(problem))
+    return problem
+
+
+def _units(p: _Problem) -> list[_Unit]:
+    """Split layers into DP units in forward order: tied groups become one super-layer whose Ω and
+    cost are member sums; fixed layers (or groups holding one) get a single allowed width."""
+    index = {name: j for j, name in enumerate(p.layers)}
+    group_of = {name: gi for gi, g in enumerate(p.tied) for name in g}
+    coef = p.cost_coef
+    units, done = [], set()
+    for name in p.layers:
+        if name in done:
+            continue
+        members = p.tied[group_of[name]] if name in group_of else [name]
+        done.update(members)
+        pinned = {p.fixed[m] for m in members if m in p.fixed}
+        if len(pinned) > 1:
+            raise SearchError(f"tied group {members} has conflicting fixed bits "
+                              f"{ {m: p.fixed[m] for m in members if m in p.fixed} }; "
+                              f"pin them to one width")
+        allowed = np.array(sorted(pinned) if pinned else p.bits, dtype=np.int64)
+        idx = np.array([index[m] for m in members], dtype=np.int64)
+        cols = [p.col(int(b)) for b in allowed]
+        omega = p.omega[np.ix_(idx, cols)].sum(axis=0)
+        cost = int(coef[idx].sum()) * allowed
+        units.append(_Unit(idx, allowed, cost.astype(np.int64), omega.astype(np.float64)))
+    return units
+
+
+# --------------------------------------------------------------------------------------------
+# Frontier and accounting
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Frontier:
+    """The exact Pareto frontier of (cost_int, ΣΩ) (DESIGN.md §2 "Search").
+
+    ``points``: one row per non-dominated configuration, sorted by ``cost_int`` ascending (Ω then
+    strictly decreases), with columns ``cost_int`` (Σ n_i·b_i bits, or BOPs), ``size_mb``,
+    ``compression``, ``bops`` (only when MACs were given), ``omega`` (ΣΩ), ``avg_bits``
+    (Σ n_i·b_i / Σ n_i) and ``config`` ({layer: bits}, layers in omega's order).
+    ``search_ms``: wall time of the search (DP + back-tracking) in ms (time.perf_counter).
+    """
+
+    points: pd.DataFrame
+    search_ms: float
+    layers: list[str]
+    bits: tuple[int, ...]
+    cost: str
+    fixed: dict[str, int] = field(default_factory=dict)
+    tied: list[list[str]] = field(default_factory=list)
+    other_params: int = 0
+    fp32_params: int = 0
+    method: str = "dp"
+
+    @property
+    def fp32_mb(self) -> float:
+        """FP32 model size in MB: 4·fp32_params / 2^20."""
+        return 4.0 * self.fp32_params / MB
+
+    def configs(self) -> list[dict[str, int]]:
+        """The frontier's bit configs, cheapest first."""
+        return list(self.points["config"])
+
+    def to_frame(self) -> pd.DataFrame:
+        """Flat table for CSV/Markdown: the numeric columns plus one bits column per layer."""
+        num = self.points.drop(columns="config")
+        per_layer = pd.DataFrame(list(self.points["config"]), index=self.points.index,
+                                 columns=self.layers)
+        return pd.concat([num, per_layer], axis=1)
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """One bit configuration and its accounting (same fields as a Frontier row)."""
+
+    config: dict[str, int]
+    cost_int: int
+    size_mb: float
+    compression: float
+    bops: int | None
+    omega: float
+    avg_bits: float
+    method: str
+
+
+def _accounting(p: _Problem, bits_mat: np.ndarray) -> dict[str, np.ndarray]:
+    """Size/compression/BOPs/avg-bits columns for configs given as a [N, L] bit matrix
+    (DESIGN.md §2: size_bytes = Σ n_i b_i/8 + 4·other, MB = 2^20, BOPs = Σ MACs_i b_i a_i)."""
+    wbits = bits_mat @ p.n_params
+    size_mb = (wbits / 8.0 + 4.0 * p.other_params) / MB
+    out = {"size_mb": size_mb, "compression": p.fp32_mb / size_mb,
+           "avg_bits": wbits / float(p.n_params.sum())}
+    if p.bops_coef is not None:
+        out["bops"] = bits_mat @ p.bops_coef
+    out["cost_int"] = wbits if p.cost == "size" else out["bops"]
+    return out
+
+
+def _omega_of(p: _Problem, bits_mat: np.ndarray) -> np.ndarray:
+    """ΣΩ_i(b_i) of each config row, summed in layer order."""
+    col = {b: j for j, b in enumerate(p.columns)}
+    cols = np.vectorize(col.__getitem__, otypes=[np.int64])(bits_mat)
+    return p.omega[np.arange(len(p.layers))[None, :], cols].sum(axis=1)
+
+
+def _frame(p: _Problem, bits_mat: np.ndarray, omega: np.ndarray) -> pd.DataFrame:
+    """The ``points`` DataFrame of a set of configs given as a bit matrix."""
+    acc = _accounting(p, bits_mat)
+    cols = {"cost_int": acc["cost_int"].astype(np.int64), "size_mb": acc["size_mb"],
+            "compression": acc["compression"]}
+    if "bops" in acc:
+        cols["bops"] = acc["bops"].astype(np.int64)
+    cols.update(omega=omega, avg_bits=acc["avg_bits"],
+                config=[dict(zip(p.layers, row)) for row in bits_mat.tolist()])
+    return pd.DataFrame(cols)
+
+
+def _to_frontier(p: _Problem, bits_mat: np.ndarray, omega: np.ndarray, ms: float,
+                 method: str) -> Frontier:
+    return Frontier(_frame(p, bits_mat, omega), ms, list(p.layers), p.bits, p.cost,
+                    dict(p.fixed), [list(g) for g in p.tied], p.other_params, p.fp32_params,
+                    method)
+
+
+def _pareto_mask_sorted(cost: np.ndarray, omega: np.ndarray) -> np.ndarray:
+    """Indices of the non-dominated states of a list already sorted by cost (any order within
+    equal costs): keep a state iff its Ω is strictly below every earlier state's, then keep the
+    last kept state of each equal-cost run (it has that cost's minimum Ω)."""
+    if len(cost) == 0:
+        return np.zeros(0, dtype=np.int64)
+    run_min = np.minimum.accumulate(omega)
+    keep = np.empty(len(omega), dtype=bool)
+    keep[0] = True
+    keep[1:] = omega[1:] < run_min[:-1]
+    idx = np.flatnonzero(keep)
+    last = np.ones(len(idx), dtype=bool)
+    last[:-1] = cost[idx[1:]] != cost[idx[:-1]]
+    return idx[last]
+
+
+def _dp(units: list[_Unit]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact Pareto DP over units (multiple-choice knapsack, DESIGN.md §2 "Search").
+
+    State list = (cost, Ω) pairs sorted by cost with strictly decreasing Ω. Adding a unit with K
+    options gives K shifted copies, each already sorted, so a stable sort (timsort) merges them in
+    O(S·K·log K); dominated states are dropped by :func:`_pareto_mask_sorted`. Returns the final
+    costs, Ωs and the [N, units] matrix of chosen option indices (from back-pointers).
+    """
+    cost = np.zeros(1, dtype=np.int64)
+    omega = np.zeros(1, dtype=np.float64)
+    parents, choices = [], []
+    for u in units:
+        s = len(cost)
+        cand_c = (u.cost[:, None] + cost[None, :]).ravel()
+        cand_w = (u.omega[:, None] + omega[None, :]).ravel()
+        order = np.argsort(cand_c, kind="stable")
+        cand_c, cand_w = cand_c[order], cand_w[order]
+        keep = _pareto_mask_sorted(cand_c, cand_w)
+        src = order[keep]
+        parents.append(src % s)
+        choices.append(src // s)
+        cost, omega = cand_c[keep], cand_w[keep]
+    picks = np.empty((len(cost), len(units)), dtype=np.int64)
+    state = np.arange(len(cost))
+    for k in range(len(units) - 1, -1, -1):
+        picks[:, k] = choices[k][state]
+        state = parents[k][state]
+    return cost, omega, picks
+
+
+def _bits_matrix(p: _Problem, picks: np.ndarray) -> np.ndarray:
+    """[N, L] bit widths from [N, units] option indices."""
+    out = np.empty((picks.shape[0], len(p.layers)), dtype=np.int64)
+    for k, u in enumerate(p.units):
+        out[:, u.members] = u.bits[picks[:, k]][:, None]
+    return out
+
+
+def pareto_frontier(omega: pd.DataFrame | Mapping[str, Mapping[int, float]],
+                    n_params: Mapping[str, int], bits: Iterable[int] | None = None, *,
+                    cost: str = "size", macs: Mapping[str, int] | None = None,
+                    a_bits: int | Mapping[str, int] | None = None,
+                    fixed: Mapping[str, int] | None = None,
+                    tied: Sequence[Sequence[str]] | None = None, other_params: int = 0,
+                    fp32_params: int | None = None) -> Frontier:
+    """Exact Pareto frontier of (cost, Σ_i Ω_i(b_i)) over all allowed bit configs (DESIGN.md §2).
+
+    Args:
+        omega: Ω_i(b) >= 0, DataFrame index=layer (forward order), columns=bits; or a
+            dict {layer: {bits: Ω}}.
+        n_params: {layer: weight count n_i}.
+        bits: candidate widths for free layers (default: every omega column).
+        cost: "size" (cost_int = Σ n_i·b_i bits) or "bops" (Σ MACs_i·b_i·a_bits_i).
+        macs, a_bits: per-layer MACs and activation bits (int or {layer: int}); needed for
+            cost="bops", and add a ``bops`` column otherwise.
+        fixed: {layer: bits} pinned layers (e.g. first conv / last linear at 8); the width must
+            be an omega column but need not be in ``bits``.
+        tied: groups of layers forced to one width (each group is a DP super-layer).
+        other_params: FP32 parameters that are not quantized weights (see module doc).
+        fp32_params: parameter count of the FP32 model, for ``compression`` (default
+            Σ n_i + other_params).
+    """
+    p = _prepare(omega, n_params, bits, cost=cost, macs=macs, a_bits=a_bits, fixed=fixed,
+                 tied=tied, other_params=other_params, fp32_params=fp32_params)
+    t0 = time.perf_counter()
+    cost_int, total, picks = _dp(p.units)
+    bits_mat = _bits_matrix(p, picks)
+    ms = (time.perf_counter() - t0) * 1e3
+    front = _to_frontier(p, bits_mat, total, ms, "dp")
+    # the DP's cost must equal the accounting's (guards the unit decomposition)
+    assert np.array_equal(front.points["cost_int"].to_numpy(), cost_int)
+    return front
+
+
+# --------------------------------------------------------------------------------------------
+# Budgets and selection
+# --------------------------------------------------------------------------------------------
+def _budget(p: _Problem | Frontier, max_mb, min_compression, max_bops) -> tuple[str, float]:
+    """The one budget given: (kind, value); kind in max_mb | min_compression | max_bops."""
+    given = {k: v for k, v in (("max_mb", max_mb), ("min_compression", min_compression),
+                               ("max_bops", max_bops)) if v is not None}
+    if len(given) != 1:
+        raise SearchError(f"give exactly one budget (max_mb=, min_compression= or max_bops=), "
+                          f"got {given or 'none'}")
+    kind, value = next(iter(given.items()))
+    if not (isinstance(value, (int, float, np.number)) and math.isfinite(value) and value > 0):
+        raise SearchError(f"{kind}={value!r}; a budget must be a finite number > 0")
+    need = "bops" if kind == "max_bops" else "size"
+    if p.cost != need:
+        raise SearchError(f"{kind} is a {need} budget but the search cost is {p.cost!r}; "
+                          f"rebuild with cost={need!r} (the {p.cost} frontier is not optimal "
+                          f"for a {need} budget)")
+    return kind, float(value)
+
+
+def _fits(kind: str, value: float, size_mb, compression, bops):
+    """Budget predicate on accounting columns (arrays or scalars)."""
+    if kind == "max_mb":
+        return size_mb <= value
+    if kind == "min_compression":
+        return compression >= value
+    return bops <= value
+
+
+def _smallest_msg(kind: str, value: float, size_mb: float, compression: float,
+                  bops: float | None) -> str:
+    """Infeasible-budget message stating the smallest achievable cost of the cheapest config."""
+    if kind == "max_bops":
+        best = f"the smallest achievable is {bops:.6g} BOPs"
+    elif kind == "max_mb":
+        best = f"the smallest achievable is {size_mb:.6g} MB"
+    else:
+        best = f"the highest achievable compression is {compression:.6g}x"
+    return (f"budget {kind}={value:g} is infeasible: {best} (cheapest allowed config: "
+            f"{size_mb:.6g} MB, {compression:.4g}x compression); relax the budget or add lower "
+            f"candidate bits")
+
+
+def select(frontier: Frontier, *, max_mb: float | None = None,
+           min_compression: float | None = None, max_bops: float | None = None) -> pd.Series:
+    """Lowest-Ω frontier point meeting one budget: "≤ X MB", "≥ R× compression" or "≤ B BOPs"
+    (DESIGN.md §2 "Picking a point"). Returns the ``points`` row (``row["config"]`` is the dict).
+    On a frontier Ω falls as cost rises, so this is the most expensive point within budget."""
+    kind, value = _budget(frontier, max_mb, min_compression, max_bops)
+    pts = frontier.points
+    column = {"max_mb": "size_mb", "min_compression": "compression", "max_bops": "bops"}[kind]
+    values = pts[column].to_numpy()
+    ok = _fits(kind, value, values, values, values)
+    # cost rises along the frontier, so the feasible points are a prefix; take its last one
+    n_ok = int(np.count_nonzero(ok))
+    if n_ok == 0:
+        first = pts.iloc[0]
+        raise InfeasibleBudgetError(_smallest_msg(kind, value, first["size_mb"],
+                                                  first["compression"], first.get("bops")))
+    return pts.iloc[n_ok - 1]
+
+
+def _allocation(p: _Problem, bits_row: np.ndarray, method: str) -> Allocation:
+    bits_row = np.asarray(bits_row, dtype=np.int64)[None, :]
+    acc = _accounting(p, bits_row)
+    return Allocation(dict(zip(p.layers, bits_row[0].tolist())), int(acc["cost_int"][0]),
+                      float(acc["size_mb"][0]), float(acc["compression"][0]),
+                      int(acc["bops"][0]) if "bops" in acc else None,
+                      float(_omega_of(p, bits_row)[0]), float(acc["avg_bits"][0]), method)
+
+
+def _max_cost(p: _Problem, kind: str, value: float) -> int:
+    """Largest integer cost_int meeting the budget, using the same float predicate as
+    :func:`select` so ILP/greedy/random agree with the frontier lookup at the boundary."""
+    coef_total = 4.0 * p.other_params
+    if kind == "max_bops":
+        return int(math.floor(value))
+    target_mb = value if kind == "max_mb" else p.fp32_mb / value
+    c = int(math.floor(8.0 * (target_mb * MB - coef_total)))
+
+    def ok(ci: int) -> bool:
+        size_mb = (ci / 8.0 + coef_total) / MB
+        return bool(_fits(kind, value, size_mb, p.fp32_mb / size_mb if size_mb > 0 else math.inf,
+                          None))
+
+    while ok(c + 1):
+        c += 1
+    while c >= 0 and not ok(c):
+        c -= 1
+    return c
+
+
+def _unit_choice_bits(p: _Problem, picks: np.ndarray) -> np.ndarray:
+    return _bits_matrix(p, np.atleast_2d(picks))[0]
+
+
+def _check_feasible(p: _Problem, kind: str, value: float, max_cost: int) -> None:
+    low = np.array([0 for _ in p.units])
+    if sum(int(u.cost[0]) for u in p.units) > max_cost:
+        a = _allocation(p, _unit_choice_bits(p, low), "min")
+        raise InfeasibleBudgetError(_smallest_msg(kind, value, a.size_mb, a.compression, a.bops))
+
+
+def evaluate_config(config: Mapping[str, int], omega, n_params, *, macs=None, a_bits=None,
+                    other_params: int = 0, fp32_params: int | None = None,
+                    method: str = "given") -> Allocation:
+    """Size, compression, BOPs and ΣΩ of any {layer: bits} config (DESIGN.md §2 accounting)."""
+    p = _prepare(omega, n_params, None, macs=macs, a_bits=a_bits, other_params=other_params,
+                 fp32_params=fp32_params)
+    _check_names("config", config.keys(), p.layers)
+    bad = {k: v for k, v in config.items() if v not in p.columns}
+    if bad:
+        raise SearchError(f"config bits {bad} have no omega column (columns {list(p.columns)})")
+    return _allocation(p, np.array([config[k] for k in p.layers]), method)
+
+
+# --------------------------------------------------------------------------------------------
+# References
+# --------------------------------------------------------------------------------------------
+def brute_force_frontier(omega, n_params, bits=None, *, cost="size", macs=None, a_bits=None,
+                         fixed=None, tied=None, other_params=0, fp32_params=None,
+                         max_configs: int = BRUTE_FORCE_LIMIT) -> Frontier:
+    """Reference frontier by enumerating every per-layer config (fixed layers pinned), dropping
+    those that break a tie, then keeping each cost's minimum Ω when it is strictly below every
+    cheaper cost's (pandas groupby + cummin). Refuses more than ``max_configs`` configs."""
+    p = _prepare(omega, n_params, bits, cost=cost, macs=macs, a_bits=a_bits, fixed=fixed,
+                 tied=tied, other_params=other_params, fp32_params=fp32_params)
+    t0 = time.perf_counter()
+    group_fixed = {name: p.fixed[m] for g in p.tied for m in g if m in p.fixed for name in g}
+    options = [[group_fixed.get(name, p.fixed.get(name))] if name in p.fixed or
+               name in group_fixed else list(p.bits) for name in p.layers]
+    count = math.prod(len(o) for o in options)
+    if count > max_configs:
+        raise SearchError(f"brute force would enumerate {count:,} configs (> max_configs="
+                          f"{max_configs:,}); use pareto_frontier (exact DP) or a smaller table")
+    grids = np.meshgrid(*[np.array(o, dtype=np.int64) for o in options], indexing="ij")
+    bits_mat = np.stack([g.ravel() for g in grids], axis=1)
+    index = {name: j for j, name in enumerate(p.layers)}
+    for g in p.tied:
+        cols = bits_mat[:, [index[m] for m in g]]
+        bits_mat = bits_mat[(cols == cols[:, :1]).all(axis=1)]
+    total = _omega_of(p, bits_mat)
+    cost_int = _accounting(p, bits_mat)["cost_int"]
+    df = pd.DataFrame({"c": cost_int, "w": total}).sort_values(["c", "w"], kind="stable")
+    best = df.groupby("c", sort=True).head(1)             # min Ω per cost
+    prev = best["w"].cummin().shift(1, fill_value=np.inf)  # min Ω of strictly cheaper costs
+    chosen = best.index[(best["w"] < prev).to_numpy()]
+    ms = (time.perf_counter() - t0) * 1e3
+    return _to_frontier(p, bits_mat[chosen], total[chosen], ms, "brute_force")
+
+
+def ilp_select(omega, n_params, bits=None, *, max_mb=None, min_compression=None, max_bops=None,
+               macs=None, a_bits=None, fixed=None, tied=None, other_params=0, fp32_params=None,
+               time_limit: float | None = None, msg: bool = False) -> Allocation:
+    """HAWQ-V3 ILP (DESIGN.md §2), generalised to the candidate set, solved with PuLP + CBC.
+
+    Binary x_{i,b}; min Σ Ω_i(b)·x_{i,b} s.t. Σ_b x_{i,b} = 1, x_{i,b} = x_{j,b} for tied i, j,
+    x_{i,f} = 1 for fixed layers, Σ c_i·b·x_{i,b} ≤ budget. One solve per budget.
+    """
+    try:
+        import pulp
+    except ImportError:  # pragma: no cover - pulp is in the dev/ilp extras
+        raise ImportError("ilp_select needs PuLP: `pip install pulp` (ships the CBC solver)") \
+            from None
+    cost = "bops" if max_bops is not None else "size"
+    p = _prepare(omega, n_params, bits, cost=cost, macs=macs, a_bits=a_bits, fixed=fixed,
+                 tied=tied, other_params=other_params, fp32_params=fp32_params)
+    kind, value = _budget(p, max_mb, min_compression, max_bops)
+    max_cost = _max_cost(p, kind, value)
+    _check_feasible(p, kind, value, max_cost)
+
+    pinned = {name: p.fixed[m] for g in p.tied for m in g if m in p.fixed for name in g}
+    allowed = [sorted(set(p.bits) | {pinned.get(n, p.fixed.get(n, p.bits[0]))})
+               for n in p.layers]
+    # CBC's tolerances are absolute (~1e-6): with max Ω -> 1e6 the small Ω differences that decide
+    # the optimum are resolved (max Ω -> 1 gave 1 % suboptimal "Optimal" answers on ResNet-20).
+    scale = (float(p.omega.max()) or 1.0) / 1e6
+    prob = pulp.LpProblem("hmqat_bit_allocation", pulp.LpMinimize)
+    new_var = getattr(prob, "add_variable", None)          # PuLP >= 3.3 (4.0 style)
+    if new_var is None:  # pragma: no cover - older PuLP
+        def new_var(name, lowBound=None, upBound=None, cat=pulp.LpContinuous):
+            return pulp.LpVariable(name, lowBound, upBound, cat)
+    x = {(i, b): new_var(f"x_{i}_{b}", cat=pulp.LpBinary)
+         for i in range(len(p.layers)) for b in allowed[i]}
+    prob += pulp.lpSum(p.omega[i, p.col(b)] / scale * v for (i, b), v in x.items())
+    coef = p.cost_coef
+    for i, name in enumerate(p.layers):
+        prob += pulp.lpSum(x[i, b] for b in allowed[i]) == 1
+        if name in p.fixed:
+            prob += x[i, p.fixed[name]] == 1
+        elif name not in pinned:  # free layers only use the candidate bits
+            for b in allowed[i]:
+                if b not in p.bits:
+                    prob += x[i, b] == 0
+    index = {n: i for i, n in enumerate(p.layers)}
+    for g in p.tied:
+        first = index[g[0]]
+        for m in g[1:]:
+            for b in allowed[first]:
+                prob += x[index[m], b] == x[first, b]
+    prob += pulp.lpSum(int(coef[i]) * b * v for (i, b), v in x.items()) <= max_cost
+    status = prob.solve(_cbc(pulp, msg=msg, timeLimit=time_limit, gapRel=0.0, gapAbs=0.0))
+    if pulp.LpStatus[status] != "Optimal":
+        raise RuntimeError(f"CBC returned {pulp.LpStatus[status]!r} for {kind}={value:g}; "
+                           f"raise time_limit or check the budget")
+    row = np.array([max(allowed[i], key=lambda b: x[i, b].value()) for i in range(len(p.layers))])
+    a = _allocation(p, row, "ilp")
+    if a.cost_int > max_cost:
+        raise RuntimeError(f"CBC's solution costs {a.cost_int} > budget {max_cost} after "
+                           f"rounding; solver tolerance problem")
+    return a
+
+
+def _cbc(pulp, **options):
+    """CBC: a system ``cbc`` via COIN_CMD when present, else PuLP's bundled PULP_CBC_CMD (which
+    PuLP 3.3 marks deprecated for 4.0; the warning is silenced as there is no other bundled CBC)."""
+    coin = getattr(pulp, "COIN_CMD", None)
+    if coin is not None and coin(msg=False).available():
+        return coin(**options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return pulp.PULP_CBC_CMD(**options)
+
+
+def greedy_select(omega, n_params, bits=None, *, max_mb=None, min_compression=None,
+                  max_bops=None, macs=None, a_bits=None, fixed=None, tied=None, other_params=0,
+                  fp32_params=None) -> Allocation:
+    """Greedy baseline: start every free unit at its highest bits; while over budget, lower the
+    unit whose next-lower width costs the least ΔΩ per saved cost (ΔΩ/Δcost)."""
+    cost = "bops" if max_bops is not None else "size"
+    p = _prepare(omega, n_params, bits, cost=cost, macs=macs, a_bits=a_bits, fixed=fixed,
+                 tied=tied, other_params=other_params, fp32_params=fp32_params)
+    kind, value = _budget(p, max_mb, min_compression, max_bops)
+    max_cost = _max_cost(p, kind, value)
+    _check_feasible(p, kind, value, max_cost)
+    pick = np.array([len(u.bits) - 1 for u in p.units])
+    total = sum(int(u.cost[k]) for u, k in zip(p.units, pick))
+    while total > max_cost:
+        best, best_ratio = -1, math.inf
+        for j, (u, k) in enumerate(zip(p.units, pick)):
+            saved = float(u.cost[k] - u.cost[k - 1])
+            if k == 0 or saved <= 0:      # at its lowest width, or lowering saves nothing
+                continue
+            ratio = (u.omega[k - 1] - u.omega[k]) / saved
+            if ratio < best_ratio:
+                best, best_ratio = j, ratio
+        total -= int(p.units[best].cost[pick[best]] - p.units[best].cost[pick[best] - 1])
+        pick[best] -= 1
+    return _allocation(p, _unit_choice_bits(p, pick), "greedy")
+
+
+def random_select(omega, n_params, bits=None, *, max_mb=None, min_compression=None,
+                  max_bops=None, macs=None, a_bits=None, fixed=None, tied=None, other_params=0,
+                  fp32_params=None, seed: int = 0, n_samples: int = 1000) -> Allocation:
+    """Random baseline at matched size: draw ``n_samples`` uniform random configs (seeded),
+    lower random units of those over budget until they fit, return the one closest to the
+    budget (largest cost within it)."""
+    cost = "bops" if max_bops is not None else "size"
+    p = _prepare(omega, n_params, bits, cost=cost, macs=macs, a_bits=a_bits, fixed=fixed,
+                 tied=tied, other_params=other_params, fp32_params=fp32_params)
+    kind, value = _budget(p, max_mb, min_compression, max_bops)
+    max_cost = _max_cost(p, kind, value)
+    _check_feasible(p, kind, value, max_cost)
+    rng = np.random.default_rng(seed)
+    sizes = np.array([len(u.bits) for u in p.units])
+    picks = (rng.random((n_samples, len(p.units))) * sizes).astype(np.int64)
+
+    def total(pk: np.ndarray) -> np.ndarray:
+        return sum(u.cost[pk[:, k]] for k, u in enumerate(p.units))
+
+    cur = total(picks)
+    while (over := cur > max_cost).any():
+        rows = np.flatnonzero(over)
+        score = rng.random((len(rows), len(p.units)))
+        score[picks[rows] == 0] = -1.0          # only units that can still go lower
+        col = score.argmax(axis=1)
+        picks[rows, col] -= 1
+        cur[rows] = total(picks[rows])
+    best = int(np.argmax(cur))
+    return _allocation(p, _unit_choice_bits(p, picks[best]), "random")
+
+
+def uniform_select(omega, n_params, bits=None, *, max_mb=None, min_compression=None,
+                   max_bops=None, macs=None, a_bits=None, fixed=None, tied=None, other_params=0,
+                   fp32_params=None) -> Allocation:
+    """Uniform baseline: the highest single width (fixed layers stay pinned) meeting the budget."""
+    cost = "bops" if max_bops is not None else "size"
+    p = _prepare(omega, n_params, bits, cost=cost, macs=macs, a_bits=a_bits, fixed=fixed,
+                 tied=tied, other_params=other_params, fp32_params=fp32_params)
+    kind, value = _budget(p, max_mb, min_compression, max_bops)
+    max_cost = _max_cost(p, kind, value)
+    for b in sorted(p.bits, reverse=True):
+        pick = np.array([int(np.searchsorted(u.bits, b)) if len(u.bits) > 1 else 0
+                         for u in p.units])
+        if sum(int(u.cost[k]) for u, k in zip(p.units, pick)) <= max_cost:
+            return _allocation(p, _unit_choice_bits(p, pick), f"uniform{b}")
+    low = np.zeros(len(p.units), dtype=np.int64)
+    a = _allocation(p, _unit_choice_bits(p, low), "min")
+    raise InfeasibleBudgetError(_smallest_msg(kind, value, a.size_mb, a.compression, a.bops))

@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from hmqat import data
+
+
+def test_synthetic_shapes_and_determinism():
+    a = data.synthetic_cifar(64, seed=3)
+    b = data.synthetic_cifar(64, seed=3)
+    assert a.images.shape == (64, 3, 32, 32) and a.images.dtype == torch.uint8
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert len(a.classes) == 10
+
+
+def test_loader_normalises_and_covers_each_image_once():
+    ds = data.synthetic_cifar(70, seed=0)
+    batches = list(data.make_loader(ds, batch_size=32))
+    assert [len(y) for _, y in batches] == [32, 32, 6]
+    x = torch.cat([b[0] for b in batches])
+    expected = (ds.images.float() / 255 - torch.tensor(data.MEAN).view(1, 3, 1, 1)) / \
+        torch.tensor(data.STD).view(1, 3, 1, 1)
+    assert torch.allclose(x, expected, atol=1e-6)
+
+
+def test_train_loader_depends_only_on_seed_and_epoch():
+    ds = data.synthetic_cifar(50, seed=0)
+    l1, l2 = data.make_loader(ds, 16, train=True, seed=5), data.make_loader(ds, 16, train=True, seed=5)
+    l1.set_epoch(3)
+    l2.set_epoch(3)
+    for (x1, y1), (x2, y2) in zip(l1, l2):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    l2.set_epoch(4)
+    assert not torch.equal(next(iter(l1))[1], next(iter(l2))[1])
+
+
+def test_random_crop_flip_matches_a_per_image_crop():
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).view(2, 3, 32, 32)
+    g = torch.Generator().manual_seed(0)
+    out = data.random_crop_flip(x, g)
+    g = torch.Generator().manual_seed(0)
+    oy, ox = torch.randint(0, 9, (2,), generator=g), torch.randint(0, 9, (2,), generator=g)
+    flip = torch.rand(2, generator=g) < 0.5
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for i in range(2):
+        ref = padded[i, :, oy[i]:oy[i] + 32, ox[i]:ox[i] + 32]
+        if flip[i]:
+            ref = ref.flip(-1)
+        assert torch.equal(out[i], ref)
+
+
+def test_calibration_batches_are_seeded_subsets():
+    ds = data.synthetic_cifar(200, seed=0)
+    a = data.calibration_batches(ds, n_samples=96, batch_size=32, seed=1)
+    b = data.calibration_batches(ds, n_samples=96, batch_size=32, seed=1)
+    c = data.calibration_batches(ds, n_samples=96, batch_size=32, seed=2)
+    assert len(a) == 3 and all(torch.equal(p[0], q[0]) for p, q in zip(a, b))
+    assert not torch.equal(a[0][1], c[0][1])
+    with pytest.raises(ValueError, match="n_samples must be in 1..200"):
+        data.calibration_subset(ds, 0)
+
+
+def test_imagefolder_cifar_loads_and_caches(tmp_path, monkeypatch):
+    root = data.write_synthetic_imagefolder(tmp_path / "cifar", per_class=2)
+    monkeypatch.setenv("HMQAT_DATA_DIR", str(root))
+    train = data.load_cifar10(split="train")
+    assert train.images.shape == (20, 3, 32, 32)
+    assert sorted(set(train.labels.tolist())) == list(range(10))
+    again = data.load_cifar10(split="train")  # from the uint8 cache
+    assert torch.equal(train.images, again.images)
+
+
+def test_missing_dataset_names_env_var(tmp_path):
+    with pytest.raises(data.DatasetError, match="does not exist.*HMQAT_DATA_DIR"):
+        data.load_cifar10(tmp_path / "nowhere")
+
+
+def test_wrong_layout_is_explained(tmp_path):
+    (tmp_path / "images").mkdir()
+    with pytest.raises(data.DatasetError, match="no CIFAR-10 layout.*train/<class>"):
+        data.load_cifar10(tmp_path)
+
+
+def test_wrong_class_count_is_explained(tmp_path):
+    root = data.write_synthetic_imagefolder(tmp_path / "c3", num_classes=3, per_class=2)
+    with pytest.raises(data.DatasetError, match="has 3 class folders.*expected 10"):
+        data.load_cifar10(root, "train")
+
+
+def test_unknown_split_and_dataset():
+    with pytest.raises(data.DatasetError, match="split must be 'train' or 'test'"):
+        data.load_cifar10(split="val")
+    with pytest.raises(data.DatasetError, match="unknown dataset 'mnist'"):
+        data.load_dataset("mnist", "train")
+
+
+def test_imagenet_loaders_on_tiny_imagefolder(tmp_path):
+    root = data.write_synthetic_imagefolder(tmp_path / "inet", num_classes=4, per_class=2,
+                                           image_size=64, splits=("train", "val"))
+    train, val = data.imagenet_loaders(root, batch_size=4, workers=0, image_size=32,
+                                       num_classes=4)
+    x, y = next(iter(train))
+    assert x.shape == (4, 3, 32, 32) and y.dtype == torch.long
+    with pytest.raises(data.DatasetError, match="has 4 classes, expected 1000"):
+        data.imagenet_loaders(root, workers=0)
+    with pytest.raises(data.DatasetError, match="must contain train/<class>/ and val/<class>/"):
+        data.imagenet_loaders(tmp_path / "empty", workers=0)
