@@ -107,11 +107,11 @@ def main() -> None:
 
     r20 = problem("resnet20", (1, 3, 32, 32))
     r50 = problem("resnet50", (1, 3, 224, 224))
-    rows = [time_frontier(r20, c, pol, 15) for pol in ("first_last_8", "none")
+    rows = [time_frontier(r20, c, pol, 51) for pol in ("first_last_8", "none")
             for c in ("size", "bops")]
-    rows += [time_frontier(r50, c, pol, 5) for pol in ("first_last_8", "none")
+    rows += [time_frontier(r50, c, pol, 7) for pol in ("first_last_8", "none")
              for c in ("size", "bops")]
-    ilp = [ilp_vs_frontier(r20, 7), ilp_vs_frontier(r50, 3)]
+    ilp = [ilp_vs_frontier(r20, 21), ilp_vs_frontier(r50, 3)]
 
     lines = [
         "hmqat.search benchmark (python benchmarks/search.py)",

@@ -182,7 +182,7 @@ def load_cifar10(root: str | os.PathLike | None = None, split: str = "train") ->
     root = root if root is not None else os.environ.get("HMQAT_DATA_DIR") or None
     if root is None:
         return _load_torchvision_split(None, split)
-    layout, base = _find_layout(Path(root))
+    layout, base = _find_layout(Path(root).resolve())
     if layout == "torchvision":
         return _load_torchvision_split(base, split)
     return _load_imagefolder_split(base, split, num_classes=10)

@@ -33,8 +33,9 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -99,7 +100,9 @@ class _Problem:
     @property
     def cost_coef(self) -> np.ndarray:
         """c_i with cost_int = Σ_i c_i·b_i: n_i (bits of weights) or MACs_i·a_bits_i."""
-        return self.n_params if self.cost == "size" else self.bops_coef  # type: ignore[return-value]
+        coef = self.n_params if self.cost == "size" else self.bops_coef
+        assert coef is not None  # _prepare requires macs for cost="bops"
+        return coef
 
     @property
     def fp32_mb(self) -> float:
@@ -175,6 +178,7 @@ def _prepare(omega, n_params, bits, *, cost="size", macs=None, a_bits=None, fixe
     """Validate every input and build the unit decomposition (tied groups = super-layers)."""
     table = _as_omega_frame(omega)
     layers = list(table.index)
+    layer_set = set(layers)
     columns = tuple(int(c) for c in table.columns)
     if cost not in ("size", "bops"):
         raise SearchError(f"cost={cost!r}; choose 'size' (Σ n_i·b_i) or 'bops' "
@@ -185,6 +189,8 @@ def _prepare(omega, n_params, bits, *, cost="size", macs=None, a_bits=None, fixe
         cand = columns
     else:
         cand = tuple(sorted({int(b) for b in bits}))
+        if any(float(b) != int(b) for b in bits):
+            raise SearchError(f"bits {list(bits)} must be integers such as 2, 4, 8")
         if not cand:
             raise SearchError("bits is empty; give at least one candidate bit width, e.g. "
                               "bits=(2, 4, 8), or None for every omega column")
@@ -194,7 +200,7 @@ def _prepare(omega, n_params, bits, *, cost="size", macs=None, a_bits=None, fixe
                               f"for them or drop them from bits")
 
     fixed = dict(fixed or {})
-    unknown = [k for k in fixed if k not in set(layers)]
+    unknown = [k for k in fixed if k not in layer_set]
     if unknown:
         raise SearchError(f"fixed names unknown layers {unknown}; known layers: {layers}")
     for k, b in fixed.items():
@@ -207,9 +213,10 @@ def _prepare(omega, n_params, bits, *, cost="size", macs=None, a_bits=None, fixe
     for gi, group in enumerate(tied):
         if isinstance(group, str) or not isinstance(group, Iterable) or not list(group):
             raise SearchError(f"tied[{gi}] = {group!r}; each tied group is a non-empty list of "
-                              f"layer names, e.g. tied=[['layer1.0.conv1', 'layer1.0.downsample.0']]")
+                              f"layer names, e.g. tied=[['layer1.0.conv2', "
+                              f"'layer1.0.downsample.0']]")
         for name in group:
-            if name not in set(layers):
+            if name not in layer_set:
                 raise SearchError(f"tied[{gi}] names unknown layer {name!r}; known layers: "
                                   f"{layers}")
             if name in owner:
@@ -225,8 +232,8 @@ def _prepare(omega, n_params, bits, *, cost="size", macs=None, a_bits=None, fixe
     bad = ~np.isfinite(vals) | (vals < 0)
     if bad.any():
         r, c = map(int, np.argwhere(bad)[0])
-        raise SearchError(f"omega[{layers[r]!r}][{sub.columns[c]}] = {float(vals[r, c])!r}; Ω must be "
-                          f"finite and >= 0 (fix or recompute the sensitivity table)")
+        raise SearchError(f"omega[{layers[r]!r}][{sub.columns[c]}] = {float(vals[r, c])!r}; "
+                          f"Ω must be finite and >= 0 (fix or recompute the sensitivity table)")
 
     bops_coef = None
     if macs is not None:
@@ -252,8 +259,7 @@ def _prepare(omega, n_params, bits, *, cost="size", macs=None, a_bits=None, fixe
 
     problem = _Problem(layers, cand, columns, table.to_numpy(), n, bops_coef, cost, fixed, tied,
                        [], int(other_params), fp32)
-    problem.units.extend(_units(problem))
-    return problem
+    return replace(problem, units=_units(problem))
 
 
 def _units(p: _Problem) -> list[_Unit]:
@@ -453,7 +459,8 @@ def pareto_frontier(omega: pd.DataFrame | Mapping[str, Mapping[int, float]],
             cost="bops", and add a ``bops`` column otherwise.
         fixed: {layer: bits} pinned layers (e.g. first conv / last linear at 8); the width must
             be an omega column but need not be in ``bits``.
-        tied: groups of layers forced to one width (each group is a DP super-layer).
+        tied: groups of layers forced to one width (each group is a DP super-layer); a group
+            holding a fixed layer is pinned to that layer's width.
         other_params: FP32 parameters that are not quantized weights (see module doc).
         fp32_params: parameter count of the FP32 model, for ``compression`` (default
             Σ n_i + other_params).
@@ -544,23 +551,25 @@ def _allocation(p: _Problem, bits_row: np.ndarray, method: str) -> Allocation:
 
 def _max_cost(p: _Problem, kind: str, value: float) -> int:
     """Largest integer cost_int meeting the budget, using the same float predicate as
-    :func:`select` so ILP/greedy/random agree with the frontier lookup at the boundary."""
-    coef_total = 4.0 * p.other_params
+    :func:`select` so ILP/greedy/random agree with the frontier lookup at the boundary.
+    Capped at the most expensive allowed config (any larger budget is equivalent)."""
+    ceiling = sum(int(u.cost[-1]) for u in p.units)
     if kind == "max_bops":
-        return int(math.floor(value))
+        return min(int(math.floor(value)), ceiling)
+    other_bytes = 4.0 * p.other_params
     target_mb = value if kind == "max_mb" else p.fp32_mb / value
-    c = int(math.floor(8.0 * (target_mb * MB - coef_total)))
+    c = min(int(math.floor(8.0 * (target_mb * MB - other_bytes))), ceiling + 1)
 
     def ok(ci: int) -> bool:
-        size_mb = (ci / 8.0 + coef_total) / MB
+        size_mb = (ci / 8.0 + other_bytes) / MB
         return bool(_fits(kind, value, size_mb, p.fp32_mb / size_mb if size_mb > 0 else math.inf,
                           None))
 
-    while ok(c + 1):
+    while c <= ceiling and ok(c + 1):   # float rounding: at most a few steps either way
         c += 1
     while c >= 0 and not ok(c):
         c -= 1
-    return c
+    return min(c, ceiling)
 
 
 def _unit_choice_bits(p: _Problem, picks: np.ndarray) -> np.ndarray:
@@ -568,9 +577,8 @@ def _unit_choice_bits(p: _Problem, picks: np.ndarray) -> np.ndarray:
 
 
 def _check_feasible(p: _Problem, kind: str, value: float, max_cost: int) -> None:
-    low = np.array([0 for _ in p.units])
     if sum(int(u.cost[0]) for u in p.units) > max_cost:
-        a = _allocation(p, _unit_choice_bits(p, low), "min")
+        a = _allocation(p, _unit_choice_bits(p, np.zeros(len(p.units), dtype=np.int64)), "min")
         raise InfeasibleBudgetError(_smallest_msg(kind, value, a.size_mb, a.compression, a.bops))
 
 

@@ -410,3 +410,34 @@ def finetune(arch: str, train_data: Any, test_data: Any, cfg: TrainConfig, *,
             "n_train": len(train_data), "batch_size": batch_size}
     history = fit(model, loader, test_loader, cfg, device=dev, run_info=info)
     return model, history
+
+
+def qat(fp32_model: nn.Module, bit_config: dict[str, int], train_loader: Any,
+        val_loader: Iterable | None, cfg: TrainConfig, *, a_bits: int = 4,
+        policy: str = "first_last_8", per_channel: bool = True, init: str = "lsq",
+        calib_batches: Iterable | None = None, callbacks: Iterable[Callback] = (),
+        device: str | torch.device | None = None, run_info: dict[str, Any] | None = None
+        ) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Quantization-aware training from an FP32 model (LSQ; DESIGN.md §2 "Quantizer").
+
+    Builds a quantized copy with :func:`hmqat.quant.quantize_model` (the FP32 model is left
+    untouched), initialises the activation steps on ``calib_batches`` (default: the first two
+    training batches), then trains with :func:`fit`. Transition schedules, oscillation handling
+    and distillation come in as ``callbacks`` (see :mod:`hmqat.transitions`).
+    """
+    from .quant import calibrate_activations, quantize_model
+
+    dev = resolve_device(device) if device is not None else next(fp32_model.parameters()).device
+    seed_everything(cfg.seed)
+    qmodel = quantize_model(fp32_model, bit_config, a_bits=a_bits, policy=policy,
+                            per_channel=per_channel, init=init).to(dev)
+    if calib_batches is None:
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(0)
+        calib_batches = [b for _, b in zip(range(2), train_loader)]
+    calibrate_activations(qmodel, calib_batches)
+    info = {"bit_config": dict(bit_config), "a_bits": a_bits, "policy": policy,
+            "per_channel": per_channel, "init": init, **(run_info or {})}
+    history = fit(qmodel, train_loader, val_loader, cfg, callbacks=callbacks, device=dev,
+                  run_info=info)
+    return qmodel, history

@@ -2,6 +2,7 @@
 select() semantics, the baselines and every validation error."""
 from __future__ import annotations
 
+import importlib.util
 import re
 import sys
 
@@ -37,7 +38,8 @@ def random_problem(seed: int) -> tuple[pd.DataFrame, dict, dict]:
     columns = sorted(rng.choice(np.arange(2, 9), size=5, replace=False).tolist())
     if seed % 3 == 0:   # monotone: more bits, less Ω
         base = rng.lognormal(size=(n_layers, 1))
-        vals = base * np.array([4.0 ** -b for b in columns])[None, :] * rng.uniform(0.5, 2, (n_layers, 5))
+        noise = rng.uniform(0.5, 2, (n_layers, 5))
+        vals = base * np.array([4.0 ** -b for b in columns])[None, :] * noise
         vals = np.sort(vals, axis=1)[:, ::-1]
     else:               # arbitrary non-negative Ω (the DP must not assume monotonicity)
         vals = rng.exponential(size=(n_layers, 5))
@@ -232,13 +234,15 @@ def test_select_infeasible_states_smallest_achievable():
     omega, n_params, macs = resnet20_problem()
     front = pareto_frontier(omega, n_params)
     smallest = front.points["size_mb"].iloc[0]
-    with pytest.raises(InfeasibleBudgetError, match=re.escape(f"smallest achievable is {smallest:.6g} MB")):
+    msg = re.escape(f"smallest achievable is {smallest:.6g} MB")
+    with pytest.raises(InfeasibleBudgetError, match=msg):
         select(front, max_mb=smallest * 0.99)
     with pytest.raises(InfeasibleBudgetError, match="highest achievable compression is 16x"):
         select(front, min_compression=100.0)
     bops_front = pareto_frontier(omega, n_params, cost="bops", macs=macs, a_bits=4)
     low = bops_front.points["bops"].iloc[0]
-    with pytest.raises(InfeasibleBudgetError, match=re.escape(f"smallest achievable is {low:.6g} BOPs")):
+    msg = re.escape(f"smallest achievable is {low:.6g} BOPs")
+    with pytest.raises(InfeasibleBudgetError, match=msg):
         select(bops_front, max_bops=low - 1)
 
 
@@ -312,9 +316,11 @@ def small():
     return omega, {"a": 10, "b": 20, "c": 30}
 
 
-@pytest.mark.parametrize("value, match", [(-1.0, r"omega\['b'\]\[4\] = -1.0; Ω must be finite and >= 0"),
-                                          (np.nan, r"omega\['b'\]\[4\] = nan"),
-                                          (np.inf, r"omega\['b'\]\[4\] = inf")])
+@pytest.mark.parametrize("value, match", [
+    (-1.0, r"omega\['b'\]\[4\] = -1.0; Ω must be finite and >= 0"),
+    (np.nan, r"omega\['b'\]\[4\] = nan"),
+    (np.inf, r"omega\['b'\]\[4\] = inf"),
+])
 def test_bad_omega_values(value, match):
     omega, n = small()
     omega.loc["b", 4] = value
@@ -340,6 +346,7 @@ def test_bad_omega_outside_candidates_is_ignored():
     (dict(tied=[["a", "b"]], fixed={"a": 8, "b": 2}), r"conflicting fixed bits"),
     (dict(bits=[]), r"bits is empty"),
     (dict(bits=[2, 5]), r"bits \[5\] are not columns of omega"),
+    (dict(bits=[2.5, 4]), r"bits \[2.5, 4\] must be integers"),
     (dict(cost="latency"), r"cost='latency'"),
     (dict(cost="bops"), r"cost='bops' needs macs"),
     (dict(macs={"a": 1, "b": 2, "c": 3}), r"macs given but a_bits is None"),
@@ -377,3 +384,13 @@ def test_brute_force_refuses_large_tables():
     n = {k: 1 for k in omega.index}
     with pytest.raises(SearchError, match=r"16,777,216 configs \(> max_configs=1,000,000\)"):
         brute_force_frontier(omega, n)
+
+
+def test_huge_budgets_return_max_bits():
+    omega, n = small()
+    fns = [greedy_select, uniform_select, random_select]
+    if importlib.util.find_spec("pulp") is not None:
+        fns.append(ilp_select)
+    for fn in fns:
+        assert set(fn(omega, n, max_mb=1e12).config.values()) == {8}
+    assert set(greedy_select(omega, n, min_compression=1e-9).config.values()) == {8}

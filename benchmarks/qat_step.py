@@ -1,0 +1,188 @@
+"""QAT train-step cost vs FP32 (issue 3): ResNet-20, batch 128, CPU, one process, interleaved.
+
+    .venv/bin/python benchmarks/qat_step.py                      # FP32 vs hmqat eager/compile
+    .venv/bin/python benchmarks/qat_step.py --baselines --reps 30  # + naive LSQ, torch fused ops
+
+One "step" is forward + cross-entropy + backward + SGD(momentum) step on a fixed random batch.
+Every variant has its own model copy and optimizer; each repetition runs one step of every
+variant in a rotated order, so machine load (shared CPUs) hits all variants alike. Reported:
+median step time per variant, the ratio of medians, and the median of per-repetition ratios
+(QAT step / FP32 step of the same repetition). Variants:
+
+* ``fp32``           plain ResNet-20
+* ``hmqat-eager``    hmqat.quant, eager kernels (default backend)
+* ``hmqat-compile``  hmqat.quant, torch.compile-fused kernels (``set_backend("compile")``)
+* ``naive-lsq``      (--baselines) the textbook LSQ expression with detach-STE and grad scale
+* ``torch-fused``    (--baselines) torch._fake_quantize_learnable_per_{tensor,channel}_affine
+
+QAT variants use mixed 2-8-bit weights (cycling 2,3,...,8 over the layers; first conv and last
+linear at 8, policy first_last_8) and 4-bit activations. Writes a text table (atomically) to
+results/bench/qat_step.txt unless --out '' is given.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hmqat import quant  # noqa: E402
+from hmqat.models import create_model  # noqa: E402
+
+
+def mixed_config(model: nn.Module) -> dict[str, int]:
+    """Bits cycling 2..8 over the layers in forward order, first/last layer at 8."""
+    names = list(quant.uniform_config(model, 8, policy="none"))
+    cfg = {n: quant.SUPPORTED_BITS[i % len(quant.SUPPORTED_BITS)] for i, n in enumerate(names)}
+    cfg.update(quant.fixed_layers(model, "first_last_8"))
+    return cfg
+
+
+def _naive_forward(self: quant.LSQQuantizer, x: torch.Tensor) -> torch.Tensor:
+    """Textbook LSQ: grad-scaled step, clamp, round with x + (round(x) - x).detach()."""
+    g = self.grad_scale(x)
+    s = self.step.view((-1,) + (1,) * (x.dim() - 1)) if self.per_channel else self.step
+    s = (s - s * g).detach() + s * g
+    v = torch.clamp(x / s, self.qn, self.qp)
+    return (v + (torch.round(v) - v).detach()) * s
+
+
+def _torch_fused_forward(self: quant.LSQQuantizer, x: torch.Tensor) -> torch.Tensor:
+    """torch's fused learnable fake-quant ops (zero point fixed at 0)."""
+    g = self.grad_scale(x)
+    zp = torch.zeros_like(self.step)
+    if self.per_channel:
+        return torch._fake_quantize_learnable_per_channel_affine(
+            x, self.step, zp, 0, self.qn, self.qp, g)
+    return torch._fake_quantize_learnable_per_tensor_affine(x, self.step, zp, self.qn, self.qp, g)
+
+
+def build_variants(names: list[str], x: torch.Tensor) -> dict[str, dict]:
+    """name -> {model, opt, backend}; every QAT model calibrated on the same batch."""
+    torch.manual_seed(0)
+    fp = create_model("resnet20")
+    cfg = mixed_config(fp)
+    base = quant.quantize_model(fp, cfg, a_bits=4)
+    quant.calibrate_activations(base, [x])
+    out = {}
+    for name in names:
+        model = copy.deepcopy(fp if name == "fp32" else base)
+        patch = {"naive-lsq": _naive_forward, "torch-fused": _torch_fused_forward}.get(name)
+        if patch is not None:
+            for m in model.modules():
+                if isinstance(m, quant.LSQQuantizer):
+                    m.forward = types.MethodType(patch, m)
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        backend = "compile" if name == "hmqat-compile" else "eager"
+        out[name] = {"model": model, "opt": opt, "backend": backend}
+    return out
+
+
+def train_step(v: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """One forward/backward/SGD step; returns (wall seconds, process CPU seconds)."""
+    quant.set_backend(v["backend"])
+    t0, c0 = time.perf_counter(), time.process_time()
+    v["opt"].zero_grad(set_to_none=True)
+    loss = F.cross_entropy(v["model"](x), y)
+    loss.backward()
+    v["opt"].step()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def check_backends_agree(x: torch.Tensor) -> str:
+    """Forward outputs and gradients of the eager and compile backends on one model."""
+    torch.manual_seed(1)
+    fp = create_model("resnet20")
+    qm = quant.quantize_model(fp, mixed_config(fp), a_bits=4)
+    quant.calibrate_activations(qm, [x])
+    qm.train()
+    res = {}
+    for b in ("eager", "compile"):
+        quant.set_backend(b)
+        m = copy.deepcopy(qm)
+        out = m(x)
+        out.square().mean().backward()
+        res[b] = (out.detach(), [p.grad.clone() for p in m.parameters()])
+    quant.set_backend("eager")
+    same_out = torch.equal(res["eager"][0], res["compile"][0])
+    rel = max(((a - b).norm() / (a.norm() + 1e-30)).item()
+              for a, b in zip(res["eager"][1], res["compile"][1]))
+    return f"eager vs compile: forward outputs bit-identical={same_out}; max rel. grad diff={rel:.2e}"
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--baselines", action="store_true", help="add naive-lsq and torch-fused")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compile backend")
+    ap.add_argument("--out", default="results/bench/qat_step.txt")
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, 32, 32)
+    y = torch.randint(0, 10, (args.batch,))
+    names = ["fp32", "hmqat-eager"] + ([] if args.no_compile else ["hmqat-compile"])
+    if args.baselines:
+        names += ["naive-lsq", "torch-fused"]
+    agree = "" if args.no_compile else check_backends_agree(x[:32])
+    variants = build_variants(names, x)
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):  # includes compilation for hmqat-compile
+        for n in names:
+            train_step(variants[n], x, y)
+    warm_s = time.perf_counter() - t0
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.reps):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            w, c = train_step(variants[n], x, y)
+            wall[n].append(w)
+            cpu[n].append(c)
+    quant.set_backend("eager")
+    lines = [
+        f"# QAT step vs FP32: ResNet-20, batch {args.batch}, CPU, {args.reps} interleaved reps "
+        f"(median), {args.warmup} warm-up reps ({warm_s:.1f} s incl. compile)",
+        f"# command: .venv/bin/python benchmarks/qat_step.py {' '.join(argv or sys.argv[1:])}".rstrip(),
+        f"# torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"load avg at end {os.getloadavg()[0]:.1f}; date {time.strftime('%Y-%m-%d %H:%M')}",
+        "# weights: mixed 2-8 bit (first/last 8), per-channel LSQ; activations 4 bit per-tensor",
+    ]
+    if agree:
+        lines.append(f"# {agree}")
+    lines.append("# wall = perf_counter per step; cpu = process CPU time per step (less sensitive "
+                 "to other processes on shared cores when single-threaded)")
+    lines.append(f"{'variant':<15} {'wall_ms':>8} {'wall_ratio':>10} {'wall_paired':>11} "
+                 f"{'cpu_ms':>8} {'cpu_ratio':>9} {'cpu_paired':>10}")
+    for n in names:
+        cols = []
+        for t in (wall, cpu):
+            med, ref = statistics.median(t[n]), statistics.median(t["fp32"])
+            paired = statistics.median(a / b for a, b in zip(t[n], t["fp32"]))
+            cols.append((med * 1e3, med / ref, paired))
+        (wm, wr, wp), (cm, cr, cp) = cols
+        lines.append(f"{n:<15} {wm:>8.1f} {wr:>10.3f} {wp:>11.3f} {cm:>8.1f} {cr:>9.3f} "
+                     f"{cp:>10.3f}")
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if args.out:
+        quant._atomic_write_bytes(args.out, text.encode())
+    return text
+
+
+if __name__ == "__main__":
+    main()

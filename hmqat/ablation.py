@@ -1,0 +1,454 @@
+"""Ablation runner of notebook 04 (DESIGN.md §2 "Ablations in notebook 04").
+
+Two groups of QAT runs, all with the same TrainConfig (seed, epochs, learning rates):
+
+* ``"transition"``: one bit config (the HMQAT frontier point at the budget) trained with each
+  reading of "transition-aware fine-tuning" switched on and off (:data:`TRANSITION_VARIANTS`):
+  plain LSQ, + precision transitions, + oscillation dampening, + freezing, all, all + KD.
+* ``"allocation"``: one QAT recipe, at equal model size: the Hessian-guided frontier pick for
+  every Ω variant, and the uniform, random (several seeds), greedy and HAWQ-V3 ILP allocations
+  of :mod:`hmqat.search` under the same size limit.
+
+Every run lives in ``run_dir/<hash>/`` where the hash covers everything that defines the
+training (bit config, recipe, TrainConfig, quantizer options, FP32 weights, data). The loop
+checkpoints there every epoch; a finished run writes ``result.json`` and a rerun reads it instead
+of training, so an interrupted notebook resumes and a finished one is free to re-execute.
+
+    >>> from hmqat import ablation, train
+    >>> cfg = train.TrainConfig(epochs=1, lr=0.004, step_lr=0.0004, weight_decay=5e-5)
+    >>> table = ablation.run_ablations(fp32, train_loader, test_loader, cfg, omegas, n_params,
+    ...                                min_compression=10.34, run_dir="results/quick/ablations")
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from . import quant, search, train
+from .reporting import atomic_write_json, read_json
+from .transitions import OscillationTracker, PrecisionTransition, Recipe, make_callbacks
+
+__all__ = [
+    "ALLOCATION_METHODS",
+    "AblationError",
+    "COLUMNS",
+    "RunSpec",
+    "TRANSITION_VARIANTS",
+    "allocation_ablation",
+    "allocation_specs",
+    "model_fingerprint",
+    "run_ablations",
+    "run_specs",
+    "summarize",
+    "train_run",
+    "transition_ablation",
+    "transition_specs",
+]
+
+#: Recipe switches per transition-group variant; every other switch is off. Hyper-parameters
+#: come from the base recipe. (c) and (d) add one remedy to plain LSQ, so (e) "all" differs.
+TRANSITION_VARIANTS: dict[str, dict[str, bool]] = {
+    "lsq": {},
+    "lsq+transitions": {"transitions": True},
+    "lsq+dampen": {"osc_dampen": True},
+    "lsq+freeze": {"osc_freeze": True},
+    "all": {"transitions": True, "osc_dampen": True, "osc_freeze": True},
+    "all+distill": {"transitions": True, "osc_dampen": True, "osc_freeze": True,
+                    "distill": True},
+}
+_SWITCHES = ("transitions", "osc_dampen", "osc_freeze", "distill")
+#: Reference allocations of the allocation group (hmqat.search), besides one row per Ω variant.
+ALLOCATION_METHODS: tuple[str, ...] = ("uniform", "random", "greedy", "ilp")
+#: Columns of the tables, in order (the first eleven are the tidy core).
+COLUMNS = ["group", "variant", "seed", "top1", "loss", "size_mb", "compression", "bops",
+           "avg_bits", "wall_s", "recipe", "train_seed", "omega", "osc_frac", "frozen_frac",
+           "bit_config", "run_id"]
+
+
+class AblationError(ValueError):
+    """Bad input to the ablation runner; the message names the value and the fix."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One row of an ablation table before training: labels, bit config and recipe."""
+
+    group: str
+    variant: str
+    seed: int                   # replicate seed of the row (random allocation seed, else training)
+    bit_config: dict[str, int]
+    recipe: Recipe
+    train_seed: int
+    omega: float = float("nan")   # Σ Ω of bit_config under the primary Ω table
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Run identity and one training run
+# --------------------------------------------------------------------------------------------
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of a model's state_dict (names, shapes, dtypes, bytes): keys runs to the FP32
+    weights they started from."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _loader_key(loader: Any) -> dict[str, Any]:
+    """What identifies a data loader's batches (hmqat.data.TensorLoader, or its type and len)."""
+    ds = getattr(loader, "data", None)
+    if ds is not None and hasattr(ds, "source"):
+        return {"source": ds.source, "n": len(ds), "batch_size": loader.batch_size,
+                "train": loader.train, "seed": loader.seed, "drop_last": loader.drop_last}
+    return {"type": type(loader).__name__, "batches": len(loader)}
+
+
+def _avg_bits(bit_config: Mapping[str, int], n_params: Mapping[str, int]) -> float:
+    """Σ n_i·b_i / Σ n_i over the quantized layers."""
+    total = sum(n_params[k] for k in bit_config)
+    return sum(n_params[k] * b for k, b in bit_config.items()) / total
+
+
+def train_run(fp32_model: nn.Module, bit_config: Mapping[str, int], recipe: Recipe,
+              train_loader: Any, val_loader: Iterable, cfg: train.TrainConfig, *,
+              run_dir: str | Path, a_bits: int | None = 4, policy: str = "first_last_8",
+              per_channel: bool = True, init: str = "lsq", calib_batches: Iterable | None = None,
+              device: str | torch.device | None = None,
+              input_size: tuple[int, ...] = (1, 3, 32, 32),
+              fp32_key: str | None = None, data_key: Any = None) -> dict[str, Any]:
+    """Train (or resume, or read back) one QAT run and return its result record.
+
+    The run directory is ``run_dir/<first 16 hex of sha256(spec)>`` with ``spec.json``,
+    ``checkpoint.pt`` (every epoch, via ``TrainConfig.checkpoint``) and ``result.json`` (written
+    atomically when the run has finished and been evaluated; if present nothing is trained).
+    The record has top1/loss on ``val_loader``, size_mb/compression/bops/avg_bits from the
+    trained model (HAWQ-V3 accounting, :mod:`hmqat.quant`), wall_s (Σ epoch times + the final
+    evaluation), the per-epoch history, the oscillation log and the transition events.
+    """
+    if not isinstance(recipe, Recipe):
+        raise AblationError(f"recipe must be a hmqat.transitions.Recipe, got "
+                            f"{type(recipe).__name__}; build one with Recipe.from_dict(params)")
+    spec = {
+        "bit_config": {k: int(v) for k, v in bit_config.items()},
+        "recipe": recipe.to_dict(),
+        "train": cfg.key(),
+        "quant": {"a_bits": a_bits, "policy": policy, "per_channel": per_channel, "init": init},
+        "fp32": fp32_key or model_fingerprint(fp32_model),
+        "data": data_key if data_key is not None else {"train": _loader_key(train_loader),
+                                                       "val": _loader_key(val_loader)},
+    }
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    run_id = digest[:16]
+    folder = Path(run_dir) / run_id
+    result_path = folder / "result.json"
+    if result_path.exists():
+        record = read_json(result_path)
+        record["cached"] = True
+        return record
+    atomic_write_json(folder / "spec.json", spec)
+    run_cfg = replace(cfg, checkpoint=str(folder / "checkpoint.pt"))
+    callbacks = make_callbacks(recipe, teacher=fp32_model)
+    qmodel, history = train.qat(fp32_model, dict(bit_config), train_loader, None, run_cfg,
+                                a_bits=a_bits, policy=policy, per_channel=per_channel, init=init,
+                                calib_batches=calib_batches, callbacks=callbacks, device=device,
+                                run_info={"ablation_run": digest})
+    t0 = time.perf_counter()
+    ev = train.evaluate(qmodel, val_loader)
+    eval_s = time.perf_counter() - t0
+    n_params = {n: m.weight.numel() for n, m in quant.quantized_layers(qmodel).items()}
+    tracker = next((c for c in callbacks if isinstance(c, OscillationTracker)), None)
+    transition = next((c for c in callbacks if isinstance(c, PrecisionTransition)), None)
+    last = history[-1] if history else {}
+    record = {
+        "run_id": run_id, "spec_hash": digest,
+        "top1": ev["top1"], "loss": ev["loss"], "n_val": ev["n"],
+        "size_mb": quant.model_size_mb(qmodel),
+        "compression": quant.compression_ratio(qmodel),
+        "bops": quant.bops(qmodel, policy=policy, input_size=input_size),
+        "avg_bits": _avg_bits(quant.bit_config_of(qmodel), n_params),
+        "train_s": sum(h.get("epoch_s", 0.0) for h in history),
+        "eval_s": eval_s,
+        "osc_frac": last.get("osc_frac", float("nan")),
+        "frozen_frac": last.get("frozen_frac", float("nan")),
+        "bit_config": quant.bit_config_of(qmodel),
+        "recipe": recipe.to_dict(), "recipe_text": recipe.describe(),
+        "history": history,
+        "osc_log": tracker.log if tracker is not None else [],
+        "transition_events": transition.events if transition is not None else [],
+    }
+    record["wall_s"] = record["train_s"] + eval_s
+    atomic_write_json(result_path, record)
+    record["cached"] = False
+    return record
+
+
+def _row(spec: RunSpec, rec: Mapping[str, Any]) -> dict[str, Any]:
+    return {"group": spec.group, "variant": spec.variant, "seed": spec.seed,
+            "top1": rec["top1"], "loss": rec["loss"], "size_mb": rec["size_mb"],
+            "compression": rec["compression"], "bops": rec["bops"], "avg_bits": rec["avg_bits"],
+            "wall_s": rec["wall_s"], "recipe": spec.recipe.describe(),
+            "train_seed": spec.train_seed, "omega": spec.omega,
+            "osc_frac": rec.get("osc_frac", float("nan")),
+            "frozen_frac": rec.get("frozen_frac", float("nan")),
+            "bit_config": json.dumps(spec.bit_config), "run_id": rec["run_id"]}
+
+
+def run_specs(specs: Sequence[RunSpec], fp32_model: nn.Module, train_loader: Any,
+              val_loader: Iterable, cfg: train.TrainConfig, *, run_dir: str | Path,
+              **run_kw: Any) -> pd.DataFrame:
+    """Train every spec (``cfg`` with the spec's ``train_seed``) and return the tidy table
+    (:data:`COLUMNS`). ``table.attrs``: ``trained`` and ``cached`` run ids of this call,
+    ``records`` (the full result records, in row order). ``run_kw`` goes to :func:`train_run`."""
+    if val_loader is None:
+        raise AblationError("val_loader is None; the ablation table needs a test loader for top1")
+    fp32_key = run_kw.pop("fp32_key", None) or model_fingerprint(fp32_model)
+    rows, records, trained, cached = [], [], [], []
+    for spec in specs:
+        rec = train_run(fp32_model, spec.bit_config, spec.recipe, train_loader, val_loader,
+                        replace(cfg, seed=spec.train_seed), run_dir=run_dir, fp32_key=fp32_key,
+                        **run_kw)
+        (cached if rec["cached"] else trained).append(rec["run_id"])
+        rows.append(_row(spec, rec))
+        records.append(rec)
+        print(f"[{spec.group}] {spec.variant} (seed {spec.seed}): top-1 {rec['top1']:.2f} %, "
+              f"{rec['size_mb'] * 1024:.1f} KB, {rec['compression']:.2f}x"
+              f"{' (cached)' if rec['cached'] else ''}", flush=True)
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table.attrs.update(trained=trained, cached=cached, records=records)
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# The two groups
+# --------------------------------------------------------------------------------------------
+def transition_specs(bit_config: Mapping[str, int], *, base: Recipe | None = None,
+                     variants: Sequence[str] | None = None, seeds: Sequence[int] = (0,),
+                     omega: float = float("nan")) -> list[RunSpec]:
+    """Specs (a)–(f) of the transition group: ``base`` with each variant's switches
+    (:data:`TRANSITION_VARIANTS`) and every other switch off. Default base: ``Recipe(osc_track=
+    True)``, so every row reports its oscillating fraction (tracking does not change training)."""
+    base = Recipe(osc_track=True) if base is None else base
+    variants = list(TRANSITION_VARIANTS) if variants is None else list(variants)
+    unknown = [v for v in variants if v not in TRANSITION_VARIANTS]
+    if unknown:
+        raise AblationError(f"unknown transition variant(s) {unknown}; choose from "
+                            f"{list(TRANSITION_VARIANTS)}")
+    if not seeds:
+        raise AblationError("seeds is empty; give at least one training seed, e.g. (0,)")
+    specs = []
+    for seed in seeds:
+        for v in variants:
+            switches = {**{s: False for s in _SWITCHES}, **TRANSITION_VARIANTS[v]}
+            recipe = replace(base, **switches)
+            specs.append(RunSpec("transition", v, int(seed), dict(bit_config), recipe, int(seed),
+                                 omega))
+    return specs
+
+
+def _budget_kw(max_mb: float | None, min_compression: float | None) -> dict[str, float]:
+    if (max_mb is None) == (min_compression is None):
+        raise AblationError("give exactly one size budget: max_mb=... (MB) or "
+                            "min_compression=... (e.g. 10.34 for the paper's ResNet18 point)")
+    return {"max_mb": max_mb} if max_mb is not None else {"min_compression": min_compression}
+
+
+def allocation_specs(omegas: Mapping[str, pd.DataFrame], n_params: Mapping[str, int], *,
+                     max_mb: float | None = None, min_compression: float | None = None,
+                     primary: str | None = None, recipe: Recipe | None = None,
+                     bits: Iterable[int] | None = None, random_seeds: Sequence[int] = (0, 1, 2),
+                     methods: Sequence[str] = ALLOCATION_METHODS,
+                     fixed: Mapping[str, int] | None = None,
+                     tied: Sequence[Sequence[str]] | None = None, other_params: int = 0,
+                     fp32_params: int | None = None, train_seed: int = 0) -> list[RunSpec]:
+    """Specs of the allocation group, all at equal model size (DESIGN.md §2 "Search").
+
+    The ``primary`` Ω table's exact frontier (:func:`hmqat.search.pareto_frontier`) picks the
+    HMQAT config at the budget (:func:`hmqat.search.select`); its size S then caps every other
+    allocation (``max_mb=S``): the frontier pick of every other Ω variant, ``uniform`` (the
+    widest uniform config ≤ S), ``random`` (one per seed), ``greedy`` and ``ilp`` (HAWQ-V3 ILP,
+    PuLP/CBC), the last four on the primary table. ``omega`` of each spec is its ΣΩ under the
+    primary table. ``info`` keeps the search method, search_ms and the planned size. ``recipe``
+    defaults to ``Recipe(osc_track=True)`` (plain LSQ, oscillations logged).
+    """
+    if not omegas:
+        raise AblationError("omegas is empty; pass {variant: Ω table}, e.g. "
+                            "{'joint': sensitivity.omega_table(...)}")
+    primary = next(iter(omegas)) if primary is None else primary
+    if primary not in omegas:
+        raise AblationError(f"primary={primary!r} is not a key of omegas {list(omegas)}")
+    bad = [m for m in methods if m not in ALLOCATION_METHODS]
+    if bad:
+        raise AblationError(f"unknown allocation method(s) {bad}; choose from "
+                            f"{list(ALLOCATION_METHODS)}")
+    recipe = Recipe(osc_track=True) if recipe is None else recipe
+    common = {"fixed": fixed, "tied": tied, "other_params": other_params,
+              "fp32_params": fp32_params}
+    budget = _budget_kw(max_mb, min_compression)
+    picks: list[tuple[str, int, dict[str, int], dict[str, Any]]] = []
+
+    def frontier_pick(table: pd.DataFrame, **kw: float) -> tuple[dict[str, int], dict[str, Any]]:
+        front = search.pareto_frontier(table, n_params, bits, **common)
+        row = search.select(front, **kw)
+        return dict(row["config"]), {"method": "dp", "search_ms": front.search_ms,
+                                     "planned_mb": float(row["size_mb"])}
+
+    config, info = frontier_pick(omegas[primary], **budget)
+    size = info["planned_mb"]
+    picks.append((f"hmqat-{primary}", train_seed, config, info))
+    for name, table in omegas.items():
+        if name != primary:
+            c, i = frontier_pick(table, max_mb=size)
+            picks.append((f"hmqat-{name}", train_seed, c, i))
+    ref = omegas[primary]
+    for method in methods:
+        fn = {"uniform": search.uniform_select, "random": search.random_select,
+              "greedy": search.greedy_select, "ilp": search.ilp_select}[method]
+        for seed in (random_seeds if method == "random" else [None]):
+            kw = {"seed": int(seed)} if seed is not None else {}
+            t0 = time.perf_counter()
+            alloc = fn(ref, n_params, bits, max_mb=size, **common, **kw)
+            ms = (time.perf_counter() - t0) * 1e3
+            picks.append((method, train_seed if seed is None else int(seed), dict(alloc.config),
+                          {"method": alloc.method, "search_ms": ms,
+                           "planned_mb": float(alloc.size_mb)}))
+    specs = []
+    for variant, seed, config, info in picks:
+        omega = search.evaluate_config(config, ref, n_params, other_params=other_params,
+                                       fp32_params=fp32_params).omega
+        specs.append(RunSpec("allocation", variant, seed, config, recipe, int(train_seed),
+                             float(omega), info))
+    return specs
+
+
+def _accounting_defaults(fp32_model: nn.Module, n_params: Mapping[str, int], a_bits: int | None,
+                         policy: str, per_channel: bool) -> tuple[int, int]:
+    """(other_params, fp32_params) in hmqat.quant's convention: every parameter of the quantized
+    model that is not a quantized weight (biases, BN, steps), and the FP32 parameter count."""
+    config = quant.uniform_config(fp32_model, 8, policy=policy)
+    unknown = sorted(set(n_params) - set(config))
+    if unknown:
+        raise AblationError(f"n_params names layers {unknown[:4]} that the model does not have "
+                            f"as Conv2d/Linear; use models.quantizable_layers(fp32_model)")
+    qm = quant.quantize_model(fp32_model, config, a_bits=a_bits, policy=policy,
+                              per_channel=per_channel)
+    other = sum(p.numel() for p in qm.parameters()) - sum(int(v) for v in n_params.values())
+    return int(other), int(sum(p.numel() for p in fp32_model.parameters()))
+
+
+def transition_ablation(fp32_model: nn.Module, train_loader: Any, val_loader: Iterable,
+                        cfg: train.TrainConfig, bit_config: Mapping[str, int], *,
+                        run_dir: str | Path, base: Recipe | None = None,
+                        variants: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
+                        **run_kw: Any) -> pd.DataFrame:
+    """Train the transition group (a)–(f) on ``bit_config``; see :func:`transition_specs`.
+    ``seeds`` defaults to ``(cfg.seed,)``; ``run_kw`` goes to :func:`train_run` (a_bits,
+    policy, device, ...)."""
+    specs = transition_specs(bit_config, base=base, variants=variants,
+                             seeds=(cfg.seed,) if seeds is None else seeds)
+    return run_specs(specs, fp32_model, train_loader, val_loader, cfg, run_dir=run_dir, **run_kw)
+
+
+def allocation_ablation(fp32_model: nn.Module, train_loader: Any, val_loader: Iterable,
+                        cfg: train.TrainConfig, omegas: Mapping[str, pd.DataFrame],
+                        n_params: Mapping[str, int], *, run_dir: str | Path,
+                        max_mb: float | None = None, min_compression: float | None = None,
+                        primary: str | None = None, recipe: Recipe | None = None,
+                        bits: Iterable[int] | None = None,
+                        random_seeds: Sequence[int] = (0, 1, 2),
+                        methods: Sequence[str] = ALLOCATION_METHODS,
+                        fixed: Mapping[str, int] | None = None,
+                        tied: Sequence[Sequence[str]] | None = None,
+                        other_params: int | None = None, fp32_params: int | None = None,
+                        **run_kw: Any) -> pd.DataFrame:
+    """Train the allocation group at equal size; see :func:`allocation_specs`. ``fixed``
+    defaults to the policy's first/last layers at 8 bits, ``other_params``/``fp32_params`` to
+    hmqat.quant's accounting of ``fp32_model`` (so planned and measured sizes agree)."""
+    specs = _allocation_specs_for(fp32_model, omegas, n_params, cfg, max_mb=max_mb,
+                                  min_compression=min_compression, primary=primary, recipe=recipe,
+                                  bits=bits, random_seeds=random_seeds, methods=methods,
+                                  fixed=fixed, tied=tied, other_params=other_params,
+                                  fp32_params=fp32_params, run_kw=run_kw)
+    return run_specs(specs, fp32_model, train_loader, val_loader, cfg, run_dir=run_dir, **run_kw)
+
+
+def _allocation_specs_for(fp32_model, omegas, n_params, cfg, *, max_mb, min_compression, primary,
+                          recipe, bits, random_seeds, methods, fixed, tied, other_params,
+                          fp32_params, run_kw) -> list[RunSpec]:
+    policy = run_kw.get("policy", "first_last_8")
+    if other_params is None or fp32_params is None:
+        o, f = _accounting_defaults(fp32_model, n_params, run_kw.get("a_bits", 4), policy,
+                                    run_kw.get("per_channel", True))
+        other_params = o if other_params is None else other_params
+        fp32_params = f if fp32_params is None else fp32_params
+    if fixed is None:
+        fixed = quant.fixed_layers(fp32_model, policy)
+    return allocation_specs(omegas, n_params, max_mb=max_mb, min_compression=min_compression,
+                            primary=primary, recipe=recipe, bits=bits, random_seeds=random_seeds,
+                            methods=methods, fixed=fixed, tied=tied, other_params=other_params,
+                            fp32_params=fp32_params, train_seed=cfg.seed)
+
+
+def run_ablations(fp32_model: nn.Module, train_loader: Any, val_loader: Iterable,
+                  cfg: train.TrainConfig, omegas: Mapping[str, pd.DataFrame],
+                  n_params: Mapping[str, int], *, run_dir: str | Path,
+                  max_mb: float | None = None, min_compression: float | None = None,
+                  primary: str | None = None, base: Recipe | None = None,
+                  recipe: Recipe | None = None, variants: Sequence[str] | None = None,
+                  bits: Iterable[int] | None = None, random_seeds: Sequence[int] = (0, 1, 2),
+                  methods: Sequence[str] = ALLOCATION_METHODS,
+                  fixed: Mapping[str, int] | None = None,
+                  tied: Sequence[Sequence[str]] | None = None, other_params: int | None = None,
+                  fp32_params: int | None = None,
+                  groups: Sequence[str] = ("transition", "allocation"),
+                  **run_kw: Any) -> pd.DataFrame:
+    """Both groups in one table (notebook 04): the transition group on the primary Ω table's
+    frontier pick at the budget, then the allocation group at that pick's size.
+
+    ``base``: hyper-parameters of the transition group; ``recipe``: the one QAT recipe of the
+    allocation group. Both default to plain LSQ with oscillation tracking (``Recipe(osc_track=
+    True)``: logging only), so the HMQAT/LSQ run of both groups is one run, trained once.
+    ``run_kw`` goes to :func:`train_run` (a_bits, policy, per_channel, init, device,
+    calib_batches, input_size).
+    """
+    bad = [g for g in groups if g not in ("transition", "allocation")]
+    if bad or not groups:
+        raise AblationError(f"groups={list(groups)}; choose from ['transition', 'allocation']")
+    alloc = _allocation_specs_for(fp32_model, omegas, n_params, cfg, max_mb=max_mb,
+                                  min_compression=min_compression, primary=primary,
+                                  recipe=recipe, bits=bits, random_seeds=random_seeds,
+                                  methods=methods, fixed=fixed, tied=tied,
+                                  other_params=other_params, fp32_params=fp32_params,
+                                  run_kw=run_kw)
+    specs: list[RunSpec] = []
+    if "transition" in groups:
+        hm = alloc[0]
+        specs += transition_specs(hm.bit_config, base=base, variants=variants,
+                                  seeds=(cfg.seed,), omega=hm.omega)
+    if "allocation" in groups:
+        specs += alloc
+    return run_specs(specs, fp32_model, train_loader, val_loader, cfg, run_dir=run_dir, **run_kw)
+
+
+def summarize(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation of top1 (and the size columns) per (group, variant), over the
+    seeds; ``n`` rows each. Keeps the table's row order."""
+    if table.empty:
+        raise AblationError("the ablation table is empty; nothing to summarise")
+    g = table.groupby(["group", "variant"], sort=False)
+    out = g.agg(top1=("top1", "mean"), top1_std=("top1", "std"), n=("top1", "size"),
+                size_mb=("size_mb", "mean"), compression=("compression", "mean"),
+                avg_bits=("avg_bits", "mean"), osc_frac=("osc_frac", "mean"))
+    out["top1_std"] = out["top1_std"].where(out["n"] > 1, math.nan)
+    return out.reset_index()

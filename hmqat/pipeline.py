@@ -1,0 +1,298 @@
+"""The papermill driver: run the study's notebooks in order for a profile (DESIGN.md §3–§6).
+
+    make reproduce                  # = python -m hmqat.pipeline --profile quick
+    make reproduce PROFILE=paper
+    python -m hmqat.pipeline --profile smoke --only 00_fp32_baseline 01_sensitivity
+
+Each notebook gets the merged ``common`` + per-notebook parameters of ``params/<profile>.yaml``
+(only the names its ``parameters`` cell declares), runs headlessly with papermill, and is saved
+executed to ``results/<profile>/executed/``. A step whose notebook, parameters, upstream steps and
+``hmqat`` sources are unchanged since its last successful run is skipped (a stamp in
+``results/<profile>/.stamps/``); an interrupted step reruns and its QAT runs resume from their
+checkpoints. A failing notebook stops the chain with the path of its executed copy and the
+failing cell's error. ``manifest.json`` records provenance and the wall time of every step.
+
+Notebooks use :class:`Study` for paths, data and the files earlier steps wrote.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+__all__ = ["NOTEBOOKS", "PipelineError", "Study", "load_params", "main", "run_pipeline"]
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ("00_fp32_baseline", "01_sensitivity", "02_bit_allocation", "03_qat",
+             "04_ablations", "05_report")
+PROFILES = ("smoke", "quick", "paper", "imagenet")
+
+
+class PipelineError(RuntimeError):
+    """A notebook of the chain failed, or the profile/parameters are wrong."""
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters and stamps
+# --------------------------------------------------------------------------------------------
+def load_params(profile: str, params_dir: Path | None = None) -> dict[str, Any]:
+    """Read ``params/<profile>.yaml``: ``{"common": {...}, "notebooks": {name: {...}}}``."""
+    import yaml
+
+    path = (params_dir or ROOT / "params") / f"{profile}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise PipelineError(f"no parameter file {path} for profile {profile!r}; known profiles: "
+                            f"{known}. Run e.g. `make reproduce PROFILE=quick`.")
+    cfg = yaml.safe_load(path.read_text()) or {}
+    unknown = set(cfg.get("notebooks", {})) - set(NOTEBOOKS)
+    if unknown:
+        raise PipelineError(f"{path}: unknown notebook sections {sorted(unknown)}; "
+                            f"expected a subset of {list(NOTEBOOKS)}")
+    return cfg
+
+
+def notebook_parameters(cfg: dict[str, Any], name: str, declared: Sequence[str],
+                        results_dir: Path, profile: str) -> dict[str, Any]:
+    """common + notebook section + paths, restricted to what the notebook declares."""
+    merged = {**cfg.get("common", {}), **(cfg.get("notebooks", {}).get(name) or {}),
+              "results_dir": str(results_dir), "profile": profile}
+    missing_in_nb = sorted(k for k in (cfg.get("notebooks", {}).get(name) or {})
+                           if k not in declared)
+    if missing_in_nb:
+        raise PipelineError(f"params for {name} set {missing_in_nb}, which its parameters cell "
+                            f"does not declare (declared: {sorted(declared)})")
+    unset = sorted(k for k in declared if k not in merged)
+    if unset:
+        raise PipelineError(f"params/{profile}.yaml does not set {unset}, which {name} declares; "
+                            "every profile sets every parameter (notebook defaults are for `make "
+                            "lab` only)")
+    return {k: v for k, v in merged.items() if k in declared}
+
+
+def _sources_digest() -> str:
+    h = hashlib.sha256()
+    for p in sorted((ROOT / "hmqat").glob("*.py")):
+        h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def _step_digest(nb_path: Path, params: dict[str, Any], upstream: str, sources: str,
+                 env: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    h.update(nb_path.read_bytes())
+    h.update(json.dumps(params, sort_keys=True, default=str).encode())
+    h.update(json.dumps(env, sort_keys=True).encode())
+    h.update(upstream.encode() + sources.encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+def _run_notebook(nb_in: Path, nb_out: Path, params: dict[str, Any], timeout: int | None) -> None:
+    import papermill as pm
+
+    try:
+        pm.execute_notebook(str(nb_in), str(nb_out), parameters=params, kernel_name="python3",
+                            cwd=str(nb_in.parent), progress_bar=False, log_output=True,
+                            execution_timeout=timeout, start_timeout=180)
+    except pm.PapermillExecutionError as exc:
+        raise PipelineError(
+            f"notebook {nb_in.name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
+            f"  executed copy (inspect it, fix, then rerun; finished steps are skipped): "
+            f"{nb_out}") from None
+
+
+def run_pipeline(profile: str = "quick", *, only: Sequence[str] | None = None,
+                 results_root: Path | None = None, notebooks_dir: Path | None = None,
+                 params_dir: Path | None = None, force: bool = False,
+                 timeout: int | None = None) -> dict[str, Any]:
+    """Run the notebooks of ``profile`` in order; return the manifest's ``steps`` dict."""
+    import papermill as pm
+
+    from .reporting import atomic_write_json, update_manifest
+
+    if profile not in PROFILES and not (params_dir or ROOT / "params").joinpath(
+            f"{profile}.yaml").exists():
+        raise PipelineError(f"unknown profile {profile!r}; choose one of {list(PROFILES)}")
+    cfg = load_params(profile, params_dir)
+    nb_dir = notebooks_dir or ROOT / "notebooks"
+    results_dir = (results_root or ROOT / "results") / profile
+    names = [n for n in NOTEBOOKS if n in set(cfg.get("run", NOTEBOOKS))]
+    if only:
+        bad = sorted(set(only) - set(NOTEBOOKS))
+        if bad:
+            raise PipelineError(f"unknown notebooks {bad}; choose from {list(NOTEBOOKS)}")
+        names = [n for n in names if n in only]
+    (results_dir / "executed").mkdir(parents=True, exist_ok=True)
+    stamps = results_dir / ".stamps"
+    sources = _sources_digest()
+    env = {k: os.environ.get(k, "") for k in ("HMQAT_DATA_DIR", "HMQAT_WEIGHTS_DIR")}
+    manifest_path = results_dir / "manifest.json"
+    upstream = ""
+    total = time.perf_counter()
+    for name in NOTEBOOKS:
+        if name not in names:
+            continue
+        nb_in = nb_dir / f"{name}.ipynb"
+        if not nb_in.exists():
+            raise PipelineError(f"missing notebook {nb_in}")
+        declared = list(pm.inspect_notebook(str(nb_in)).keys())
+        params = notebook_parameters(cfg, name, declared, results_dir, profile)
+        digest = _step_digest(nb_in, params, upstream, sources, env)
+        upstream = digest
+        stamp = stamps / f"{name}.json"
+        nb_out = results_dir / "executed" / f"{name}.ipynb"
+        if not force and stamp.exists() and nb_out.exists() and \
+                json.loads(stamp.read_text()).get("digest") == digest:
+            print(f"[hmqat] {name}: unchanged since its last run, skipped", flush=True)
+            update_manifest(manifest_path, name, status="skipped (unchanged)")
+            continue
+        print(f"[hmqat] {name}: running ({profile} profile) -> {nb_out}", flush=True)
+        t0 = time.perf_counter()
+        _run_notebook(nb_in, nb_out, params, timeout)
+        wall = time.perf_counter() - t0
+        atomic_write_json(stamp, {"digest": digest, "wall_s": wall})
+        update_manifest(manifest_path, name, status="ran", wall_s=round(wall, 1),
+                        parameters=params, executed=str(nb_out.relative_to(results_dir)))
+        print(f"[hmqat] {name}: done in {wall / 60:.1f} min", flush=True)
+    steps = json.loads(manifest_path.read_text())["steps"] if manifest_path.exists() else {}
+    print(f"[hmqat] {profile}: finished in {(time.perf_counter() - total) / 60:.1f} min; "
+          f"results in {results_dir}", flush=True)
+    return steps
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hmqat.pipeline", description=__doc__.split("\n")[0])
+    ap.add_argument("--profile", default="quick", help=f"one of {', '.join(PROFILES)}")
+    ap.add_argument("--only", nargs="*", help="run only these notebooks (by name)")
+    ap.add_argument("--force", action="store_true", help="rerun steps even if unchanged")
+    ap.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
+    args = ap.parse_args(argv)
+    try:
+        run_pipeline(args.profile, only=args.only, force=args.force, timeout=args.timeout)
+    except PipelineError as exc:
+        print(f"[hmqat] ERROR: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# What the notebooks use
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Study:
+    """Paths, data and earlier results of one profile's run, for the notebooks.
+
+    ``results_dir`` holds ``figures/ tables/ data/ checkpoints/ cache/`` (DESIGN.md §6).
+    """
+
+    results_dir: str
+    profile: str = "smoke"
+    arch: str = "resnet20"
+    dataset: str = "cifar10"
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 128
+    n_synthetic: int = 512
+    pretrained: bool = True
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        from .train import resolve_device, seed_everything
+
+        self.root = Path(self.results_dir)
+        for sub in ("figures", "tables", "data", "checkpoints", "cache"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.dev = resolve_device(self.device)
+        seed_everything(self.seed)
+
+    # paths ---------------------------------------------------------------------------------
+    def path(self, kind: str, name: str) -> Path:
+        return self.root / kind / name
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def tables(self) -> Path:
+        return self.root / "tables"
+
+    # data ----------------------------------------------------------------------------------
+    def data(self, split: str):
+        """The split as :class:`hmqat.data.TensorImages` (cached in the process)."""
+        from . import data
+
+        key = f"data:{split}"
+        if key not in self._cache:
+            self._cache[key] = data.load_dataset(self.dataset, split, n_synthetic=self.n_synthetic,
+                                                 seed=self.seed)
+        return self._cache[key]
+
+    @property
+    def data_label(self) -> str:
+        from .reporting import describe_data
+
+        return describe_data(self.dataset, self.data("test").source)
+
+    def subtitle(self) -> str:
+        return f"{self.arch}, {self.data_label}, {self.profile} profile"
+
+    def train_loader(self, seed: int | None = None):
+        from . import data
+
+        return data.make_loader(self.data("train"), self.batch_size, train=True,
+                                seed=self.seed if seed is None else seed, drop_last=True,
+                                device=self.dev)
+
+    def test_loader(self):
+        from . import data
+
+        return data.make_loader(self.data("test"), 500, device=self.dev)
+
+    # models --------------------------------------------------------------------------------
+    @property
+    def fp32_checkpoint(self) -> Path:
+        return self.path("checkpoints", f"fp32-{self.arch}.pt")
+
+    def fp32_model(self) -> torch.nn.Module:
+        """The fine-tuned FP32 model written by notebook 00."""
+        from .models import create_model
+
+        ck = self.fp32_checkpoint
+        if not ck.exists():
+            raise PipelineError(f"{ck} not found: run notebook 00_fp32_baseline first "
+                                f"(python -m hmqat.pipeline --profile {self.profile} "
+                                f"--only 00_fp32_baseline)")
+        model = create_model(self.arch, num_classes=len(self.data("train").classes))
+        model.load_state_dict(torch.load(ck, map_location="cpu", weights_only=False)["model"])
+        return model.to(self.dev).eval()
+
+    # small JSON results ----------------------------------------------------------------------
+    def save_json(self, name: str, obj: Any) -> Path:
+        from .reporting import atomic_write_json
+
+        p = self.path("data", name)
+        atomic_write_json(p, obj)
+        return p
+
+    def load_json(self, name: str) -> Any:
+        p = self.path("data", name)
+        if not p.exists():
+            raise PipelineError(f"{p} not found: an earlier notebook of the {self.profile} "
+                                "profile has not run yet")
+        return json.loads(p.read_text())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,539 @@
+"""The study's standard figures (research/notebooks.md §6), saved as PNG + PDF.
+
+Every ``plot_*`` function returns a matplotlib Figure drawn under :func:`use_style` (seaborn
+"paper" context, "ticks" style, colour-blind palette, constrained layout, sizes 3.4–7 in) and
+takes ``title`` and ``subtitle``; put the data label and profile in the subtitle so each figure
+names its data (``reporting.describe_data``). Figures stay readable in greyscale: series differ
+by marker, line style or hatch, and heat-map cells carry their number. Save with
+:func:`savefig`, which writes ``<stem>.png`` (200 dpi) and ``<stem>.pdf`` (TrueType fonts, no
+creation date, so the bytes are stable across reruns) atomically and closes the figure.
+
+    >>> from hmqat import plotting, reporting
+    >>> label = reporting.describe_data("cifar10", train.source)            # doctest: +SKIP
+    >>> fig = plotting.plot_layer_traces(traces, subtitle=f"{label}; profile quick")  # +SKIP
+    >>> plotting.savefig(fig, Path("results/quick/figures/layer_traces"))  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import matplotlib as mpl
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from hmqat.reporting import temporary_path
+
+__all__ = [
+    "HATCHES",
+    "LINESTYLES",
+    "MARKERS",
+    "PlotError",
+    "plot_ablation",
+    "plot_accuracy_size",
+    "plot_bit_heatmap",
+    "plot_frontier",
+    "plot_layer_traces",
+    "plot_omega_validation",
+    "plot_training_curves",
+    "savefig",
+    "use_style",
+]
+
+#: Series styles that survive greyscale printing (used in this order).
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
+HATCHES = ("", "///", "...", "xx", "\\\\\\", "++", "oo", "--")
+PNG_DPI = 200
+LABEL_BOX = {"boxstyle": "round,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.75}
+STYLE_RC: dict[str, Any] = {
+    "figure.constrained_layout.use": True,
+    "pdf.fonttype": 42,          # TrueType, not Type 3 (venues reject Type 3)
+    "ps.fonttype": 42,
+    "svg.fonttype": "none",
+    "svg.hashsalt": "hmqat",
+    "savefig.dpi": PNG_DPI,
+    "axes.spines.right": False,
+    "axes.spines.top": False,
+    "hatch.linewidth": 0.6,
+}
+
+
+class PlotError(ValueError):
+    """The data handed to a plot function does not have the expected columns or values."""
+
+
+# --------------------------------------------------------------------------------------------
+# Style and saving
+# --------------------------------------------------------------------------------------------
+@contextmanager
+def use_style() -> Iterator[None]:
+    """Apply the study's seaborn theme (notebooks.md §6) for the ``with`` block only; the
+    previous rcParams come back afterwards."""
+    with mpl.rc_context():
+        sns.set_theme(context="paper", style="ticks", palette="colorblind", rc=STYLE_RC)
+        yield
+
+
+def savefig(fig: Figure, stem: str | os.PathLike, *, formats: Sequence[str] = ("png", "pdf"),
+            dpi: int = PNG_DPI) -> list[Path]:
+    """Write ``fig`` to ``<stem>.png`` and ``<stem>.pdf`` atomically (temporary file in the same
+    folder, then ``os.replace``; DESIGN.md §6) and close it. The PDF has no creation date and
+    TrueType fonts, so rebuilding and saving the same figure gives the same bytes. An unknown
+    format raises before anything is written and leaves the figure open."""
+    stem = Path(stem)
+    unknown = [f for f in formats if f not in ("png", "pdf", "svg")]
+    if unknown:
+        raise PlotError(f"unsupported figure format(s) {unknown}; use 'png', 'pdf' or 'svg'")
+    metadata = {"png": None, "pdf": {"CreationDate": None}, "svg": {"Date": None}}
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    try:
+        with use_style():
+            for fmt in formats:
+                path = stem.with_name(f"{stem.name}.{fmt}")
+                tmp = temporary_path(path)   # '.tmp' suffix, hence format=
+                try:
+                    fig.savefig(tmp, format=fmt, dpi=dpi, metadata=metadata[fmt],
+                                bbox_inches="tight", pad_inches=0.03)
+                    os.replace(tmp, path)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+                written.append(path)
+    finally:
+        plt.close(fig)
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+def _require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise PlotError(f"{what} lacks column(s) {missing}; it has {list(df.columns)}")
+    if len(df) == 0:
+        raise PlotError(f"{what} is empty; there is nothing to plot")
+
+
+def _titles(fig: Figure, title: str | None, subtitle: str | None) -> None:
+    """Title (bold) and subtitle (data label + profile) as the figure's suptitle."""
+    lines = [t for t in (title, subtitle) if t]
+    if lines:
+        fig.suptitle("\n".join(lines), fontsize="medium")
+
+
+def _size(width: float, height: float) -> tuple[float, float]:
+    """Clip a figure size to the journal range: 3.4–7 in wide, 2.4–9 in high."""
+    return float(np.clip(width, 3.4, 7.0)), float(np.clip(height, 2.4, 9.0))
+
+
+def _scale_for(values: np.ndarray, *, log_span: float = 1.0) -> tuple[str, dict[str, Any]]:
+    """("log", {}) when every finite value is positive (and max/min ≥ ``log_span``), otherwise
+    ("symlog", {linthresh}) when some are ≤ 0, else ("linear", {})."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return "linear", {}
+    if (v > 0).all():
+        return ("log", {}) if v.max() / v.min() >= log_span else ("linear", {})
+    pos = np.abs(v[v != 0])
+    return "symlog", {"linthresh": float(pos.min()) if pos.size else 1.0}
+
+
+def _set_scale(ax: plt.Axes, axis: str, values: np.ndarray, *, log_span: float = 1.0) -> str:
+    scale, kw = _scale_for(values, log_span=log_span)
+    if scale == "log":
+        kw = {"nonpositive": "clip"}
+    (ax.set_xscale if axis == "x" else ax.set_yscale)(scale, **kw)
+    return scale
+
+
+def _style(i: int) -> dict[str, Any]:
+    return {"marker": MARKERS[i % len(MARKERS)], "linestyle": LINESTYLES[i % len(LINESTYLES)]}
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Per-layer sensitivity
+# --------------------------------------------------------------------------------------------
+def plot_layer_traces(traces: pd.DataFrame, *,
+                      title: str | None = "Average Hessian trace per layer",
+                      subtitle: str | None = None, n_params: bool = True, n_se: float = 2.0,
+                      horizontal: bool | None = None) -> Figure:
+    """Bar chart of ``avg_trace`` (Tr(H_ii)/n_i, DESIGN.md §2) per layer in network order, with
+    ±``n_se`` standard-error bars; log scale (symlog with a note when some estimates are ≤ 0).
+    ``n_params`` adds the weight count on a twin axis (black ×, dashed) when the column exists.
+    A ``kind`` column colours and hatches bars by layer type. ``horizontal`` defaults to True
+    above 30 layers."""
+    _require(traces, ["avg_trace", "avg_trace_se"], "traces")
+    layers = [str(i) for i in traces.index]
+    n = len(layers)
+    horizontal = n > 30 if horizontal is None else horizontal
+    val = traces["avg_trace"].to_numpy(float)
+    err = n_se * traces["avg_trace_se"].fillna(0).to_numpy(float)
+    kinds = traces["kind"].astype(str).tolist() if "kind" in traces.columns else ["layer"] * n
+    kind_order = list(dict.fromkeys(kinds))
+    palette = sns.color_palette("colorblind", len(kind_order))
+    scale, kw = _scale_for(val)
+    note = None
+    if scale == "log":
+        # keep the lower bar end positive on a log axis
+        lower = np.minimum(err, val * (1 - 1e-3))
+        if (err > lower).any():
+            note = f"lower error bars of {(err > lower).sum()} layer(s) clipped at the axis"
+        yerr = np.vstack([lower, err])
+    else:
+        yerr = np.vstack([err, err])
+        if scale == "symlog":
+            note = (f"symlog scale: {(val <= 0).sum()} layer(s) have a trace estimate ≤ 0 "
+                    f"(Hutchinson noise)")
+    with use_style():
+        long, short = (0.16 * n + 1.6, 4.2)
+        fig, ax = plt.subplots(figsize=_size(short, long) if horizontal else _size(long, short))
+        pos = np.arange(n)
+        colors = [palette[kind_order.index(k)] for k in kinds]
+        hatches = [HATCHES[kind_order.index(k) % len(HATCHES)] for k in kinds]
+        bar = ax.barh if horizontal else ax.bar
+        bars = bar(pos, val, 0.75, color=colors, edgecolor="0.2", linewidth=0.4)
+        for b, h in zip(bars, hatches):
+            b.set_hatch(h)
+        ebkw = {"fmt": "none", "ecolor": "0.1", "elinewidth": 0.7, "capsize": 1.5}
+        if horizontal:
+            ax.errorbar(val, pos, xerr=yerr, **ebkw)
+        else:
+            ax.errorbar(pos, val, yerr=yerr, **ebkw)
+        vaxis, laxis = ("x", "y") if horizontal else ("y", "x")
+        if scale == "log":
+            kw = {"nonpositive": "clip"}
+        getattr(ax, f"set_{vaxis}scale")(scale, **kw)
+        getattr(ax, f"set_{vaxis}label")(f"avg. trace Tr(H)/n  (±{n_se:g} SE)")
+        getattr(ax, f"set_{laxis}ticks")(pos, layers, fontsize="x-small",
+                                         **({} if horizontal else {"rotation": 90}))
+        getattr(ax, f"set_{laxis}label")("layer (network order)")
+        handles = []
+        if len(kind_order) > 1:
+            handles += [mpl.patches.Patch(facecolor=palette[i], hatch=HATCHES[i % len(HATCHES)],
+                                          edgecolor="0.2", label=k)
+                        for i, k in enumerate(kind_order)]
+        if n_params and "n_params" in traces.columns:
+            twin = ax.twiny() if horizontal else ax.twinx()
+            counts = traces["n_params"].to_numpy(float)
+            xy = (counts, pos) if horizontal else (pos, counts)
+            side = "top" if horizontal else "right"
+            (line,) = twin.plot(*xy, color="0.1", marker="x", linestyle=":", linewidth=0.8,
+                                markersize=3.5, label=f"weights per layer ({side} axis)")
+            getattr(twin, f"set_{vaxis}scale")("log")
+            getattr(twin, f"set_{vaxis}label")("weights per layer")
+            if horizontal:
+                twin.spines["top"].set_visible(True)
+            else:
+                twin.spines["right"].set_visible(True)
+            handles.append(line)
+        getattr(ax, f"set_{laxis}lim")(-0.6, n - 0.4)
+        if horizontal:
+            ax.invert_yaxis()
+        if handles or note:   # the note is the legend's title, so the layout makes room for it
+            legend_kw = {"handles": handles, "fontsize": "x-small", "frameon": False,
+                         "ncols": max(1, min(len(handles), 3)), "title": note,
+                         "title_fontsize": "xx-small"}
+            if horizontal:   # the twin axis is on top: legend below
+                fig.legend(loc="outside lower center", **legend_kw)
+            else:
+                ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.01), borderaxespad=0.0,
+                          **legend_kw)
+        _titles(fig, title, subtitle)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Ω validation (does Ω predict the measured loss increase?)
+# --------------------------------------------------------------------------------------------
+def plot_omega_validation(df: pd.DataFrame, *, x: str = "omega", y: str = "loss_increase",
+                          hue: str = "variant", spearman: Mapping[str, float] | None = None,
+                          title: str | None = "Ω vs measured loss increase",
+                          subtitle: str | None = None, ncols: int = 3) -> Figure:
+    """One scatter panel per ``hue`` value (order of appearance), log-log where the values are
+    positive (symlog otherwise), Spearman ρ in each panel title. ``spearman`` gives ρ per
+    variant; without it ρ is computed with ``scipy.stats.spearmanr``."""
+    from scipy.stats import spearmanr
+
+    _require(df, [x, y, hue], "df")
+    variants = list(dict.fromkeys(df[hue].astype(str)))
+    if spearman is not None:
+        missing = [v for v in variants if v not in spearman]
+        if missing:
+            raise PlotError(f"spearman has no ρ for variant(s) {missing}; give one per "
+                            f"{hue!r} value or pass spearman=None to compute it")
+    ncols = max(1, min(ncols, len(variants)))
+    nrows = math.ceil(len(variants) / ncols)
+    with use_style():
+        fig, axes = plt.subplots(nrows, ncols, squeeze=False, sharey=True,
+                                 figsize=_size(2.3 * ncols + 0.4, 2.1 * nrows + 0.6))
+        palette = sns.color_palette("colorblind", len(variants))
+        for i, (ax, variant) in enumerate(zip(axes.flat, variants)):
+            sub = df[df[hue].astype(str) == variant]
+            ax.scatter(sub[x], sub[y], s=14, marker=MARKERS[i % len(MARKERS)],
+                       color=palette[i], edgecolor="0.15", linewidth=0.3, alpha=0.85)
+            if spearman is not None:
+                rho = float(spearman[variant])
+            else:
+                rho = float(spearmanr(sub[x], sub[y]).statistic) if len(sub) > 1 else float("nan")
+            ax.set_title(f"{variant}: ρ = {rho:.2f}", fontsize="small")
+            _set_scale(ax, "x", sub[x].to_numpy(float))
+            ax.set_xlabel(x)
+        _set_scale(axes.flat[0], "y", df[y].to_numpy(float))
+        for ax in axes[:, 0]:
+            ax.set_ylabel(y)
+        for ax in list(axes.flat)[len(variants):]:
+            ax.set_visible(False)
+        _titles(fig, title, subtitle)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Search: candidates, exact frontier, picks, uniform baselines
+# --------------------------------------------------------------------------------------------
+def plot_frontier(candidates: pd.DataFrame | None, frontier: pd.DataFrame,
+                  picks: pd.DataFrame | None = None, *, x: str = "size_mb", y: str = "omega",
+                  uniform: pd.DataFrame | None = None, label_col: str = "label",
+                  title: str | None = "Exact Pareto frontier of ΣΩ vs size",
+                  subtitle: str | None = None) -> Figure:
+    """Every candidate faint grey (α 0.15, rasterised), the exact frontier as a post-step line
+    with markers, picked budgets as dashed vertical lines with labelled stars, and uniform
+    configs as distinct labelled markers (DESIGN.md §2 "Search"). Log y (symlog if some
+    Ω ≤ 0); log x when sizes span more than 10×. ``picks``/``uniform`` may carry a
+    ``label_col`` column for their labels."""
+    _require(frontier, [x, y], "frontier")
+    frames = {"candidates": candidates, "picks": picks, "uniform": uniform}
+    for name, frame in frames.items():
+        if frame is not None:
+            _require(frame, [x, y], name)
+    all_x = np.concatenate([f[x].to_numpy(float) for f in (frontier, *frames.values())
+                            if f is not None])
+    all_y = np.concatenate([f[y].to_numpy(float) for f in (frontier, *frames.values())
+                            if f is not None])
+    with use_style():
+        fig, ax = plt.subplots(figsize=(5.0, 3.4))
+        if candidates is not None:
+            ax.scatter(candidates[x], candidates[y], s=3, color="0.55", alpha=0.15,
+                       linewidths=0, rasterized=True, label=f"candidates ({len(candidates)})")
+        front = frontier.sort_values(x)
+        ax.step(front[x], front[y], where="post", color="C0", marker="o", markersize=3,
+                linewidth=1.2, label=f"exact frontier ({len(front)})", zorder=3)
+        if uniform is not None:
+            for i, (_, row) in enumerate(uniform.iterrows()):
+                label = str(row[label_col]) if label_col in uniform.columns else f"uniform {i}"
+                ax.scatter(row[x], row[y], s=34, marker=MARKERS[(i + 1) % len(MARKERS)],
+                           color=f"C{(i + 2) % 10}", edgecolor="black", linewidth=0.5, zorder=4)
+                ax.annotate(label, (row[x], row[y]), xytext=(4, 4), textcoords="offset points",
+                            fontsize="x-small", bbox=LABEL_BOX)
+        if picks is not None:
+            for i, (_, row) in enumerate(picks.iterrows()):
+                label = (str(row[label_col]) if label_col in picks.columns
+                         else f"{row[x]:.3g}")
+                ax.axvline(row[x], color="0.25", linestyle="--", linewidth=0.8, zorder=1)
+                ax.scatter(row[x], row[y], s=60, marker="*", color="C1", edgecolor="black",
+                           linewidth=0.5, zorder=5, label="picked" if i == 0 else None)
+                ax.annotate(label, (row[x], row[y]), xytext=(4, -10), textcoords="offset points",
+                            fontsize="x-small", bbox=LABEL_BOX)
+        _set_scale(ax, "y", all_y)
+        _set_scale(ax, "x", all_x, log_span=10.0)
+        ax.set_xlabel({"size_mb": "model size (MB)", "bops": "BOPs"}.get(x, x))
+        ax.set_ylabel({"omega": "ΣΩ (predicted perturbation)"}.get(y, y))
+        ax.legend(fontsize="x-small", frameon=False, loc="best", markerscale=1.5)
+        _titles(fig, title, subtitle)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Bit-allocation heat map
+# --------------------------------------------------------------------------------------------
+def plot_bit_heatmap(configs: Mapping[str, Mapping[str, int]], layers: Sequence[str], *,
+                     title: str | None = "Bit width per layer",
+                     subtitle: str | None = None) -> Figure:
+    """Rows = ``layers`` in network order, columns = config labels, one discrete colour per bit
+    width (sequential palette, so lightness orders the widths in greyscale) and every cell
+    annotated with its bit width. Each config must cover exactly ``layers``."""
+    if not configs:
+        raise PlotError("configs is empty; pass {label: {layer: bits}}")
+    layers = list(layers)
+    for label, cfg in configs.items():
+        missing = [l for l in layers if l not in cfg]
+        extra = [l for l in cfg if l not in set(layers)]
+        if missing or extra:
+            raise PlotError(f"config {label!r} does not match layers: missing {missing[:3]}, "
+                            f"unknown {extra[:3]}; give bits for exactly the listed layers")
+        bad = {l: b for l, b in cfg.items() if isinstance(b, bool)
+               or not isinstance(b, (int, np.integer))}
+        if bad:
+            k, v = next(iter(bad.items()))
+            raise PlotError(f"config {label!r}: layer {k!r} has bits {v!r}; bits must be ints")
+    bits = pd.DataFrame({label: [int(cfg[l]) for l in layers] for label, cfg in configs.items()},
+                        index=layers)
+    widths = sorted(np.unique(bits.to_numpy()).tolist())
+    codes = pd.DataFrame(np.searchsorted(widths, bits.to_numpy()), index=bits.index,
+                         columns=bits.columns)          # colour index: position of the width
+    cmap = ListedColormap(sns.color_palette("viridis", len(widths)))
+    with use_style():
+        fig, ax = plt.subplots(figsize=_size(0.55 * bits.shape[1] + 2.4, 0.17 * len(layers) + 1.3))
+        sns.heatmap(codes, ax=ax, cmap=cmap, vmin=-0.5, vmax=len(widths) - 0.5, annot=bits,
+                    fmt="d", annot_kws={"fontsize": 6 if len(layers) > 25 else 7},
+                    linewidths=0.4, linecolor="white",
+                    cbar_kws={"ticks": range(len(widths)), "label": "weight bits"})
+        ax.collections[0].colorbar.set_ticklabels([str(b) for b in widths])
+        ax.set_xlabel("configuration")
+        ax.set_ylabel("layer (network order)")
+        ax.tick_params(axis="y", labelsize=6 if len(layers) > 25 else 7)
+        ax.tick_params(axis="x", labelrotation=30)
+        _titles(fig, title, subtitle)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Accuracy vs size
+# --------------------------------------------------------------------------------------------
+def plot_accuracy_size(df: pd.DataFrame, *, x: str = "size_mb", y: str = "top1",
+                       kind_col: str = "kind", label_col: str = "label",
+                       fp32_top1: float | None = None,
+                       title: str | None = "Top-1 accuracy vs model size",
+                       subtitle: str | None = None) -> Figure:
+    """Top-1 vs size. Each ``kind`` whose name contains "uniform" is drawn as separate points
+    with distinct markers and direct text labels (``label_col``); every other kind (e.g. the
+    mixed-precision method) is a line with markers, its points annotated with their
+    ``compression`` (when that column exists). FP32 is a dashed horizontal line."""
+    _require(df, [x, y, kind_col], "df")
+    kinds = list(dict.fromkeys(df[kind_col].astype(str)))
+    with use_style():
+        fig, ax = plt.subplots(figsize=(5.0, 3.4))
+        n_line = n_point = 0
+        for kind in kinds:
+            sub = df[df[kind_col].astype(str) == kind].sort_values(x)
+            if "uniform" in kind.lower():
+                for _, row in sub.iterrows():
+                    label = row[label_col] if label_col in sub.columns else None
+                    label = kind if label is None or pd.isna(label) or label == "" else str(label)
+                    ax.scatter(row[x], row[y], s=36, marker=MARKERS[(n_point + 1) % len(MARKERS)],
+                               color="0.35", edgecolor="black", linewidth=0.5, zorder=4)
+                    ax.annotate(label, (row[x], row[y]), xytext=(4, -9),
+                                textcoords="offset points", fontsize="x-small", bbox=LABEL_BOX)
+                    n_point += 1
+            else:
+                ax.plot(sub[x], sub[y], color=f"C{n_line}", markersize=4.5, linewidth=1.2,
+                        label=kind, zorder=3, **_style(n_line))
+                if "compression" in sub.columns:
+                    for _, row in sub.iterrows():
+                        ax.annotate(f"{row['compression']:.1f}×", (row[x], row[y]),
+                                    xytext=(3, 4), textcoords="offset points",
+                                    fontsize="xx-small", color=f"C{n_line}",
+                                    bbox=LABEL_BOX)
+                n_line += 1
+        if fp32_top1 is not None:
+            ax.axhline(fp32_top1, color="black", linestyle="--", linewidth=0.9)
+            ax.annotate(f"FP32 {fp32_top1:.2f}", (0.99, fp32_top1),
+                        xycoords=("axes fraction", "data"), xytext=(0, 2),
+                        textcoords="offset points", ha="right", va="bottom", fontsize="x-small")
+        _set_scale(ax, "x", df[x].to_numpy(float), log_span=10.0)
+        ax.set_xlabel({"size_mb": "model size (MB)", "bops": "BOPs"}.get(x, x))
+        ax.set_ylabel({"top1": "top-1 (%)"}.get(y, y))
+        if n_line:
+            ax.legend(fontsize="x-small", frameon=False, loc="lower right")
+        _titles(fig, title, subtitle)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Ablations
+# --------------------------------------------------------------------------------------------
+def plot_ablation(df: pd.DataFrame, *, x: str = "variant", y: str = "top1",
+                  group_col: str | None = "group", err: str | None = None,
+                  title: str | None = "Ablations", subtitle: str | None = None) -> Figure:
+    """Horizontal bars of ``y`` per ``x`` (variant), one panel per ``group_col`` value, one
+    hatch per variant, mean value written past each bar. Several rows per variant (seeds) give
+    ±SD error bars (seaborn ``errorbar="sd"``); ``err`` names a column of precomputed SDs
+    instead."""
+    _require(df, [x, y] + ([group_col] if group_col else []) + ([err] if err else []), "df")
+    if err and df.groupby([group_col, x] if group_col else [x]).size().max() > 1:
+        raise PlotError(f"err={err!r} gives precomputed SDs, so each variant needs one row; "
+                        f"pass err=None to compute SDs over repeated rows (seeds)")
+    data = df.assign(**{x: df[x].astype(str)})
+    groups = list(dict.fromkeys(data[group_col].astype(str))) if group_col else [None]
+    sizes = [data[data[group_col].astype(str) == g][x].nunique() if g else data[x].nunique()
+             for g in groups]
+    with use_style():
+        fig, axes = plt.subplots(len(groups), 1, squeeze=False, sharex=True,
+                                 height_ratios=sizes,
+                                 figsize=_size(4.6, 0.28 * sum(sizes) + 0.55 * len(groups) + 1))
+        for ax, group in zip(axes[:, 0], groups):
+            sub = data if group is None else data[data[group_col].astype(str) == group]
+            order = list(dict.fromkeys(sub[x]))
+            repeated = sub.groupby(x).size().max() > 1
+            sns.barplot(data=sub, y=x, x=y, hue=x, order=order, hue_order=order, orient="h",
+                        palette="colorblind", errorbar="sd" if repeated else None,
+                        err_kws={"linewidth": 0.8}, capsize=0.25, legend=False, ax=ax,
+                        edgecolor="0.2", linewidth=0.4)
+            for i, container in enumerate(ax.containers):
+                for bar in getattr(container, "patches", container):
+                    bar.set_hatch(HATCHES[i % len(HATCHES)])
+            stats = sub.groupby(x, sort=False)[y].agg(["mean", "std", "count"]).reindex(order)
+            sd = (sub.set_index(x)[err].reindex(order) if err
+                  else stats["std"].where(stats["count"] > 1))
+            if err:
+                ax.errorbar(stats["mean"], np.arange(len(order)), xerr=sd.fillna(0),
+                            fmt="none", ecolor="0.1", elinewidth=0.8, capsize=2)
+            for i, (mean, s, cnt) in enumerate(zip(stats["mean"], sd.fillna(0), stats["count"])):
+                text = f" {mean:.2f}" + (f" ± {s:.2f} (n={cnt})" if s > 0 else "")
+                ax.text(mean + s, i, text, va="center", fontsize="x-small")
+            ax.set_ylabel(group or "")
+            ax.set_xlabel({"top1": "top-1 (%)"}.get(y, y))
+        right = (data.groupby([x])[y].mean()
+                 + (data.groupby([x])[y].std().fillna(0) if not err else data[err].max())).max()
+        axes[0, 0].set_xlim(0, right * 1.3 if right > 0 else None)
+        _titles(fig, title, subtitle)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Training curves
+# --------------------------------------------------------------------------------------------
+def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]],
+                         metric: str | Sequence[str] = "val_top1", *, x: str = "epoch",
+                         title: str | None = "Training curves",
+                         subtitle: str | None = None) -> Figure:
+    """One line per config (distinct colour, marker and line style) of ``metric`` against
+    ``x`` (the record's ``epoch``, else its position), from ``hmqat.train.fit`` histories.
+    A list of metrics gives one panel each. Records without the metric are skipped."""
+    metrics = [metric] if isinstance(metric, str) else list(metric)
+    if not histories:
+        raise PlotError("histories is empty; pass {config label: fit() history}")
+    for m in metrics:
+        for label, hist in histories.items():
+            if not any(m in rec for rec in hist):
+                keys = sorted({k for rec in hist for k in rec})
+                raise PlotError(f"history {label!r} has no {m!r} values; its keys are {keys}")
+    with use_style():
+        fig, axes = plt.subplots(1, len(metrics), squeeze=False,
+                                 figsize=_size(3.4 * len(metrics), 2.8))
+        for ax, m in zip(axes[0], metrics):
+            for i, (label, hist) in enumerate(histories.items()):
+                pts = [(rec.get(x, j + 1), rec[m]) for j, rec in enumerate(hist) if m in rec]
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, label=label, color=f"C{i % 10}", markersize=3.5, linewidth=1.1,
+                        markevery=max(1, len(xs) // 12), **_style(i))
+            ax.set_xlabel(x)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel({"val_top1": "val. top-1 (%)", "train_loss": "train loss",
+                           "val_loss": "val. loss", "train_top1": "train top-1 (%)"}.get(m, m))
+        axes[0, -1].legend(fontsize="x-small", frameon=False, loc="best")
+        _titles(fig, title, subtitle)
+    return fig
+

@@ -1,0 +1,321 @@
+"""Result files: atomic writes, JSON, tables (CSV + Markdown + LaTeX) and ``manifest.json``.
+
+DESIGN.md §6: every result file is written atomically (temporary file in the same folder, then
+``os.replace``), and every table names the data it came from. A table written by
+:func:`write_table` is three files next to each other:
+
+* ``<stem>.csv`` – the source of truth, full precision. Its first line is a comment
+  ``# <caption> — data: <data label>; profile: <profile>``, so read it with
+  ``pandas.read_csv(path, comment="#")`` (or :func:`read_table`). Cells therefore may not
+  contain ``#``.
+* ``<stem>.md`` – the caption line, then ``DataFrame.to_markdown(index=False)``.
+* ``<stem>.tex`` – a ``table`` environment with caption and ``\\label{tab:<stem name>}``
+  (pandas' Styler; needs jinja2).
+
+Markdown and LaTeX share one number formatter, :func:`format_numbers`.
+
+    >>> import pandas as pd
+    >>> from pathlib import Path
+    >>> from hmqat import reporting
+    >>> df = pd.DataFrame({"config": ["W8", "W4"], "top1": [91.234, 90.1]})
+    >>> paths = reporting.write_table(df, Path("results/smoke/tables/demo"), caption="Top-1",
+    ...                               data_label=reporting.describe_data("synthetic", ""),
+    ...                               profile="smoke")          # doctest: +SKIP
+    >>> reporting.read_table(Path("results/smoke/tables/demo"))  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+__all__ = [
+    "HEADLINE_COLUMNS",
+    "HEADLINE_FORMATS",
+    "ReportingError",
+    "atomic_write_json",
+    "atomic_write_text",
+    "describe_data",
+    "format_numbers",
+    "headline_table",
+    "read_json",
+    "read_table",
+    "temporary_path",
+    "update_manifest",
+    "write_table",
+]
+
+Formatter = str | Callable[[Any], str]
+FloatFormat = Formatter | Mapping[str, Formatter]
+
+#: Columns of :func:`headline_table`'s result, in order.
+HEADLINE_COLUMNS = ["config", "avg bits", "size MB", "compression", "BOPs (G)", "top-1",
+                    "% of FP32", "search ms"]
+#: Per-column number formats for the headline table (pass as ``float_format``).
+HEADLINE_FORMATS: dict[str, Formatter] = {
+    "avg bits": "{:.2f}", "size MB": "{:.3f}", "compression": "{:.1f}×", "BOPs (G)": "{:.2f}",
+    "top-1": "{:.2f}", "% of FP32": "{:.1f}", "search ms": "{:.1f}",
+}
+MISSING = "–"   # how NaN shows in Markdown/LaTeX
+_LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                   "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                   "^": r"\textasciicircum{}"}
+
+
+class ReportingError(ValueError):
+    """A table, manifest or JSON object cannot be written as asked."""
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic files (DESIGN.md §6)
+# --------------------------------------------------------------------------------------------
+def temporary_path(path: Path) -> Path:
+    """A fresh hidden name next to ``path`` (same folder, so ``os.replace`` is atomic)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically: a temporary file in the same folder, then
+    ``os.replace`` (DESIGN.md §6). Parent folders are created. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, "x", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _json_default(obj: Any) -> Any:
+    """JSON fallback: numpy/torch scalars and arrays, paths, sets."""
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    if hasattr(obj, "tolist") and callable(obj.tolist):   # numpy scalar/array, torch tensor
+        return obj.tolist()
+    if hasattr(obj, "item") and callable(obj.item):
+        return obj.item()
+    raise TypeError(f"cannot write an object of type {type(obj).__name__} as JSON; convert it "
+                    f"to a dict/list/str/number first")
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as JSON (indent 2, sorted keys, trailing newline) atomically. numpy/torch
+    scalars and arrays become numbers/lists and paths become strings."""
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default,
+                          ensure_ascii=False)
+    except TypeError as exc:
+        raise ReportingError(f"{path}: {exc}") from exc
+    return atomic_write_text(path, text + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file written by :func:`atomic_write_json`."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------------------------
+# Which data a result came from
+# --------------------------------------------------------------------------------------------
+def _provenance_mentions_jpeg(source: str) -> bool:
+    """True when ``source`` or one of its two parents holds a PROVENANCE.md mentioning JPEG."""
+    try:
+        start = Path(source).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False
+    for folder in [start, *start.parents][:3]:
+        prov = folder / "PROVENANCE.md"
+        if prov.is_file():
+            return "JPEG" in prov.read_text(encoding="utf-8", errors="replace")
+    return False
+
+
+def describe_data(dataset: str, source: str) -> str:
+    """The human label of a dataset, used in every table and figure (DESIGN.md §4–§5).
+
+    ``source`` is ``TensorImages.source`` (an ImageFolder split folder, ``torchvision:<dir>`` or
+    ``synthetic(...)``). An ImageFolder root whose PROVENANCE.md (in the folder or up to two
+    parents) mentions JPEG is the JPEG q75 mirror."""
+    dataset_l, source = dataset.lower(), str(source)
+    if dataset_l == "synthetic" or source.startswith("synthetic"):
+        return "synthetic data (smoke test)"
+    if source.startswith("torchvision:"):
+        return "CIFAR-10 (original, torchvision)"
+    if dataset_l == "imagenet":
+        return "ImageNet (ImageFolder)"
+    if source and _provenance_mentions_jpeg(source):
+        return "CIFAR-10 (JPEG q75 mirror)"
+    return f"{dataset} ({source})" if source else dataset
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+def _apply(fmt: Formatter, value: Any, column: str) -> str:
+    try:
+        return fmt(value) if callable(fmt) else fmt.format(value)
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
+        raise ReportingError(f"number format {fmt!r} for column {column!r} failed on {value!r} "
+                             f"({exc}); use a format like '{{:.2f}}'") from exc
+
+
+def format_numbers(df: pd.DataFrame, float_format: FloatFormat = "{:.2f}") -> pd.DataFrame:
+    """The one number formatter for Markdown and LaTeX tables: a copy of ``df`` as strings.
+
+    ``float_format`` is a ``str.format`` pattern (``"{:.2f}"``) or callable for every float
+    column, or a mapping ``{column: format}`` (float columns not named use ``"{:.2f}"``; a
+    named column is formatted even if integer). Integers print as integers, NaN as "–"."""
+    if isinstance(float_format, Mapping):
+        unknown = [c for c in float_format if c not in df.columns]
+        if unknown:
+            raise ReportingError(f"float_format names column(s) {unknown} that the table does "
+                                 f"not have; its columns are {list(df.columns)}")
+        formats, default = dict(float_format), "{:.2f}"
+    else:
+        formats, default = {}, float_format
+    out = pd.DataFrame(index=df.index)
+    for col in df.columns:
+        values = df[col]
+        fmt = formats.get(col)
+        if fmt is None and pd.api.types.is_float_dtype(values):
+            fmt = default
+        if fmt is None:
+            out[col] = [MISSING if _is_missing(v) else str(v) for v in values]
+        else:
+            out[col] = [MISSING if _is_missing(v) else _apply(fmt, v, str(col)) for v in values]
+    return out
+
+
+def _is_missing(value: Any) -> bool:
+    return pd.api.types.is_scalar(value) and bool(pd.isna(value))
+
+
+def _latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIALS.get(ch, ch) for ch in text)
+
+
+def _header(caption: str, data_label: str, profile: str) -> str:
+    return f"{caption} — data: {data_label}; profile: {profile}"
+
+
+def write_table(df: pd.DataFrame, stem: str | os.PathLike, *, caption: str, data_label: str,
+                profile: str, float_format: FloatFormat = "{:.2f}") -> dict[str, Path]:
+    """Write ``df`` as ``stem.csv`` (full precision, first line ``# <caption> — data: <label>;
+    profile: <profile>``; read with ``pandas.read_csv(..., comment="#")``), ``stem.md`` and
+    ``stem.tex`` (numbers via :func:`format_numbers`), each atomically (DESIGN.md §6).
+
+    Returns ``{"csv": path, "md": path, "tex": path}``."""
+    stem = Path(stem)
+    header = _header(caption, data_label, profile)
+    if "\n" in header or "\r" in header:
+        raise ReportingError(f"caption, data_label and profile must be one line each, got "
+                             f"{header!r}")
+    if any(name is not None for name in df.index.names):
+        df = df.reset_index()          # a named index (e.g. layer) becomes the first column
+    for col in df.columns:
+        if "#" in str(col):
+            raise ReportingError(f"column name {col!r} contains '#', which CSV readers using "
+                                 f"comment='#' would cut off; rename the column")
+        if not pd.api.types.is_numeric_dtype(df[col]):
+            bad = [v for v in df[col] if "#" in str(v)]
+            if bad:
+                raise ReportingError(f"column {col!r} holds {bad[0]!r}: '#' would start a "
+                                     f"comment for readers using comment='#'; replace it "
+                                     f"(e.g. 'no.')")
+    shown = format_numbers(df, float_format)
+    numeric = [pd.api.types.is_numeric_dtype(df[c]) for c in df.columns]
+
+    csv_text = f"# {header}\n" + df.to_csv(index=False, lineterminator="\n")
+    md_text = f"{header}\n\n" + shown.to_markdown(
+        index=False, disable_numparse=True,
+        colalign=["right" if n else "left" for n in numeric]) + "\n"
+    styler = shown.style.hide(axis="index").format(escape="latex")
+    styler = styler.format_index(escape="latex", axis=1)
+    tex_text = styler.to_latex(caption=_latex_escape(header), label=f"tab:{stem.name}",
+                               hrules=True, position_float="centering",
+                               column_format="".join("r" if n else "l" for n in numeric))
+    return {"csv": atomic_write_text(stem.with_name(stem.name + ".csv"), csv_text),
+            "md": atomic_write_text(stem.with_name(stem.name + ".md"), md_text),
+            "tex": atomic_write_text(stem.with_name(stem.name + ".tex"), tex_text)}
+
+
+def read_table(stem: str | os.PathLike) -> pd.DataFrame:
+    """Read a table written by :func:`write_table` (``stem`` with or without ``.csv``)."""
+    stem = Path(stem)
+    path = stem if stem.suffix == ".csv" else stem.with_name(stem.name + ".csv")
+    if not path.is_file():
+        raise FileNotFoundError(f"no table at {path}; write it with write_table(df, {stem!s}, ...) "
+                                f"or check the results folder")
+    return pd.read_csv(path, comment="#")
+
+
+# --------------------------------------------------------------------------------------------
+# manifest.json (DESIGN.md §6)
+# --------------------------------------------------------------------------------------------
+def update_manifest(path: str | os.PathLike, step: str, **fields: Any) -> dict[str, Any]:
+    """Merge ``{"steps": {step: fields}}`` into ``manifest.json`` atomically and return it.
+
+    A missing manifest starts from :func:`hmqat.train.manifest` (git sha, versions, device).
+    Fields already recorded for ``step`` are kept unless given again. Not safe against two
+    processes updating the same manifest at once (the pipeline runs steps one by one)."""
+    path = Path(path)
+    if not step:
+        raise ReportingError("update_manifest needs a non-empty step name, e.g. '01_sensitivity'")
+    if path.exists():
+        data = read_json(path)
+        if not isinstance(data, dict) or not isinstance(data.get("steps", {}), dict):
+            raise ReportingError(f"{path} is not a manifest (expected a JSON object whose "
+                                 f"'steps' is an object); move it away and rerun")
+    else:
+        from hmqat.train import manifest  # lazy: imports torch
+
+        data = manifest()
+    steps = data.setdefault("steps", {})
+    steps[step] = {**steps.get(step, {}), **fields}
+    atomic_write_json(path, data)
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# The headline table
+# --------------------------------------------------------------------------------------------
+def headline_table(rows: pd.DataFrame, fp32_top1: float) -> pd.DataFrame:
+    """The study's headline table: one row per config, largest first.
+
+    ``rows`` has columns config, avg_bits, size_mb, compression, bops, top1 and optionally
+    search_ms (NaN where not applicable). Output columns: :data:`HEADLINE_COLUMNS`, with
+    ``BOPs (G) = bops / 1e9`` and ``% of FP32 = 100 · top1 / fp32_top1``."""
+    required = ["config", "avg_bits", "size_mb", "compression", "bops", "top1"]
+    missing = [c for c in required if c not in rows.columns]
+    if missing:
+        raise ReportingError(f"headline_table rows lack column(s) {missing}; they need "
+                             f"{required} (+ optional search_ms)")
+    if not (isinstance(fp32_top1, (int, float)) and math.isfinite(fp32_top1) and fp32_top1 > 0):
+        raise ReportingError(f"fp32_top1 must be a positive accuracy in percent, got "
+                             f"{fp32_top1!r}")
+    search = rows["search_ms"] if "search_ms" in rows.columns else float("nan")
+    out = pd.DataFrame({
+        "config": rows["config"].astype(str),
+        "avg bits": rows["avg_bits"].astype(float),
+        "size MB": rows["size_mb"].astype(float),
+        "compression": rows["compression"].astype(float),
+        "BOPs (G)": rows["bops"].astype(float) / 1e9,
+        "top-1": rows["top1"].astype(float),
+        "% of FP32": 100.0 * rows["top1"].astype(float) / float(fp32_top1),
+        "search ms": pd.Series(search, index=rows.index, dtype=float),
+    })
+    return out.sort_values("size MB", ascending=False, kind="stable").reset_index(drop=True)

@@ -1,0 +1,136 @@
+"""The ablation runner of notebook 04 on a tiny synthetic setup."""
+import json
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hmqat import ablation, data, models, quant, train
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(16)
+        self.conv4 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn4 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.relu(self.bn3(self.conv3(x)))
+        x = F.relu(self.bn4(self.conv4(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    fp32 = Tiny()
+    layers = models.quantizable_layers(fp32)
+    n_params = {info.name: info.n_params for info in layers}
+    bits = [2, 3, 4, 8]
+    # synthetic Ω_i(b) = c_i · n_i · 4^-b, different layer sensitivities per variant
+    sens = {"joint": [1.0, 3.0, 0.5, 2.0, 1.0], "trace": [1.0, 0.2, 4.0, 0.3, 1.0]}
+    omegas = {v: pd.DataFrame({b: [c * n_params[info.name] * 4.0 ** -b
+                                   for c, info in zip(cs, layers, strict=True)] for b in bits},
+                              index=[info.name for info in layers])
+              for v, cs in sens.items()}
+    tr = data.make_loader(data.synthetic_cifar(64, seed=0), 16, train=True, seed=0)
+    te = data.make_loader(data.synthetic_cifar(32, seed=1), 32)
+    cfg = train.TrainConfig(epochs=1, lr=0.01, step_lr=0.001, max_steps_per_epoch=2, seed=0)
+    budget = quant.model_size_mb(fp32, quant.uniform_config(fp32, 4), a_bits=4)
+    return fp32, tr, te, cfg, omegas, n_params, budget
+
+
+def test_runner_table_rows_equal_size_and_skip_on_rerun(setup, tmp_path, monkeypatch):
+    fp32, tr, te, cfg, omegas, n_params, budget = setup
+    table = ablation.run_ablations(fp32, tr, te, cfg, omegas, n_params, max_mb=budget,
+                                   run_dir=tmp_path, a_bits=4)
+    assert list(table.columns) == ablation.COLUMNS
+    trans = table[table.group == "transition"]
+    assert list(trans.variant) == list(ablation.TRANSITION_VARIANTS)
+    alloc = table[table.group == "allocation"]
+    assert list(alloc.variant) == ["hmqat-joint", "hmqat-trace", "uniform", "random", "random",
+                                   "random", "greedy", "ilp"]
+    assert list(alloc[alloc.variant == "random"].seed) == [0, 1, 2]
+    assert (table.train_seed == 0).all() and table.top1.between(0, 100).all()
+    # equal size: nobody exceeds the HMQAT pick, which fits the budget; sizes are measured
+    hm = alloc.iloc[0]
+    assert hm.size_mb <= budget and (alloc.size_mb <= hm.size_mb + 1e-12).all()
+    assert table.loc[table.group == "transition", "size_mb"].nunique() == 1
+    for rec in table.attrs["records"]:
+        assert rec["size_mb"] == pytest.approx(quant.model_size_mb(fp32, rec["bit_config"], 4))
+    assert json.loads(hm.bit_config) == json.loads(trans.iloc[0].bit_config)
+    # the ILP is exact: its ΣΩ equals the frontier pick's (same table, same size cap)
+    assert alloc[alloc.variant == "ilp"].omega.item() == pytest.approx(hm.omega)
+    assert trans.recipe.iloc[-1].endswith("KD(T=4, w=1)")
+    assert trans.osc_frac.notna().all() and trans.frozen_frac.isna().sum() == 3
+    # lsq of the transition group and hmqat-joint are one run (trained once)
+    assert trans.run_id.iloc[0] == hm.run_id
+    assert len(table.attrs["trained"]) == len(set(table.run_id)) < len(table)
+    for run_id in set(table.run_id):
+        assert (tmp_path / run_id / "result.json").exists()
+        assert (tmp_path / run_id / "checkpoint.pt").exists()
+
+    # rerun: everything is read back, nothing trains
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(train, "qat", no_training)
+    again = ablation.run_ablations(fp32, tr, te, cfg, omegas, n_params, max_mb=budget,
+                                   run_dir=tmp_path, a_bits=4)
+    assert again.attrs["trained"] == [] and len(again.attrs["cached"]) == len(table)
+    pd.testing.assert_frame_equal(again, table)
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(setup, tmp_path):
+    fp32, tr, te, cfg, omegas, n_params, budget = setup
+    cfg2 = train.TrainConfig(epochs=2, lr=0.01, max_steps_per_epoch=2)
+    table = ablation.transition_ablation(fp32, tr, te, cfg2, quant.uniform_config(fp32, 4),
+                                         run_dir=tmp_path, variants=["lsq+freeze"])
+    run = tmp_path / table.run_id.item()
+    (run / "result.json").unlink()          # as if the process died after the last epoch
+    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ck["epoch"] == 1
+    again = ablation.transition_ablation(fp32, tr, te, cfg2, quant.uniform_config(fp32, 4),
+                                         run_dir=tmp_path, variants=["lsq+freeze"])
+    assert again.attrs["trained"] == [table.run_id.item()]     # re-entered, no epoch left
+    cols = ["top1", "loss", "size_mb", "osc_frac", "frozen_frac"]
+    pd.testing.assert_frame_equal(again[cols], table[cols])
+
+
+def test_summary_and_bad_inputs(setup, tmp_path):
+    fp32, tr, te, cfg, omegas, n_params, budget = setup
+    specs = ablation.transition_specs(quant.uniform_config(fp32, 4), seeds=(0, 1),
+                                      variants=["lsq", "all"])
+    assert [(s.variant, s.seed) for s in specs] == [("lsq", 0), ("all", 0), ("lsq", 1),
+                                                    ("all", 1)]
+    r = specs[1].recipe
+    assert r.transitions and r.osc_freeze and r.osc_dampen and not r.distill and r.osc_track
+    with pytest.raises(ablation.AblationError, match=r"unknown transition variant\(s\) \['al'\]"):
+        ablation.transition_specs({}, variants=["al"])
+    with pytest.raises(ablation.AblationError, match="give exactly one size budget"):
+        ablation.allocation_specs(omegas, n_params)
+    with pytest.raises(ablation.AblationError, match=r"primary='hessian' is not a key"):
+        ablation.allocation_specs(omegas, n_params, max_mb=budget, primary="hessian")
+    with pytest.raises(ablation.AblationError, match=r"unknown allocation method\(s\) \['dp'\]"):
+        ablation.allocation_specs(omegas, n_params, max_mb=budget, methods=["dp"])
+    with pytest.raises(ablation.AblationError, match="val_loader is None"):
+        ablation.run_specs(specs, fp32, tr, None, cfg, run_dir=tmp_path)
+    with pytest.raises(ablation.AblationError, match="recipe must be a hmqat.transitions.Recipe"):
+        ablation.train_run(fp32, {}, {"transitions": True}, tr, te, cfg, run_dir=tmp_path)
+    table = pd.DataFrame({"group": ["a", "a", "b"], "variant": ["r", "r", "u"],
+                          "top1": [50.0, 60.0, 70.0], "size_mb": 1.0, "compression": 2.0,
+                          "avg_bits": 4.0, "osc_frac": 0.1})
+    s = ablation.summarize(table)
+    assert s.top1.tolist() == [55.0, 70.0] and s.n.tolist() == [2, 1]
+    assert s.top1_std.iloc[0] == pytest.approx(7.0710678) and pd.isna(s.top1_std.iloc[1])

@@ -1,0 +1,78 @@
+"""The smoke profile end to end through papermill, on synthetic data (no ../shared)."""
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from hmqat import pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    steps = pipeline.run_pipeline("smoke", results_root=out)
+    return out / "smoke", steps
+
+
+def test_every_notebook_ran_and_artifacts_are_well_formed(smoke_run):
+    root, steps = smoke_run
+    assert list(steps) == list(pipeline.NOTEBOOKS)
+    assert all(s["status"] == "ran" and s["wall_s"] >= 0 for s in steps.values())
+    for nb in pipeline.NOTEBOOKS:
+        executed = json.loads((root / "executed" / f"{nb}.ipynb").read_text())
+        assert executed["metadata"]["papermill"]["exception"] in (None, False)
+    for fig in ("fp32_finetune", "layer_traces", "omega_validation", "pareto_frontier",
+                "bit_allocation", "accuracy_size", "ablation"):
+        png, pdf = root / "figures" / f"{fig}.png", root / "figures" / f"{fig}.pdf"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", fig
+        assert pdf.read_bytes()[:4] == b"%PDF", fig
+    for table in ("headline", "ablation", "omega_spearman", "layer_traces", "search_comparison"):
+        for ext in ("csv", "md", "tex"):
+            text = (root / "tables" / f"{table}.{ext}").read_text()
+            assert "synthetic" in text and "smoke" in text, (table, ext)
+    headline = pd.read_csv(root / "tables" / "headline.csv", comment="#")
+    assert len(headline) >= 4 and headline["top-1"].between(0, 100).all()
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["git_sha"] is None or len(manifest["git_sha"]) == 40
+    assert "torch" in manifest and set(manifest["steps"]) == set(pipeline.NOTEBOOKS)
+    assert "synthetic data" in (root / "README.md").read_text()
+
+
+def test_rerun_skips_unchanged_steps(smoke_run):
+    root, _ = smoke_run
+    steps = pipeline.run_pipeline("smoke", results_root=root.parent)
+    assert all(s["status"].startswith("skipped") for s in steps.values())
+
+
+def test_failing_notebook_names_its_executed_copy(tmp_path):
+    nbs = tmp_path / "notebooks"
+    shutil.copytree(ROOT / "notebooks", nbs)
+    nb = json.loads((nbs / "00_fp32_baseline.ipynb").read_text())
+    nb["cells"].append({"cell_type": "code", "metadata": {}, "execution_count": None,
+                        "outputs": [], "source": "raise RuntimeError('boom in cell')"})
+    (nbs / "00_fp32_baseline.ipynb").write_text(json.dumps(nb))
+    with pytest.raises(pipeline.PipelineError, match=r"00_fp32_baseline.ipynb failed.*"
+                       r"RuntimeError: boom in cell(.|\n)*executed copy.*00_fp32_baseline.ipynb"):
+        pipeline.run_pipeline("smoke", results_root=tmp_path / "r", notebooks_dir=nbs,
+                              only=["00_fp32_baseline"])
+
+
+def test_unknown_profile_and_notebook(tmp_path):
+    with pytest.raises(pipeline.PipelineError, match="unknown profile 'huge'"):
+        pipeline.run_pipeline("huge", results_root=tmp_path)
+    with pytest.raises(pipeline.PipelineError, match=r"unknown notebooks \['99_x'\]"):
+        pipeline.run_pipeline("smoke", results_root=tmp_path, only=["99_x"])
+
+
+def test_every_profile_sets_every_declared_parameter():
+    import papermill as pm
+
+    for profile in ("smoke", "quick", "paper"):
+        cfg = pipeline.load_params(profile)
+        for nb in pipeline.NOTEBOOKS:
+            declared = list(pm.inspect_notebook(str(ROOT / "notebooks" / f"{nb}.ipynb")))
+            pipeline.notebook_parameters(cfg, nb, declared, Path("r"), profile)  # raises if not

@@ -1,0 +1,276 @@
+"""Tests for hmqat.plotting (research/notebooks.md §6): every figure draws from small synthetic
+frames and saves as PNG + PDF atomically with stable bytes; greyscale cues and titles are present;
+bad input gives one clear error."""
+from __future__ import annotations
+
+import matplotlib as mpl
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+
+from hmqat import plotting as P
+from hmqat.plotting import PlotError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+LAYERS = ["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv1", "fc"]
+
+
+# --------------------------------------------------------------------------------------------
+# small synthetic inputs
+# --------------------------------------------------------------------------------------------
+def traces(values=(2.0, 0.5, 0.05, 1.0, 8.0)) -> pd.DataFrame:
+    df = pd.DataFrame({"avg_trace": values, "n_params": [432, 2304, 2304, 4608, 640]},
+                      index=pd.Index(LAYERS, name="layer"))
+    df["avg_trace_se"] = 0.2 * df["avg_trace"].abs()
+    df["kind"] = ["conv"] * 4 + ["linear"]
+    return df
+
+
+def omega_frame() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    om = rng.lognormal(size=12)
+    return pd.DataFrame({"variant": ["joint"] * 6 + ["random"] * 6, "omega": om,
+                         "loss_increase": om * rng.lognormal(0, 0.3, 12)})
+
+
+def frontier_frames():
+    rng = np.random.default_rng(1)
+    cand = pd.DataFrame({"size_mb": rng.uniform(0.03, 0.27, 200)})
+    cand["omega"] = np.exp(-10 * cand["size_mb"]) * rng.lognormal(0.5, 0.5, 200)
+    xs = np.linspace(0.03, 0.27, 8)
+    front = pd.DataFrame({"size_mb": xs, "omega": 0.5 * np.exp(-10 * xs)})
+    picks = front.iloc[[2, 5]].assign(label=["≥ 10×", "≥ 6×"])
+    uniform = pd.DataFrame({"size_mb": [0.035, 0.07, 0.27], "omega": [2.0, 0.3, 1e-3],
+                            "label": ["W2", "W4", "W8"]})
+    return cand, front, picks, uniform
+
+
+def bit_configs() -> dict[str, dict[str, int]]:
+    return {"W4": {l: 4 for l in LAYERS},
+            "mixed 10×": dict(zip(LAYERS, [8, 3, 2, 4, 8])),
+            "random": dict(zip(LAYERS, [8, 6, 2, 3, 8]))}
+
+
+def accuracy_frame() -> pd.DataFrame:
+    return pd.DataFrame({"size_mb": [0.03, 0.05, 0.08, 0.035, 0.07, 0.27],
+                         "top1": [85.0, 89.0, 90.5, 70.0, 89.5, 91.2],
+                         "kind": ["mixed"] * 3 + ["uniform"] * 3,
+                         "label": ["", "", "", "W2", "W4", "W8"],
+                         "compression": [36.0, 21.0, 13.0, 30.0, 15.0, 4.0]})
+
+
+def ablation_frame() -> pd.DataFrame:
+    return pd.DataFrame({"group": ["sensitivity"] * 5 + ["search"] * 2,
+                         "variant": ["joint", "trace", "random", "random", "random", "dp",
+                                     "greedy"],
+                         "top1": [90.5, 90.1, 87.0, 86.0, 88.0, 90.5, 90.2]})
+
+
+def histories() -> dict[str, list[dict]]:
+    return {name: [{"epoch": e + 1, "val_top1": 80 + e + i, "train_loss": 1.0 / (e + 1)}
+                   for e in range(4)] for i, name in enumerate(["W4", "mixed 10×"])}
+
+
+BUILDERS = {
+    "layer_traces": lambda: P.plot_layer_traces(traces(), subtitle="synthetic; smoke"),
+    "omega_validation": lambda: P.plot_omega_validation(omega_frame(), subtitle="s"),
+    "frontier": lambda: P.plot_frontier(*frontier_frames()[:3], uniform=frontier_frames()[3]),
+    "bit_heatmap": lambda: P.plot_bit_heatmap(bit_configs(), LAYERS, subtitle="s"),
+    "accuracy_size": lambda: P.plot_accuracy_size(accuracy_frame(), fp32_top1=91.5),
+    "ablation": lambda: P.plot_ablation(ablation_frame(), subtitle="s"),
+    "training_curves": lambda: P.plot_training_curves(histories(), ["val_top1", "train_loss"]),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# every figure draws and saves
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_every_plot_saves_png_and_pdf(tmp_path, name):
+    fig = BUILDERS[name]()
+    assert isinstance(fig, mpl.figure.Figure)
+    w, h = fig.get_size_inches()
+    assert 3.4 <= w <= 7.0 and 2.4 <= h <= 9.0
+    paths = P.savefig(fig, tmp_path / "figures" / name)
+    assert [p.name for p in paths] == [f"{name}.png", f"{name}.pdf"]
+    png, pdf = (p.read_bytes() for p in paths)
+    assert png.startswith(PNG_MAGIC) and len(png) > 1000
+    assert pdf.startswith(b"%PDF") and len(pdf) > 1000
+    assert not plt.fignum_exists(fig.number)                   # closed
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == sorted(
+        [f"{name}.png", f"{name}.pdf"])                        # no temporary files left
+
+
+def test_savefig_bytes_are_stable_across_reruns(tmp_path):
+    a = P.savefig(P.plot_accuracy_size(accuracy_frame(), fp32_top1=91.5), tmp_path / "a")
+    b = P.savefig(P.plot_accuracy_size(accuracy_frame(), fp32_top1=91.5), tmp_path / "b")
+    for pa, pb in zip(a, b):
+        assert pa.read_bytes() == pb.read_bytes(), pa.suffix
+    assert b"/CreationDate" not in a[1].read_bytes()
+    assert b"/FontFile2" in a[1].read_bytes()                  # TrueType (fonttype 42), not Type 3
+
+
+def test_savefig_rejects_unknown_format_before_writing(tmp_path):
+    fig = P.plot_bit_heatmap(bit_configs(), LAYERS)
+    with pytest.raises(PlotError, match="unsupported figure format.*'jpg'"):
+        P.savefig(fig, tmp_path / "x", formats=("png", "jpg"))
+    assert list(tmp_path.iterdir()) == []
+    assert plt.fignum_exists(fig.number)                       # still open: save it again
+    assert [p.name for p in P.savefig(fig, tmp_path / "x", formats=("svg",))] == ["x.svg"]
+    assert not plt.fignum_exists(fig.number)
+
+
+def test_use_style_restores_rcparams():
+    before = dict(mpl.rcParams)
+    with P.use_style():
+        assert mpl.rcParams["pdf.fonttype"] == 42
+        assert mpl.rcParams["figure.constrained_layout.use"] is True
+    assert mpl.rcParams["pdf.fonttype"] == before["pdf.fonttype"]
+    assert mpl.rcParams["axes.prop_cycle"] == before["axes.prop_cycle"]
+
+
+# --------------------------------------------------------------------------------------------
+# content of each figure
+# --------------------------------------------------------------------------------------------
+def test_layer_traces_log_scale_hatches_twin_axis_and_titles():
+    fig = P.plot_layer_traces(traces(), title="T", subtitle="CIFAR-10 (JPEG q75 mirror); quick")
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log" and fig.axes[1].get_yscale() == "log"    # twin n_params
+    assert [t.get_text() for t in ax.get_xticklabels()] == LAYERS
+    assert {b.get_hatch() or "" for b in ax.patches} == {"", "///"}          # conv vs linear
+    assert fig.get_suptitle() == "T\nCIFAR-10 (JPEG q75 mirror); quick"
+    plt.close(fig)
+
+
+def test_layer_traces_nonpositive_estimates_use_symlog_with_note():
+    fig = P.plot_layer_traces(traces((2.0, -0.1, 0.05, 1.0, 8.0)), n_params=False)
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "symlog"
+    assert "1 layer(s) have a trace estimate ≤ 0" in ax.get_legend().get_title().get_text()
+    plt.close(fig)
+
+
+def test_layer_traces_horizontal_above_30_layers():
+    big = pd.concat([traces()] * 7)
+    big.index = [f"l{i}" for i in range(len(big))]
+    fig = P.plot_layer_traces(big)
+    assert fig.axes[0].get_xscale() == "log"                                 # values on x
+    assert fig.axes[0].get_yticklabels()[0].get_text() == "l0"
+    plt.close(fig)
+
+
+def test_layer_traces_requires_columns():
+    with pytest.raises(PlotError, match=r"traces lacks column\(s\) \['avg_trace_se'\]"):
+        P.plot_layer_traces(traces().drop(columns="avg_trace_se"))
+
+
+def test_omega_validation_panel_titles_carry_rho():
+    fig = P.plot_omega_validation(omega_frame(), spearman={"joint": 0.91, "random": 0.12})
+    assert [ax.get_title() for ax in fig.axes] == ["joint: ρ = 0.91", "random: ρ = 0.12"]
+    assert fig.axes[0].get_xscale() == "log" and fig.axes[0].get_yscale() == "log"
+    plt.close(fig)
+    mono = pd.DataFrame({"variant": ["a"] * 4, "omega": [1, 2, 3, 4],
+                         "loss_increase": [0.1, 0.5, 0.7, 2.0]})
+    fig = P.plot_omega_validation(mono)                       # ρ computed with scipy
+    assert fig.axes[0].get_title() == "a: ρ = 1.00"
+    plt.close(fig)
+
+
+def test_omega_validation_needs_rho_for_every_variant():
+    with pytest.raises(PlotError, match=r"no ρ for variant\(s\) \['random'\]"):
+        P.plot_omega_validation(omega_frame(), spearman={"joint": 0.9})
+
+
+def test_frontier_layers_and_labels():
+    cand, front, picks, uniform = frontier_frames()
+    fig = P.plot_frontier(cand, front, picks, uniform=uniform)
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log" and ax.get_xscale() == "linear"         # span < 10×
+    texts = {t.get_text() for t in ax.texts}
+    assert {"W2", "W4", "W8", "≥ 10×", "≥ 6×"} <= texts
+    faint = ax.collections[0]
+    assert faint.get_alpha() == pytest.approx(0.15) and faint.get_rasterized()
+    dashed = [l for l in ax.lines if l.get_linestyle() == "--"]
+    assert sorted(l.get_xdata()[0] for l in dashed) == pytest.approx(sorted(picks["size_mb"]))
+    plt.close(fig)
+
+
+def test_frontier_requires_columns():
+    cand, front, _, _ = frontier_frames()
+    with pytest.raises(PlotError, match=r"candidates lacks column\(s\) \['omega'\]"):
+        P.plot_frontier(cand.drop(columns="omega"), front)
+
+
+def test_bit_heatmap_annotates_bits_in_network_order():
+    fig = P.plot_bit_heatmap(bit_configs(), LAYERS)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == LAYERS
+    annots = [int(t.get_text()) for t in ax.texts]
+    assert annots == [bit_configs()[c][l] for l in LAYERS for c in bit_configs()]
+    cbar_labels = [t.get_text() for t in ax.collections[0].colorbar.ax.get_yticklabels()]
+    assert cbar_labels == ["2", "3", "4", "6", "8"]                           # one colour per width
+    codes = np.asarray(ax.collections[0].get_array()).reshape(len(LAYERS), -1)
+    assert codes[:, 1].tolist() == [4, 1, 0, 2, 4]             # "mixed 10×": 8,3,2,4,8 -> index
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("configs,match", [
+    ({"a": dict(zip(LAYERS[:-1], [4] * 4))}, r"config 'a' does not match layers: missing \['fc'\]"),
+    ({"a": {**{l: 4 for l in LAYERS}, "extra": 4}}, r"unknown \['extra'\]"),
+    ({"a": {**{l: 4 for l in LAYERS}, "fc": 4.5}}, "layer 'fc' has bits 4.5; bits must be ints"),
+    ({}, "configs is empty"),
+])
+def test_bit_heatmap_rejects_bad_configs(configs, match):
+    with pytest.raises(PlotError, match=match):
+        P.plot_bit_heatmap(configs, LAYERS)
+
+
+def test_accuracy_size_fp32_line_uniform_labels_and_compression():
+    fig = P.plot_accuracy_size(accuracy_frame(), fp32_top1=91.5)
+    ax = fig.axes[0]
+    texts = {t.get_text() for t in ax.texts}
+    assert {"W2", "W4", "W8", "FP32 91.50", "36.0×", "13.0×"} <= texts
+    fp32 = [l for l in ax.lines if l.get_linestyle() == "--"]
+    assert len(fp32) == 1 and fp32[0].get_ydata()[0] == 91.5
+    assert [l.get_label() for l in ax.get_legend().get_lines()] == ["mixed"]
+    plt.close(fig)
+
+
+def test_ablation_hatches_and_seed_error_bars():
+    fig = P.plot_ablation(ablation_frame())
+    top, bottom = fig.axes
+    assert top.get_ylabel() == "sensitivity" and bottom.get_ylabel() == "search"
+    assert len({b.get_hatch() or "" for b in top.patches}) == 3             # one hatch per variant
+    assert any("87.00 ± 1.00 (n=3)" in t.get_text() for t in top.texts)      # mean ± SD of seeds
+    assert len(top.lines) >= 1                                               # the SD error bar
+    plt.close(fig)
+
+
+def test_ablation_without_groups_is_one_panel():
+    fig = P.plot_ablation(ablation_frame(), group_col=None, title=None)
+    assert len(fig.axes) == 1 and fig.get_suptitle() == ""
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [
+        "joint", "trace", "random", "dp", "greedy"]
+    plt.close(fig)
+
+
+def test_ablation_precomputed_err_needs_one_row_per_variant():
+    df = ablation_frame().assign(sd=0.5)
+    with pytest.raises(PlotError, match="err='sd' gives precomputed SDs"):
+        P.plot_ablation(df, err="sd")
+    fig = P.plot_ablation(df.drop_duplicates(["group", "variant"]), err="sd")
+    assert any("± 0.50" in t.get_text() for t in fig.axes[0].texts)
+    plt.close(fig)
+
+
+def test_training_curves_lines_per_config_and_missing_metric():
+    fig = P.plot_training_curves(histories(), "val_top1")
+    ax = fig.axes[0]
+    assert [l.get_label() for l in ax.lines] == ["W4", "mixed 10×"]
+    assert ax.lines[0].get_linestyle() != ax.lines[1].get_linestyle()        # greyscale-safe
+    assert ax.lines[0].get_marker() != ax.lines[1].get_marker()
+    assert list(ax.lines[1].get_ydata()) == [81, 82, 83, 84]
+    plt.close(fig)
+    with pytest.raises(PlotError, match="history 'W4' has no 'val_loss' values; its keys are"):
+        P.plot_training_curves(histories(), "val_loss")

@@ -1,0 +1,250 @@
+"""Tests for hmqat.reporting (DESIGN.md §6): atomic writes, JSON, data labels, tables, manifest,
+headline table."""
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hmqat import reporting
+from hmqat.reporting import (
+    HEADLINE_COLUMNS,
+    HEADLINE_FORMATS,
+    ReportingError,
+    atomic_write_json,
+    atomic_write_text,
+    describe_data,
+    format_numbers,
+    headline_table,
+    read_json,
+    read_table,
+    update_manifest,
+    write_table,
+)
+
+
+def _no_tmp(folder: Path) -> None:
+    leftovers = [p.name for p in folder.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+# --------------------------------------------------------------------------------------------
+# atomic files, JSON
+# --------------------------------------------------------------------------------------------
+def test_atomic_write_json_round_trips_numpy_torch_and_paths(tmp_path):
+    import torch
+
+    obj = {"b": np.float32(0.5), "a": np.int64(3), "arr": np.arange(3), "path": tmp_path / "x",
+           "t": torch.tensor(2.5), "tv": torch.tensor([1, 2]), "nested": {"z": [1, 2], "y": None},
+           "s": {3, 1}}
+    path = tmp_path / "deep" / "er" / "obj.json"
+    assert atomic_write_json(path, obj) == path
+    back = read_json(path)
+    assert back == {"a": 3, "arr": [0, 1, 2], "b": 0.5, "nested": {"y": None, "z": [1, 2]},
+                    "path": str(tmp_path / "x"), "s": [1, 3], "t": 2.5, "tv": [1, 2]}
+    text = path.read_text()
+    assert text.index('"a"') < text.index('"b"') and text.endswith("\n")   # sorted, indented
+    assert '\n  "a": 3' in text
+    _no_tmp(tmp_path)
+
+
+def test_atomic_write_json_rejects_unserialisable(tmp_path):
+    with pytest.raises(ReportingError, match="type object.*convert it"):
+        atomic_write_json(tmp_path / "bad.json", {"x": object()})
+    assert not (tmp_path / "bad.json").exists()
+    _no_tmp(tmp_path)
+
+
+def test_atomic_write_text_keeps_old_file_when_replace_fails(tmp_path, monkeypatch):
+    path = tmp_path / "a.txt"
+    atomic_write_text(path, "old")
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(reporting.os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(path, "new")
+    assert path.read_text() == "old"
+    _no_tmp(tmp_path)
+
+
+def test_atomic_write_text_honours_umask(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic = atomic_write_text(tmp_path / "atomic.txt", "x")
+    assert atomic.stat().st_mode == plain.stat().st_mode
+
+
+# --------------------------------------------------------------------------------------------
+# describe_data
+# --------------------------------------------------------------------------------------------
+def test_describe_data_finds_jpeg_provenance_up_to_two_parents(tmp_path):
+    root = tmp_path / "cifar10-jpeg"
+    (root / "cifar10" / "test").mkdir(parents=True)
+    (root / "PROVENANCE.md").write_text("# CIFAR-10\nre-encoded as baseline JPEG, quality 75\n")
+    for source in (root, root / "cifar10", root / "cifar10" / "test"):
+        assert describe_data("cifar10", str(source)) == "CIFAR-10 (JPEG q75 mirror)"
+    deeper = root / "cifar10" / "test" / "airplane"
+    deeper.mkdir()
+    assert describe_data("cifar10", str(deeper)) == f"cifar10 ({deeper})"   # three levels: no
+
+
+def test_describe_data_provenance_without_jpeg_falls_back(tmp_path):
+    (tmp_path / "PROVENANCE.md").write_text("PNG files")
+    assert describe_data("cifar10", str(tmp_path)) == f"cifar10 ({tmp_path})"
+
+
+@pytest.mark.parametrize("dataset,source,label", [
+    ("cifar10", "torchvision:/home/u/.cache/hmqat/cifar10", "CIFAR-10 (original, torchvision)"),
+    ("synthetic", "synthetic(n=512,seed=0)", "synthetic data (smoke test)"),
+    ("cifar10", "synthetic(n=64,seed=1)", "synthetic data (smoke test)"),
+    ("imagenet", "/data/imagenet/train", "ImageNet (ImageFolder)"),
+    ("cifar10", "/no/such/dir", "cifar10 (/no/such/dir)"),
+    ("svhn", "", "svhn"),
+])
+def test_describe_data_cases(dataset, source, label):
+    assert describe_data(dataset, source) == label
+
+
+# --------------------------------------------------------------------------------------------
+# tables
+# --------------------------------------------------------------------------------------------
+def _frame() -> pd.DataFrame:
+    return pd.DataFrame({"config": ["W8 (uniform)", "mixed_10x"], "bits": [8, 3],
+                         "top1": [91.2345, 90.5], "ms": [float("nan"), 12.25]})
+
+
+def test_write_table_writes_three_files_with_caption_data_and_profile(tmp_path):
+    df = _frame()
+    paths = write_table(df, tmp_path / "tables" / "headline", caption="Top-1 at 10% budget",
+                        data_label="CIFAR-10 (JPEG q75 mirror)", profile="quick")
+    assert set(paths) == {"csv", "md", "tex"}
+    assert [p.name for p in paths.values()] == ["headline.csv", "headline.md", "headline.tex"]
+    header = "Top-1 at 10% budget — data: CIFAR-10 (JPEG q75 mirror); profile: quick"
+    csv, md, tex = (p.read_text(encoding="utf-8") for p in paths.values())
+    assert csv.splitlines()[0] == f"# {header}"
+    assert md.splitlines()[0] == header
+    assert "| W8 (uniform) |" in md and "91.23" in md and "–" in md   # formatted, NaN as dash
+    assert re.search(r"\|\s+8\s+\|", md) and "8.00" not in md            # ints stay ints
+    assert (r"\caption{Top-1 at 10\% budget — data: CIFAR-10 (JPEG q75 mirror); profile: quick}"
+            in tex)
+    assert r"\label{tab:headline}" in tex and r"mixed\_10x" in tex and "91.23" in tex
+    pd.testing.assert_frame_equal(read_table(tmp_path / "tables" / "headline"), df)
+    pd.testing.assert_frame_equal(pd.read_csv(paths["csv"], comment="#"), df)
+    _no_tmp(tmp_path)
+
+
+def test_write_table_per_column_formats_and_named_index(tmp_path):
+    df = pd.DataFrame({"avg_trace": [1.23456, 0.5]}, index=pd.Index(["conv1", "fc"], name="layer"))
+    paths = write_table(df, tmp_path / "traces", caption="c", data_label="d", profile="smoke",
+                        float_format={"avg_trace": "{:.3e}"})
+    md = paths["md"].read_text(encoding="utf-8")
+    assert "1.235e+00" in md and "| layer" in md
+    back = read_table(paths["csv"])
+    assert list(back.columns) == ["layer", "avg_trace"]
+    assert back["avg_trace"].tolist() == [1.23456, 0.5]
+
+
+def test_format_numbers_is_the_one_formatter():
+    out = format_numbers(pd.DataFrame({"a": [1.0, float("nan")], "n": [3, 4], "s": ["x", None]}),
+                         {"n": "{:03d}"})
+    assert out.to_dict("list") == {"a": ["1.00", "–"], "n": ["003", "004"], "s": ["x", "–"]}
+    assert format_numbers(pd.DataFrame({"a": [2.0]}), lambda v: f"<{v:g}>")["a"][0] == "<2>"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"float_format": {"nope": "{:.1f}"}}, "names column.*'nope'"),
+    ({"float_format": "{:d}"}, "number format '\\{:d\\}' for column 'top1'"),
+    ({"caption": "two\nlines"}, "one line each"),
+])
+def test_write_table_rejects_bad_arguments(tmp_path, kwargs, match):
+    args = {"caption": "c", "data_label": "d", "profile": "p", **kwargs}
+    with pytest.raises(ReportingError, match=match):
+        write_table(_frame(), tmp_path / "t", **args)
+    _no_tmp(tmp_path)
+
+
+def test_write_table_rejects_hash_in_cells_and_columns(tmp_path):
+    with pytest.raises(ReportingError, match="column 'config' holds 'run #3'"):
+        write_table(pd.DataFrame({"config": ["run #3"]}), tmp_path / "t", caption="c",
+                    data_label="d", profile="p")
+    with pytest.raises(ReportingError, match="column name '# layers'"):
+        write_table(pd.DataFrame({"# layers": [3]}), tmp_path / "t", caption="c",
+                    data_label="d", profile="p")
+
+
+def test_read_table_missing_file_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no table at .*missing.csv"):
+        read_table(tmp_path / "missing")
+
+
+# --------------------------------------------------------------------------------------------
+# manifest
+# --------------------------------------------------------------------------------------------
+def test_update_manifest_creates_with_provenance_and_merges_steps(tmp_path):
+    path = tmp_path / "results" / "manifest.json"
+    update_manifest(path, "00_fp32_baseline", wall_s=12.5)
+    first = read_json(path)
+    assert {"git_sha", "python", "torch", "device", "time_utc"} <= set(first)
+    update_manifest(path, "01_sensitivity", wall_s=np.float64(3.0))
+    data = update_manifest(path, "00_fp32_baseline", top1=91.0)
+    assert data == read_json(path)
+    assert data["steps"] == {"00_fp32_baseline": {"wall_s": 12.5, "top1": 91.0},
+                             "01_sensitivity": {"wall_s": 3.0}}
+    assert data["git_sha"] == first["git_sha"] and data["time_utc"] == first["time_utc"]
+    _no_tmp(tmp_path)
+
+
+def test_update_manifest_rejects_bad_input(tmp_path):
+    path = tmp_path / "manifest.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(ReportingError, match="is not a manifest.*move it away"):
+        update_manifest(path, "x", wall_s=1.0)
+    with pytest.raises(ReportingError, match="non-empty step name"):
+        update_manifest(path, "", wall_s=1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# headline table
+# --------------------------------------------------------------------------------------------
+def _rows(search: bool = True) -> pd.DataFrame:
+    rows = pd.DataFrame({"config": ["W4", "FP32", "mixed 10x"], "avg_bits": [4.0, 32.0, 3.1],
+                         "size_mb": [0.035, 1.04, 0.027], "compression": [30.0, 1.0, 38.5],
+                         "bops": [2.6e9, 41.0e9, 2.0e9], "top1": [90.0, 92.0, 91.08]})
+    if search:
+        rows["search_ms"] = [float("nan"), float("nan"), 4.5]
+    return rows
+
+
+def test_headline_table_math_and_order():
+    out = headline_table(_rows(), fp32_top1=92.0)
+    assert list(out.columns) == HEADLINE_COLUMNS
+    assert out["config"].tolist() == ["FP32", "W4", "mixed 10x"]         # size descending
+    assert out["% of FP32"].tolist() == pytest.approx([100.0, 100 * 90 / 92, 99.0])
+    assert out["BOPs (G)"].tolist() == pytest.approx([41.0, 2.6, 2.0])
+    assert math.isnan(out["search ms"][0]) and out["search ms"][2] == 4.5
+    assert set(HEADLINE_FORMATS) <= set(out.columns)
+    assert headline_table(_rows(search=False), 92.0)["search ms"].isna().all()
+
+
+def test_headline_table_rejects_bad_input():
+    with pytest.raises(ReportingError, match=r"lack column\(s\) \['top1'\]"):
+        headline_table(_rows().drop(columns="top1"), 92.0)
+    with pytest.raises(ReportingError, match="fp32_top1 must be a positive accuracy.*nan"):
+        headline_table(_rows(), float("nan"))
+
+
+def test_headline_table_through_write_table(tmp_path):
+    out = headline_table(_rows(), fp32_top1=92.0)
+    paths = write_table(out, tmp_path / "headline", caption="Headline", data_label="synthetic",
+                        profile="smoke", float_format=HEADLINE_FORMATS)
+    assert "38.5×" in paths["md"].read_text(encoding="utf-8")
+    assert r"\% of FP32" in paths["tex"].read_text(encoding="utf-8")
+    pd.testing.assert_frame_equal(read_table(tmp_path / "headline"), out)
+    assert os.listdir(tmp_path) and all(not n.endswith(".tmp") for n in os.listdir(tmp_path))
