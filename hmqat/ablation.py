@@ -70,8 +70,8 @@ _SWITCHES = ("transitions", "osc_dampen", "osc_freeze", "distill")
 ALLOCATION_METHODS: tuple[str, ...] = ("uniform", "random", "greedy", "ilp")
 #: Columns of the tables, in order (the first eleven are the tidy core).
 COLUMNS = ["group", "variant", "seed", "top1", "loss", "size_mb", "compression", "bops",
-           "avg_bits", "wall_s", "recipe", "train_seed", "omega", "osc_frac", "frozen_frac",
-           "bit_config", "run_id"]
+           "avg_bits", "wall_s", "recipe", "train_seed", "omega", "search_ms", "osc_frac",
+           "frozen_frac", "bit_config", "run_id"]
 
 
 class AblationError(ValueError):
@@ -136,6 +136,7 @@ def train_run(fp32_model: nn.Module, bit_config: Mapping[str, int], recipe: Reci
     The record has top1/loss on ``val_loader``, size_mb/compression/bops/avg_bits from the
     trained model (HAWQ-V3 accounting, :mod:`hmqat.quant`), wall_s (Σ epoch times + the final
     evaluation), the per-epoch history, the oscillation log and the transition events.
+    The device is not part of the key: a result computed on CPU is reused on GPU and vice versa.
     """
     if not isinstance(recipe, Recipe):
         raise AblationError(f"recipe must be a hmqat.transitions.Recipe, got "
@@ -200,6 +201,7 @@ def _row(spec: RunSpec, rec: Mapping[str, Any]) -> dict[str, Any]:
             "compression": rec["compression"], "bops": rec["bops"], "avg_bits": rec["avg_bits"],
             "wall_s": rec["wall_s"], "recipe": spec.recipe.describe(),
             "train_seed": spec.train_seed, "omega": spec.omega,
+            "search_ms": spec.info.get("search_ms", float("nan")),
             "osc_frac": rec.get("osc_frac", float("nan")),
             "frozen_frac": rec.get("frozen_frac", float("nan")),
             "bit_config": json.dumps(spec.bit_config), "run_id": rec["run_id"]}
@@ -332,21 +334,6 @@ def allocation_specs(omegas: Mapping[str, pd.DataFrame], n_params: Mapping[str, 
     return specs
 
 
-def _accounting_defaults(fp32_model: nn.Module, n_params: Mapping[str, int], a_bits: int | None,
-                         policy: str, per_channel: bool) -> tuple[int, int]:
-    """(other_params, fp32_params) in hmqat.quant's convention: every parameter of the quantized
-    model that is not a quantized weight (biases, BN, steps), and the FP32 parameter count."""
-    config = quant.uniform_config(fp32_model, 8, policy=policy)
-    unknown = sorted(set(n_params) - set(config))
-    if unknown:
-        raise AblationError(f"n_params names layers {unknown[:4]} that the model does not have "
-                            f"as Conv2d/Linear; use models.quantizable_layers(fp32_model)")
-    qm = quant.quantize_model(fp32_model, config, a_bits=a_bits, policy=policy,
-                              per_channel=per_channel)
-    other = sum(p.numel() for p in qm.parameters()) - sum(int(v) for v in n_params.values())
-    return int(other), int(sum(p.numel() for p in fp32_model.parameters()))
-
-
 def transition_ablation(fp32_model: nn.Module, train_loader: Any, val_loader: Iterable,
                         cfg: train.TrainConfig, bit_config: Mapping[str, int], *,
                         run_dir: str | Path, base: Recipe | None = None,
@@ -362,7 +349,7 @@ def transition_ablation(fp32_model: nn.Module, train_loader: Any, val_loader: It
 
 def allocation_ablation(fp32_model: nn.Module, train_loader: Any, val_loader: Iterable,
                         cfg: train.TrainConfig, omegas: Mapping[str, pd.DataFrame],
-                        n_params: Mapping[str, int], *, run_dir: str | Path,
+                        n_params: Mapping[str, int] | None = None, *, run_dir: str | Path,
                         max_mb: float | None = None, min_compression: float | None = None,
                         primary: str | None = None, recipe: Recipe | None = None,
                         bits: Iterable[int] | None = None,
@@ -372,9 +359,10 @@ def allocation_ablation(fp32_model: nn.Module, train_loader: Any, val_loader: It
                         tied: Sequence[Sequence[str]] | None = None,
                         other_params: int | None = None, fp32_params: int | None = None,
                         **run_kw: Any) -> pd.DataFrame:
-    """Train the allocation group at equal size; see :func:`allocation_specs`. ``fixed``
-    defaults to the policy's first/last layers at 8 bits, ``other_params``/``fp32_params`` to
-    hmqat.quant's accounting of ``fp32_model`` (so planned and measured sizes agree)."""
+    """Train the allocation group at equal size; see :func:`allocation_specs`. ``n_params``,
+    ``fixed`` (the policy's first/last layers at 8 bits), ``other_params`` and ``fp32_params``
+    default to :func:`hmqat.search.model_inputs` of ``fp32_model`` (so planned and measured
+    sizes agree)."""
     specs = _allocation_specs_for(fp32_model, omegas, n_params, cfg, max_mb=max_mb,
                                   min_compression=min_compression, primary=primary, recipe=recipe,
                                   bits=bits, random_seeds=random_seeds, methods=methods,
@@ -386,14 +374,18 @@ def allocation_ablation(fp32_model: nn.Module, train_loader: Any, val_loader: It
 def _allocation_specs_for(fp32_model, omegas, n_params, cfg, *, max_mb, min_compression, primary,
                           recipe, bits, random_seeds, methods, fixed, tied, other_params,
                           fp32_params, run_kw) -> list[RunSpec]:
-    policy = run_kw.get("policy", "first_last_8")
-    if other_params is None or fp32_params is None:
-        o, f = _accounting_defaults(fp32_model, n_params, run_kw.get("a_bits", 4), policy,
-                                    run_kw.get("per_channel", True))
-        other_params = o if other_params is None else other_params
-        fp32_params = f if fp32_params is None else fp32_params
-    if fixed is None:
-        fixed = quant.fixed_layers(fp32_model, policy)
+    acct = search.model_inputs(fp32_model, a_bits=run_kw.get("a_bits", 4),
+                               policy=run_kw.get("policy", "first_last_8"),
+                               per_channel=run_kw.get("per_channel", True),
+                               input_size=run_kw.get("input_size", (1, 3, 32, 32)))
+    n_params = acct["n_params"] if n_params is None else n_params
+    unknown = sorted(set(n_params) - set(acct["n_params"]))
+    if unknown:
+        raise AblationError(f"n_params names layers {unknown[:4]} that the model does not have "
+                            f"as Conv2d/Linear; use search.model_inputs(fp32_model)['n_params']")
+    other_params = acct["other_params"] if other_params is None else other_params
+    fp32_params = acct["fp32_params"] if fp32_params is None else fp32_params
+    fixed = acct["fixed"] if fixed is None else fixed
     return allocation_specs(omegas, n_params, max_mb=max_mb, min_compression=min_compression,
                             primary=primary, recipe=recipe, bits=bits, random_seeds=random_seeds,
                             methods=methods, fixed=fixed, tied=tied, other_params=other_params,
@@ -402,7 +394,7 @@ def _allocation_specs_for(fp32_model, omegas, n_params, cfg, *, max_mb, min_comp
 
 def run_ablations(fp32_model: nn.Module, train_loader: Any, val_loader: Iterable,
                   cfg: train.TrainConfig, omegas: Mapping[str, pd.DataFrame],
-                  n_params: Mapping[str, int], *, run_dir: str | Path,
+                  n_params: Mapping[str, int] | None = None, *, run_dir: str | Path,
                   max_mb: float | None = None, min_compression: float | None = None,
                   primary: str | None = None, base: Recipe | None = None,
                   recipe: Recipe | None = None, variants: Sequence[str] | None = None,

@@ -28,7 +28,8 @@ The JSON holds ``format``, ``version``, ``arch`` (for hmqat.models.create_model,
 * ``raw`` — every other state_dict entry (LSQ steps, biases, BN affine and running statistics,
   num_batches_tracked) as its bytes in C order; field ``dtype`` (e.g. "torch.float32").
 
-The ``initialized`` flags of the quantizers are not stored: saving requires them all True.
+The quantizers' ``initialized`` flags and ``bit_width`` buffers are not stored as sections (saving
+requires every quantizer initialised; the bits are in ``layers``).
 Payload = Σ ceil(n_i·b_i/8) + 4·(other parameters) + BN running statistics, i.e. the
 HAWQ-V3 size (which counts parameters only) plus the BN buffers plus < 1 byte per layer.
 """
@@ -136,7 +137,7 @@ def save_packed(qmodel: nn.Module, path: str | os.PathLike, *, arch: str | None 
                              "a_signed": False if aq is None else aq.signed,
                              "init": wq.init_method}
     for key, t in state.items():
-        if key in weight_keys or key.endswith(".initialized"):
+        if key in weight_keys or key.endswith((".initialized", ".bit_width")):
             continue
         add({"name": key, "codec": "raw", "dtype": str(t.dtype), "shape": list(t.shape)},
             _tensor_bytes(t))
@@ -224,6 +225,11 @@ def load_packed(path: str | os.PathLike,
                              "the architecture the file was saved from")
         specs[name] = LayerSpec(spec["w_bits"], spec["a_bits"], spec["a_signed"],
                                 spec["per_channel"], spec["init"])
+    extra = [n for n, m in names.items() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in specs]
+    if extra:
+        raise ValueError(f"load_packed: layer {extra[0]!r} of {type(tmpl).__name__} is not in the "
+                         f"file ({len(extra)} such layers); pass the architecture the file was "
+                         "saved from")
     qmodel = _build_quantized(tmpl, specs)
     layers = quant.quantized_layers(qmodel)
     state: dict[str, torch.Tensor] = {}
@@ -246,7 +252,7 @@ def load_packed(path: str | os.PathLike,
         w = torch.from_numpy(codes).to(step.dtype).reshape(sec["shape"])
         state[sec["name"]] = w * quant._step_view(step, w, layer.weight_quantizer.per_channel)
     missing, unexpected = qmodel.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith(".initialized")]
+    missing = [k for k in missing if not k.endswith((".initialized", ".bit_width"))]
     if missing or unexpected:
         raise ValueError(f"load_packed: the file does not fit {type(tmpl).__name__}: missing "
                          f"{missing[:5]}, unexpected {unexpected[:5]}")

@@ -778,3 +778,52 @@ def uniform_select(omega, n_params, bits=None, *, max_mb=None, min_compression=N
     low = np.zeros(len(p.units), dtype=np.int64)
     a = _allocation(p, _unit_choice_bits(p, low), "min")
     raise InfeasibleBudgetError(_smallest_msg(kind, value, a.size_mb, a.compression, a.bops))
+
+
+# --------------------------------------------------------------------------------------------
+# From a model to the search's inputs (the accounting of hmqat.quant, DESIGN.md §2)
+# --------------------------------------------------------------------------------------------
+def model_inputs(model: Any, *, a_bits: int | None = 4, policy: str = "first_last_8",
+                 per_channel: bool = True, input_size: tuple[int, ...] = (1, 3, 32, 32)
+                 ) -> dict[str, Any]:
+    """``n_params``, ``macs``, ``a_bits`` (per layer), ``fixed``, ``other_params`` and
+    ``fp32_params`` of an FP32 ``model``, consistent with :func:`hmqat.quant.model_size_mb`.
+
+    other_params = every parameter that is not a quantized weight (biases, BN affine) plus the
+    step sizes QAT adds (out_channels per layer when ``per_channel``, one per activation
+    quantizer when ``a_bits`` is set).
+    """
+    from .models import quantizable_layers
+    from .quant import act_bits_config, fixed_layers
+
+    layers = quantizable_layers(model, input_size)
+    total = sum(p.numel() for p in model.parameters())
+    n_weights = sum(l.n_params for l in layers)
+    steps = sum(l.weight_shape[0] if per_channel else 1 for l in layers)
+    steps += len(layers) if a_bits is not None else 0
+    abits = act_bits_config(model, a_bits, policy) if a_bits is not None else None
+    return {
+        "n_params": {l.name: l.n_params for l in layers},
+        "macs": {l.name: l.macs for l in layers},
+        "a_bits": {k: (v or 32) for k, v in abits.items()} if abits else 32,
+        "fixed": fixed_layers(model, policy),
+        "other_params": total - n_weights + steps,
+        "fp32_params": total,
+    }
+
+
+def model_frontier(model: Any, omega: pd.DataFrame, bits: Iterable[int] | None = None, *,
+                   a_bits: int | None = 4, policy: str = "first_last_8", cost: str = "size",
+                   tied: Sequence[Sequence[str]] | None = None,
+                   input_size: tuple[int, ...] = (1, 3, 32, 32)) -> Frontier:
+    """:func:`pareto_frontier` for ``model``'s layers, with its accounting and fixed layers."""
+    inp = model_inputs(model, a_bits=a_bits, policy=policy, input_size=input_size)
+    return pareto_frontier(omega, inp["n_params"], bits, cost=cost, macs=inp["macs"],
+                           a_bits=inp["a_bits"], fixed=inp["fixed"], tied=tied,
+                           other_params=inp["other_params"], fp32_params=inp["fp32_params"])
+
+
+def average_bits(config: Mapping[str, int], n_params: Mapping[str, int]) -> float:
+    """Weight-count-weighted mean bit width, Σ n_i·b_i / Σ n_i."""
+    _check_names("config", config.keys(), list(n_params))
+    return sum(n_params[k] * int(b) for k, b in config.items()) / sum(n_params[k] for k in config)

@@ -75,6 +75,8 @@ STAGE_UNITS: tuple[str, ...] = ("fraction", "epoch")
 REINIT: tuple[str, ...] = ("range", "mse", "lsq")
 DEFAULT_STAGES: tuple[tuple[float, int | str], ...] = ((0.0, "fp32"), (0.1, 8), (0.3, "target"))
 _MIN_STEP = 1e-8   # hmqat.quant clamps the step to this in its forward and int_repr
+_REUSED = ("{name} already ran a training from step 0; callbacks hold run state, so build new "
+           "ones for every run (transitions.make_callbacks(recipe))")
 
 
 class RecipeError(ValueError):
@@ -314,6 +316,8 @@ class PrecisionTransition(Callback):
         if not qs:
             raise RecipeError("PrecisionTransition needs a quantized model (QConv2d/QLinear); "
                               "use it through hmqat.train.qat or after hmqat.quant.quantize_model")
+        if state.step == 0 and self.applied >= 0:
+            raise RecipeError(_REUSED.format(name="PrecisionTransition"))
         if not self.targets:
             self.targets = {k: q.bits for k, (q, _) in qs.items()}
         elif set(self.targets) != set(qs):
@@ -607,6 +611,8 @@ class OscillationTracker(Callback):
         if not layers:
             raise RecipeError("OscillationTracker needs a quantized model (QConv2d/QLinear); use "
                               "it through hmqat.train.qat")
+        if state.step == 0 and self.log:
+            raise RecipeError(_REUSED.format(name="OscillationTracker"))
         dev = next(state.model.parameters()).device
         for name, tr in list(self.tracks.items()):
             if name not in layers:

@@ -46,8 +46,8 @@ study = Study(results_dir, profile=profile, arch=arch, dataset=dataset, seed=see
 model = study.fp32_model()
 omega = pd.read_csv(study.path("data", "omega_joint.csv"), index_col=0)
 omega.columns = [int(c) for c in omega.columns]
-acct = quant.search_inputs(model, a_bits=a_bits, policy=policy)   # n_params, macs, a_bits, ...
-fixed = quant.fixed_layers(model, policy)
+acct = search.model_inputs(model, a_bits=a_bits, policy=policy)  # n_params, MACs, fixed layers...
+fixed = acct["fixed"]
 kw = dict(macs=acct["macs"], a_bits=acct["a_bits"], fixed=fixed,
           other_params=acct["other_params"], fp32_params=acct["fp32_params"])
 

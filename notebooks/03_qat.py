@@ -43,7 +43,7 @@ import time
 
 import pandas as pd
 
-from hmqat import export, plotting, quant, reporting, train, transitions
+from hmqat import export, plotting, quant, reporting, search, train, transitions
 from hmqat.pipeline import Study
 
 study = Study(results_dir, profile=profile, arch=arch, dataset=dataset, seed=seed, device=device,
@@ -51,7 +51,8 @@ study = Study(results_dir, profile=profile, arch=arch, dataset=dataset, seed=see
 fp32 = study.fp32_model()
 fp32_info = study.load_json("fp32.json")
 picks = study.load_json("configs.json")
-the_recipe = transitions.Recipe(**recipe)
+the_recipe = transitions.Recipe.from_dict(recipe)
+n_params = search.model_inputs(fp32)["n_params"]
 print(study.subtitle(), "| recipe:", the_recipe)
 
 # %% [markdown]
@@ -79,7 +80,7 @@ def run_one(label, config, a, kind):
     ev = train.evaluate(qmodel, study.test_loader())
     row = {"label": label, "kind": kind, "a_bits": a, "top1": ev["top1"], "loss": ev["loss"],
            "size_mb": quant.model_size_mb(qmodel), "compression": quant.compression_ratio(qmodel),
-           "bops": quant.bops(qmodel), "avg_bits": quant.average_bits(qmodel),
+           "bops": quant.bops(qmodel), "avg_bits": search.average_bits(config, n_params),
            "search_ms": picks.get(label, {}).get("search_ms", float("nan")),
            "wall_s": time.perf_counter() - t0, "slug": slug, "history": hist, "config": config}
     return qmodel, row

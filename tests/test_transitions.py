@@ -392,6 +392,16 @@ def test_distill_without_teacher_is_an_error():
         make_callbacks(Recipe(distill=True))
 
 
+def test_reusing_callbacks_for_a_new_run_is_an_error():
+    pt = PrecisionTransition([(0, 8), (0.5, "target")])
+    tracker = OscillationTracker()
+    _qat([pt, tracker], steps=2)
+    with pytest.raises(RecipeError, match="PrecisionTransition already ran a training"):
+        _qat([pt], steps=2)
+    with pytest.raises(RecipeError, match="OscillationTracker already ran a training"):
+        _qat([tracker], steps=2)
+
+
 def test_callbacks_refuse_an_fp32_model():
     model = _fp32()
     cfg = train.TrainConfig(epochs=1, max_steps_per_epoch=1)

@@ -1,0 +1,128 @@
+"""Tests for hmqat.export: bit packing, exact round trip, file size, integrity errors.
+
+Run: .venv/bin/python -m pytest -q tests/test_export.py
+"""
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from hmqat import export, quant
+from hmqat.models import create_model
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("signed", [True, False])
+def test_pack_unpack_roundtrip(bits: int, signed: bool) -> None:
+    qn, qp = quant.weight_qrange(bits) if signed else quant.act_qrange(bits)
+    rng = np.random.default_rng(bits)
+    codes = np.concatenate([[qn, qp, 0], rng.integers(qn, qp + 1, size=997)])
+    buf = export.pack_codes(codes, bits, qn)
+    assert len(buf) == math.ceil(codes.size * bits / 8)
+    assert np.array_equal(export.unpack_codes(buf, codes.size, bits, qn), codes)
+
+
+def test_pack_layout_is_lsb_first_offset_codes() -> None:
+    # 2-bit signed codes -2, -1, 0, 1 -> offsets 0, 1, 2, 3 -> bits 00 10 01 11 (LSB first)
+    assert export.pack_codes(np.array([-2, -1, 0, 1]), 2, -2) == bytes([0b11100100])
+    with pytest.raises(ValueError, match=r"codes outside \[-2, 1\] for 2 bits"):
+        export.pack_codes(np.array([2]), 2, -2)
+
+
+def _mixed_model() -> tuple[nn.Module, nn.Module, dict[str, int]]:
+    torch.manual_seed(0)
+    fp = create_model("resnet20")
+    names = list(quant.uniform_config(fp, 8))
+    cfg = {n: quant.SUPPORTED_BITS[i % 7] for i, n in enumerate(names)}
+    cfg.update(quant.fixed_layers(fp))
+    qm = quant.quantize_model(fp, cfg, a_bits=4)
+    quant.calibrate_activations(qm, [torch.randn(16, 3, 32, 32)])
+    # a few QAT steps so weights/steps/BN statistics are no longer at their initial values
+    qm.train()
+    opt = torch.optim.SGD(qm.parameters(), lr=0.05)
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(qm(torch.randn(16, 3, 32, 32)), torch.randint(0, 10, (16,))).backward()
+        opt.step()
+    return fp, qm.eval(), cfg
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    return _mixed_model()
+
+
+def test_roundtrip_outputs_exact_and_size(mixed, tmp_path) -> None:
+    fp, qm, cfg = mixed
+    path = tmp_path / "r20.hmq"
+    meta = export.save_packed(qm, path, arch="resnet20")
+    x = torch.randn(32, 3, 32, 32)
+    with torch.no_grad():
+        ref = qm(x)
+        for source in (None, fp, lambda: create_model("resnet20")):
+            loaded = export.load_packed(path, source)
+            assert not loaded.training
+            assert quant.bit_config_of(loaded) == cfg
+            assert torch.equal(loaded(x), ref)
+    # file size: header + JSON + HAWQ-V3 size (within 2 %) + BN running statistics
+    size_bytes = quant.model_size_mb(qm) * 2 ** 20
+    bn_buffers = sum(b.numel() * b.element_size() for n, b in qm.named_buffers()
+                     if n.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    file_bytes = path.stat().st_size
+    assert file_bytes == meta["file_bytes"] == export.HEADER_BYTES + meta["json_bytes"] + meta["payload_bytes"]
+    assert export.HEADER_BYTES <= 4096
+    assert abs(meta["payload_bytes"] - bn_buffers - size_bytes) <= 0.02 * size_bytes
+    # packing overhead is < 1 byte per layer
+    assert 0 <= meta["payload_bytes"] - bn_buffers - size_bytes < len(cfg)
+    assert export.read_metadata(path)["layers"]["layer1.0.conv1"]["w_bits"] == cfg["layer1.0.conv1"]
+
+
+def test_corrupt_and_truncated_files(mixed, tmp_path) -> None:
+    _, qm, _ = mixed
+    path = tmp_path / "m.hmq"
+    export.save_packed(qm, path, arch="resnet20")
+    blob = path.read_bytes()
+
+    bad = tmp_path / "bad.hmq"
+    flipped = bytearray(blob)
+    flipped[-100] ^= 0xFF
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(export.PackedFormatError, match=r"checksum mismatch: the file is corrupt"):
+        export.load_packed(bad)
+    bad.write_bytes(blob[:-10])
+    with pytest.raises(export.PackedFormatError, match=r"truncated: header says \d+ bytes"):
+        export.load_packed(bad)
+    bad.write_bytes(blob[:20])
+    with pytest.raises(export.PackedFormatError, match=r"truncated: 20 bytes, shorter than"):
+        export.load_packed(bad)
+    bad.write_bytes(b"PK\x03\x04" + blob[4:])
+    with pytest.raises(export.PackedFormatError, match=r"bad magic .* not an hmqat packed"):
+        export.load_packed(bad)
+    bad.write_bytes(blob[:8] + struct.pack("<I", 99) + blob[12:])
+    with pytest.raises(export.PackedFormatError, match=r"format version 99 is not supported"):
+        export.load_packed(bad)
+
+
+def test_save_and_load_errors(mixed, tmp_path) -> None:
+    fp, qm, _ = mixed
+    with pytest.raises(ValueError, match=r"no QConv2d/QLinear layers"):
+        export.save_packed(fp, tmp_path / "x.hmq")
+    fresh = quant.quantize_model(fp, quant.uniform_config(fp, 4), a_bits=4)
+    with pytest.raises(ValueError, match=r"conv1.act_quantizer is not initialised"):
+        export.save_packed(fresh, tmp_path / "x.hmq")
+    path = tmp_path / "noarch.hmq"
+    export.save_packed(qm, path)
+    with pytest.raises(ValueError, match=r"records no arch; pass the FP32 model"):
+        export.load_packed(path)
+    with pytest.raises(ValueError, match=r"layer 'linear' \(weight \[10, 64\]\) is missing "
+                                         r"from or has another shape"):
+        export.load_packed(path, create_model("resnet20", num_classes=100))
+    with pytest.raises(ValueError, match=r"layer 'layer1.3.conv1' of CifarResNet is not in the file"):
+        export.load_packed(path, create_model("resnet32"))
+    with pytest.raises(ValueError, match=r"not a quantized one"):
+        export.load_packed(path, qm)
