@@ -1,23 +1,28 @@
 """QAT train-step cost vs FP32 (issue 3): ResNet-20, batch 128, CPU, one process, interleaved.
 
-    .venv/bin/python benchmarks/qat_step.py                      # FP32 vs hmqat eager/compile
-    .venv/bin/python benchmarks/qat_step.py --baselines --reps 30  # + naive LSQ, torch fused ops
+    .venv/bin/python benchmarks/qat_step.py            # the recorded run (make bench), ~2-4 min
+    .venv/bin/python benchmarks/qat_step.py --threads 0,2 --reps 30
+    .venv/bin/python benchmarks/qat_step.py --layouts nchw --no-baselines --out ''
 
 One "step" is forward + cross-entropy + backward + SGD(momentum) step on a fixed random batch.
 Every variant has its own model copy and optimizer; each repetition runs one step of every
 variant in a rotated order, so machine load (shared CPUs) hits all variants alike. Reported:
 median step time per variant, the ratio of medians, and the median of per-repetition ratios
-(QAT step / FP32 step of the same repetition). Variants:
+(QAT step / FP32 step of the same repetition), for wall time and for process CPU time (with
+one thread the CPU time is barely affected by other processes on shared cores). Variants:
 
 * ``fp32``           plain ResNet-20
 * ``hmqat-eager``    hmqat.quant, eager kernels (default backend)
 * ``hmqat-compile``  hmqat.quant, torch.compile-fused kernels (``set_backend("compile")``)
-* ``naive-lsq``      (--baselines) the textbook LSQ expression with detach-STE and grad scale
-* ``torch-fused``    (--baselines) torch._fake_quantize_learnable_per_{tensor,channel}_affine
+* ``naive-lsq``      the textbook LSQ expression with detach-STE and grad scale
+* ``torch-fused``    torch._fake_quantize_learnable_per_{tensor,channel}_affine
 
 QAT variants use mixed 2-8-bit weights (cycling 2,3,...,8 over the layers; first conv and last
-linear at 8, policy first_last_8) and 4-bit activations. Writes a text table (atomically) to
-results/bench/qat_step.txt unless --out '' is given.
+linear at 8, policy first_last_8) and 4-bit activations. Every variant runs in each requested
+memory layout (default NCHW and channels_last/NHWC), compared with FP32 in the same layout.
+``--threads 0,2`` repeats the whole measurement at each thread count (0 = the process
+default, i.e. OMP_NUM_THREADS). Writes the tables (atomically) to results/bench/qat_step.txt
+unless --out '' is given.
 """
 from __future__ import annotations
 
@@ -32,12 +37,12 @@ import types
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hmqat import quant  # noqa: E402
-from hmqat.models import create_model  # noqa: E402
+from hmqat import quant
+from hmqat.models import create_model
 
 
 def mixed_config(model: nn.Module) -> dict[str, int]:
@@ -123,64 +128,101 @@ def check_backends_agree(x: torch.Tensor) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--baselines", action="store_true", help="add naive-lsq and torch-fused")
+    ap.add_argument("--no-baselines", dest="baselines", action="store_false",
+                    help="skip the naive-lsq and torch-fused variants")
     ap.add_argument("--no-compile", action="store_true", help="skip the compile backend")
+    ap.add_argument("--layouts", default="nchw,nhwc",
+                    help="memory formats to run, comma-separated: nchw (contiguous), nhwc "
+                         "(channels_last); ratios are against fp32 in the same layout")
+    ap.add_argument("--threads", default="0",
+                    help="comma-separated torch.set_num_threads values, one full interleaved "
+                         "measurement each (0: the process default)")
     ap.add_argument("--out", default="results/bench/qat_step.txt")
     args = ap.parse_args(argv)
 
+    default_threads = torch.get_num_threads()
+    texts = []
+    for th in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(th or default_threads)
+        texts.append(measure(args, argv))
+    text = "\n".join(texts)
+    if args.out:
+        quant._atomic_write_bytes(args.out, text.encode())
+    return text
+
+
+def measure(args: argparse.Namespace, argv: list[str] | None) -> str:
+    """One full interleaved measurement at the current thread count; returns the table."""
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch,))
-    names = ["fp32", "hmqat-eager"] + ([] if args.no_compile else ["hmqat-compile"])
+    base_names = ["fp32", "hmqat-eager"] + ([] if args.no_compile else ["hmqat-compile"])
     if args.baselines:
-        names += ["naive-lsq", "torch-fused"]
+        base_names += ["naive-lsq", "torch-fused"]
+    layouts = [lay.strip() for lay in args.layouts.split(",") if lay.strip()]
+    if not layouts or set(layouts) - {"nchw", "nhwc"}:
+        raise SystemExit(f"--layouts {args.layouts!r}: use nchw, nhwc or nchw,nhwc")
     agree = "" if args.no_compile else check_backends_agree(x[:32])
-    variants = build_variants(names, x)
+    variants, inputs = {}, {}
+    for lay in layouts:
+        fmt = torch.channels_last if lay == "nhwc" else torch.contiguous_format
+        inputs[lay] = x.contiguous(memory_format=fmt)
+        for n, v in build_variants(base_names, x).items():
+            v["model"].to(memory_format=fmt)
+            variants[f"{n}/{lay}"] = {**v, "layout": lay}
+    names = list(variants)
     t0 = time.perf_counter()
     for _ in range(args.warmup):  # includes compilation for hmqat-compile
         for n in names:
-            train_step(variants[n], x, y)
+            train_step(variants[n], inputs[variants[n]["layout"]], y)
     warm_s = time.perf_counter() - t0
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.reps):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
-            w, c = train_step(variants[n], x, y)
+            w, c = train_step(variants[n], inputs[variants[n]["layout"]], y)
             wall[n].append(w)
             cpu[n].append(c)
     quant.set_backend("eager")
-    lines = [
+    header = (
         f"# QAT step vs FP32: ResNet-20, batch {args.batch}, CPU, {args.reps} interleaved reps "
-        f"(median), {args.warmup} warm-up reps ({warm_s:.1f} s incl. compile)",
-        f"# command: .venv/bin/python benchmarks/qat_step.py {' '.join(argv or sys.argv[1:])}".rstrip(),
-        f"# torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"load avg at end {os.getloadavg()[0]:.1f}; date {time.strftime('%Y-%m-%d %H:%M')}",
-        "# weights: mixed 2-8 bit (first/last 8), per-channel LSQ; activations 4 bit per-tensor",
-    ]
+        f"(median), {args.warmup} warm-up reps ({warm_s:.1f} s incl. compile)"
+    )
+    machine = (
+        f"# torch {torch.__version__}, threads {torch.get_num_threads()} (OMP_NUM_THREADS="
+        f"{os.environ.get('OMP_NUM_THREADS', 'unset')}), {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, load avg at end {os.getloadavg()[0]:.1f}; "
+        f"date {time.strftime('%Y-%m-%d %H:%M')}"
+    )
+    command = f"# command: .venv/bin/python benchmarks/qat_step.py {' '.join(argv or sys.argv[1:])}"
+    lines = [header, command.rstrip(), machine,
+             "# weights: mixed 2-8 bit (first/last 8), per-channel LSQ; activations 4 bit per-tensor"]
     if agree:
         lines.append(f"# {agree}")
-    lines.append("# wall = perf_counter per step; cpu = process CPU time per step (less sensitive "
-                 "to other processes on shared cores when single-threaded)")
-    lines.append(f"{'variant':<15} {'wall_ms':>8} {'wall_ratio':>10} {'wall_paired':>11} "
-                 f"{'cpu_ms':>8} {'cpu_ratio':>9} {'cpu_paired':>10}")
+    lines += [
+        ("# wall = perf_counter per step; cpu = process CPU time per step (less sensitive to "
+         "other processes on the shared cores when single-threaded)"),
+        ("# ratio = median / median of fp32 in the same layout; paired = median over reps "
+         "of (step / fp32 step of the same rep)"),
+        (f"{'variant':<20} {'wall_ms':>8} {'wall_ratio':>10} {'wall_paired':>11} "
+         f"{'cpu_ms':>8} {'cpu_ratio':>9} {'cpu_paired':>10}"),
+    ]
     for n in names:
+        ref_name = f"fp32/{variants[n]['layout']}"
         cols = []
         for t in (wall, cpu):
-            med, ref = statistics.median(t[n]), statistics.median(t["fp32"])
-            paired = statistics.median(a / b for a, b in zip(t[n], t["fp32"]))
+            med, ref = statistics.median(t[n]), statistics.median(t[ref_name])
+            paired = statistics.median(a / b for a, b in zip(t[n], t[ref_name]))
             cols.append((med * 1e3, med / ref, paired))
         (wm, wr, wp), (cm, cr, cp) = cols
-        lines.append(f"{n:<15} {wm:>8.1f} {wr:>10.3f} {wp:>11.3f} {cm:>8.1f} {cr:>9.3f} "
+        lines.append(f"{n:<20} {wm:>8.1f} {wr:>10.3f} {wp:>11.3f} {cm:>8.1f} {cr:>9.3f} "
                      f"{cp:>10.3f}")
     text = "\n".join(lines) + "\n"
-    print(text, end="")
-    if args.out:
-        quant._atomic_write_bytes(args.out, text.encode())
+    print(text, end="", flush=True)
     return text
 
 

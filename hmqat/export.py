@@ -16,7 +16,8 @@ File format (version 1, all integers little-endian)::
     56      J     JSON metadata (UTF-8)
     56+J    P     payload: the raw sections, back to back, at the offsets the JSON gives
 
-The JSON holds ``format``, ``version``, ``arch`` (for hmqat.models.create_model, may be null),
+The JSON holds ``format``, ``version``, ``arch`` and ``num_classes`` (for
+hmqat.models.create_model; inferred for its ResNets, else the ``arch`` argument or null),
 ``model_class``, ``torch``, ``model_size_mb`` (HAWQ-V3, hmqat.quant.model_size_mb),
 ``layers`` ({name: {kind, w_bits, per_channel, weight_shape, a_bits, a_signed, init}}) and
 ``sections`` (list of {name, codec, shape, offset, nbytes, ...}) with two codecs:
@@ -39,18 +40,29 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from . import quant
 from .quant import LayerSpec, _atomic_write_bytes, _build_quantized
 
-__all__ = ["MAGIC", "VERSION", "HEADER_BYTES", "PackedFormatError", "pack_codes", "unpack_codes",
-           "save_packed", "load_packed", "read_metadata"]
+__all__ = [
+    "HEADER_BYTES",
+    "MAGIC",
+    "VERSION",
+    "PackedFormatError",
+    "infer_arch",
+    "load_packed",
+    "pack_codes",
+    "read_metadata",
+    "save_packed",
+    "unpack_codes",
+]
 
 MAGIC = b"HMQATPK\x00"
 VERSION = 1
@@ -95,11 +107,36 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+def infer_arch(model: nn.Module) -> tuple[str, int] | None:
+    """(arch, num_classes) for hmqat.models.create_model if ``model`` is one of its families
+    (CIFAR ResNet-20/32/44/56, torchvision ResNet-18/50), else None."""
+    from .models import CIFAR_RESNET_DEPTHS, CifarResNet
+
+    if isinstance(model, CifarResNet):
+        depth = 6 * len(model.layer1) + 2
+        if depth in CIFAR_RESNET_DEPTHS and len(model.layer2) == len(model.layer3) == len(model.layer1):
+            return f"resnet{depth}", model.linear.out_features
+        return None
+    try:
+        from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return None
+    if type(model) is ResNet:
+        blocks = tuple(len(getattr(model, f"layer{i}")) for i in range(1, 5))
+        kind = type(model.layer1[0])
+        if kind is BasicBlock and blocks == (2, 2, 2, 2):
+            return "resnet18", model.fc.out_features
+        if kind is Bottleneck and blocks == (3, 4, 6, 3):
+            return "resnet50", model.fc.out_features
+    return None
+
+
 def save_packed(qmodel: nn.Module, path: str | os.PathLike, *, arch: str | None = None
                 ) -> dict[str, Any]:
     """Write ``qmodel`` in the packed format above (atomically); returns the metadata plus
-    ``file_bytes``/``json_bytes``/``payload_bytes``. ``arch`` lets load_packed rebuild the FP32
-    template with hmqat.models.create_model(arch)."""
+    ``file_bytes``/``json_bytes``/``payload_bytes``. ``arch`` (default: :func:`infer_arch`)
+    and ``num_classes`` let load_packed rebuild the FP32 template with
+    hmqat.models.create_model(arch, num_classes=...)."""
     layers = quant.quantized_layers(qmodel)
     if not layers:
         raise ValueError("save_packed: the model has no QConv2d/QLinear layers; quantize it with "
@@ -141,7 +178,11 @@ def save_packed(qmodel: nn.Module, path: str | os.PathLike, *, arch: str | None 
             continue
         add({"name": key, "codec": "raw", "dtype": str(t.dtype), "shape": list(t.shape)},
             _tensor_bytes(t))
-    meta = {"format": "hmqat.packed", "version": VERSION, "arch": arch,
+    inferred = infer_arch(qmodel)
+    num_classes = inferred[1] if inferred and (arch is None or arch == inferred[0]) else None
+    if arch is None and inferred:
+        arch = inferred[0]
+    meta = {"format": "hmqat.packed", "version": VERSION, "arch": arch, "num_classes": num_classes,
             "model_class": f"{type(qmodel).__module__}.{type(qmodel).__qualname__}",
             "torch": torch.__version__, "model_size_mb": quant.model_size_mb(qmodel),
             "layers": meta_layers, "sections": sections}
@@ -196,7 +237,7 @@ def _template(meta: dict[str, Any], model: nn.Module | Callable[[], nn.Module] |
         tmpl = model()
     elif meta.get("arch"):
         from .models import create_model
-        tmpl = create_model(meta["arch"])
+        tmpl = create_model(meta["arch"], num_classes=meta.get("num_classes"))
     else:
         raise ValueError("load_packed: the file records no arch; pass the FP32 model (or a "
                          "factory returning it) as the second argument")

@@ -125,6 +125,9 @@ def run_pipeline(profile: str = "quick", *, only: Sequence[str] | None = None,
             f"{profile}.yaml").exists():
         raise PipelineError(f"unknown profile {profile!r}; choose one of {list(PROFILES)}")
     cfg = load_params(profile, params_dir)
+    for var in ("HMQAT_DATA_DIR", "HMQAT_WEIGHTS_DIR", "HMQAT_CACHE_DIR"):
+        if os.environ.get(var):  # kernels run in notebooks/: make relative paths absolute
+            os.environ[var] = str(Path(os.environ[var]).expanduser().resolve())
     nb_dir = notebooks_dir or ROOT / "notebooks"
     results_dir = (results_root or ROOT / "results") / profile
     names = [n for n in NOTEBOOKS if n in set(cfg.get("run", NOTEBOOKS))]
@@ -189,11 +192,44 @@ def main(argv: Sequence[str] | None = None) -> int:
 # --------------------------------------------------------------------------------------------
 # What the notebooks use
 # --------------------------------------------------------------------------------------------
+class _ImageFolderSplit(torch.utils.data.Dataset):
+    """One ImageNet split for the notebooks: the ImageFolder of
+    :func:`hmqat.data.imagenet_loaders` (with its transforms), plus what the CIFAR path's
+    TensorImages offers: ``classes``, ``source`` and ``subset(indices)`` (decoded with the
+    validation transform, Resize + CenterCrop, to uint8 TensorImages; used for calibration)."""
+
+    def __init__(self, folder: Any, image_size: int):
+        self.folder, self.image_size = folder, image_size
+        self.classes = tuple(folder.classes)
+        self.source = str(folder.root)
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.folder[i]
+
+    def subset(self, indices: Sequence[int] | torch.Tensor):
+        import torchvision.transforms as T
+
+        from .data import TensorImages
+
+        idx = [int(i) for i in indices]
+        tf = T.Compose([T.Resize(int(self.image_size * 256 / 224)),
+                        T.CenterCrop(self.image_size), T.PILToTensor()])
+        images = torch.stack([tf(self.folder.loader(self.folder.samples[i][0])) for i in idx])
+        labels = torch.tensor([self.folder.targets[i] for i in idx], dtype=torch.long)
+        return TensorImages(images, labels, self.classes, self.source)
+
+
 @dataclass
 class Study:
     """Paths, data and earlier results of one profile's run, for the notebooks.
 
     ``results_dir`` holds ``figures/ tables/ data/ checkpoints/ cache/`` (DESIGN.md §6).
+    ``dataset="imagenet"``: an ImageFolder root (``HMQAT_DATA_DIR``, ``train/`` + ``val/``)
+    read through :func:`hmqat.data.imagenet_loaders` at ``image_size`` (224 for torchvision
+    ResNet18/50); ``data(split)`` is then a map-style dataset with ``subset()`` for calibration.
     """
 
     results_dir: str
@@ -205,6 +241,8 @@ class Study:
     batch_size: int = 128
     n_synthetic: int = 512
     pretrained: bool = True
+    image_size: int = 224             # ImageNet only
+    workers: int | None = None        # ImageNet DataLoader workers (None: HMQAT_WORKERS or 8)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -235,9 +273,33 @@ class Study:
 
         key = f"data:{split}"
         if key not in self._cache:
-            self._cache[key] = data.load_dataset(self.dataset, split, n_synthetic=self.n_synthetic,
-                                                 seed=self.seed)
+            if self.dataset == "imagenet":
+                train, val = self._imagenet()
+                folder = (train if split == "train" else val).dataset
+                self._cache[key] = _ImageFolderSplit(folder, self.image_size)
+            else:
+                self._cache[key] = data.load_dataset(self.dataset, split,
+                                                     n_synthetic=self.n_synthetic, seed=self.seed)
         return self._cache[key]
+
+    def _imagenet(self):
+        """(train, val) DataLoaders of :func:`hmqat.data.imagenet_loaders` (cached)."""
+        from . import data
+        from .distributed import is_distributed
+
+        if "imagenet" not in self._cache:
+            workers = self.workers if self.workers is not None else int(
+                os.environ.get("HMQAT_WORKERS", min(8, os.cpu_count() or 1)))
+            self._cache["imagenet"] = data.imagenet_loaders(
+                None, batch_size=self.batch_size, workers=workers, image_size=self.image_size,
+                distributed=is_distributed(), seed=self.seed, num_classes=None, device=self.dev)
+        return self._cache["imagenet"]
+
+    @property
+    def input_size(self) -> tuple[int, int, int, int]:
+        """One input's shape, for MAC counts (``search.model_inputs(..., input_size=)``)."""
+        side = self.image_size if self.dataset == "imagenet" else 32
+        return (1, 3, side, side)
 
     @property
     def data_label(self) -> str:
@@ -251,6 +313,8 @@ class Study:
     def train_loader(self, seed: int | None = None):
         from . import data
 
+        if self.dataset == "imagenet":  # seed: the loaders' (Study.seed)
+            return self._imagenet()[0]
         return data.make_loader(self.data("train"), self.batch_size, train=True,
                                 seed=self.seed if seed is None else seed, drop_last=True,
                                 device=self.dev)
@@ -258,6 +322,8 @@ class Study:
     def test_loader(self):
         from . import data
 
+        if self.dataset == "imagenet":
+            return self._imagenet()[1]
         return data.make_loader(self.data("test"), 500, device=self.dev)
 
     # models --------------------------------------------------------------------------------
@@ -277,6 +343,18 @@ class Study:
         model = create_model(self.arch, num_classes=len(self.data("train").classes))
         model.load_state_dict(torch.load(ck, map_location="cpu", weights_only=False)["model"])
         return model.to(self.dev).eval()
+
+    @staticmethod
+    def qat_run_id(config: dict[str, int], a_bits: int, recipe: dict[str, Any] | None,
+                   init: str) -> tuple[str, dict[str, Any]]:
+        """(checkpoint file name, run_info) of notebook 03's QAT run of ``config``.
+
+        Shared with ``python -m hmqat.distributed qat --results DIR``: a run trained there with
+        torchrun lands where notebook 03 looks, and the notebook resumes the finished run.
+        """
+        spec = json.dumps({"config": config, "a": a_bits, "recipe": recipe, "init": init},
+                          sort_keys=True)
+        return f"qat-{hashlib.sha256(spec.encode()).hexdigest()[:12]}.pt", {"label_free_spec": spec}
 
     # small JSON results ----------------------------------------------------------------------
     def save_json(self, name: str, obj: Any) -> Path:

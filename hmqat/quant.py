@@ -17,6 +17,7 @@ N in g is the number of elements sharing one step: the weights of one output cha
 
 Typical use (the lead's QAT loop)::
 
+    >>> import torch
     >>> from hmqat.models import create_model
     >>> from hmqat import quant
     >>> fp = create_model("resnet20")
@@ -39,11 +40,14 @@ Choices (documented in docs/method.md by the lead):
 * ``init="mse"`` searches s = α·max|x|/Q_P over α ∈ {0.01, 0.02, …, 1.00} (per channel for
   weights), minimising ||Q(x) − x||²; activation searches use at most 2^18 evenly strided
   elements of the batch.
-* Backends: ``"eager"`` (default; plain torch ops, no compiler needed) or ``"compile"``
-  (``torch.compile``-fused forward and backward kernels, ≈1 pass each; needs a C++ compiler on
-  CPU; falls back to eager with a warning if compilation fails). Select with
-  :func:`set_backend` or the environment variable ``HMQAT_QUANT_BACKEND``. Both give bit-identical
-  forward outputs; see ``benchmarks/qat_step.py`` for the speed of each.
+* Backends: ``"eager"`` (default; plain torch ops, 4 elementwise passes forward and 5 backward,
+  no saved mask, no compiler needed) or ``"compile"`` (``torch.compile``-fused forward and
+  backward kernels, one pass each, for tensors of >= 2^16 elements; needs a C++ compiler on CPU,
+  ~30 s cold compile, falls back to eager with a warning if compilation fails). Select with
+  :func:`set_backend` or the environment variable ``HMQAT_QUANT_BACKEND``. Both give
+  bit-identical forward outputs; ``benchmarks/qat_step.py`` measures both.
+* Bit widths live in each quantizer's ``bit_width`` buffer, so ``load_state_dict`` restores
+  the bits that belong to the loaded steps (e.g. after a precision transition).
 """
 from __future__ import annotations
 
@@ -55,48 +59,51 @@ import numbers
 import os
 import tempfile
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .models import LayerInfo, quantizable_layers
 
 __all__ = [
-    "SUPPORTED_BITS",
+    "DEFAULT_INPUT_SIZE",
     "POLICIES",
+    "SUPPORTED_BITS",
     "BitConfigError",
-    "weight_qrange",
-    "act_qrange",
-    "init_step",
-    "quantize_weight",
     "LSQQuantizer",
+    "LayerSpec",
     "QConv2d",
     "QLinear",
-    "quantize_model",
-    "is_quantized",
-    "quantized_layers",
-    "bit_config_of",
-    "act_bits_of",
-    "set_bit_config",
-    "calibrate_activations",
-    "quantizer_parameters",
-    "weight_parameters",
-    "validate_bit_config",
-    "uniform_config",
-    "fixed_layers",
     "act_bits_config",
-    "save_config",
-    "load_config",
-    "fp32_size_mb",
-    "model_size_mb",
-    "compression_ratio",
+    "act_bits_of",
+    "act_qrange",
+    "bit_config_of",
     "bops",
-    "set_backend",
+    "calibrate_activations",
+    "compression_ratio",
+    "fixed_layers",
+    "fp32_size_mb",
     "get_backend",
+    "init_step",
+    "is_quantized",
+    "load_config",
+    "model_size_mb",
+    "quantize_model",
+    "quantize_weight",
+    "quantized_layers",
+    "quantizer_parameters",
+    "save_config",
+    "set_backend",
+    "set_bit_config",
+    "uniform_config",
+    "validate_bit_config",
+    "weight_parameters",
+    "weight_qrange",
 ]
 
 SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
@@ -271,9 +278,28 @@ def _fused_backward(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, qn: to
     return gx, gs
 
 
-def _rows(t: torch.Tensor, per_channel: bool) -> torch.Tensor:
-    """t as [C, M] (per channel) or [1, M]: the fixed rank keeps compiled graphs to two."""
-    return t.reshape(t.shape[0], -1) if per_channel else t.reshape(1, -1)
+def _is_nhwc(t: torch.Tensor) -> bool:
+    """True for a 4-d channels_last tensor that is not also NCHW-contiguous."""
+    return (t.dim() == 4 and not t.is_contiguous()
+            and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def _rows(t: torch.Tensor, per_channel: bool, nhwc: bool = False) -> torch.Tensor:
+    """t as [C, M] (per channel) or [1, M] (a view in t's memory order when dense): the fixed
+    rank keeps the compiled graphs to two."""
+    if per_channel:
+        return t.reshape(t.shape[0], -1)
+    if nhwc:
+        return t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(1, -1)
+    return t.reshape(1, -1)
+
+
+def _unrows(r: torch.Tensor, shape: torch.Size, nhwc: bool) -> torch.Tensor:
+    """Inverse of :func:`_rows` (an NHWC input gives a channels_last output)."""
+    if nhwc:
+        n, c, h, w = shape
+        return r.view(n, h, w, c).permute(0, 3, 1, 2)
+    return r.view(shape)
 
 
 def _compiled(name: str) -> Callable | None:
@@ -294,7 +320,7 @@ def _run_compiled(name: str, *args: Any) -> Any:
         return None
     try:
         return fn(*args)
-    except Exception as exc:  # inductor/dynamo raise many types; eager reruns and re-raises real errors
+    except Exception as exc:  # noqa: BLE001 - inductor/dynamo raise many types; eager reruns
         _COMPILE_FAILED = True
         warnings.warn(f"hmqat.quant: torch.compile backend failed ({type(exc).__name__}: "
                       f"{str(exc)[:200]}); falling back to the eager backend")
@@ -313,11 +339,12 @@ class _LSQFunction(torch.autograd.Function):
         out = None
         if _BACKEND == "compile" and x.numel() >= _COMPILE_MIN_NUMEL:
             s2 = s.reshape(-1, 1)
-            out = _run_compiled("forward", _rows(x, per_channel), s2, *bounds)
+            ctx.nhwc = not per_channel and _is_nhwc(x)
+            out = _run_compiled("forward", _rows(x, per_channel, ctx.nhwc), s2, *bounds)
         if out is not None:
             ctx.fused = True
             ctx.save_for_backward(x, s2, *bounds)
-            return out.view(x.shape)
+            return _unrows(out, x.shape, ctx.nhwc)
         out = _eager_forward(x, s, qn, qp)
         ctx.fused = False
         ctx.save_for_backward(x, s, out)
@@ -330,13 +357,15 @@ class _LSQFunction(torch.autograd.Function):
         if ctx.fused:
             x, s2, qn_t, qp_t = ctx.saved_tensors
             pc = ctx.per_channel
-            res = _run_compiled("backward", _rows(grad, pc), _rows(x, pc), s2, qn_t, qp_t)
+            nhwc = ctx.nhwc
+            res = _run_compiled("backward", _rows(grad, pc, nhwc), _rows(x, pc, nhwc), s2, qn_t,
+                                qp_t)
             if res is None:  # compile failed between forward and backward
                 s = _step_view(s2.reshape(-1), x, pc)
                 out = _eager_forward(x, s, ctx.qn, ctx.qp)
                 res = _eager_backward(grad, x, out, s, ctx.qn, ctx.qp, pc)
             else:
-                res = (res[0].view(x.shape), res[1])
+                res = (_unrows(res[0], x.shape, nhwc), res[1])
         else:
             x, s, out = ctx.saved_tensors
             res = _eager_backward(grad, x, out, s, ctx.qn, ctx.qp, ctx.per_channel)
@@ -447,6 +476,9 @@ class LSQQuantizer(nn.Module):
         self.mark_initialized(True)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # state dicts written before the bit_width buffer existed keep the current bits
+        # (the same back-compat device BatchNorm uses for num_batches_tracked)
+        state_dict.setdefault(prefix + "bit_width", self.bit_width.detach().clone())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._init_flag = bool(self.initialized)
         if int(self.bit_width) != self._bits:
@@ -575,7 +607,7 @@ class QConv2d(_QuantMixin, nn.Conv2d):
     """nn.Conv2d with LSQ fake quantization of its weight and (optionally) its input."""
 
     @classmethod
-    def from_float(cls, mod: nn.Conv2d, spec: LayerSpec) -> "QConv2d":
+    def from_float(cls, mod: nn.Conv2d, spec: LayerSpec) -> QConv2d:
         """Wrap ``mod`` (its weight/bias Parameters are reused, not copied)."""
         q = cls(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
                 mod.dilation, mod.groups, mod.bias is not None, mod.padding_mode, device="meta",
@@ -594,7 +626,7 @@ class QLinear(_QuantMixin, nn.Linear):
     """nn.Linear with LSQ fake quantization of its weight and (optionally) its input."""
 
     @classmethod
-    def from_float(cls, mod: nn.Linear, spec: LayerSpec) -> "QLinear":
+    def from_float(cls, mod: nn.Linear, spec: LayerSpec) -> QLinear:
         """Wrap ``mod`` (its weight/bias Parameters are reused, not copied)."""
         q = cls(mod.in_features, mod.out_features, mod.bias is not None, device="meta",
                 dtype=mod.weight.dtype)
@@ -649,47 +681,57 @@ def _check_policy(policy: str) -> str:
     return _check_choice(policy, POLICIES, "policy")
 
 
-def _layers(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -> list[LayerInfo]:
-    """quantizable_layers without touching uninitialised activation quantizers."""
+DEFAULT_INPUT_SIZE: tuple[int, ...] = (1, 3, 32, 32)
+InputSize = tuple[int, ...]
+
+
+def _layers(model: nn.Module, input_size: InputSize = DEFAULT_INPUT_SIZE) -> list[LayerInfo]:
+    """quantizable_layers (forward order, one probe forward pass of ``input_size``) without
+    touching uninitialised activation quantizers."""
     with _suspend_lazy_init():
         return quantizable_layers(model, input_size=input_size)
 
 
-def fixed_layers(model: nn.Module, policy: str = "first_last_8") -> dict[str, int]:
-    """{name: 8} for the first and last quantizable layers (forward order) under first_last_8."""
-    if _check_policy(policy) == "none":
+def _fixed_from(names: list[str], policy: str) -> dict[str, int]:
+    if _check_policy(policy) == "none" or not names:
         return {}
-    layers = _layers(model)
-    if not layers:
-        return {}
-    return {layers[0].name: 8, layers[-1].name: 8}
+    return {names[0]: 8, names[-1]: 8}
 
 
-def uniform_config(model: nn.Module, bits: int, policy: str = "first_last_8") -> dict[str, int]:
+def fixed_layers(model: nn.Module, policy: str = "first_last_8", *,
+                 input_size: InputSize = DEFAULT_INPUT_SIZE) -> dict[str, int]:
+    """{name: 8} for the first and last quantizable layers (forward order) under first_last_8.
+
+    ``input_size`` is the probe input that finds the forward order (any size the model accepts).
+    """
+    _check_policy(policy)
+    if policy == "none":
+        return {}
+    return _fixed_from([info.name for info in _layers(model, input_size)], policy)
+
+
+def uniform_config(model: nn.Module, bits: int, policy: str = "first_last_8", *,
+                   input_size: InputSize = DEFAULT_INPUT_SIZE) -> dict[str, int]:
     """Every quantizable layer at ``bits`` except the policy's fixed layers (DESIGN §6)."""
     b = _check_bits(bits)
-    cfg = {info.name: b for info in _layers(model)}
-    cfg.update(fixed_layers(model, policy))
+    names = [info.name for info in _layers(model, input_size)]
+    cfg = {name: b for name in names}
+    cfg.update(_fixed_from(names, policy))
     return cfg
 
 
-def validate_bit_config(model: nn.Module, config: Mapping[str, Any], *,
-                        policy: str = "first_last_8", raise_errors: bool = True) -> list[str]:
-    """Check ``config`` against ``model`` (DESIGN §6): unknown names, missing layers, unsupported
-    bits, policy conflicts. Raises one BitConfigError listing every problem (or returns the list
-    when ``raise_errors=False``; empty means valid)."""
-    _check_policy(policy)
+def _config_errors(names: list[str], config: Mapping[str, Any], fixed: Mapping[str, int],
+                   policy: str, model_name: str) -> list[str]:
+    """Every problem of ``config`` for layers ``names`` (DESIGN §6), one message per key."""
     if not isinstance(config, Mapping):
         raise BitConfigError(f"bit config must be a dict {{layer name: bits}}, got "
                              f"{type(config).__name__}")
-    names = [info.name for info in _layers(model)]
     known = set(names)
-    fixed = fixed_layers(model, policy)
     errors: list[str] = []
     for key, value in config.items():
         if key not in known:
-            errors.append(f"unknown layer {key!r}: not a Conv2d/Linear of "
-                          f"{type(model).__name__}; valid names start {names[:4]}")
+            errors.append(f"unknown layer {key!r}: not a Conv2d/Linear of {model_name}; valid "
+                          f"names start {names[:4]}")
             continue
         try:
             b = _check_bits(value, f"layer {key!r}")
@@ -703,17 +745,35 @@ def validate_bit_config(model: nn.Module, config: Mapping[str, Any], *,
         if name not in config:
             errors.append(f"missing layer {name!r}: the config must give bits for every "
                           f"quantizable layer (start from uniform_config(model, bits))")
-    if errors and raise_errors:
-        raise BitConfigError("invalid bit config:\n  " + "\n  ".join(errors))
     return errors
 
 
-def act_bits_config(model: nn.Module, a_bits: int | None, policy: str = "first_last_8"
-                    ) -> dict[str, int | None]:
+def _raise_errors(errors: list[str]) -> None:
+    if errors:
+        raise BitConfigError("invalid bit config:\n  " + "\n  ".join(errors))
+
+
+def validate_bit_config(model: nn.Module, config: Mapping[str, Any], *,
+                        policy: str = "first_last_8", raise_errors: bool = True,
+                        input_size: InputSize = DEFAULT_INPUT_SIZE) -> list[str]:
+    """Check ``config`` against ``model`` (DESIGN §6): unknown names, missing layers, unsupported
+    bits, policy conflicts. Raises one BitConfigError listing every problem (or returns the list
+    when ``raise_errors=False``; empty means valid)."""
+    _check_policy(policy)
+    names = [info.name for info in _layers(model, input_size)]
+    errors = _config_errors(names, config, _fixed_from(names, policy), policy,
+                            type(model).__name__)
+    if raise_errors:
+        _raise_errors(errors)
+    return errors
+
+
+def act_bits_config(model: nn.Module, a_bits: int | None, policy: str = "first_last_8", *,
+                    input_size: InputSize = DEFAULT_INPUT_SIZE) -> dict[str, int | None]:
     """Input-activation bits per layer: a_bits everywhere, the first layer at 8 under
     first_last_8 (its signed image input); None everywhere when a_bits is None (FP inputs)."""
     _check_policy(policy)
-    names = [info.name for info in _layers(model)]
+    names = [info.name for info in _layers(model, input_size)]
     if a_bits is None:
         return {n: None for n in names}
     a = _check_bits(a_bits, "a_bits")
@@ -784,45 +844,66 @@ def _build_quantized(model: nn.Module, specs: Mapping[str, LayerSpec]) -> nn.Mod
 
 
 def quantize_model(model: nn.Module, bit_config: Mapping[str, int], *, a_bits: int | None = 4,
-                   policy: str = "first_last_8", per_channel: bool = True,
-                   init: str = "lsq") -> nn.Module:
+                   policy: str = "first_last_8", per_channel: bool = True, init: str = "lsq",
+                   input_size: InputSize = DEFAULT_INPUT_SIZE) -> nn.Module:
     """A NEW model (deep copy; ``model`` untouched) with every Conv2d/Linear replaced by
     QConv2d/QLinear at the config's weight bits (DESIGN §2). BatchNorm and all other modules are
-    kept as they are.
+    kept as they are (forward hooks on the replaced layers are not carried over).
 
     Input activations: the first layer's input (the image, signed) gets a signed quantizer (8 bit
     under first_last_8, else a_bits); every other layer an unsigned one at ``a_bits``.
     ``a_bits=None`` quantizes weights only. Weight steps are initialised now (``init``);
     activation steps on the first training batch or by :func:`calibrate_activations`.
+    ``input_size``: the probe input that finds the layers' forward order.
     """
     if is_quantized(model):
         raise BitConfigError("quantize_model: the model is already quantized (has QConv2d/"
                              "QLinear); pass the FP32 model, or use set_bit_config to change bits")
     _check_choice(init, INIT_METHODS, "init")
-    validate_bit_config(model, bit_config, policy=policy)
-    abits = act_bits_config(model, a_bits, policy)
-    first = next(iter(abits), None)
-    specs = {name: LayerSpec(int(bit_config[name]), abits[name], a_signed=(name == first),
-                             per_channel=per_channel, init=init)
-             for name in abits}
+    _check_policy(policy)
+    names = [info.name for info in _layers(model, input_size)]
+    _raise_errors(_config_errors(names, bit_config, _fixed_from(names, policy), policy,
+                                 type(model).__name__))
+    a = None if a_bits is None else _check_bits(a_bits, "a_bits")
+    specs = {}
+    for i, name in enumerate(names):
+        ab = 8 if (i == 0 and a is not None and policy == "first_last_8") else a
+        specs[name] = LayerSpec(int(bit_config[name]), ab, a_signed=(i == 0),
+                                per_channel=per_channel, init=init)
     return _build_quantized(model, specs)
 
 
 def set_bit_config(qmodel: nn.Module, config: Mapping[str, int], *, reinit: str = "range",
                    policy: str = "none") -> nn.Module:
     """Change the weight bits of a quantized model in place (precision transitions, DESIGN §2),
-    using :meth:`LSQQuantizer.set_bits` (``range`` keeps each layer's clipping range)."""
+    using :meth:`LSQQuantizer.set_bits` (``range`` keeps each layer's clipping range).
+    ``policy="first_last_8"`` also checks that the first/last layers (as built) stay at 8."""
     layers = quantized_layers(qmodel)
     if not layers:
         raise BitConfigError("set_bit_config: the model has no QConv2d/QLinear; call "
                              "quantize_model first")
-    validate_bit_config(qmodel, config, policy=policy)
+    _check_choice(reinit, REINIT_METHODS, "reinit")
+    names = _forward_order(qmodel)
+    _raise_errors(_config_errors(names, config, _fixed_from(names, policy), policy,
+                                 type(qmodel).__name__))
     for name, layer in layers.items():
         b = int(config[name])
         if b != layer.w_bits:
             layer.weight_quantizer.set_bits(b, reinit, x=None if reinit == "range"
                                             else layer.weight.detach())
     return qmodel
+
+
+def _forward_order(qmodel: nn.Module) -> list[str]:
+    """Quantized layer names with the first layer (the one with a signed input quantizer, as
+    quantize_model builds it) first and the last linear last; no forward pass needed."""
+    layers = quantized_layers(qmodel)
+    names = list(layers)
+    first = [n for n, m in layers.items() if m.act_quantizer is not None and m.act_quantizer.signed]
+    if len(first) == 1:
+        names.remove(first[0])
+        names.insert(0, first[0])
+    return names
 
 
 def _as_input(batch: Any) -> torch.Tensor:
@@ -889,28 +970,32 @@ def fp32_size_mb(model: nn.Module) -> float:
 
 
 def _size_bytes(model: nn.Module, config: Mapping[str, int] | None, a_bits: int | None,
-                per_channel: bool) -> float:
+                per_channel: bool, input_size: InputSize) -> float:
     """Eq. S: Σ n_i b_i / 8 + 4 · other parameters (biases, BN affine, steps)."""
-    layers = _layers(model)
-    if config is None:
-        if not is_quantized(model):
-            return 4.0 * _n_params(model.parameters())
-        config = bit_config_of(model)
-    validate_bit_config(model, config, policy="none")
-    n_weights = sum(info.n_params for info in layers)
-    if is_quantized(model):  # steps are real parameters of the model
-        other = _n_params(model.parameters()) - n_weights
+    qlayers = quantized_layers(model)
+    if qlayers:  # steps are real parameters of the model; no probe forward needed
+        names = list(qlayers)
+        n_w = {n: m.weight.numel() for n, m in qlayers.items()}
+        config = bit_config_of(model) if config is None else config
+        other = _n_params(model.parameters()) - sum(n_w.values())
     else:
-        steps = sum(info.weight_shape[0] if per_channel else 1 for info in layers)
+        if config is None:
+            return 4.0 * _n_params(model.parameters())
+        infos = _layers(model, input_size)
+        names = [i.name for i in infos]
+        n_w = {i.name: i.n_params for i in infos}
+        steps = sum(i.weight_shape[0] if per_channel else 1 for i in infos)
         if a_bits is not None:
             _check_bits(a_bits, "a_bits")
-            steps += len(layers)  # one per-tensor step per input-activation quantizer
-        other = _n_params(model.parameters()) - n_weights + steps
-    return sum(info.n_params * int(config[info.name]) for info in layers) / 8 + 4.0 * other
+            steps += len(infos)  # one per-tensor step per input-activation quantizer
+        other = _n_params(model.parameters()) - sum(n_w.values()) + steps
+    _raise_errors(_config_errors(names, config, {}, "none", type(model).__name__))
+    return sum(n * int(config[name]) for name, n in n_w.items()) / 8 + 4.0 * other
 
 
 def model_size_mb(model: nn.Module, config: Mapping[str, int] | None = None,
-                  a_bits: int | None = None, *, per_channel: bool = True) -> float:
+                  a_bits: int | None = None, *, per_channel: bool = True,
+                  input_size: InputSize = DEFAULT_INPUT_SIZE) -> float:
     """Model size in MB (2^20 bytes) by HAWQ-V3's convention (DESIGN §2, Eq. S).
 
     * FP32 model, ``config=None``: 4·(all parameters).
@@ -919,34 +1004,41 @@ def model_size_mb(model: nn.Module, config: Mapping[str, int] | None = None,
     * Quantized model: its own bits (or ``config``) and its actual step parameters.
     BN running statistics are buffers, not parameters, and are not counted.
     """
-    return _size_bytes(model, config, a_bits, per_channel) / MB
+    return _size_bytes(model, config, a_bits, per_channel, input_size) / MB
 
 
 def compression_ratio(model: nn.Module, config: Mapping[str, int] | None = None,
-                      a_bits: int | None = None, *, per_channel: bool = True) -> float:
+                      a_bits: int | None = None, *, per_channel: bool = True,
+                      input_size: InputSize = DEFAULT_INPUT_SIZE) -> float:
     """FP32 size / quantized size (DESIGN §2)."""
-    return fp32_size_mb(model) / model_size_mb(model, config, a_bits, per_channel=per_channel)
+    return fp32_size_mb(model) / model_size_mb(model, config, a_bits, per_channel=per_channel,
+                                               input_size=input_size)
 
 
 def bops(model: nn.Module, config: Mapping[str, int] | None = None, a_bits: int | None = None, *,
-         policy: str = "first_last_8", input_size: tuple[int, ...] = (1, 3, 32, 32)) -> int:
+         policy: str = "first_last_8", input_size: InputSize = DEFAULT_INPUT_SIZE) -> int:
     """Bit operations per sample, Σ_i MACs_i · b_i · a_i (DESIGN §2, Eq. B).
 
     Weight bits b_i from ``config`` (a quantized model's own bits when None; 32 for an FP32
     model). Activation bits a_i: a quantized model's own quantizers (32 where FP); otherwise
-    :func:`act_bits_config` (a_bits, first layer 8 under first_last_8), 32 when ``a_bits`` is None.
-    MACs come from ``quantizable_layers(model, input_size)``.
+    a_bits with the first layer at 8 under first_last_8, 32 when ``a_bits`` is None.
+    MACs come from ``quantizable_layers(model, input_size)``: pass the real input size.
     """
+    _check_policy(policy)
     layers = _layers(model, input_size)
+    names = [i.name for i in layers]
     quantized = is_quantized(model)
     if config is None and quantized:
         config = bit_config_of(model)
     if config is not None:
-        validate_bit_config(model, config, policy="none")
+        _raise_errors(_config_errors(names, config, {}, "none", type(model).__name__))
     if quantized:
         abits = act_bits_of(model)
+    elif a_bits is None:
+        abits = {n: None for n in names}
     else:
-        abits = act_bits_config(model, a_bits, policy)
+        a = _check_bits(a_bits, "a_bits")
+        abits = {n: (8 if i == 0 and policy == "first_last_8" else a) for i, n in enumerate(names)}
     total = 0
     for info in layers:
         wb = 32 if config is None else int(config[info.name])

@@ -583,12 +583,22 @@ def _check_feasible(p: _Problem, kind: str, value: float, max_cost: int) -> None
 
 
 def evaluate_config(config: Mapping[str, int], omega, n_params, *, macs=None, a_bits=None,
-                    other_params: int = 0, fp32_params: int | None = None,
+                    fixed=None, tied=None, other_params: int = 0, fp32_params: int | None = None,
                     method: str = "given") -> Allocation:
-    """Size, compression, BOPs and ΣΩ of any {layer: bits} config (DESIGN.md §2 accounting)."""
+    """Size, compression, BOPs and ΣΩ of any {layer: bits} config (DESIGN.md §2 accounting).
+
+    With ``fixed``/``tied``, the config must honour them (an error names the offending layer).
+    """
     p = _prepare(omega, n_params, None, macs=macs, a_bits=a_bits, other_params=other_params,
-                 fp32_params=fp32_params)
+                 fp32_params=fp32_params, fixed=fixed, tied=tied)
     _check_names("config", config.keys(), p.layers)
+    wrong = {k: (config[k], b) for k, b in p.fixed.items() if int(config[k]) != int(b)}
+    if wrong:
+        raise SearchError(f"config breaks fixed layers (given, fixed): {wrong}")
+    for group in p.tied:
+        if len({int(config[k]) for k in group}) > 1:
+            raise SearchError(f"config gives the tied group {group} different bits "
+                              f"{[config[k] for k in group]}")
     bad = {k: v for k, v in config.items() if v not in p.columns}
     if bad:
         raise SearchError(f"config bits {bad} have no omega column (columns {list(p.columns)})")
@@ -827,3 +837,18 @@ def average_bits(config: Mapping[str, int], n_params: Mapping[str, int]) -> floa
     """Weight-count-weighted mean bit width, Σ n_i·b_i / Σ n_i."""
     _check_names("config", config.keys(), list(n_params))
     return sum(n_params[k] * int(b) for k, b in config.items()) / sum(n_params[k] for k in config)
+
+
+def random_points(omega, n_params, bits=None, *, n: int = 1000, seed: int = 0, macs=None,
+                  a_bits=None, fixed=None, tied=None, other_params: int = 0,
+                  fp32_params: int | None = None) -> pd.DataFrame:
+    """``n`` uniformly random allowed configs (seeded) with their size, compression, ΣΩ...:
+    the faint cloud the frontier is drawn against (same accounting as :func:`pareto_frontier`)."""
+    if n < 1:
+        raise SearchError(f"n must be >= 1, got {n}")
+    p = _prepare(omega, n_params, bits, macs=macs, a_bits=a_bits, fixed=fixed, tied=tied,
+                 other_params=other_params, fp32_params=fp32_params)
+    rng = np.random.default_rng(seed)
+    picks = np.stack([rng.integers(0, len(u.bits), size=n) for u in p.units], axis=1)
+    bits_mat = _bits_matrix(p, picks)
+    return _frame(p, bits_mat, _omega_of(p, bits_mat)).drop(columns="config")

@@ -15,6 +15,11 @@ One loop, :func:`fit`, serves both FP32 fine-tuning and QAT:
     >>> from hmqat import train
     >>> cfg = train.TrainConfig(epochs=2, lr=0.01, checkpoint="runs/fp32.pt")
     >>> history = train.fit(model, train_loader, test_loader, cfg)
+
+The same calls run data-parallel, unchanged, under ``torchrun --nproc_per_node=N`` once
+:func:`hmqat.distributed.init_from_env` has set up the process group (see :func:`fit` and
+:mod:`hmqat.distributed` for the command line). Mixed precision (AMP) is deliberately not used:
+the LSQ quantizers' step sizes, rounding and gradient scale are float32 computations.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import random
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -39,10 +44,13 @@ __all__ = [
     "NonFiniteLossError",
     "TrainConfig",
     "TrainState",
+    "dataset_loader",
     "evaluate",
+    "finetune",
     "fit",
     "manifest",
     "progress",
+    "qat",
     "resolve_device",
     "seed_everything",
 ]
@@ -119,11 +127,17 @@ def manifest(seed: int | None = None, device: str | torch.device | None = None,
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | None = None,
-             max_batches: int | None = None) -> dict[str, float]:
+             max_batches: int | None = None, *, all_reduce: bool = False) -> dict[str, float]:
     """Top-1 accuracy (percent) and mean cross-entropy of ``model`` over ``loader``.
 
-    The model runs in eval mode; its previous mode is restored afterwards.
+    The model runs in eval mode; its previous mode is restored afterwards. With
+    ``all_reduce=True`` under torch.distributed, ``loader`` is this rank's shard (see
+    :func:`hmqat.distributed.shard_eval_loader`) and the sums of correct predictions, loss and
+    samples are all-reduced, so every rank returns the numbers of the whole set.
     """
+    from .distributed import all_reduce_sum, unwrap
+
+    model = unwrap(model)
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -139,6 +153,9 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | No
             n += len(y)
     finally:
         model.train(was_training)
+    if all_reduce:
+        correct, loss_sum, n = all_reduce_sum([correct, loss_sum, n])
+        n = int(n)
     if n == 0:
         raise ValueError("evaluate() got an empty loader")
     return {"top1": 100.0 * correct / n, "loss": loss_sum / n, "n": n}
@@ -165,6 +182,8 @@ class TrainConfig:
     checkpoint: str | None = None     # path: saved every epoch, resumed from when it exists
     log_every: int = 0                # steps between printed lines (0: once per epoch)
     freeze_bn: bool = False           # keep BN running statistics fixed (BN in eval mode)
+    channels_last: bool = True        # NHWC memory format: ~20 % faster conv steps on CPU
+    sync_bn: bool = False             # under torch.distributed: SyncBatchNorm (CUDA only)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -175,10 +194,12 @@ class TrainConfig:
             raise ValueError(f"step_lr must be >= 0, got {self.step_lr}")
 
     def key(self) -> dict[str, Any]:
-        """The fields that define the run (all but the checkpoint path and logging)."""
+        """The fields that define the run (all but the checkpoint path, logging and the BN
+        synchronisation, which like the number of processes is how a run executes: a run may
+        resume on another number of GPUs)."""
         d = asdict(self)
-        d.pop("checkpoint")
-        d.pop("log_every")
+        for k in ("checkpoint", "log_every", "sync_bn", "channels_last"):
+            d.pop(k)
         return d
 
 
@@ -279,22 +300,98 @@ def _set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
                 m.eval()
 
 
+def _set_epoch(loader: Any, epoch: int) -> None:
+    """TensorLoader.set_epoch, or DataLoader.sampler.set_epoch (DistributedSampler)."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    elif hasattr(getattr(loader, "sampler", None), "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+
+
+def _load_checkpoint(ckpt_path: Path, identity: dict[str, Any], dev: torch.device
+                     ) -> dict[str, Any] | None:
+    """The checkpoint to resume from, or None. Under torch.distributed rank 0 decides whether
+    it exists and every rank loads it (the path must be on a file system all nodes share)."""
+    from . import distributed as hdist
+
+    if not hdist.broadcast_object(ckpt_path.exists()):
+        return None
+    if not ckpt_path.exists():
+        raise FileNotFoundError(f"rank {hdist.rank()} cannot see checkpoint {ckpt_path}, which "
+                                "rank 0 has; put checkpoints on a file system every node shares")
+    ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
+    if ck["identity"] != identity:
+        a, b = ck["identity"]["config"], identity["config"]
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise ValueError(f"checkpoint {ckpt_path} belongs to another run (differs in "
+                         f"{diff or 'run_info'}); delete it or pass another checkpoint path")
+    return ck
+
+
 def fit(model: nn.Module, train_loader: Any, val_loader: Iterable | None, cfg: TrainConfig, *,
         callbacks: Iterable[Callback] = (), device: str | torch.device | None = None,
         run_info: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Train ``model`` in place and return the per-epoch history (list of dicts).
 
-    ``train_loader`` should have ``set_epoch`` (like :class:`hmqat.data.TensorLoader` or a
-    DistributedSampler-backed loader) for exact resume. With ``cfg.checkpoint`` set, the state
-    is saved after each epoch and a later call with the same config and ``run_info`` resumes
-    from it; a checkpoint from a different config is an error naming the differing keys.
+    ``train_loader`` should have ``set_epoch`` (like :class:`hmqat.data.TensorLoader`) or a
+    sampler with ``set_epoch`` (DistributedSampler) for exact resume. With ``cfg.checkpoint``
+    set, the state is saved after each epoch and a later call with the same config and
+    ``run_info`` resumes from it; a checkpoint from a different config is an error naming the
+    differing keys.
+
+    **Under torch.distributed** (``torchrun``, after :func:`hmqat.distributed.init_from_env`;
+    more than one process) the same call trains data-parallel:
+
+    * ``model`` is wrapped in ``DistributedDataParallel`` (unless it already is). Callbacks and
+      checkpoints see the plain module: ``state.model`` is never the wrapper and state-dict keys
+      have no ``module.`` prefix. DDP's constructor broadcasts rank 0's parameters and buffers,
+      so quantizer steps calibrated before :func:`fit` agree on every rank; a step that a
+      quantizer (re)initialises lazily from a batch during training is re-broadcast from rank 0
+      after that optimizer step.
+    * Each rank reads its shard: an unsharded TensorLoader is re-created with this rank's
+      ``rank``/``world_size`` (augmentation seeds are offset by rank), a DataLoader must use a
+      DistributedSampler. ``batch_size`` is per process, so the global batch is N times larger;
+      the learning rate is not rescaled.
+    * Gradients are averaged by DDP before clipping and the optimizer step, so all ranks keep
+      identical parameters. Train and validation metrics are sums all-reduced over ranks (the
+      validation set is split without padding), so every rank returns the same history.
+    * Only rank 0 prints and writes the checkpoint, followed by a barrier; on resume rank 0
+      checks that the checkpoint exists and every rank loads it.
+    * **BatchNorm policy.** Default (``cfg.sync_bn=False``): each rank normalises with its own
+      batch statistics and the running statistics are rank 0's (DDP broadcasts buffers before
+      every forward; :func:`fit` broadcasts them again before evaluating). ``cfg.sync_bn=True``
+      converts BN to ``torch.nn.SyncBatchNorm`` (CUDA only; the module keeps SyncBatchNorm
+      layers, which behave like BN in a single process); use it when the per-GPU batch is small.
+      ``cfg.freeze_bn=True`` (BN in eval mode) makes N processes compute exactly what one
+      process computes on the global batch, up to float summation order.
+    * Callbacks run on every rank and must act identically on each (they do when they depend
+      only on the step counter and the synchronised parameters); write files only where
+      :func:`hmqat.distributed.is_main`.
+
+    AMP is not used (float32 throughout; see the module docstring).
     """
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from . import distributed as hdist
+    from .quant import LSQQuantizer
+
+    ddp_model: nn.Module | None = None
+    if isinstance(model, DDP):
+        ddp_model, model = model, model.module
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
     callbacks = list(callbacks)
     model.to(dev)
+    if cfg.channels_last:  # same values, NHWC strides (benchmarks/qat_step.py measures the gain)
+        model.to(memory_format=torch.channels_last)
+    distributed = hdist.is_distributed()
+    main = hdist.is_main()
+    train_loader = hdist.shard_train_loader(train_loader)
     steps_per_epoch = len(train_loader)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    steps_per_epoch = hdist.all_reduce_min(steps_per_epoch)  # no rank may wait for another
+    val_shard, val_sharded = (hdist.shard_eval_loader(val_loader) if val_loader is not None
+                              else (None, False))
     opt = torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
                           nesterov=cfg.nesterov)
     state = TrainState(model, opt, cfg, steps_per_epoch)
@@ -302,13 +399,8 @@ def fit(model: nn.Module, train_loader: Any, val_loader: Iterable | None, cfg: T
     ckpt_path = Path(cfg.checkpoint) if cfg.checkpoint else None
 
     start_epoch = 0
-    if ckpt_path is not None and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
-        if ck["identity"] != identity:
-            a, b = ck["identity"]["config"], identity["config"]
-            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            raise ValueError(f"checkpoint {ckpt_path} belongs to another run (differs in "
-                             f"{diff or 'run_info'}); delete it or pass another checkpoint path")
+    ck = _load_checkpoint(ckpt_path, identity, dev) if ckpt_path is not None else None
+    if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         for cb, s in zip(callbacks, ck["callbacks"]):
@@ -317,30 +409,41 @@ def fit(model: nn.Module, train_loader: Any, val_loader: Iterable | None, cfg: T
         start_epoch = ck["epoch"] + 1
         state.step = start_epoch * steps_per_epoch
         torch.set_rng_state(ck["torch_rng"])
-        print(f"resumed from {ckpt_path} after epoch {ck['epoch'] + 1}/{cfg.epochs}", flush=True)
+        if main:
+            print(f"resumed from {ckpt_path} after epoch {ck['epoch'] + 1}/{cfg.epochs}",
+                  flush=True)
+        del ck
+    if distributed and ddp_model is None:
+        ddp_model = hdist.wrap_ddp(model, dev, sync_bn=cfg.sync_bn,
+                                   find_unused_parameters=bool(callbacks))
+    forward = ddp_model if ddp_model is not None else model
+    quantizers = [m for m in model.modules() if isinstance(m, LSQQuantizer)] if distributed else []
 
     for cb in callbacks:
         cb.on_train_start(state)
     for epoch in range(start_epoch, cfg.epochs):
         state.epoch = epoch
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
+        _set_epoch(train_loader, epoch)
         _set_train_mode(model, cfg.freeze_bn)
         for cb in callbacks:
             cb.on_epoch_start(state)
         t0 = time.perf_counter()
         loss_sum, correct, seen = 0.0, 0, 0
         bar = progress(zip(range(steps_per_epoch), train_loader), total=steps_per_epoch,
-                       desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+                       desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                       **({} if main else {"disable": True}))  # keeps TQDM_DISABLE working
         for i, (x, y) in bar:
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            if cfg.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             scale = _cosine(state.step, state.total_steps, cfg.warmup_steps)
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * scale * g.get("lr_mult", 1.0)
             state.inputs = x
             for cb in callbacks:
                 cb.on_step_start(state)
-            out = model(x)
+            lazy_init = any(not q._init_flag for q in quantizers)  # inits from this rank's batch
+            out = forward(x)
             loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
             task_loss = loss.detach()
             for cb in callbacks:
@@ -358,6 +461,8 @@ def fit(model: nn.Module, train_loader: Any, val_loader: Iterable | None, cfg: T
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
+            if lazy_init:
+                hdist.sync_quantizers(model)
             state.loss = task_loss.item()
             for cb in callbacks:
                 cb.on_after_step(state)
@@ -365,49 +470,117 @@ def fit(model: nn.Module, train_loader: Any, val_loader: Iterable | None, cfg: T
             correct += (out.detach().argmax(1) == y).sum().item()
             seen += len(y)
             state.step += 1
-            if cfg.log_every and (i + 1) % cfg.log_every == 0:
+            if main and cfg.log_every and (i + 1) % cfg.log_every == 0:
                 print(f"epoch {epoch + 1} step {i + 1}/{steps_per_epoch} loss {loss_sum / seen:.4f}",
                       flush=True)
+        if distributed:
+            loss_sum, correct, seen = hdist.all_reduce_sum([loss_sum, correct, seen])
         metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
                                    "train_top1": 100.0 * correct / max(seen, 1),
                                    "lr": opt.param_groups[0]["lr"],
                                    "epoch_s": time.perf_counter() - t0}
-        if val_loader is not None:
-            ev = evaluate(model, val_loader, dev)
+        if val_shard is not None:
+            if distributed:
+                hdist.sync_buffers(model)  # every rank evaluates rank 0's BN statistics
+            ev = evaluate(model, val_shard, dev, all_reduce=val_sharded)
             metrics.update(val_top1=ev["top1"], val_loss=ev["loss"])
+        if distributed:  # one wall time for all ranks (rank 0's)
+            metrics["epoch_s"] = hdist.broadcast_object(metrics["epoch_s"])
         for cb in callbacks:
             cb.on_epoch_end(state, metrics)
         state.history.append(metrics)
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                       for k, v in metrics.items()), flush=True)
+        if main:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in metrics.items()), flush=True)
         if ckpt_path is not None:
-            _atomic_save({"identity": identity, "epoch": epoch, "model": model.state_dict(),
-                          "optimizer": opt.state_dict(),
-                          "callbacks": [cb.state_dict() for cb in callbacks],
-                          "history": state.history, "torch_rng": torch.get_rng_state()}, ckpt_path)
+            if main:
+                _atomic_save({"identity": identity, "epoch": epoch, "model": model.state_dict(),
+                              "optimizer": opt.state_dict(),
+                              "callbacks": [cb.state_dict() for cb in callbacks],
+                              "history": state.history, "torch_rng": torch.get_rng_state()},
+                             ckpt_path)
+            hdist.barrier()  # no rank reads a checkpoint rank 0 is still writing
+    del forward, ddp_model  # drop DDP's gradient hooks before the caller reuses the model
     model.eval()
     return state.history
 
 
+def _infer_num_classes(data: Any) -> int | None:
+    classes = getattr(data, "classes", None) or getattr(getattr(data, "dataset", None),
+                                                        "classes", None)
+    return len(classes) if classes else None
+
+
+def dataset_loader(ds: Any, batch_size: int, *, train: bool, seed: int = 0,
+                   device: str | torch.device = "cpu", workers: int | None = None) -> Any:
+    """A DataLoader over a map-style dataset (e.g. an ImageFolder with its transforms).
+
+    Training: shuffled (a DistributedSampler under torch.distributed), last partial batch
+    dropped. Evaluation: in order. ``workers`` defaults to ``HMQAT_WORKERS`` or min(8, CPUs);
+    memory is pinned on CUDA.
+    """
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from . import distributed as hdist
+
+    if workers is None:
+        workers = int(os.environ.get("HMQAT_WORKERS", min(8, os.cpu_count() or 1)))
+    sampler = (DistributedSampler(ds, seed=seed, shuffle=True)
+               if train and hdist.is_distributed() else None)
+    return DataLoader(ds, batch_size, shuffle=train and sampler is None, sampler=sampler,
+                      num_workers=workers, pin_memory=torch.device(device).type == "cuda",
+                      drop_last=train, generator=torch.Generator().manual_seed(seed),
+                      persistent_workers=workers > 0)
+
+
 def finetune(arch: str, train_data: Any, test_data: Any, cfg: TrainConfig, *,
              batch_size: int = 128, device: str | torch.device | None = None,
-             pretrained: bool = True) -> tuple[nn.Module, list[dict[str, Any]]]:
+             pretrained: bool = True, num_classes: int | None = None,
+             sync_bn: bool | None = None) -> tuple[nn.Module, list[dict[str, Any]]]:
     """FP32 fine-tune of a (pretrained) model on ``train_data``; resumable via ``cfg.checkpoint``.
+
+    ``train_data``/``test_data`` are :class:`hmqat.data.TensorImages` or map-style datasets
+    (e.g. an ImageFolder; loaders of ``batch_size`` per process are built here, sharded under
+    torch.distributed), or ready loaders such as those of :func:`hmqat.data.imagenet_loaders`.
+    ``num_classes`` defaults to the number of classes of the data. ``sync_bn`` overrides
+    ``cfg.sync_bn`` (see :func:`fit`).
 
     Needed for the JPEG mirror, whose artefacts cost the published CIFAR weights ~10 points.
     A finished checkpoint makes a rerun return at once (the loop has no epochs left).
     """
+    from torch.utils.data import Dataset
+
     from . import data as hdata
+    from . import distributed as hdist
     from .models import create_model
 
     dev = resolve_device(device)
     seed_everything(cfg.seed)
-    model = create_model(arch, pretrained=pretrained).to(dev)
-    loader = hdata.make_loader(train_data, batch_size, train=True, seed=cfg.seed, drop_last=True,
-                               device=dev)
-    test_loader = hdata.make_loader(test_data, 500, device=dev)
-    info = {"arch": arch, "pretrained": pretrained, "data": train_data.source,
-            "n_train": len(train_data), "batch_size": batch_size}
+    if sync_bn is not None:
+        cfg = replace(cfg, sync_bn=sync_bn)
+    n_cls = num_classes if num_classes is not None else _infer_num_classes(train_data)
+    model = create_model(arch, pretrained=pretrained, num_classes=n_cls).to(dev)
+    info: dict[str, Any] = {"arch": arch, "pretrained": pretrained}
+    if isinstance(train_data, hdata.TensorImages):
+        loader = hdata.make_loader(train_data, batch_size, train=True, seed=cfg.seed,
+                                   drop_last=True, device=dev, rank=hdist.rank(),
+                                   world_size=hdist.world_size())
+        info.update(data=train_data.source, n_train=len(train_data),
+                    batch_size=batch_size * hdist.world_size())  # global batch
+    else:
+        loader = (dataset_loader(train_data, batch_size, train=True, seed=cfg.seed, device=dev)
+                  if isinstance(train_data, Dataset) else train_data)
+        ds = getattr(loader, "dataset", None)
+        info.update(data=str(getattr(ds, "source", getattr(ds, "root", type(loader).__name__))),
+                    n_train=len(ds) if ds is not None else None,
+                    batch_size=(getattr(loader, "batch_size", None) or 0) * hdist.world_size(),
+                    num_classes=n_cls)
+    if isinstance(test_data, hdata.TensorImages):
+        test_loader = hdata.make_loader(test_data, 500, device=dev)
+    elif isinstance(test_data, Dataset):
+        test_loader = dataset_loader(test_data, batch_size, train=False, device=dev)
+    else:
+        test_loader = test_data
     history = fit(model, loader, test_loader, cfg, device=dev, run_info=info)
     return model, history
 
@@ -416,24 +589,33 @@ def qat(fp32_model: nn.Module, bit_config: dict[str, int], train_loader: Any,
         val_loader: Iterable | None, cfg: TrainConfig, *, a_bits: int = 4,
         policy: str = "first_last_8", per_channel: bool = True, init: str = "lsq",
         calib_batches: Iterable | None = None, callbacks: Iterable[Callback] = (),
-        device: str | torch.device | None = None, run_info: dict[str, Any] | None = None
-        ) -> tuple[nn.Module, list[dict[str, Any]]]:
+        device: str | torch.device | None = None, run_info: dict[str, Any] | None = None,
+        sync_bn: bool | None = None) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Quantization-aware training from an FP32 model (LSQ; DESIGN.md §2 "Quantizer").
 
     Builds a quantized copy with :func:`hmqat.quant.quantize_model` (the FP32 model is left
     untouched), initialises the activation steps on ``calib_batches`` (default: the first two
     training batches), then trains with :func:`fit`. Transition schedules, oscillation handling
     and distillation come in as ``callbacks`` (see :mod:`hmqat.transitions`).
+
+    Under torch.distributed the training loader is sharded first (see :func:`fit`), every
+    rank calibrates on its own ``calib_batches`` (default: its first two shard batches) and
+    :func:`fit` then wraps the model in DDP, whose constructor broadcasts rank 0's steps; pass
+    the same ``calib_batches`` on every rank to get the single-process calibration.
+    ``sync_bn`` overrides ``cfg.sync_bn`` (BN policy: see :func:`fit`).
     """
+    from . import distributed as hdist
     from .quant import calibrate_activations, quantize_model
 
     dev = resolve_device(device) if device is not None else next(fp32_model.parameters()).device
     seed_everything(cfg.seed)
+    if sync_bn is not None:
+        cfg = replace(cfg, sync_bn=sync_bn)
     qmodel = quantize_model(fp32_model, bit_config, a_bits=a_bits, policy=policy,
                             per_channel=per_channel, init=init).to(dev)
+    train_loader = hdist.shard_train_loader(train_loader)  # before DataLoader workers start
     if calib_batches is None:
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(0)
+        _set_epoch(train_loader, 0)
         calib_batches = [b for _, b in zip(range(2), train_loader)]
     calibrate_activations(qmodel, calib_batches)
     info = {"bit_config": dict(bit_config), "a_bits": a_bits, "policy": policy,

@@ -36,6 +36,7 @@ device = "auto"
 batch_size = 128
 bits = [2, 3, 4, 5, 6, 8]
 policy = "first_last_8"
+init = "mse"
 calib_samples = 1024
 calib_batch = 256
 trace_tol = 0.1
@@ -88,7 +89,8 @@ reporting.write_table(table, study.tables / "layer_traces",
 
 # %%
 variants = ["joint", "trace_size", "trace", "size_only", "random"]
-omegas = {v: sensitivity.omega_table(model, traces, bits=bits, variant=v, seed=seed)
+omegas = {v: sensitivity.omega_table(model, traces, bits=bits, variant=v, seed=seed,
+                                       method=init)
           for v in variants}
 for v, om in omegas.items():
     om.to_csv(study.path("data", f"omega_{v}.csv"))
@@ -103,7 +105,8 @@ held_out = data.calibration_batches(study.data("test"), n_samples=val_samples, b
                                     seed=seed + 1, device=study.dev)
 fixed = quant.fixed_layers(model, policy)
 per_config, summary = sensitivity.validate_omega(model, omegas, held_out, n_configs=val_configs,
-                                                 bits=bits, fixed=fixed, seed=seed)
+                                                 bits=bits, fixed=fixed, seed=seed,
+                                                 method=init)
 per_config.to_csv(study.path("data", "omega_validation.csv"), index=False)
 reporting.write_table(summary, study.tables / "omega_spearman",
                       caption=f"Spearman rho between sum of Omega and the measured loss increase "

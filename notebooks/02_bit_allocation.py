@@ -35,7 +35,6 @@ n_candidates = 2000
 # %%
 import time
 
-import numpy as np
 import pandas as pd
 
 from hmqat import models, plotting, quant, reporting, search
@@ -46,7 +45,7 @@ study = Study(results_dir, profile=profile, arch=arch, dataset=dataset, seed=see
 model = study.fp32_model()
 omega = pd.read_csv(study.path("data", "omega_joint.csv"), index_col=0)
 omega.columns = [int(c) for c in omega.columns]
-acct = search.model_inputs(model, a_bits=a_bits, policy=policy)  # n_params, MACs, fixed layers...
+acct = search.model_inputs(model, a_bits=a_bits, policy=policy, input_size=study.input_size)  # n_params, MACs, fixed layers...
 fixed = acct["fixed"]
 kw = dict(macs=acct["macs"], a_bits=acct["a_bits"], fixed=fixed,
           other_params=acct["other_params"], fp32_params=acct["fp32_params"])
@@ -108,19 +107,11 @@ comparison
 # ## 4. Pictures: the frontier among random configurations, and the chosen bit widths
 
 # %%
-rng = np.random.default_rng(seed)
-free = [l for l in omega.index if l not in fixed]
-cands = []
-for _ in range(n_candidates):
-    cfg = {**fixed, **{l: int(rng.choice(bits)) for l in free}}
-    a = search.evaluate_config(cfg, omega, acct["n_params"], **kw)
-    cands.append({"size_mb": a.size_mb, "omega": a.omega})
-cands = pd.DataFrame(cands)
-uniform_pts = pd.DataFrame([
-    {"label": f"W{b}", "size_mb": search.evaluate_config(quant.uniform_config(model, b, policy=policy),
-                                                        omega, acct["n_params"], **kw).size_mb,
-     "omega": search.evaluate_config(quant.uniform_config(model, b, policy=policy), omega,
-                                     acct["n_params"], **kw).omega} for b in bits])
+cands = search.random_points(omega, acct["n_params"], bits, n=n_candidates, seed=seed, **kw)
+uniform = {f"W{b}": quant.uniform_config(model, b, policy=policy) for b in bits}
+uniform_pts = pd.DataFrame([{"label": k, **vars(search.evaluate_config(c, omega, acct["n_params"],
+                                                                      **kw))}
+                            for k, c in uniform.items()])
 with plotting.use_style():
     fig = plotting.plot_frontier(cands, frontier.points, picked, uniform=uniform_pts,
                                  title="Exact Pareto frontier of model size vs ΣΩ",

@@ -28,6 +28,7 @@ device = "auto"
 batch_size = 128
 a_bits = 4
 policy = "first_last_8"
+init = "mse"
 qat_epochs = 1
 qat_lr = 0.004
 step_lr = 0.0004
@@ -37,8 +38,6 @@ recipe = {}
 max_steps_per_epoch = 100
 
 # %%
-import hashlib
-import json
 import time
 
 import pandas as pd
@@ -67,22 +66,21 @@ runs += [(f"uniform W{w}A{a}", quant.uniform_config(fp32, w, policy=policy), a, 
 
 
 def run_one(label, config, a, kind):
-    spec = json.dumps({"config": config, "a": a, "recipe": recipe}, sort_keys=True)
-    slug = hashlib.sha256(spec.encode()).hexdigest()[:12]
+    ckpt_name, run_info = study.qat_run_id(config, a, recipe, init)
     cfg = train.TrainConfig(epochs=qat_epochs, lr=qat_lr, step_lr=step_lr, weight_decay=qat_wd,
                             seed=seed, max_steps_per_epoch=max_steps_per_epoch,
-                            checkpoint=str(study.path("checkpoints", f"qat-{slug}.pt")))
+                            checkpoint=str(study.path("checkpoints", ckpt_name)))
     t0 = time.perf_counter()
     qmodel, hist = train.qat(fp32, config, study.train_loader(), study.test_loader(), cfg,
-                             a_bits=a, policy=policy,
+                             a_bits=a, policy=policy, init=init,
                              callbacks=transitions.make_callbacks(the_recipe, teacher=fp32),
-                             device=study.dev, run_info={"label_free_spec": spec})
+                             device=study.dev, run_info=run_info)
     ev = train.evaluate(qmodel, study.test_loader())
     row = {"label": label, "kind": kind, "a_bits": a, "top1": ev["top1"], "loss": ev["loss"],
            "size_mb": quant.model_size_mb(qmodel), "compression": quant.compression_ratio(qmodel),
            "bops": quant.bops(qmodel), "avg_bits": search.average_bits(config, n_params),
            "search_ms": picks.get(label, {}).get("search_ms", float("nan")),
-           "wall_s": time.perf_counter() - t0, "slug": slug, "history": hist, "config": config}
+           "wall_s": time.perf_counter() - t0, "checkpoint": ckpt_name, "history": hist, "config": config}
     return qmodel, row
 
 

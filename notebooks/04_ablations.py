@@ -34,6 +34,7 @@ batch_size = 128
 bits = [2, 3, 4, 5, 6, 8]
 a_bits = 4
 policy = "first_last_8"
+init = "mse"
 ablation_compression = 10.34
 ablation_epochs = 1
 qat_lr = 0.004
@@ -69,7 +70,7 @@ table = ablation.run_ablations(
     run_dir=study.path("checkpoints", "ablation"), min_compression=ablation_compression,
     primary="joint", bits=bits, random_seeds=random_seeds, fixed=acct["fixed"],
     other_params=acct["other_params"], fp32_params=acct["fp32_params"], a_bits=a_bits,
-    policy=policy, device=study.dev)
+    policy=policy, init=init, device=study.dev)
 table.to_csv(study.path("data", "ablation_runs.csv"), index=False)
 summary = ablation.summarize(table)
 reporting.write_table(summary, study.tables / "ablation",

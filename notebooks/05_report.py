@@ -39,9 +39,10 @@ rows = pd.concat([pd.DataFrame([{"config": "FP32 (fine-tuned)", "avg_bits": 32.0
                                  "size_mb": fp32["fp32_size_mb"], "compression": 1.0,
                                  "bops": float("nan"), "top1": fp32["top1"],
                                  "search_ms": float("nan")}]),
-                  qat.rename(columns={"label": "config"})[["config", "avg_bits", "size_mb",
+                  qat.drop(columns="config").rename(columns={"label": "config"})[["config", "avg_bits", "size_mb",
                                                            "compression", "bops", "top1",
-                                                           "search_ms"]]])
+                                                           "search_ms"]]],
+                 ignore_index=True)
 headline = reporting.headline_table(rows, fp32_top1=fp32["top1"])
 paths = reporting.write_table(headline, study.tables / "headline",
                               caption=f"{arch}: mixed-precision (HMQAT reconstruction) vs uniform "

@@ -10,7 +10,7 @@ import struct
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from hmqat import export, quant
 from hmqat.models import create_model
@@ -55,6 +55,24 @@ def _mixed_model() -> tuple[nn.Module, nn.Module, dict[str, int]]:
 @pytest.fixture(scope="module")
 def mixed():
     return _mixed_model()
+
+
+def test_infer_arch() -> None:
+    assert export.infer_arch(create_model("resnet32", num_classes=7)) == ("resnet32", 7)
+    assert export.infer_arch(create_model("resnet18", num_classes=4)) == ("resnet18", 4)
+    assert export.infer_arch(nn.Linear(2, 2)) is None
+
+
+def test_torchvision_resnet18_roundtrip_without_arch(tmp_path) -> None:
+    torch.manual_seed(0)
+    fp = create_model("resnet18", num_classes=4)
+    qm = quant.quantize_model(fp, quant.uniform_config(fp, 3), a_bits=4)
+    quant.calibrate_activations(qm, [torch.randn(2, 3, 32, 32)])
+    path = tmp_path / "r18.hmq"
+    export.save_packed(qm, path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(export.load_packed(path)(x), qm.eval()(x))
 
 
 def test_roundtrip_outputs_exact_and_size(mixed, tmp_path) -> None:
@@ -116,9 +134,16 @@ def test_save_and_load_errors(mixed, tmp_path) -> None:
     with pytest.raises(ValueError, match=r"conv1.act_quantizer is not initialised"):
         export.save_packed(fresh, tmp_path / "x.hmq")
     path = tmp_path / "noarch.hmq"
-    export.save_packed(qm, path)
+    small = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    qsmall = quant.quantize_model(small, {"0": 8, "2": 4}, a_bits=None, policy="none")
+    export.save_packed(qsmall, path)
     with pytest.raises(ValueError, match=r"records no arch; pass the FP32 model"):
         export.load_packed(path)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(export.load_packed(path, small)(x), qsmall.eval()(x))
+    path = tmp_path / "inferred.hmq"
+    export.save_packed(qm, path)            # arch inferred from the model
     with pytest.raises(ValueError, match=r"layer 'linear' \(weight \[10, 64\]\) is missing "
                                          r"from or has another shape"):
         export.load_packed(path, create_model("resnet20", num_classes=100))

@@ -71,7 +71,7 @@ def test_unknown_profile_and_notebook(tmp_path):
 def test_every_profile_sets_every_declared_parameter():
     import papermill as pm
 
-    for profile in ("smoke", "quick", "paper"):
+    for profile in ("smoke", "quick", "paper", "imagenet"):
         cfg = pipeline.load_params(profile)
         for nb in pipeline.NOTEBOOKS:
             declared = list(pm.inspect_notebook(str(ROOT / "notebooks" / f"{nb}.ipynb")))
