@@ -280,6 +280,13 @@ def cache_key(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tens
     return h.hexdigest()
 
 
+def _describe(fn: Callable) -> str:
+    """A session-independent name for the criterion (repr of a module, else its qualified name)."""
+    if isinstance(fn, nn.Module):
+        return repr(fn)
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+
+
 def _cache_path(cache_dir: str | os.PathLike, key: str) -> Path:
     return Path(cache_dir) / f"traces-{key[:24]}.json"
 
@@ -525,7 +532,7 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
     infos = _select_layers(model, layers, (1,) + tuple(batches[0][0].shape[1:]), home)
     settings = {"layers": [i.name for i in infos], "tol": float(tol), "max_probes": max_probes,
                 "min_probes": r_min, "seed": seed, "probe": probe, "micro_batch": mb,
-                "criterion": repr(criterion), "version": VERSION}
+                "criterion": _describe(criterion), "version": VERSION}
     key = path = None
     if cache_dir is not None:
         key = cache_key(model, batches, settings)
