@@ -15,24 +15,30 @@ independently, so the calibration-set trace is estimated without data-sampling v
 measures the probe noise only. The estimand is the trace of the Hessian of the loss on *these*
 batches; how well they represent the data set is the caller's choice of ``n_samples``.
 
-Measured choices (ResNet-20, pretrained, CIFAR-10 JPEG, 2-core CPU; benchmarks/hessian_traces.py):
+Measured choices (pretrained ResNet-20, CIFAR-10 JPEG mirror, 2-core shared CPU, 1 thread;
+``benchmarks/hessian_traces.py`` reproduces the numbers in results/bench/hessian_traces.txt):
 
-* ``probe="layer"`` (default): one HVP per layer with v restricted to that layer's weights and the
-  second backward taken w.r.t. that layer only. DESIGN §2's single HVP over all layers
-  (``probe="joint"``) gives every block at once, but each block's sample then carries the
-  cross-block terms v_iᵀ H_ij v_j of all other layers: on ResNet-20 they raise the per-sample
-  variance 12–130× (the last linear layer the most), which costs far more than the ≈5× extra
-  HVP time of per-layer probes (late layers' HVPs are cheap: the second backward stops at them).
-* Independent probes per batch (stratified) rather than one probe shared by all batches (PyHessian):
-  the shared probe's errors are correlated across batches, so a full pass gives one sample instead of
-  n_batches; measured ≈10× fewer passes for the worst layer.
-* ``micro_batch="auto"`` = 16 images on CPU: the probe variance hardly falls with the batch size
-  while the cost grows linearly, so more, smaller strata reach a given SE with fewer images
-  processed (measured 3–7× fewer than batches of 128–256). On other devices "auto" keeps the
-  caller's batches (small batches waste a GPU; not measured here).
-* One first-order graph (create_graph) per batch is reused for all HVPs of that batch; the number
-  of probes in each sweep is predicted per layer from its current SE (SE ∝ 1/sqrt(samples)).
-* Converged layers stop being probed (per-layer adaptive stopping).
+* Independent probes per batch (stratified), not one probe shared by all batches (PyHessian's
+  dataloader mode): a shared probe's errors are correlated across batches, so a pass over the data
+  yields one sample instead of n_batches (an exploratory run on 16 batches of 128: ≈10× fewer
+  passes for the worst layer).
+  Shared-probe means over a few probes are also skewed low: vᵀHv = Σ_k λ_k (u_kᵀv)² + … is
+  right-skewed when outlier eigenvalues carry much of the trace.
+* ``probe="layer"`` (default): one HVP per layer, v and the second backward restricted to that
+  layer's weights. DESIGN §2's single HVP over all layers (``probe="joint"``) gives every block at
+  once, but each block's sample then carries the cross-block terms v_iᵀ H_ij v_j of every other
+  layer: 5–67× (median ≈12×) more variance per sample, far more than the ≈5× HVP time of
+  per-layer probes (a late layer's second backward stops at that layer, so it is cheap).
+* ``micro_batch="auto"`` = 16 images on CPU: the per-sample variance falls roughly like 1/B only
+  below ≈16–32 images (the probe noise of the block structure dominates above), while the time is
+  linear in B, so batches of 16 reach the target ≈2× faster than batches of 128 (8 and 16 tie).
+  On other devices "auto" keeps the caller's batches (small batches waste a GPU; not measured).
+* One first-order graph (create_graph) per batch serves all of that batch's HVPs (≈1.4× per HVP).
+  Several probes per backward (is_grads_batched / vmap) and channels_last were not faster here.
+* Converged layers stop being probed; each sweep schedules 0.8× the probes the current SE predicts
+  (SE ∝ 1/sqrt(samples)), so few sweeps are needed and the overshoot is small.
+* Sequential stopping on an estimated SE has the usual small selection effect; the estimate
+  matches exact block traces on small nets (tests/test_hessian.py).
 
     >>> from hmqat import data, hessian, models
     >>> model = models.create_model("resnet20", pretrained=True)
@@ -51,19 +57,28 @@ import numbers
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .models import LayerInfo, quantizable_layers
 
-__all__ = ["HessianError", "layer_traces", "hessian_vector_product", "rademacher",
-           "group_product", "cache_key", "PROBE_MODES", "CPU_MICRO_BATCH"]
+__all__ = [
+    "CPU_MICRO_BATCH",
+    "PROBE_MODES",
+    "HessianError",
+    "cache_key",
+    "group_product",
+    "hessian_vector_product",
+    "layer_traces",
+    "rademacher",
+]
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +273,7 @@ def measurement_mode(model: nn.Module, params: Sequence[nn.Parameter],
 # --------------------------------------------------------------------------------------------
 # Cache (DESIGN §6: keyed by a hash of the inputs, atomic writes)
 # --------------------------------------------------------------------------------------------
-def _hash_tensor(h: "hashlib._Hash", t: torch.Tensor) -> None:
+def _hash_tensor(h: hashlib._Hash, t: torch.Tensor) -> None:
     t = t.detach().to("cpu").contiguous()
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
     if t.numel():
@@ -326,12 +341,10 @@ def _write_cache(path: Path, df: pd.DataFrame) -> None:
 # Progress (tqdm; plain text when headless, DESIGN §6)
 # --------------------------------------------------------------------------------------------
 def _in_notebook() -> bool:
-    shell = sys.modules.get("IPython")
-    try:
-        return shell is not None and \
-            type(shell.get_ipython()).__name__ == "ZMQInteractiveShell"  # type: ignore[attr-defined]
-    except Exception:
-        return False
+    """True inside a Jupyter kernel (where tqdm.auto would draw a widget)."""
+    ipython = sys.modules.get("IPython")
+    get = getattr(ipython, "get_ipython", None)
+    return get is not None and type(get()).__name__ == "ZMQInteractiveShell"
 
 
 def _progress(enabled: bool, desc: str, total: int, unit: str = "hvp") -> Any:

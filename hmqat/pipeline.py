@@ -356,6 +356,18 @@ class Study:
                           sort_keys=True)
         return f"qat-{hashlib.sha256(spec.encode()).hexdigest()[:12]}.pt", {"label_free_spec": spec}
 
+    def omega(self, variant: str = "joint"):
+        """The Ω table notebook 01 wrote for ``variant`` (index: layers, columns: int bits)."""
+        import pandas as pd
+
+        p = self.path("data", f"omega_{variant}.csv")
+        if not p.exists():
+            raise PipelineError(f"{p} not found: run notebook 01_sensitivity of the "
+                                f"{self.profile} profile first")
+        table = pd.read_csv(p, index_col=0)
+        table.columns = [int(c) for c in table.columns]
+        return table
+
     # small JSON results ----------------------------------------------------------------------
     def save_json(self, name: str, obj: Any) -> Path:
         from .reporting import atomic_write_json

@@ -38,20 +38,28 @@ import math
 import numbers
 import os
 import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn as nn
 from scipy import stats
+from torch import nn
 
 from . import quant
 from .hessian import _check_batches, _progress, _select_layers
 
-__all__ = ["VARIANTS", "SensitivityError", "omega_table", "weight_perturbation",
-           "omega_to_json", "omega_from_json", "sample_configs", "validate_omega"]
+__all__ = [
+    "VARIANTS",
+    "SensitivityError",
+    "omega_from_json",
+    "omega_table",
+    "omega_to_json",
+    "sample_configs",
+    "validate_omega",
+    "weight_perturbation",
+]
 
 VARIANTS = ("joint", "trace_size", "trace", "size_only", "random")
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)

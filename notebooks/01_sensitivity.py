@@ -78,7 +78,9 @@ with plotting.use_style():
 table = traces.reset_index()[["layer", "n_params", "avg_trace", "avg_trace_se", "rel_se", "probes"]]
 reporting.write_table(table, study.tables / "layer_traces",
                       caption="Per-layer average Hessian trace (Hutchinson, mean ± SE)",
-                      data_label=study.data_label, profile=profile)
+                      data_label=study.data_label, profile=profile,
+                      float_format={"avg_trace": "{:.3e}", "avg_trace_se": "{:.1e}",
+                                    "rel_se": "{:.3f}"})
 
 # %% [markdown]
 # ## 2. The Ω table
@@ -111,7 +113,8 @@ per_config.to_csv(study.path("data", "omega_validation.csv"), index=False)
 reporting.write_table(summary, study.tables / "omega_spearman",
                       caption=f"Spearman rho between sum of Omega and the measured loss increase "
                               f"over {val_configs} random post-training bit configs",
-                      data_label=study.data_label, profile=profile)
+                      data_label=study.data_label, profile=profile,
+                      float_format={"spearman_p": "{:.1e}", "partial_p": "{:.2f}"})
 print(f"validation: {time.perf_counter() - t0:.0f} s")
 summary
 

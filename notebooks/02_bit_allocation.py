@@ -43,8 +43,7 @@ from hmqat.pipeline import Study
 study = Study(results_dir, profile=profile, arch=arch, dataset=dataset, seed=seed, device=device,
               batch_size=batch_size, n_synthetic=n_synthetic)
 model = study.fp32_model()
-omega = pd.read_csv(study.path("data", "omega_joint.csv"), index_col=0)
-omega.columns = [int(c) for c in omega.columns]
+omega = study.omega("joint")
 acct = search.model_inputs(model, a_bits=a_bits, policy=policy, input_size=study.input_size)  # n_params, MACs, fixed layers...
 fixed = acct["fixed"]
 kw = dict(macs=acct["macs"], a_bits=acct["a_bits"], fixed=fixed,
@@ -100,7 +99,8 @@ comparison = pd.DataFrame(rows)
 reporting.write_table(comparison, study.tables / "search_comparison",
                       caption="Sum of Omega reached by each allocation method at the same size "
                               "budget, and its search time", data_label=study.data_label,
-                      profile=profile)
+                      profile=profile,
+                      float_format={"omega": "{:.4g}", "size_mb": "{:.4f}", "search_ms": "{:.2f}"})
 comparison
 
 # %% [markdown]

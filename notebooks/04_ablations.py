@@ -44,19 +44,13 @@ random_seeds = [0, 1, 2]
 max_steps_per_epoch = 50
 
 # %%
-import pandas as pd
-
 from hmqat import ablation, plotting, reporting, search, train
 from hmqat.pipeline import Study
 
 study = Study(results_dir, profile=profile, arch=arch, dataset=dataset, seed=seed, device=device,
               batch_size=batch_size, n_synthetic=n_synthetic)
 fp32 = study.fp32_model()
-omegas = {}
-for v in ("joint", "trace_size", "trace", "size_only", "random"):
-    om = pd.read_csv(study.path("data", f"omega_{v}.csv"), index_col=0)
-    om.columns = [int(c) for c in om.columns]
-    omegas[v] = om
+omegas = {v: study.omega(v) for v in ("joint", "trace_size", "trace", "size_only", "random")}
 acct = search.model_inputs(fp32, a_bits=a_bits, policy=policy)
 cfg = train.TrainConfig(epochs=ablation_epochs, lr=qat_lr, step_lr=step_lr, weight_decay=qat_wd,
                         seed=seed, max_steps_per_epoch=max_steps_per_epoch)
