@@ -4,7 +4,8 @@ standard error <= tol (5 %) on EVERY layer's trace, against the PyHessian/HAWQ-V
     HMQAT_DATA_DIR=../shared/data/cifar10-jpeg HMQAT_WEIGHTS_DIR=../shared/weights/cifar10 \\
         .venv/bin/python benchmarks/hessian_traces.py        # writes results/bench/hessian_traces.txt
 
-Without HMQAT_DATA_DIR: random-weight ResNet-20 on synthetic data (a smoke run, smaller set).
+Without HMQAT_DATA_DIR: random-weight ResNet-20 on synthetic data (a smoke run: 256 images,
+tol 0.2).
 
 Measured side by side in one process, on the same calibration batches (estimand: the Hessian
 of the mean loss over them, BN in eval mode):
@@ -26,8 +27,11 @@ of the mean loss over them, BN in eval mode):
       skewness 1.15 over 64 probes), so the mean of a handful of shared probes is usually low
       and its SE too small; averaging independent probes over the batches removes that. (a)'s
       whole-model numbers are printed for reference.
-  (d) lever check: hmqat with probe="joint" (DESIGN §2's single HVP over all layers) for
-      --joint-probes probes per batch, extrapolated to tol the same way as (a).
+  (d) levers behind the defaults: hmqat with probe="joint" (DESIGN §2's single HVP over all
+      layers) for --joint-probes probes per batch, extrapolated to tol like (a); micro-batches of
+      16 vs 128 images (interleaved on the same --lever-samples images: per-layer per-sample
+      variance and per-layer HVP time give the need-based time Σ_i (CV_i/tol)²·t_i); the time of
+      an HVP on a kept first-order graph vs a fresh one.
 The CPU is shared with other jobs: the load average is printed; timings in one run are comparable
 with each other, not across runs.
 """
@@ -45,15 +49,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn as nn
 from scipy import stats
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hmqat import data, hessian  # noqa: E402
-from hmqat.models import create_model, quantizable_layers  # noqa: E402
-from hmqat.reporting import atomic_write_text  # noqa: E402
+from hmqat import data, hessian
+from hmqat.models import create_model, quantizable_layers
+from hmqat.reporting import atomic_write_text
 
 LINES: list[str] = []
 
@@ -161,15 +165,52 @@ def graph_reuse_times(model: nn.Module, batch, names: list[str], reps: int = 3):
     return float(np.median(fresh)), float(np.median(reused))
 
 
+def micro_batch_need(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str],
+                     sizes: tuple[int, ...], probes: int, tol: float, seed: int) -> dict[int, float]:
+    """Need-based seconds to reach tol on every layer with per-layer probes at each micro-batch
+    size: Σ_i (CV_i/tol)²·t_i, CV_i² the within-batch per-sample variance over the squared trace
+    (pooled over sizes) and t_i the measured seconds per HVP; sizes interleaved chunk by chunk."""
+    modules = dict(model.named_modules())
+    params = [modules[n].weight for n in names]
+    crit = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(seed)
+    n, big = x.shape[0], max(sizes)
+    vals = {b: np.zeros((n // b, probes, len(names))) for b in sizes}
+    secs = {b: np.zeros(len(names)) for b in sizes}
+    with hessian.measurement_mode(model, params, torch.device("cpu")):
+        for c in range(0, n - big + 1, big):
+            for b in sizes:
+                for s in range(c, c + big, b):
+                    g = torch.autograd.grad(crit(model(x[s:s + b]), y[s:s + b]), params,
+                                            create_graph=True)
+                    for i, p in enumerate(params):
+                        for k in range(probes):
+                            v = hessian.rademacher(p.shape, gen)
+                            t = time.perf_counter()
+                            hv = hessian.hessian_vector_product([g[i]], [p], [v])
+                            secs[b][i] += time.perf_counter() - t
+                            vals[b][s // b, k, i] = hessian.group_product(hv, [v])[0]
+                    del g
+    trace = np.mean([vals[b].mean((0, 1)) for b in sizes], axis=0)
+    out = {}
+    for b in sizes:
+        cv2 = vals[b].var(1, ddof=1).mean(0) / trace ** 2
+        out[b] = float((cv2 / tol ** 2 * secs[b] / vals[b].shape[0] / probes).sum())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n-samples", type=int, default=None, help="calibration images "
                     "(default 1024 real, 256 synthetic)")
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--tol", type=float, default=0.05)
+    ap.add_argument("--tol", type=float, default=None,
+                    help="target relative SE (default 0.05; 0.2 for the synthetic smoke run)")
     ap.add_argument("--ref-probes", type=int, default=5)
     ap.add_argument("--pyhessian-probes", type=int, default=3, help="probes per batch")
     ap.add_argument("--joint-probes", type=int, default=3)
+    ap.add_argument("--lever-samples", type=int, default=512,
+                    help="images for the micro-batch comparison (0 skips it)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench" / "hessian_traces.txt")
     args = ap.parse_args()
@@ -177,6 +218,8 @@ def main() -> None:
     pd.set_option("display.width", 160)
 
     model, batches, label = setup(args.n_samples, args.batch_size, args.seed)
+    if args.tol is None:
+        args.tol = 0.05 if os.environ.get("HMQAT_DATA_DIR") else 0.2
     names = [i.name for i in quantizable_layers(model)]
     say(f"# hmqat.hessian benchmark  ({time.strftime('%Y-%m-%d %H:%M')})")
     say(f"data/model: {label}; {len(batches)} batches of {args.batch_size}; tol={args.tol}")
@@ -199,8 +242,8 @@ def main() -> None:
     mean, se = X.mean(0), X.std(0, ddof=1) / math.sqrt(len(X))
     rel = se / np.abs(mean)
     need, t_need, (t_lo, t_hi) = extrapolate(rel, len(X), args.tol, t_ref / len(X))
-    say(f"\n## (a) reference (PyHessian-style: one probe at a time, fresh double backward per "
-        f"batch)")
+    say("\n## (a) reference (PyHessian-style: one probe at a time, fresh double backward per "
+        "batch)")
     say(f"{len(X)} probes = {ref_hvps} HVPs in {t_ref:.1f} s ({t_ref / ref_hvps:.2f} s per HVP at "
         f"batch {args.batch_size}, {t_ref / len(X):.1f} s per probe)")
     worst = int(np.argmax(rel))
@@ -238,9 +281,9 @@ def main() -> None:
                               probe="joint", min_probes=min(2, args.joint_probes),
                               max_probes=args.joint_probes)
     r_j = int(dj["probes"].max())
-    need_j, t_need_j, (tj_lo, tj_hi) = extrapolate(dj["rel_se"].to_numpy(), r_j, args.tol,
+    _, t_need_j, (tj_lo, tj_hi) = extrapolate(dj["rel_se"].to_numpy(), r_j, args.tol,
                                                    dj.attrs["wall_s"] / r_j)
-    say(f"\n## (d) levers")
+    say("\n## (d) levers")
     say(f"probe='joint' (one HVP over all active layers, same micro-batches): {r_j} probes per "
         f"batch, {dj.attrs['hvps']} HVPs in {dj.attrs['wall_s']:.1f} s, worst rel_se "
         f"{dj['rel_se'].max():.3f} ({dj['rel_se'].idxmax()}); EXTRAPOLATED to {args.tol}: "
@@ -250,6 +293,13 @@ def main() -> None:
     say(f"per-sample variance joint/layer (same micro-batches): median {per_sample.median():.1f}"
         f"x, range {per_sample.min():.1f}-{per_sample.max():.1f}x (cross-block terms "
         f"v_i'H_ij v_j)")
+    if args.lever_samples >= 128:
+        x = torch.cat([b[0] for b in batches])[:args.lever_samples]
+        y = torch.cat([b[1] for b in batches])[:args.lever_samples]
+        need = micro_batch_need(model, x, y, names, (16, 128), 3, args.tol, args.seed + 3)
+        say(f"micro-batch 16 vs 128 (per-layer probes, {x.shape[0]} images, 3 probes per batch, "
+            f"interleaved): need-based time to {args.tol} {need[16]:.0f} s vs {need[128]:.0f} s "
+            f"({need[128] / need[16]:.2f}x)")
     fresh, reused = graph_reuse_times(model, batches[0], names)
     say(f"graph reuse at batch {args.batch_size}: fresh HVP {fresh:.2f} s, HVP on a kept graph "
         f"{reused:.2f} s ({fresh / reused:.2f}x)")

@@ -293,18 +293,20 @@ def quantizable_layers(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32
     for m in model.modules():
         if isinstance(m, QUANTIZABLE):
             hooks.append(m.register_forward_hook(hook))
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # restore each module's own flag
+    p = next(model.parameters(), None)
     if device is None:
-        p = next(model.parameters(), None)
         device = p.device if p is not None else "cpu"
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.get_default_dtype()
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(input_size, device=device))
+            model(torch.zeros(input_size, device=device, dtype=dtype))
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
     seen: set[str] = set()
     unique = []
     for info in order:  # a module called twice is listed once (first call)

@@ -68,3 +68,11 @@ def test_missing_weights_names_env_var(tmp_path, monkeypatch):
 def test_unknown_arch():
     with pytest.raises(ValueError, match="unknown arch 'vgg11'.*resnet20"):
         models.create_model("vgg11")
+
+
+def test_layer_listing_keeps_each_modules_mode_and_float64():
+    m = models.create_model("resnet20").double()
+    m.train()
+    m.bn1.eval()  # a caller's mixed modes (e.g. frozen BN) survive the listing
+    layers = models.quantizable_layers(m)
+    assert len(layers) == 20 and m.training and not m.bn1.training and m.layer1[0].bn1.training
