@@ -186,7 +186,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _comm_device() -> torch.device:
+def comm_device() -> torch.device:
     """Where collective buffers must live: the current GPU for NCCL, else the CPU."""
     if is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -197,7 +197,7 @@ def all_reduce_sum(values: Sequence[float]) -> list[float]:
     """Element-wise sum of ``values`` over all ranks (float64; identity without a group)."""
     if not is_initialized():
         return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_comm_device())
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
 
@@ -206,7 +206,7 @@ def all_reduce_min(value: int) -> int:
     """The smallest ``value`` over all ranks (e.g. steps per epoch, so no rank waits forever)."""
     if not is_initialized():
         return int(value)
-    t = torch.tensor([int(value)], dtype=torch.int64, device=_comm_device())
+    t = torch.tensor([int(value)], dtype=torch.int64, device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
 
@@ -216,7 +216,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src, device=_comm_device())
+    dist.broadcast_object_list(box, src=src, device=comm_device())
     return box[0]
 
 

@@ -67,6 +67,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from . import distributed as hdist
 from .models import LayerInfo, quantizable_layers
 
 __all__ = [
@@ -408,13 +409,15 @@ def _plan(rel: np.ndarray, r: np.ndarray, tol: float, max_probes: int) -> np.nda
 def _sweep(model: nn.Module, criterion: Callable, chunks: list[tuple[torch.Tensor, torch.Tensor]],
            params: list[nn.Parameter], plan: dict[int, int], groups: list[list[int]],
            gens: list[list[torch.Generator]], samples: _Samples, device: torch.device,
-           bar: Any) -> int:
-    """One pass over the batches: per batch one first-order graph, then ``plan[i]`` probes for
-    layer i; in each group the layers share one HVP (a group per layer for probe='layer', one
-    group of all active layers for 'joint'). Returns the number of HVPs."""
+           bar: Any, strata: Sequence[int] | None = None) -> int:
+    """One pass over the batches ``strata`` (global indices b; default all): per batch one
+    first-order graph, then ``plan[i]`` probes for layer i; in each group the layers share one
+    HVP (a group per layer for probe='layer', one group of all active layers for 'joint').
+    Returns the number of HVPs."""
     active = sorted(plan)
     hvps = 0
-    for b, (x, y) in enumerate(chunks):
+    for b in range(len(chunks)) if strata is None else strata:
+        x, y = chunks[b]
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         loss = criterion(model(x), y)
         grads = torch.autograd.grad(loss, [params[i] for i in active], create_graph=True,
@@ -433,6 +436,68 @@ def _sweep(model: nn.Module, criterion: Callable, chunks: list[tuple[torch.Tenso
     return hvps
 
 
+def _owned_strata(n_batches: int) -> range:
+    """The strata this rank probes: b ≡ rank (mod world size) (all of them in one process)."""
+    return range(hdist.rank(), n_batches, hdist.world_size())
+
+
+def _share_sweep(samples: _Samples, plan: dict[int, int], owned: Sequence[int]) -> None:
+    """After a sweep, give every rank the probe values x_ibk that the other ranks drew (Eq. H4).
+
+    Each rank writes its strata's ``plan[i]`` new values of layer i into a zero tensor
+    [layer, stratum, probe]; an all-reduce (SUM) over ranks then holds every value exactly
+    (x + 0 = x), so each rank's ``samples`` equal those of one process that probed all strata,
+    and the estimate, the stopping rule and the next sweep's plan are bit-identical on every
+    rank: no rank-local decision, hence no deadlock. A no-op without a process group.
+    """
+    if not hdist.is_distributed() or not plan:
+        return
+    import torch.distributed as dist
+
+    active = sorted(plan)
+    n_batches = len(samples.weights)
+    buf = torch.zeros(len(active), n_batches, max(plan.values()), dtype=torch.float64)
+    for j, i in enumerate(active):
+        for b in owned:
+            buf[j, b, :plan[i]] = torch.tensor(samples.data[i][b][-plan[i]:], dtype=torch.float64)
+    buf = buf.to(hdist.comm_device())
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    buf = buf.cpu()
+    mine = set(owned)
+    for j, i in enumerate(active):
+        for b in range(n_batches):
+            if b not in mine:
+                samples.data[i][b].extend(buf[j, b, :plan[i]].tolist())
+
+
+def _check_same_inputs(key: str) -> None:
+    """Raise HessianError on every rank when some rank's model, batches or settings (hashed into
+    ``key``) differ from rank 0's: the ranks would otherwise measure different things or block in
+    mismatched collectives."""
+    if not hdist.is_distributed():
+        return
+    ref = hdist.broadcast_object(key)
+    flags = [0.0] * hdist.world_size()
+    flags[hdist.rank()] = float(key != ref)
+    bad = [r for r, f in enumerate(hdist.all_reduce_sum(flags)) if f]
+    if bad:
+        raise HessianError(
+            f"layer_traces under torch.distributed: rank(s) {bad} hold other weights, calibration "
+            "batches or settings than rank 0 (their cache keys differ); pass every rank the same "
+            "full, deterministic calibration list (e.g. data.calibration_batches(ds, seed=0)), "
+            "the same model state and the same arguments")
+
+
+def _reduce_stats(wall_s: float, hvps: int) -> tuple[float, int]:
+    """(max wall time over ranks, total HVPs over ranks); the inputs without a process group."""
+    if not hdist.is_distributed():
+        return wall_s, hvps
+    walls = [0.0] * hdist.world_size()
+    walls[hdist.rank()] = wall_s
+    total = hdist.all_reduce_sum(walls + [float(hvps)])
+    return max(total[:-1]), round(total[-1])
+
+
 def _generators(names: Sequence[str], n_batches: int, seed: int) -> list[list[torch.Generator]]:
     """One CPU generator per (layer, batch), seeded from (seed, layer name, batch index): the k-th
     probe of a layer on a batch does not depend on the other layers, the sweeps or convergence."""
@@ -447,22 +512,28 @@ def _estimate(model: nn.Module, criterion: Callable, chunks: list[tuple[torch.Te
               infos: list[LayerInfo], params: list[nn.Parameter], *, tol: float, max_probes: int,
               min_probes: int, probe: str, seed: int, device: torch.device, progress: bool
               ) -> tuple[_Samples, dict[str, Any]]:
-    """Sweeps over the batches until every layer's relative SE <= tol or max_probes (Eq. H4)."""
+    """Sweeps over the batches until every layer's relative SE <= tol or max_probes (Eq. H4).
+    Under torch.distributed each rank probes its strata (:func:`_owned_strata`) and the sweep's
+    values are shared (:func:`_share_sweep`) before the stopping rule; the progress bar is rank
+    0's. The returned HVP count is this rank's."""
     sizes = np.array([x.shape[0] for x, _ in chunks], dtype=np.float64)
     samples = _Samples(sizes / sizes.sum(), len(infos))
     gens = _generators([i.name for i in infos], len(chunks), seed)
     plan = {i: min_probes for i in range(len(infos))}
+    owned = _owned_strata(len(chunks))
+    progress = progress and hdist.is_main()
     hvps = sweeps = 0
     while plan:
         groups = [[i] for i in sorted(plan)] if probe == "layer" else [sorted(plan)]
         if probe == "joint":   # one shared HVP: every active layer gets the largest plan
             plan = dict.fromkeys(plan, max(plan.values()))
-        total = len(chunks) * sum(max(plan[i] for i in g) for g in groups)
+        total = len(owned) * sum(max(plan[i] for i in g) for g in groups)
         bar = _progress(progress, f"hessian traces, sweep {sweeps + 1} ({len(plan)} layers)",
                         total)
         try:
             hvps += _sweep(model, criterion, chunks, params, plan, groups, gens, samples, device,
-                           bar)
+                           bar, owned)
+            _share_sweep(samples, plan, owned)
             sweeps += 1
             mean, se = samples.estimate()
             rel, r = _rel_se(mean, se), samples.probes()
@@ -501,12 +572,47 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
                  probe: str = "layer", micro_batch: int | str | None = "auto") -> pd.DataFrame:
     """Per-layer Hessian traces Tr(H_ii) and average traces T̄_i (DESIGN §2, Eqs. H1–H4).
 
+    Under ``torchrun`` (an initialised torch.distributed group of N > 1 processes) the work is
+    split over the ranks and every rank returns the frame one process would compute from the
+    same batches and seed (equal up to the last bit of the float64 sums; only ``wall_s`` and
+    ``world_size`` differ):
+
+    * every rank must get the same full, deterministic calibration list and the same weights
+      (checked: a rank whose inputs hash differently from rank 0's raises HessianError on all
+      ranks); the batches are split into micro-batches (strata) first, then rank r probes the
+      strata b ≡ r (mod N), with the global b in the probe generators' keys and in
+      w_b = n_b / N_total, so a probe does not depend on N;
+    * after every sweep the new probe values are all-reduced (SUM of zero-padded tensors, exact),
+      so the stopping rule and the next sweep's schedule are computed identically on all ranks;
+    * a DDP wrapper is unwrapped (DDP cannot double-backward; no gradient sync is needed);
+    * ``attrs``: ``wall_s`` = the slowest rank's, ``hvps`` = the sum over ranks (= one
+      process's count), ``world_size`` = N; the progress bar is rank 0's;
+    * cache: the key does not depend on N; rank 0 reads the file and broadcasts a hit, only rank
+      0 writes, then all ranks meet at a barrier.
+
+    Copy-paste example (2 CPU processes; on GPUs drop ``OMP_NUM_THREADS`` and use
+    ``--nproc_per_node=<GPUs>``: each rank then computes on ``cuda:LOCAL_RANK``)::
+
+        cat > traces.py <<'PY'
+        from hmqat import data, distributed, hessian, models
+        with distributed.process_group() as dev:      # gloo on CPU, NCCL on CUDA
+            model = models.create_model("resnet20", pretrained=True).to(dev)
+            calib = data.calibration_batches(data.load_cifar10(), n_samples=2048,
+                                             batch_size=256, seed=0)  # same list on every rank
+            df = hessian.layer_traces(model, calib, tol=0.05, cache_dir="results/quick/cache")
+            if distributed.is_main():
+                print(df[["avg_trace", "rel_se", "probes"]], df.attrs["wall_s"])
+        PY
+        OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 traces.py
+
     Args:
-        model: the FP32 model; measured in eval mode (BN running statistics). Its train/eval
-            flags, requires_grad flags and device are restored afterwards.
+        model: the FP32 model (or its DDP wrapper, whose ``.module`` is measured); measured in
+            eval mode (BN running statistics). Its train/eval flags, requires_grad flags and
+            device are restored afterwards.
         batches: list of (x, y) calibration batches (e.g. ``data.calibration_batches``). The
             estimand is the Hessian of the size-weighted mean loss over all of them.
-        layers: module names (default: every Conv2d/Linear, ``models.quantizable_layers``).
+        layers: module names (default: every Conv2d/Linear, ``models.quantizable_layers``;
+            names of the unwrapped module, without DDP's ``module.`` prefix).
         tol: stop when every layer's SE/|trace| <= tol.
         max_probes: at most this many probes per (micro-)batch and layer (a probe per batch = a
             pass over the data with independent ±1 vectors; PyHessian's maxIter).
@@ -526,14 +632,16 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
         DataFrame indexed by layer (forward order): n_params, trace, avg_trace, avg_trace_se,
         rel_se, probes (per batch), samples (HVP samples = probes × batches), kind. ``attrs``:
         wall_s, seed, tol, converged, cache_key, max_probes, min_probes, probe, micro_batch,
-        n_batches, n_samples (images), hvps, sweeps, device, version.
+        n_batches, n_samples (images), hvps, sweeps, device, world_size, version.
 
     Raises:
         HessianError: unknown layer names (lists the valid ones), empty or malformed batches,
-            tol <= 0, bad probe counts or modes.
+            tol <= 0, bad probe counts or modes; under torch.distributed, ranks whose model,
+            batches or settings differ from rank 0's.
     """
     _check_settings(tol, max_probes, min_probes, probe, micro_batch)
     batches = _check_batches(batches)
+    model = hdist.unwrap(model)     # DDP cannot double-backward: measure the plain module
     first = next(model.parameters(), None)
     home = first.device if first is not None else torch.device("cpu")
     device = torch.device(device) if device is not None else home
@@ -547,10 +655,16 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
                 "min_probes": r_min, "seed": seed, "probe": probe, "micro_batch": mb,
                 "criterion": _describe(criterion), "version": VERSION}
     key = path = None
-    if cache_dir is not None:
-        key = cache_key(model, batches, settings)
+    if cache_dir is not None or hdist.is_distributed():
+        fingerprint = cache_key(model, batches, settings)
+        _check_same_inputs(fingerprint)
+        key = fingerprint if cache_dir is not None else None
+    if cache_dir is not None and key is not None:
         path = _cache_path(cache_dir, key)
-        cached = _read_cache(path, key)
+        cached = _read_cache(path, key) if hdist.is_main() else None
+        if hdist.is_distributed():   # rank 0 decides; every rank returns the same frame
+            blob = hdist.broadcast_object(None if cached is None else _frame_to_json(cached))
+            cached = None if blob is None else _frame_from_json(blob)
         if cached is not None:
             log.info("layer_traces: cache hit %s", path)
             return cached
@@ -561,14 +675,17 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
         samples, info = _estimate(model, criterion, chunks, infos, params, tol=tol,
                                   max_probes=max_probes, min_probes=r_min, probe=probe, seed=seed,
                                   device=device, progress=progress)
+    wall_s, hvps = _reduce_stats(time.perf_counter() - t0, info["hvps"])
     df = _frame(infos, samples, len(chunks))
     df.attrs.update({
-        "wall_s": time.perf_counter() - t0, "seed": seed, "tol": float(tol),
+        "wall_s": wall_s, "seed": seed, "tol": float(tol),
         "converged": bool((df["rel_se"] <= tol).all()), "cache_key": key,
         "max_probes": max_probes, "min_probes": r_min, "probe": probe, "micro_batch": mb,
         "n_batches": len(chunks), "n_samples": int(sum(x.shape[0] for x, _ in batches)),
-        "hvps": info["hvps"], "sweeps": info["sweeps"], "device": str(device),
-        "version": VERSION})
+        "hvps": hvps, "sweeps": info["sweeps"], "device": str(device),
+        "world_size": hdist.world_size(), "version": VERSION})
     if path is not None:
-        _write_cache(path, df)
+        if hdist.is_main():
+            _write_cache(path, df)
+        hdist.barrier()
     return df
