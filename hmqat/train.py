@@ -501,6 +501,8 @@ def fit(model: nn.Module, train_loader: Any, val_loader: Iterable | None, cfg: T
                              ckpt_path)
             hdist.barrier()  # no rank reads a checkpoint rank 0 is still writing
     del forward, ddp_model  # drop DDP's gradient hooks before the caller reuses the model
+    if cfg.channels_last:  # hand back the standard layout: NCHW and NHWC convs round differently
+        model.to(memory_format=torch.contiguous_format)
     model.eval()
     return state.history
 
