@@ -67,8 +67,8 @@ if abl_path.exists():
 manifest = json.loads((study.root / "manifest.json").read_text()) \
     if (study.root / "manifest.json").exists() else {}
 steps = manifest.get("steps", {})
-timing = "\n".join(f"| {k} | {v.get('status', '')} | {v.get('wall_s', float('nan')) / 60:.1f} |"
-                   for k, v in steps.items())
+timing = "\n".join(f"| {k} | {v.get('status', '')} | {v.get('wall_s', float('nan')) / 60:.1f} | "
+                   f"{v.get('compute_wall_s', float('nan')) / 60:.1f} |" for k, v in steps.items())
 figs = sorted(p.stem for p in study.figures.glob("*.png"))
 spearman = study.tables / "omega_spearman.md"
 text = f"""# hmqat results — {profile} profile
@@ -102,9 +102,11 @@ before fine-tuning, **{fp32['top1']:.2f} %** after fine-tuning on its training s
 
 ## Wall time per step (this machine; see manifest.json)
 
-| step | status | minutes |
-|---|---|---|
+| step | status | minutes (last run) | minutes (full computation) |
+|---|---|---|---|
 {timing}
+
+{manifest.get('timing_note', '')}
 
 Executed notebooks: `executed/`. Tables (CSV, Markdown, LaTeX): `tables/`. Raw data: `data/`.
 """

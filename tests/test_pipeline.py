@@ -52,7 +52,7 @@ def test_failing_notebook_names_its_executed_copy(tmp_path):
     nbs = tmp_path / "notebooks"
     shutil.copytree(ROOT / "notebooks", nbs)
     nb = json.loads((nbs / "00_fp32_baseline.ipynb").read_text())
-    nb["cells"].append({"cell_type": "code", "metadata": {}, "execution_count": None,
+    nb["cells"].append({"cell_type": "code", "id": "boom", "metadata": {}, "execution_count": None,
                         "outputs": [], "source": "raise RuntimeError('boom in cell')"})
     (nbs / "00_fp32_baseline.ipynb").write_text(json.dumps(nb))
     with pytest.raises(pipeline.PipelineError, match=r"00_fp32_baseline.ipynb failed.*"
