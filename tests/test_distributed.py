@@ -193,7 +193,12 @@ def test_ddp_qat_keeps_ranks_identical_and_matches_one_process(ddp_run):
     assert r0["history"] == r1["history"]                    # every rank reports the same
     assert r0["state_dict_keys_plain"]
 
-    single, hist = _qat(PER_RANK * WORLD)                    # one process, same global batch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # like the OMP_NUM_THREADS=1 ranks: thread count changes rounding
+    try:
+        single, hist = _qat(PER_RANK * WORLD)                # one process, same global batch
+    finally:
+        torch.set_num_threads(threads)
     fp32, config, _, val_loader, calib = _setup(PER_RANK)
     calibrated = _steps(quant.calibrate_activations(quant.quantize_model(fp32, config), calib))
     assert not torch.allclose(_steps(single), calibrated)    # the steps did train
