@@ -573,6 +573,14 @@ class _QuantMixin:
     weight_quantizer: LSQQuantizer
     act_quantizer: LSQQuantizer | None
 
+    def _adopt(self, mod: nn.Module, spec: LayerSpec):
+        """Take ``mod``'s weight/bias Parameters (shared, not copied), add quantizers, copy mode."""
+        self.weight = mod.weight
+        self.bias = mod.bias
+        self._make_quantizers(spec)
+        self.train(mod.training)
+        return self
+
     def _make_quantizers(self, spec: LayerSpec) -> None:
         w = self.weight
         self.weight_quantizer = LSQQuantizer(spec.w_bits, signed=True, per_channel=spec.per_channel,
@@ -612,11 +620,7 @@ class QConv2d(_QuantMixin, nn.Conv2d):
         q = cls(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
                 mod.dilation, mod.groups, mod.bias is not None, mod.padding_mode, device="meta",
                 dtype=mod.weight.dtype)
-        q.weight = mod.weight
-        q.bias = mod.bias
-        q._make_quantizers(spec)
-        q.train(mod.training)
-        return q
+        return q._adopt(mod, spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self._quant_input(x), self.quantized_weight(), self.bias)
@@ -630,11 +634,7 @@ class QLinear(_QuantMixin, nn.Linear):
         """Wrap ``mod`` (its weight/bias Parameters are reused, not copied)."""
         q = cls(mod.in_features, mod.out_features, mod.bias is not None, device="meta",
                 dtype=mod.weight.dtype)
-        q.weight = mod.weight
-        q.bias = mod.bias
-        q._make_quantizers(spec)
-        q.train(mod.training)
-        return q
+        return q._adopt(mod, spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self._quant_input(x), self.quantized_weight(), self.bias)
