@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check (issue 8): does hmqat run on CUDA, and how fast? Under 8 minutes on one GPU
-# (time limits per step: 200 + 90 + 2 x 90 s).
+# (time limits per step: 180 + 60 + 120 + 90 s).
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root; PY=... to pick python
 #
@@ -10,8 +10,9 @@
 #   2. the smoke profile pipeline (papermill, synthetic data) with device=cuda
 #   3. torchrun: QAT through `-m hmqat.distributed` with NCCL, one process per GPU (up to 8;
 #      SyncBN when there are 2 or more)
-#   4. benchmarks/qat_step.py and benchmarks/hessian_traces.py with --device cuda (when the
-#      script exists and has a --device option)
+#   4. benchmarks/qat_step.py (QAT/FP32 step time and step memory on the GPU) and
+#      benchmarks/hessian_traces.py (synthetic ResNet-20 traces vs the PyHessian-style
+#      reference) with --device cuda
 # Everything printed also goes to results/bench/gpu_check.txt.
 set -uo pipefail
 
@@ -64,7 +65,7 @@ p = yaml.safe_load(open("params/smoke.yaml"))
 p["common"]["device"] = "cuda"
 yaml.safe_dump(p, open(f"{sys.argv[1]}/smoke.yaml", "w"))
 EOF
-step "smoke pipeline (device=cuda)" 200 "$PY" -c "
+step "smoke pipeline (device=cuda)" 180 "$PY" -c "
 from pathlib import Path
 from hmqat import pipeline
 steps = pipeline.run_pipeline('smoke', params_dir=Path('$WORK'), results_root=Path('$WORK/results'))
@@ -73,25 +74,17 @@ print({k: v.get('wall_s') for k, v in steps.items()})"
 # 3. torchrun + NCCL through the command line (synthetic data, 2 steps)
 SYNC=""
 [ "$NGPU" -ge 2 ] && SYNC="--sync-bn"
-step "torchrun qat, $NGPU GPU(s), NCCL $SYNC" 90 "$PY" -m torch.distributed.run --standalone \
+step "torchrun qat, $NGPU GPU(s), NCCL $SYNC" 60 "$PY" -m torch.distributed.run --standalone \
     --nproc_per_node="$NGPU" -m hmqat.distributed qat --profile smoke --device auto \
     --uniform 4 --epochs 1 --max-steps 2 --batch-size $((32 * NGPU)) $SYNC \
     --checkpoint "$WORK/ddp/qat.pt"
 
-# 4. benchmarks on cuda
-for b in benchmarks/qat_step.py benchmarks/hessian_traces.py; do
-    help=$("$PY" "$b" --help 2>/dev/null || true)
-    if [ ! -f "$b" ]; then
-        echo; echo "== $b: SKIP (not present)"
-    elif ! grep -q -- "--device" <<<"$help"; then
-        echo; echo "== $b: SKIP (no --device option; it would measure the CPU)"
-    else
-        out=()
-        grep -q -- "--out" <<<"$help" && out=(--out "$WORK/$(basename "$b" .py).txt")
-        step "$b --device cuda" 90 "$PY" "$b" --device cuda "${out[@]}"
-        [ -f "$WORK/$(basename "$b" .py).txt" ] && cat "$WORK/$(basename "$b" .py).txt"
-    fi
-done
+# 4. benchmarks on cuda (synthetic inputs; their own tables are printed below each step)
+step "benchmarks/qat_step.py --device cuda" 120 "$PY" benchmarks/qat_step.py --device cuda \
+    --reps 20 --warmup 3 --out "$WORK/qat_step.txt"
+step "benchmarks/hessian_traces.py --device cuda" 90 env -u HMQAT_DATA_DIR "$PY" \
+    benchmarks/hessian_traces.py --device cuda --ref-probes 3 --lever-samples 0 \
+    --out "$WORK/hessian_traces.txt"
 
 echo
 if [ ${#FAILED[@]} -gt 0 ]; then

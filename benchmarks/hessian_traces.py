@@ -5,7 +5,11 @@ standard error <= tol (5 %) on EVERY layer's trace, against the PyHessian/HAWQ-V
         .venv/bin/python benchmarks/hessian_traces.py        # writes results/bench/hessian_traces.txt
 
 Without HMQAT_DATA_DIR: random-weight ResNet-20 on synthetic data (a smoke run: 256 images,
-tol 0.2).
+tol 0.2). ``--device cuda`` computes everything on the GPU (probes are drawn on the CPU, as in
+hmqat, and copied; CUDA is synchronised before every clock read); a short GPU check is
+
+    python benchmarks/hessian_traces.py --device cuda --ref-probes 3 --lever-samples 0 \
+        --out results/bench/hessian_traces_cuda.txt
 
 Measured side by side in one process, on the same calibration batches (estimand: the Hessian
 of the mean loss over them, BN in eval mode):
@@ -38,6 +42,7 @@ with each other, not across runs.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import platform
@@ -58,6 +63,7 @@ sys.path.insert(0, str(ROOT))
 from hmqat import data, hessian
 from hmqat.models import create_model, quantizable_layers
 from hmqat.reporting import atomic_write_text
+from hmqat.train import resolve_device
 
 LINES: list[str] = []
 
@@ -66,6 +72,18 @@ def say(text: str = "") -> None:
     """Print and keep the line for the output file."""
     print(text, flush=True)
     LINES.append(text)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued CUDA kernels before a clock read (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clock(device: torch.device) -> float:
+    """perf_counter after the device has finished its queued work."""
+    sync(device)
+    return time.perf_counter()
 
 
 def setup(n_samples: int | None, batch_size: int, seed: int):
@@ -86,7 +104,8 @@ def setup(n_samples: int | None, batch_size: int, seed: int):
     return model.eval(), batches, label
 
 
-def reference(model: nn.Module, batches, names: list[str], n_probes: int, seed: int):
+def reference(model: nn.Module, batches, names: list[str], n_probes: int, seed: int,
+              dev: torch.device):
     """(a) PyHessian-style per-layer Hutchinson: samples [n_probes, L], wall seconds, HVPs."""
     modules = dict(model.named_modules())
     params = [modules[n].weight for n in names]
@@ -94,18 +113,19 @@ def reference(model: nn.Module, batches, names: list[str], n_probes: int, seed: 
     crit = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(seed)
     out = np.zeros((n_probes, len(names)))
-    t0 = time.perf_counter()
-    with hessian.measurement_mode(model, params, torch.device("cpu")):
+    t0 = clock(dev)
+    with hessian.measurement_mode(model, params, dev):
         for k in range(n_probes):
-            v = [hessian.rademacher(p.shape, gen) for p in params]
+            v = [hessian.rademacher(p.shape, gen, dev) for p in params]
             acc = [torch.zeros_like(p) for p in params]
             for x, y in batches:
+                x, y = x.to(dev), y.to(dev)
                 g = torch.autograd.grad(crit(model(x), y), params, create_graph=True)
                 hv = torch.autograd.grad(g, params, grad_outputs=v)
                 for a, h in zip(acc, hv):
                     a.add_(h, alpha=x.shape[0] / total)
             out[k] = hessian.group_product(acc, v)
-    return out, time.perf_counter() - t0, n_probes * len(batches)
+    return out, clock(dev) - t0, n_probes * len(batches)
 
 
 def extrapolate(rel: np.ndarray, probes: int, tol: float, sec_per_probe: float):
@@ -117,7 +137,8 @@ def extrapolate(rel: np.ndarray, probes: int, tol: float, sec_per_probe: float):
     return need, need * sec_per_probe, (need * lo * sec_per_probe, need * hi * sec_per_probe)
 
 
-def pyhessian_trace(model: nn.Module, batches, names: list[str], n_probes: int, seed: int):
+def pyhessian_trace(model: nn.Module, batches, names: list[str], n_probes: int, seed: int,
+                    dev: torch.device):
     """(c) pyhessian's whole-model trace over the same weights, single-batch mode per batch,
     weighted by batch size: (mean, stratified se, wall seconds)."""
     from pyhessian import hessian as PyHessian
@@ -127,11 +148,12 @@ def pyhessian_trace(model: nn.Module, batches, names: list[str], n_probes: int, 
     total = sum(x.shape[0] for x, _ in batches)
     torch.manual_seed(seed)   # pyhessian draws its probes from the global RNG
     mean = var = 0.0
-    t0 = time.perf_counter()
-    with hessian.measurement_mode(model, params, torch.device("cpu")), warnings.catch_warnings():
+    t0 = clock(dev)
+    with hessian.measurement_mode(model, params, dev), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
         for x, y in batches:
-            comp = PyHessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+            # pyhessian's cuda=True moves the batch with .cuda(), i.e. to the current device
+            comp = PyHessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=dev.type == "cuda")
             vals = np.array(comp.trace(maxIter=n_probes, tol=0.0))   # tol=0: exactly n_probes
             w = x.shape[0] / total
             mean += w * vals.mean()
@@ -139,34 +161,36 @@ def pyhessian_trace(model: nn.Module, batches, names: list[str], n_probes: int, 
             del comp
             for p in model.parameters():
                 p.grad = None    # pyhessian leaves graph-carrying .grad tensors behind
-    return mean, math.sqrt(var), time.perf_counter() - t0
+    return mean, math.sqrt(var), clock(dev) - t0
 
 
-def graph_reuse_times(model: nn.Module, batch, names: list[str], reps: int = 3):
+def graph_reuse_times(model: nn.Module, batch, names: list[str], dev: torch.device,
+                      reps: int = 3):
     """Seconds for one fresh HVP (forward + create_graph backward + second backward) and for one
     more HVP on a kept graph, at the calibration batch size (medians)."""
     modules = dict(model.named_modules())
     params = [modules[n].weight for n in names]
-    x, y = batch
+    x, y = batch[0].to(dev), batch[1].to(dev)
     gen = torch.Generator().manual_seed(0)
     crit = nn.CrossEntropyLoss()
     fresh, reused = [], []
-    with hessian.measurement_mode(model, params, torch.device("cpu")):
+    with hessian.measurement_mode(model, params, dev):
         for _ in range(reps):
-            v = [hessian.rademacher(p.shape, gen) for p in params]
-            t = time.perf_counter()
+            v = [hessian.rademacher(p.shape, gen, dev) for p in params]
+            t = clock(dev)
             g = torch.autograd.grad(crit(model(x), y), params, create_graph=True)
             hessian.hessian_vector_product(g, params, v)
-            fresh.append(time.perf_counter() - t)
-            t = time.perf_counter()
+            fresh.append(clock(dev) - t)
+            t = clock(dev)
             hessian.hessian_vector_product(g, params, v)
-            reused.append(time.perf_counter() - t)
+            reused.append(clock(dev) - t)
             del g
     return float(np.median(fresh)), float(np.median(reused))
 
 
 def micro_batch_need(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str],
-                     sizes: tuple[int, ...], probes: int, tol: float, seed: int) -> dict[int, float]:
+                     sizes: tuple[int, ...], probes: int, tol: float, seed: int,
+                     dev: torch.device) -> dict[int, float]:
     """Need-based seconds to reach tol on every layer with per-layer probes at each micro-batch
     size: Σ_i (CV_i/tol)²·t_i, CV_i² the within-batch per-sample variance over the squared trace
     (pooled over sizes) and t_i the measured seconds per HVP; sizes interleaved chunk by chunk."""
@@ -177,7 +201,8 @@ def micro_batch_need(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: 
     n, big = x.shape[0], max(sizes)
     vals = {b: np.zeros((n // b, probes, len(names))) for b in sizes}
     secs = {b: np.zeros(len(names)) for b in sizes}
-    with hessian.measurement_mode(model, params, torch.device("cpu")):
+    x, y = x.to(dev), y.to(dev)
+    with hessian.measurement_mode(model, params, dev):
         for c in range(0, n - big + 1, big):
             for b in sizes:
                 for s in range(c, c + big, b):
@@ -185,10 +210,10 @@ def micro_batch_need(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: 
                                             create_graph=True)
                     for i, p in enumerate(params):
                         for k in range(probes):
-                            v = hessian.rademacher(p.shape, gen)
-                            t = time.perf_counter()
+                            v = hessian.rademacher(p.shape, gen, dev)
+                            t = clock(dev)
                             hv = hessian.hessian_vector_product([g[i]], [p], [v])
-                            secs[b][i] += time.perf_counter() - t
+                            secs[b][i] += clock(dev) - t
                             vals[b][s // b, k, i] = hessian.group_product(hv, [v])[0]
                     del g
     trace = np.mean([vals[b].mean((0, 1)) for b in sizes], axis=0)
@@ -207,13 +232,23 @@ def main() -> None:
     ap.add_argument("--tol", type=float, default=None,
                     help="target relative SE (default 0.05; 0.2 for the synthetic smoke run)")
     ap.add_argument("--ref-probes", type=int, default=5)
-    ap.add_argument("--pyhessian-probes", type=int, default=3, help="probes per batch")
+    ap.add_argument("--pyhessian-probes", type=int, default=3,
+                    help="probes per batch (0 skips (c); it is skipped too when pyhessian is "
+                         "not installed)")
     ap.add_argument("--joint-probes", type=int, default=3)
     ap.add_argument("--lever-samples", type=int, default=512,
                     help="images for the micro-batch comparison (0 skips it)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu",
+                    help="cpu, cuda, cuda:N or auto (cuda when available); default cpu")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench" / "hessian_traces.txt")
     args = ap.parse_args()
+    if args.pyhessian_probes == 1:
+        ap.error("--pyhessian-probes 1 gives no standard error: use 0 (skip) or >= 2")
+    dev = resolve_device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch.cuda.is_available() is False here "
+                         f"(torch {torch.__version__}); use --device cpu or a CUDA build of torch")
     t_start = time.perf_counter()
     pd.set_option("display.width", 160)
 
@@ -225,9 +260,15 @@ def main() -> None:
     say(f"data/model: {label}; {len(batches)} batches of {args.batch_size}; tol={args.tol}")
     say(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, load average at start {os.getloadavg()[0]:.2f}")
+    if dev.type == "cuda":
+        say(f"device: {dev} ({torch.cuda.get_device_name(dev)}), CUDA {torch.version.cuda}, "
+            f"cuDNN {torch.backends.cudnn.version()}; clocks read after torch.cuda.synchronize")
+    else:
+        say("device: cpu")
 
     # (b) hmqat, to convergence
-    df = hessian.layer_traces(model, batches, tol=args.tol, seed=args.seed, progress=False)
+    df = hessian.layer_traces(model, batches, tol=args.tol, seed=args.seed, progress=False,
+                              device=dev)
     t_hmqat = df.attrs["wall_s"]
     say("\n## (b) hmqat layer_traces (defaults: probe='layer', micro_batch='auto' -> "
         f"{df.attrs['micro_batch']}, stratified, adaptive)")
@@ -238,7 +279,7 @@ def main() -> None:
     say(show.to_string(float_format=lambda v: f"{v:.4g}"))
 
     # (a) reference, extrapolated
-    X, t_ref, ref_hvps = reference(model, batches, names, args.ref_probes, args.seed + 1)
+    X, t_ref, ref_hvps = reference(model, batches, names, args.ref_probes, args.seed + 1, dev)
     mean, se = X.mean(0), X.std(0, ddof=1) / math.sqrt(len(X))
     rel = se / np.abs(mean)
     need, t_need, (t_lo, t_hi) = extrapolate(rel, len(X), args.tol, t_ref / len(X))
@@ -262,16 +303,21 @@ def main() -> None:
         f"goal <= 0.25x)")
 
     # (c) pyhessian whole-model trace over the same weights
-    py_mean, py_se, t_py = pyhessian_trace(model, batches, names, args.pyhessian_probes,
-                                           args.seed + 2)
     tot, tot_se = df["trace"].sum(), math.sqrt(((df["avg_trace_se"] * df["n_params"]) ** 2).sum())
     ref_tot = X.sum(1)
     ref_mean, ref_se = ref_tot.mean(), ref_tot.std(ddof=1) / math.sqrt(len(ref_tot))
     say(f"\n## (c) whole-model trace over the {len(names)} Conv2d/Linear weights")
     say(f"hmqat sum_i Tr(H_ii)                      = {tot:9.2f} +- {tot_se:.2f} (SE)")
-    say(f"pyhessian, {args.pyhessian_probes} probes on each of {len(batches)} batches    = "
-        f"{py_mean:9.2f} +- {py_se:.2f} ({t_py:.0f} s); "
-        f"z = {(py_mean - tot) / math.hypot(py_se, tot_se):+.2f}")
+    if args.pyhessian_probes <= 0:
+        say("pyhessian: skipped (--pyhessian-probes 0)")
+    elif importlib.util.find_spec("pyhessian") is None:
+        say("pyhessian: skipped (not installed; requirements.txt pins PyHessian==0.1)")
+    else:
+        py_mean, py_se, t_py = pyhessian_trace(model, batches, names, args.pyhessian_probes,
+                                               args.seed + 2, dev)
+        say(f"pyhessian, {args.pyhessian_probes} probes on each of {len(batches)} batches    = "
+            f"{py_mean:9.2f} +- {py_se:.2f} ({t_py:.0f} s); "
+            f"z = {(py_mean - tot) / math.hypot(py_se, tot_se):+.2f}")
     say(f"reference (a), {len(X)} shared probes        = {ref_mean:9.2f} +- {ref_se:.2f}; "
         f"z = {(ref_mean - tot) / math.hypot(ref_se, tot_se):+.2f}; per-probe values "
         f"{np.round(np.sort(ref_tot)).astype(int).tolist()} (shared-probe skew: see docstring)")
@@ -279,7 +325,7 @@ def main() -> None:
     # (d) lever: DESIGN §2's joint probe, and graph reuse
     dj = hessian.layer_traces(model, batches, tol=args.tol, seed=args.seed, progress=False,
                               probe="joint", min_probes=min(2, args.joint_probes),
-                              max_probes=args.joint_probes)
+                              max_probes=args.joint_probes, device=dev)
     r_j = int(dj["probes"].max())
     _, t_need_j, (tj_lo, tj_hi) = extrapolate(dj["rel_se"].to_numpy(), r_j, args.tol,
                                                    dj.attrs["wall_s"] / r_j)
@@ -296,11 +342,11 @@ def main() -> None:
     if args.lever_samples >= 128:
         x = torch.cat([b[0] for b in batches])[:args.lever_samples]
         y = torch.cat([b[1] for b in batches])[:args.lever_samples]
-        need = micro_batch_need(model, x, y, names, (16, 128), 3, args.tol, args.seed + 3)
+        need = micro_batch_need(model, x, y, names, (16, 128), 3, args.tol, args.seed + 3, dev)
         say(f"micro-batch 16 vs 128 (per-layer probes, {x.shape[0]} images, 3 probes per batch, "
             f"interleaved): need-based time to {args.tol} {need[16]:.0f} s vs {need[128]:.0f} s "
             f"({need[128] / need[16]:.2f}x)")
-    fresh, reused = graph_reuse_times(model, batches[0], names)
+    fresh, reused = graph_reuse_times(model, batches[0], names, dev)
     say(f"graph reuse at batch {args.batch_size}: fresh HVP {fresh:.2f} s, HVP on a kept graph "
         f"{reused:.2f} s ({fresh / reused:.2f}x)")
     say(f"\ntotal benchmark wall {time.perf_counter() - t_start:.0f} s; load average at end "

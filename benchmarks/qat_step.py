@@ -1,8 +1,9 @@
-"""QAT train-step cost vs FP32 (issue 3): ResNet-20, batch 128, CPU, one process, interleaved.
+"""QAT train-step cost vs FP32 (issue 3): ResNet-20, batch 128, one process, interleaved.
 
     .venv/bin/python benchmarks/qat_step.py            # the recorded run (make bench), ~2-4 min
     .venv/bin/python benchmarks/qat_step.py --threads 0,2 --reps 30
     .venv/bin/python benchmarks/qat_step.py --layouts nchw --no-baselines --out ''
+    python benchmarks/qat_step.py --device cuda --out results/bench/qat_step_cuda.txt
 
 One "step" is forward + cross-entropy + backward + SGD(momentum) step on a fixed random batch.
 Every variant has its own model copy and optimizer; each repetition runs one step of every
@@ -23,6 +24,12 @@ memory layout (default NCHW and channels_last/NHWC), compared with FP32 in the s
 ``--threads 0,2`` repeats the whole measurement at each thread count (0 = the process
 default, i.e. OMP_NUM_THREADS). Writes the tables (atomically) to results/bench/qat_step.txt
 unless --out '' is given.
+
+``--device cuda`` (or ``cuda:N``) runs everything on that GPU. Each timed step is bracketed by
+``torch.cuda.synchronize``, so the wall time covers the kernels, not just their launch. A
+memory column is added: the peak of ``torch.cuda.max_memory_allocated`` during one step of each
+variant minus the allocation before it (the resident models and optimizer states of all
+variants excluded). The cpu columns then measure only the host's launch overhead.
 """
 from __future__ import annotations
 
@@ -43,6 +50,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hmqat import quant
 from hmqat.models import create_model
+from hmqat.train import resolve_device
 
 
 def mixed_config(model: nn.Module) -> dict[str, int]:
@@ -72,10 +80,16 @@ def _torch_fused_forward(self: quant.LSQQuantizer, x: torch.Tensor) -> torch.Ten
     return torch._fake_quantize_learnable_per_tensor_affine(x, self.step, zp, self.qn, self.qp, g)
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued kernels (CUDA runs asynchronously; no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def build_variants(names: list[str], x: torch.Tensor) -> dict[str, dict]:
-    """name -> {model, opt, backend}; every QAT model calibrated on the same batch."""
+    """name -> {model, opt, backend}, on x's device; every QAT model calibrated on the same batch."""
     torch.manual_seed(0)
-    fp = create_model("resnet20")
+    fp = create_model("resnet20").to(x.device)
     cfg = mixed_config(fp)
     base = quant.quantize_model(fp, cfg, a_bits=4)
     quant.calibrate_activations(base, [x])
@@ -95,20 +109,38 @@ def build_variants(names: list[str], x: torch.Tensor) -> dict[str, dict]:
 
 
 def train_step(v: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """One forward/backward/SGD step; returns (wall seconds, process CPU seconds)."""
+    """One forward/backward/SGD step; returns (wall seconds, process CPU seconds). On CUDA the
+    device is synchronised before and after, so the wall time includes the kernels."""
     quant.set_backend(v["backend"])
+    sync(x.device)
     t0, c0 = time.perf_counter(), time.process_time()
     v["opt"].zero_grad(set_to_none=True)
     loss = F.cross_entropy(v["model"](x), y)
     loss.backward()
     v["opt"].step()
+    sync(x.device)
     return time.perf_counter() - t0, time.process_time() - c0
+
+
+def peak_memory_mib(v: dict, x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """CUDA memory (MiB) one train step of this variant needs above what is already allocated
+    (all variants' models, optimizer states and the input stay resident): peak during the step
+    minus the allocation before it, i.e. activations saved for backward, gradients and
+    temporaries. None off CUDA (the CPU allocator keeps no such counter)."""
+    if x.device.type != "cuda":
+        return None
+    v["opt"].zero_grad(set_to_none=True)
+    sync(x.device)
+    before = torch.cuda.memory_allocated(x.device)
+    torch.cuda.reset_peak_memory_stats(x.device)
+    train_step(v, x, y)
+    return (torch.cuda.max_memory_allocated(x.device) - before) / 2 ** 20
 
 
 def check_backends_agree(x: torch.Tensor) -> str:
     """Forward outputs and gradients of the eager and compile backends on one model."""
     torch.manual_seed(1)
-    fp = create_model("resnet20")
+    fp = create_model("resnet20").to(x.device)
     qm = quant.quantize_model(fp, mixed_config(fp), a_bits=4)
     quant.calibrate_activations(qm, [x])
     qm.train()
@@ -140,8 +172,14 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--threads", default="0",
                     help="comma-separated torch.set_num_threads values, one full interleaved "
                          "measurement each (0: the process default)")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu, cuda, cuda:N or auto (cuda when available); default cpu")
     ap.add_argument("--out", default="results/bench/qat_step.txt")
     args = ap.parse_args(argv)
+    args.device = resolve_device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch.cuda.is_available() is False here "
+                         f"(torch {torch.__version__}); use --device cpu or a CUDA build of torch")
 
     default_threads = torch.get_num_threads()
     texts = []
@@ -157,8 +195,8 @@ def main(argv: list[str] | None = None) -> str:
 def measure(args: argparse.Namespace, argv: list[str] | None) -> str:
     """One full interleaved measurement at the current thread count; returns the table."""
     torch.manual_seed(0)
-    x = torch.randn(args.batch, 3, 32, 32)
-    y = torch.randint(0, 10, (args.batch,))
+    x = torch.randn(args.batch, 3, 32, 32).to(args.device)
+    y = torch.randint(0, 10, (args.batch,)).to(args.device)
     base_names = ["fp32", "hmqat-eager"] + ([] if args.no_compile else ["hmqat-compile"])
     if args.baselines:
         base_names += ["naive-lsq", "torch-fused"]
@@ -187,9 +225,12 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> str:
             w, c = train_step(variants[n], inputs[variants[n]["layout"]], y)
             wall[n].append(w)
             cpu[n].append(c)
+    mem = {n: peak_memory_mib(variants[n], inputs[variants[n]["layout"]], y) for n in names}
     quant.set_backend("eager")
+    dev = args.device
+    where = (f"{dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "CPU")
     header = (
-        f"# QAT step vs FP32: ResNet-20, batch {args.batch}, CPU, {args.reps} interleaved reps "
+        f"# QAT step vs FP32: ResNet-20, batch {args.batch}, {where}, {args.reps} interleaved reps "
         f"(median), {args.warmup} warm-up reps ({warm_s:.1f} s incl. compile)"
     )
     machine = (
@@ -198,6 +239,8 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> str:
         f"{os.cpu_count()} CPUs, load avg at end {os.getloadavg()[0]:.1f}; "
         f"date {time.strftime('%Y-%m-%d %H:%M')}"
     )
+    if dev.type == "cuda":
+        machine += f"; CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
     command = f"# command: .venv/bin/python benchmarks/qat_step.py {' '.join(argv or sys.argv[1:])}"
     lines = [header, command.rstrip(), machine,
              "# weights: mixed 2-8 bit (first/last 8), per-channel LSQ; activations 4 bit per-tensor"]
@@ -209,7 +252,8 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> str:
         ("# ratio = median / median of fp32 in the same layout; paired = median over reps "
          "of (step / fp32 step of the same rep)"),
         (f"{'variant':<20} {'wall_ms':>8} {'wall_ratio':>10} {'wall_paired':>11} "
-         f"{'cpu_ms':>8} {'cpu_ratio':>9} {'cpu_paired':>10}"),
+         f"{'cpu_ms':>8} {'cpu_ratio':>9} {'cpu_paired':>10}"
+         + (f" {'step_MiB':>9} {'mem_ratio':>9}" if dev.type == "cuda" else "")),
     ]
     for n in names:
         ref_name = f"fp32/{variants[n]['layout']}"
@@ -219,8 +263,11 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> str:
             paired = statistics.median(a / b for a, b in zip(t[n], t[ref_name]))
             cols.append((med * 1e3, med / ref, paired))
         (wm, wr, wp), (cm, cr, cp) = cols
-        lines.append(f"{n:<20} {wm:>8.1f} {wr:>10.3f} {wp:>11.3f} {cm:>8.1f} {cr:>9.3f} "
-                     f"{cp:>10.3f}")
+        row = (f"{n:<20} {wm:>8.1f} {wr:>10.3f} {wp:>11.3f} {cm:>8.1f} {cr:>9.3f} "
+               f"{cp:>10.3f}")
+        if mem[n] is not None:
+            row += f" {mem[n]:>9.1f} {mem[n] / mem[ref_name]:>9.3f}"
+        lines.append(row)
     text = "\n".join(lines) + "\n"
     print(text, end="", flush=True)
     return text

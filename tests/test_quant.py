@@ -140,6 +140,28 @@ def test_step_gradient_by_hand() -> None:
     assert x.grad.tolist() == [0.0, 1.0, 0.0]
 
 
+def test_quantizer_runs_in_float32_under_autocast() -> None:
+    """AMP is off for the quantizer: under autocast a half-precision input is quantized in
+    float32, exactly as outside autocast, and the step still gets its float32 gradient."""
+    q = _fixed_quantizer(4, False, [0.0371])
+    x = (torch.rand(2, 3, 8, 8) * 0.6).to(torch.bfloat16)
+    ref = q(x.float())
+    (ref_grad,) = torch.autograd.grad(ref.sum(), q.step)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = q(x)
+        (grad,) = torch.autograd.grad(out.sum(), q.step)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, ref) and torch.equal(grad, ref_grad)
+    # a quantized layer under autocast: its conv runs in bfloat16 on float32-quantized inputs
+    torch.manual_seed(0)
+    qm = quant.quantize_model(create_model("resnet20"), quant.uniform_config(
+        create_model("resnet20"), 4), a_bits=4)
+    quant.calibrate_activations(qm, [torch.randn(8, 3, 32, 32)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = qm.eval()(torch.randn(4, 3, 32, 32))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+
+
 def test_grad_scale_counts_elements_per_step() -> None:
     w = torch.randn(8, 4, 3, 3)
     pc = LSQQuantizer(4, signed=True, per_channel=True, channels=8, is_weight=True)

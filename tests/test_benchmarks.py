@@ -1,0 +1,76 @@
+"""The benchmark scripts still run, on the device they are given (issue 8: --device), and refuse
+a device this machine does not have with one clear message. Tiny settings: these tests check the
+scripts' code paths and output tables, never their timings."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_qat_step_benchmark_writes_its_table(tmp_path: Path) -> None:
+    qat_step = _load("qat_step")
+    out = tmp_path / "qat_step.txt"
+    text = qat_step.main(["--device", "cpu", "--reps", "2", "--warmup", "0", "--no-compile",
+                          "--no-baselines", "--layouts", "nchw", "--out", str(out)])
+    assert out.read_text() == text
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()
+            if line and not line.startswith("#") and not line.startswith("variant")}
+    assert set(rows) == {"fp32/nchw", "hmqat-eager/nchw"}
+    assert rows["fp32/nchw"][1] == "1.000"            # wall ratio of the reference to itself
+    assert float(rows["hmqat-eager/nchw"][1]) > 0
+    assert "CPU" in text.splitlines()[0]
+    assert "step_MiB" not in text                    # the memory column is CUDA-only
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_benchmarks_refuse_cuda_when_absent() -> None:
+    qat_step = _load("qat_step")
+    with pytest.raises(SystemExit, match="--device cpu"):
+        qat_step.main(["--device", "cuda", "--out", ""])
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hessian_traces.py"),
+                        "--device", "cuda"], capture_output=True, text=True,
+                       env={k: v for k, v in os.environ.items() if k != "HMQAT_DATA_DIR"})
+    assert r.returncode != 0
+    assert "torch.cuda.is_available() is False" in r.stderr and "--device cpu" in r.stderr
+
+
+def test_hessian_benchmark_runs_on_the_given_device(tmp_path: Path) -> None:
+    out = tmp_path / "ht.txt"
+    env = {k: v for k, v in os.environ.items() if k != "HMQAT_DATA_DIR"}
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "hessian_traces.py"), "--device", "cpu",
+         "--n-samples", "32", "--batch-size", "32", "--tol", "0.5", "--ref-probes", "2",
+         "--pyhessian-probes", "0", "--joint-probes", "2", "--lever-samples", "0",
+         "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = out.read_text()
+    for needle in ("device: cpu", "## (b) hmqat layer_traces", "## (a) reference",
+                   "## ratio (b)/(a)", "pyhessian: skipped (--pyhessian-probes 0)",
+                   "probe='joint'", "graph reuse at batch 32"):
+        assert needle in text, needle
+    # all 20 ResNet-20 layers are in the hmqat table
+    assert sum(line.split()[0].endswith(("conv1", "conv2", "linear"))
+               for line in text.splitlines() if line.strip()) >= 20
+
+
+def test_hessian_benchmark_rejects_one_pyhessian_probe() -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hessian_traces.py"),
+                        "--pyhessian-probes", "1"], capture_output=True, text=True)
+    assert r.returncode == 2 and "use 0 (skip) or >= 2" in r.stderr
