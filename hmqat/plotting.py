@@ -159,6 +159,52 @@ def _set_scale(ax: plt.Axes, axis: str, values: np.ndarray, *, log_span: float =
     return scale
 
 
+#: Label positions tried in order, relative to the labelled point: (dx, dy) in points, ha, va.
+_LABEL_OFFSETS = ((5, -4, "left", "top"), (5, 4, "left", "bottom"), (-5, -4, "right", "top"),
+                  (-5, 4, "right", "bottom"), (0, -8, "center", "top"),
+                  (0, 8, "center", "bottom"))
+
+
+def _place_labels(ax: plt.Axes,
+                  labels: Sequence[tuple[str, Sequence[tuple[float, float]], dict]],
+                  points: np.ndarray, *, marker_radius: float = 4.0) -> None:
+    """Annotate each (text, anchors, annotate kwargs): at the first anchor (data xy) and offset
+    of ``_LABEL_OFFSETS`` whose box lies inside the axes and overlaps no earlier label, no
+    legend and no marker in ``points`` (data coordinates, N×2; a marker is a square of
+    ``marker_radius`` points) other than the anchor's own; if none is free, where it overlaps
+    least. Greedy, in order, on the figure's final layout (so call it after the axes' limits
+    and legend are set)."""
+    fig = ax.figure
+    fig.canvas.draw()                          # run constrained layout: positions are final
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    r = marker_radius * fig.dpi / 72
+    xy_px = ax.transData.transform(np.asarray(points, dtype=float).reshape(-1, 2))
+    markers = [mpl.transforms.Bbox.from_extents(px - r, py - r, px + r, py + r)
+               for px, py in xy_px]
+    taken = [ax.get_legend().get_window_extent(renderer)] if ax.get_legend() else []
+    for text, anchors, kw in labels:
+        best = None
+        for xy, (dx, dy, ha, va) in ((a, o) for a in anchors for o in _LABEL_OFFSETS):
+            own = ax.transData.transform(np.asarray(xy, dtype=float).reshape(1, 2))[0]
+            others = [m for m, p in zip(markers, xy_px) if not np.allclose(p, own)]
+            ann = ax.annotate(text, xy, xytext=(dx, dy), textcoords="offset points", ha=ha,
+                              va=va, **kw)
+            box = ann.get_window_extent(renderer)
+            outside = not (frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0
+                           and box.y1 <= frame.y1)
+            clashes = 2 * outside + sum(box.overlaps(o) for o in taken + others)
+            if best is None or clashes < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (clashes, ann, box)
+            else:
+                ann.remove()
+            if clashes == 0:
+                break
+        taken.append(best[2])
+
+
 def _style(i: int) -> dict[str, Any]:
     return {"marker": MARKERS[i % len(MARKERS)], "linestyle": LINESTYLES[i % len(LINESTYLES)]}
 
@@ -413,6 +459,7 @@ def plot_accuracy_size(df: pd.DataFrame, *, x: str = "size_mb", y: str = "top1",
     ``compression`` (when that column exists). FP32 is a dashed horizontal line."""
     _require(df, [x, y, kind_col], "df")
     kinds = list(dict.fromkeys(df[kind_col].astype(str)))
+    labels: list[tuple[str, tuple[float, float], dict]] = []
     with use_style():
         fig, ax = plt.subplots(figsize=(5.0, 3.4))
         n_line = n_point = 0
@@ -424,30 +471,34 @@ def plot_accuracy_size(df: pd.DataFrame, *, x: str = "size_mb", y: str = "top1",
                     label = kind if label is None or pd.isna(label) or label == "" else str(label)
                     ax.scatter(row[x], row[y], s=36, marker=MARKERS[(n_point + 1) % len(MARKERS)],
                                color="0.35", edgecolor="black", linewidth=0.5, zorder=4)
-                    ax.annotate(label, (row[x], row[y]), xytext=(4, -9),
-                                textcoords="offset points", fontsize="x-small", bbox=LABEL_BOX)
+                    labels.append((label, [(row[x], row[y])],
+                                   {"fontsize": "x-small", "bbox": LABEL_BOX}))
                     n_point += 1
             else:
                 ax.plot(sub[x], sub[y], color=f"C{n_line}", markersize=4.5, linewidth=1.2,
                         label=kind, zorder=3, **_style(n_line))
                 if "compression" in sub.columns:
-                    for _, row in sub.iterrows():
-                        ax.annotate(f"{row['compression']:.1f}×", (row[x], row[y]),
-                                    xytext=(3, 4), textcoords="offset points",
-                                    fontsize="xx-small", color=f"C{n_line}",
-                                    bbox=LABEL_BOX)
+                    labels += [(f"{row['compression']:.1f}×", [(row[x], row[y])],
+                                {"fontsize": "xx-small", "color": f"C{n_line}",
+                                 "bbox": LABEL_BOX}) for _, row in sub.iterrows()]
                 n_line += 1
-        if fp32_top1 is not None:
-            ax.axhline(fp32_top1, color="black", linestyle="--", linewidth=0.9)
-            ax.annotate(f"FP32 {fp32_top1:.2f}", (0.99, fp32_top1),
-                        xycoords=("axes fraction", "data"), xytext=(0, 2),
-                        textcoords="offset points", ha="right", va="bottom", fontsize="x-small")
         _set_scale(ax, "x", df[x].to_numpy(float), log_span=10.0)
+        ax.margins(x=0.08, y=0.08)
         ax.set_xlabel({"size_mb": "model size (MB)", "bops": "BOPs"}.get(x, x))
         ax.set_ylabel({"top1": "top-1 (%)"}.get(y, y))
         if n_line:
             ax.legend(fontsize="x-small", frameon=False, loc="lower right")
+        points = df[[x, y]].to_numpy(float)
+        if fp32_top1 is not None:
+            ax.axhline(fp32_top1, color="black", linestyle="--", linewidth=0.9)
+            lo, hi = ax.get_xlim()
+            ax.set_xlim(lo, hi)                # keep the limits the label anchors below use
+            # the FP32 label sits on its line, at the right end or else at the left end
+            labels.insert(0, (f"FP32 {fp32_top1:.2f}", [(hi, fp32_top1), (lo, fp32_top1)],
+                              {"fontsize": "x-small", "bbox": LABEL_BOX,
+                               "annotation_clip": False}))
         _titles(fig, title, subtitle)
+        _place_labels(ax, labels, points)
     return fig
 
 

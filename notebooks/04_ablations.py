@@ -67,11 +67,17 @@ table = ablation.run_ablations(
     policy=policy, init=init, device=study.dev)
 table.to_csv(study.path("data", "ablation_runs.csv"), index=False)
 summary = ablation.summarize(table)
+steps = len(study.train_loader())                 # optimizer steps per full epoch
+if max_steps_per_epoch:
+    steps = min(steps, max_steps_per_epoch)
 reporting.write_table(summary, study.tables / "ablation",
                       caption=f"Ablations at ~{ablation_compression:g}x compression: same seed, "
-                              f"{ablation_epochs} QAT epoch(s); random allocation over "
-                              f"{len(random_seeds)} seeds (mean, std)",
-                      data_label=study.data_label, profile=profile)
+                              f"{ablation_epochs} QAT epoch(s) of {steps} steps at batch "
+                              f"{batch_size} each; random allocation over {len(random_seeds)} "
+                              f"seeds (mean, std); osc_frac = share of weights whose flip "
+                              f"frequency exceeds the tracker's threshold",
+                      data_label=study.data_label, profile=profile,
+                      float_format={"osc_frac": "{:.2%}"})
 summary
 
 # %%

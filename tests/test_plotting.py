@@ -237,6 +237,31 @@ def test_accuracy_size_fp32_line_uniform_labels_and_compression():
     plt.close(fig)
 
 
+def test_accuracy_size_labels_do_not_collide():
+    """The study's own layout: W8A8 sits on the FP32 line at the right edge and a uniform point
+    sits between two mixed points; every label stays inside the axes, clear of the others."""
+    df = pd.DataFrame({"size_mb": [0.0994, 0.1049, 0.0730, 0.1049, 0.1365, 0.2640],
+                       "top1": [85.94, 86.45, 83.04, 86.25, 86.81, 87.82],
+                       "kind": ["mixed"] * 2 + ["uniform"] * 4,
+                       "label": ["", "", "uniform W2A4", "uniform W3A4", "uniform W4A4",
+                                 "uniform W8A8"],
+                       "compression": [10.35, 9.83, 14.1, 9.83, 7.5, 3.9]})
+    fig = P.plot_accuracy_size(df, fp32_top1=87.62, subtitle="CIFAR-10 (JPEG q75 mirror); quick")
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(r)
+    boxes = {t.get_text(): t.get_window_extent(r) for t in ax.texts}
+    assert len(boxes) == 7 and "FP32 87.62" in boxes and "9.8×" in boxes
+    names = sorted(boxes)
+    for i, a in enumerate(names):
+        box = boxes[a]
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 <= box.y1 <= frame.y1, a
+        for b in names[i + 1:]:
+            assert not box.overlaps(boxes[b]), (a, b)
+    plt.close(fig)
+
+
 def test_ablation_hatches_and_seed_error_bars():
     fig = P.plot_ablation(ablation_frame())
     top, bottom = fig.axes
