@@ -182,7 +182,13 @@ def _place_labels(ax: plt.Axes,
     xy_px = ax.transData.transform(np.asarray(points, dtype=float).reshape(-1, 2))
     markers = [mpl.transforms.Bbox.from_extents(px - r, py - r, px + r, py + r)
                for px, py in xy_px]
-    taken = [ax.get_legend().get_window_extent(renderer)] if ax.get_legend() else []
+    legend = ax.get_legend()
+    taken = []
+    if legend is not None:
+        box = legend.get_window_extent(renderer)
+        # freeze loc="best" where it was drawn, so later draws cannot move it onto a label
+        legend.set_loc(tuple(ax.transAxes.inverted().transform((box.x0, box.y0))))
+        taken.append(box)
     for text, anchors, kw in labels:
         best = None
         for xy, (dx, dy, ha, va) in ((a, o) for a in anchors for o in _LABEL_OFFSETS):
@@ -376,13 +382,8 @@ def plot_frontier(candidates: pd.DataFrame | None, frontier: pd.DataFrame,
         front = frontier.sort_values(x)
         ax.step(front[x], front[y], where="post", color="C0", marker="o", markersize=3,
                 linewidth=1.2, label=f"exact frontier ({len(front)})", zorder=3)
-        if uniform is not None:
-            for i, (_, row) in enumerate(uniform.iterrows()):
-                label = str(row[label_col]) if label_col in uniform.columns else f"uniform {i}"
-                ax.scatter(row[x], row[y], s=34, marker=MARKERS[(i + 1) % len(MARKERS)],
-                           color=f"C{(i + 2) % 10}", edgecolor="black", linewidth=0.5, zorder=4)
-                ax.annotate(label, (row[x], row[y]), xytext=(4, 4), textcoords="offset points",
-                            fontsize="x-small", bbox=LABEL_BOX)
+        labels: list[tuple[str, list[tuple[float, float]], dict]] = []
+        text_kw = {"fontsize": "x-small", "bbox": LABEL_BOX}
         if picks is not None:
             for i, (_, row) in enumerate(picks.iterrows()):
                 label = (str(row[label_col]) if label_col in picks.columns
@@ -390,14 +391,21 @@ def plot_frontier(candidates: pd.DataFrame | None, frontier: pd.DataFrame,
                 ax.axvline(row[x], color="0.25", linestyle="--", linewidth=0.8, zorder=1)
                 ax.scatter(row[x], row[y], s=60, marker="*", color="C1", edgecolor="black",
                            linewidth=0.5, zorder=5, label="picked" if i == 0 else None)
-                ax.annotate(label, (row[x], row[y]), xytext=(4, -10), textcoords="offset points",
-                            fontsize="x-small", bbox=LABEL_BOX)
+                labels.append((label, [(row[x], row[y])], text_kw))
+        if uniform is not None:
+            for i, (_, row) in enumerate(uniform.iterrows()):
+                label = str(row[label_col]) if label_col in uniform.columns else f"uniform {i}"
+                ax.scatter(row[x], row[y], s=34, marker=MARKERS[(i + 1) % len(MARKERS)],
+                           color=f"C{(i + 2) % 10}", edgecolor="black", linewidth=0.5, zorder=4)
+                labels.append((label, [(row[x], row[y])], text_kw))
         _set_scale(ax, "y", all_y)
         _set_scale(ax, "x", all_x, log_span=10.0)
         ax.set_xlabel({"size_mb": "model size (MB)", "bops": "BOPs"}.get(x, x))
         ax.set_ylabel({"omega": "ΣΩ (predicted perturbation)"}.get(y, y))
         ax.legend(fontsize="x-small", frameon=False, loc="best", markerscale=1.5)
         _titles(fig, title, subtitle)
+        marked = [f[[x, y]].to_numpy(float) for f in (picks, uniform) if f is not None]
+        _place_labels(ax, labels, np.concatenate(marked) if marked else np.empty((0, 2)))
     return fig
 
 
@@ -505,11 +513,22 @@ def plot_accuracy_size(df: pd.DataFrame, *, x: str = "size_mb", y: str = "top1",
 # --------------------------------------------------------------------------------------------
 # 6. Ablations
 # --------------------------------------------------------------------------------------------
+def _zoomed_origin(low: float, high: float) -> float:
+    """Where a bar axis starts: 0, unless all values are positive and differ by less than a
+    third of the smallest, then a round number below ``low`` by half the range (bars of
+    78–85 % accuracy drawn from 0 hide the differences the ablation is about)."""
+    if not (np.isfinite(low) and np.isfinite(high)) or low <= 0 or high - low > low / 3:
+        return 0.0
+    step = 10 ** math.floor(math.log10(max(high - low, 1e-12)))
+    return max(0.0, math.floor((low - 0.5 * (high - low)) / step) * step)
+
+
 def plot_ablation(df: pd.DataFrame, *, x: str = "variant", y: str = "top1",
                   group_col: str | None = "group", err: str | None = None,
                   title: str | None = "Ablations", subtitle: str | None = None) -> Figure:
     """Horizontal bars of ``y`` per ``x`` (variant), one panel per ``group_col`` value, one
-    hatch per variant, mean value written past each bar. Several rows per variant (seeds) give
+    hatch per variant, mean value written past each bar. When the values are close, the axis
+    starts at a round number below them and the x label says so (:func:`_zoomed_origin`). Several rows per variant (seeds) give
     ±SD error bars (seaborn ``errorbar="sd"``); ``err`` names a column of precomputed SDs
     instead."""
     _require(df, [x, y] + ([group_col] if group_col else []) + ([err] if err else []), "df")
@@ -546,9 +565,14 @@ def plot_ablation(df: pd.DataFrame, *, x: str = "variant", y: str = "top1",
                 ax.text(mean + s, i, text, va="center", fontsize="x-small")
             ax.set_ylabel(group or "")
             ax.set_xlabel({"top1": "top-1 (%)"}.get(y, y))
-        right = (data.groupby([x])[y].mean()
-                 + (data.groupby([x])[y].std().fillna(0) if not err else data[err].max())).max()
-        axes[0, 0].set_xlim(0, right * 1.3 if right > 0 else None)
+        means = data.groupby([x])[y].mean()
+        spread = data.groupby([x])[y].std().fillna(0) if not err else data[err].max()
+        right, low = (means + spread).max(), (means - spread).min()
+        left = _zoomed_origin(low, right)
+        width = right - left
+        axes[0, 0].set_xlim(left, right + 0.3 * width if width > 0 else None)
+        if left > 0:
+            axes[-1, 0].set_xlabel(f"{axes[-1, 0].get_xlabel()} — axis starts at {left:g}")
         _titles(fig, title, subtitle)
     return fig
 

@@ -237,6 +237,34 @@ def test_accuracy_size_fp32_line_uniform_labels_and_compression():
     plt.close(fig)
 
 
+def _assert_labels_clear(fig, n: int) -> None:
+    """The first axes' n text labels lie inside it and do not overlap each other or the legend."""
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(r)
+    boxes = [(t.get_text(), t.get_window_extent(r)) for t in ax.texts]
+    if ax.get_legend() is not None:
+        boxes.append(("<legend>", ax.get_legend().get_window_extent(r)))
+    assert len(ax.texts) == n
+    for i, (a, box) in enumerate(boxes):
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 <= box.y1 <= frame.y1, a
+        for b, other in boxes[i + 1:]:
+            assert not box.overlaps(other), (a, b)
+
+
+def test_frontier_labels_do_not_collide():
+    """The quick run's crowding: two picks and a uniform point within 0.04 MB of each other."""
+    cand, front, _, _ = frontier_frames()
+    picks = pd.DataFrame({"size_mb": [0.0994, 0.1049], "omega": [0.33, 0.26],
+                          "label": ["HMQAT 10.34x", "HMQAT =W3 size"]})
+    uniform = pd.DataFrame({"size_mb": [0.073, 0.1049, 0.1365, 0.264],
+                            "omega": [1.6, 0.5, 0.15, 7e-4], "label": ["W2", "W3", "W4", "W8"]})
+    fig = P.plot_frontier(cand, front, picks, uniform=uniform)
+    _assert_labels_clear(fig, 6)
+    plt.close(fig)
+
+
 def test_accuracy_size_labels_do_not_collide():
     """The study's own layout: W8A8 sits on the FP32 line at the right edge and a uniform point
     sits between two mixed points; every label stays inside the axes, clear of the others."""
@@ -247,18 +275,8 @@ def test_accuracy_size_labels_do_not_collide():
                                  "uniform W8A8"],
                        "compression": [10.35, 9.83, 14.1, 9.83, 7.5, 3.9]})
     fig = P.plot_accuracy_size(df, fp32_top1=87.62, subtitle="CIFAR-10 (JPEG q75 mirror); quick")
-    ax = fig.axes[0]
-    fig.canvas.draw()
-    r = fig.canvas.get_renderer()
-    frame = ax.get_window_extent(r)
-    boxes = {t.get_text(): t.get_window_extent(r) for t in ax.texts}
-    assert len(boxes) == 7 and "FP32 87.62" in boxes and "9.8×" in boxes
-    names = sorted(boxes)
-    for i, a in enumerate(names):
-        box = boxes[a]
-        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 <= box.y1 <= frame.y1, a
-        for b in names[i + 1:]:
-            assert not box.overlaps(boxes[b]), (a, b)
+    assert {"FP32 87.62", "9.8×", "uniform W8A8"} <= {t.get_text() for t in fig.axes[0].texts}
+    _assert_labels_clear(fig, 7)
     plt.close(fig)
 
 
@@ -269,6 +287,17 @@ def test_ablation_hatches_and_seed_error_bars():
     assert len({b.get_hatch() or "" for b in top.patches}) == 3             # one hatch per variant
     assert any("87.00 ± 1.00 (n=3)" in t.get_text() for t in top.texts)      # mean ± SD of seeds
     assert len(top.lines) >= 1                                               # the SD error bar
+    plt.close(fig)
+
+
+def test_ablation_axis_zooms_on_close_values_and_says_so():
+    fig = P.plot_ablation(ablation_frame())          # 86-90.5: bars from 0 would hide it
+    left = fig.axes[0].get_xlim()[0]
+    assert 80 <= left < 86 and fig.axes[-1].get_xlabel().endswith(f"axis starts at {left:g}")
+    plt.close(fig)
+    spread = ablation_frame().assign(top1=[90.5, 20.0, 87.0, 86.0, 88.0, 90.5, 90.2])
+    fig = P.plot_ablation(spread)                    # values far apart: the axis starts at 0
+    assert fig.axes[0].get_xlim()[0] == 0 and "starts" not in fig.axes[-1].get_xlabel()
     plt.close(fig)
 
 
