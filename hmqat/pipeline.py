@@ -166,12 +166,23 @@ def run_pipeline(profile: str = "quick", *, only: Sequence[str] | None = None,
         wall = time.perf_counter() - t0
         atomic_write_json(stamp, {"digest": digest, "wall_s": wall})
         update_manifest(manifest_path, name, status="ran", wall_s=round(wall, 1),
-                        parameters=params, executed=str(nb_out.relative_to(results_dir)))
+                        parameters=params, executed=str(nb_out.relative_to(results_dir)),
+                        **_code_version())
         print(f"[hmqat] {name}: done in {wall / 60:.1f} min", flush=True)
     steps = json.loads(manifest_path.read_text())["steps"] if manifest_path.exists() else {}
     print(f"[hmqat] {profile}: finished in {(time.perf_counter() - total) / 60:.1f} min; "
           f"results in {results_dir}", flush=True)
     return steps
+
+
+def _code_version() -> dict[str, Any]:
+    """The code a step ran with: git sha and dirty flag of the checkout, and when it finished
+    (the manifest's top-level provenance is from its first step, which may be older)."""
+    from .train import manifest
+
+    prov = manifest()
+    return {"git_sha": prov["git_sha"], "git_dirty": prov["git_dirty"],
+            "finished_utc": prov["time_utc"]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

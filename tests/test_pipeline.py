@@ -39,6 +39,9 @@ def test_every_notebook_ran_and_artifacts_are_well_formed(smoke_run):
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["git_sha"] is None or len(manifest["git_sha"]) == 40
     assert "torch" in manifest and set(manifest["steps"]) == set(pipeline.NOTEBOOKS)
+    for step in manifest["steps"].values():     # each step records the code it ran with
+        assert step["git_sha"] is None or len(step["git_sha"]) == 40
+        assert isinstance(step["git_dirty"], bool) and step["finished_utc"].endswith("Z")
     assert "synthetic data" in (root / "README.md").read_text()
 
 
