@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from hmqat import search
 from hmqat.search import (
     MB,
     InfeasibleBudgetError,
@@ -257,6 +258,167 @@ def test_select_budget_arguments():
         select(front, max_bops=1e9)
     with pytest.raises(SearchError, match="finite number > 0"):
         select(front, max_mb=-1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# the fast search: lazy Frontier, bucket pre-filter, merge order and same-cost blocks
+# --------------------------------------------------------------------------------------------
+def tie_problem(seed: int) -> tuple[pd.DataFrame, dict, dict]:
+    """Integer Ω in {0..3} and weight counts in {1, 2, 3}: many configs tie exactly in cost and
+    in ΣΩ (and, for BOPs, layers with 0 MACs make every width cost the same)."""
+    rng = np.random.default_rng(seed)
+    n_layers = int(rng.integers(3, 8))
+    layers = [f"l{i}" for i in range(n_layers)]
+    omega = pd.DataFrame(rng.integers(0, 4, (n_layers, 4)).astype(float), index=layers,
+                         columns=[2, 3, 4, 8])
+    n_params = {k: int(rng.integers(1, 4)) for k in layers}
+    kw: dict = {}
+    if seed % 4 == 1:
+        kw = {"cost": "bops", "macs": {k: int(rng.integers(0, 3)) for k in layers}, "a_bits": 4}
+    return omega, n_params, kw
+
+
+def plain_dp(p) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reference: the plain sort-and-prune DP over units in forward order (no pre-filter, no
+    blocks, no reordering), configs back-tracked for every point: (cost, ΣΩ, [N, L] bits)."""
+    cost, omega, trace = search._dp(p.units, use_filter=False)
+    picks = search._backtrack(trace, len(p.units), np.arange(len(cost)))
+    return cost, omega, search._bits_matrix(p, picks)
+
+
+def prepared(omega, n_params, kw):
+    kw = dict(kw)
+    return search._prepare(omega, n_params, kw.pop("bits", None), **kw)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_bucket_filter_changes_nothing(seed, monkeypatch):
+    """The pre-filter only drops candidates the exact prune drops anyway: with the same merge
+    order, costs, ΣΩ and back-pointers are bit-identical, exact ties included."""
+    monkeypatch.setattr(search, "_FILTER_MIN_CANDIDATES", 1)    # filter every merge
+    p = prepared(*(random_problem if seed % 2 else tie_problem)(seed))
+    states = None
+    for order in (None, search._dp_order(p.units)):
+        ref = search._dp(p.units, order, use_filter=False)
+        got = search._dp(p.units, order, use_filter=True)
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_array_equal(got[1], ref[1])
+        states = np.arange(len(ref[0]))
+        np.testing.assert_array_equal(search._backtrack(got[2], len(p.units), states),
+                                      search._backtrack(ref[2], len(p.units), states))
+    assert states is not None and len(states) >= 1
+
+
+@pytest.mark.parametrize("seed", range(0, 60, 3))
+def test_fast_search_equals_plain_dp(seed, monkeypatch):
+    """Blocks + merge order + pre-filter give the plain DP's frontier: same costs and configs,
+    ΣΩ equal up to summation order. On tie tables only (cost, ΣΩ) are unique."""
+    monkeypatch.setattr(search, "_FILTER_MIN_CANDIDATES", 1)
+    tie = seed % 2 == 1
+    omega, n_params, kw = (tie_problem if tie else random_problem)(seed)
+    p = prepared(omega, n_params, kw)
+    cost, total, plan = search._search(p.units)
+    ref_cost, ref_total, ref_bits = plain_dp(p)
+    np.testing.assert_array_equal(cost, ref_cost)
+    np.testing.assert_allclose(total, ref_total, rtol=1e-12, atol=1e-12)
+    bits = search._bits_matrix(p, search._unit_picks(plan, np.arange(len(cost))))
+    if not tie:
+        np.testing.assert_array_equal(bits, ref_bits)
+    acc = search._accounting(p, bits)                       # the configs achieve the frontier
+    np.testing.assert_array_equal(acc["cost_int"], cost)
+    np.testing.assert_allclose(search._omega_of(p, bits), total, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cost", ["size", "bops"])
+def test_fast_search_equals_plain_dp_on_resnet20(cost):
+    omega, n_params, macs = resnet20_problem(4)
+    names = list(omega.index)
+    kw = {"cost": cost, "fixed": {names[0]: 8, names[-1]: 8}, "macs": macs, "a_bits": 4,
+          "tied": [["layer2.0.conv1", "layer2.0.conv2"]]}
+    front = pareto_frontier(omega, n_params, **kw)
+    p = prepared(omega, n_params, kw)
+    assert len(front._plan.blocks) < len(p.units)              # same-size convs were grouped
+    ref_cost, ref_total, ref_bits = plain_dp(p)
+    np.testing.assert_array_equal(front.cost_int, ref_cost)
+    np.testing.assert_allclose(front.omega, ref_total, rtol=1e-12)
+    np.testing.assert_array_equal(front.bits_matrix, ref_bits)
+
+
+@pytest.mark.parametrize("seed", range(0, 40, 3))
+def test_lazy_frontier_rows_equal_eager_table(seed):
+    """row(i) / config(i) / select() never build ``points``, and equal the eager table (the old
+    behaviour: every config back-tracked by the plain DP, then :func:`_frame`)."""
+    omega, n_params, kw = random_problem(seed)
+    lazy = pareto_frontier(omega, n_params, **kw)
+    assert f"{len(lazy)} points" in repr(lazy)
+    pts = pareto_frontier(omega, n_params, **kw).points
+    p = prepared(omega, n_params, kw)
+    _, ref_total, ref_bits = plain_dp(p)
+    eager = search._frame(p, ref_bits, ref_total)
+    pd.testing.assert_frame_equal(pts.drop(columns="omega"), eager.drop(columns="omega"))
+    np.testing.assert_allclose(pts["omega"], eager["omega"], rtol=1e-12)
+    assert len(lazy) == len(pts)
+    for i in range(len(pts)):
+        row = lazy.row(i)
+        pd.testing.assert_series_equal(row, pts.iloc[i])
+        assert [type(v) for v in row] == [type(v) for v in pts.iloc[i]]
+        assert lazy.config(i) == pts["config"].iloc[i]
+    pd.testing.assert_series_equal(lazy.row(-1), pts.iloc[-1])
+    with pytest.raises(IndexError, match="out of range"):
+        lazy.row(len(pts))
+    assert "points" not in vars(lazy) and "bits_matrix" not in vars(lazy)
+    assert lazy.configs() == list(pts["config"])                # now built, and equal
+    pd.testing.assert_series_equal(lazy.row(2 % len(pts)), pts.iloc[2 % len(pts)])
+
+
+@pytest.mark.parametrize("seed", range(1, 80, 4))
+def test_select_on_lazy_frontier_equals_brute_force(seed):
+    """Binary-search select() on the lazy frontier = the last brute-force point meeting the
+    budget (the old mask semantics), at every point, between points and past both ends."""
+    omega, n_params, kw = random_problem(seed)
+    front = pareto_frontier(omega, n_params, **kw)
+    bf = brute_force_frontier(omega, n_params, **kw).points
+    key, kind = ("bops", "max_bops") if kw["cost"] == "bops" else ("size_mb", "max_mb")
+    vals = bf[key].to_numpy(dtype=float)
+    budgets = [(kind, v) for v in np.concatenate([vals, (vals[1:] + vals[:-1]) / 2,
+                                                  [vals[0] * 0.999, vals[-1] * 2]])]
+    if key == "size_mb":
+        comp = bf["compression"].to_numpy()
+        budgets += [("min_compression", v) for v in np.concatenate([comp, comp * (1 + 1e-9)])]
+    n_checked = 0
+    for kind, value in budgets:
+        if not value > 0:
+            continue
+        col = {"max_mb": "size_mb", "min_compression": "compression", "max_bops": "bops"}[kind]
+        ok = (bf[col] >= value if kind == "min_compression" else bf[col] <= value).to_numpy()
+        if not ok.any():
+            with pytest.raises(InfeasibleBudgetError, match="achievable"):
+                select(front, **{kind: float(value)})
+            continue
+        k = int(np.flatnonzero(ok)[-1])
+        row = select(front, **{kind: float(value)})
+        assert row.name == k == int(bf.loc[ok, "omega"].idxmin())
+        assert row["config"] == bf["config"].iloc[k]
+        assert row["cost_int"] == bf["cost_int"].iloc[k]
+        assert row["omega"] == pytest.approx(bf["omega"].iloc[k], rel=1e-12)
+        n_checked += 1
+    assert n_checked >= len(vals)
+    assert "points" not in vars(front)
+
+
+def test_blocks_group_same_cost_units_and_backtracking_agrees():
+    omega, n_params, macs = resnet20_problem()
+    front = pareto_frontier(omega, n_params, macs=macs, a_bits=4)
+    p, plan = front._problem, front._plan
+    assert sorted(k for b in plan.blocks for k in b.units) == list(range(len(p.units)))
+    for block in plan.blocks:
+        assert all(np.array_equal(p.units[k].cost, p.units[block.units[0]].cost)
+                   for k in block.units)
+        assert (block.trace is None) == (len(block.units) == 1)
+    assert max(len(b.units) for b in plan.blocks) >= 3         # e.g. layer1's 3x3 convs
+    picks = search._unit_picks(plan, np.arange(len(front)))
+    for i in range(0, len(front), 7):
+        assert search._unit_picks_one(plan, i) == picks[i].tolist()
 
 
 # --------------------------------------------------------------------------------------------
