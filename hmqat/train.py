@@ -102,14 +102,18 @@ def _git(*args: str) -> str:
 
 def manifest(seed: int | None = None, device: str | torch.device | None = None,
              **extra: Any) -> dict[str, Any]:
-    """Provenance of a run: git sha and dirty flag, versions, device, seed, plus ``extra``."""
+    """Provenance of a run: git sha and dirty flag (tracked changes outside results/), versions,
+    device, seed, plus ``extra``."""
     import pandas
     import torchvision
 
     dev = resolve_device(device)
     return {
         "git_sha": _git("rev-parse", "HEAD") or None,
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # dirty = uncommitted changes to tracked files outside results/ (a run's own outputs
+        # there do not change the code that produced them)
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                               ":(top,exclude)results")),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
