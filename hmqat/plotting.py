@@ -165,15 +165,24 @@ _LABEL_OFFSETS = ((5, -4, "left", "top"), (5, 4, "left", "bottom"), (-5, -4, "ri
                   (0, 8, "center", "bottom"))
 
 
+def _box_distance(box: Any, xy: np.ndarray) -> np.ndarray:
+    """Distance (display units) from a Bbox to each point of ``xy`` (N×2); 0 inside it."""
+    dx = np.maximum(np.maximum(box.x0 - xy[:, 0], xy[:, 0] - box.x1), 0)
+    dy = np.maximum(np.maximum(box.y0 - xy[:, 1], xy[:, 1] - box.y1), 0)
+    return np.hypot(dx, dy)
+
+
 def _place_labels(ax: plt.Axes,
                   labels: Sequence[tuple[str, Sequence[tuple[float, float]], dict]],
-                  points: np.ndarray, *, marker_radius: float = 4.0) -> None:
+                  points: np.ndarray, *, marker_radius: float = 4.0,
+                  avoid: Sequence[Any] = ()) -> None:
     """Annotate each (text, anchors, annotate kwargs): at the first anchor (data xy) and offset
-    of ``_LABEL_OFFSETS`` whose box lies inside the axes and overlaps no earlier label, no
-    legend and no marker in ``points`` (data coordinates, N×2; a marker is a square of
-    ``marker_radius`` points) other than the anchor's own; if none is free, where it overlaps
-    least. Greedy, in order, on the figure's final layout (so call it after the axes' limits
-    and legend are set)."""
+    of ``_LABEL_OFFSETS`` whose box lies inside the axes, overlaps no earlier label, no legend,
+    no artist in ``avoid`` and no marker in ``points`` (data coordinates, N×2; a marker is a
+    square of ``marker_radius`` points) other than the anchor's own, and is closer to its own
+    point than to any other marker (so it cannot be read as another point's label). If no
+    position is free, the one with the fewest clashes. Greedy, in order, on the figure's final
+    layout (so call it after the axes' limits and legend are set)."""
     fig = ax.figure
     fig.canvas.draw()                          # run constrained layout: positions are final
     renderer = fig.canvas.get_renderer()
@@ -183,7 +192,7 @@ def _place_labels(ax: plt.Axes,
     markers = [mpl.transforms.Bbox.from_extents(px - r, py - r, px + r, py + r)
                for px, py in xy_px]
     legend = ax.get_legend()
-    taken = []
+    taken = [a.get_window_extent(renderer) for a in avoid]
     if legend is not None:
         box = legend.get_window_extent(renderer)
         # freeze loc="best" where it was drawn, so later draws cannot move it onto a label
@@ -193,13 +202,17 @@ def _place_labels(ax: plt.Axes,
         best = None
         for xy, (dx, dy, ha, va) in ((a, o) for a in anchors for o in _LABEL_OFFSETS):
             own = ax.transData.transform(np.asarray(xy, dtype=float).reshape(1, 2))[0]
-            others = [m for m, p in zip(markers, xy_px) if not np.allclose(p, own)]
+            mine = np.all(np.isclose(xy_px, own), axis=1)
+            others = [m for m, is_own in zip(markers, mine) if not is_own]
             ann = ax.annotate(text, xy, xytext=(dx, dy), textcoords="offset points", ha=ha,
                               va=va, **kw)
             box = ann.get_window_extent(renderer)
             outside = not (frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0
                            and box.y1 <= frame.y1)
             clashes = 2 * outside + sum(box.overlaps(o) for o in taken + others)
+            if (~mine).any():
+                dist = _box_distance(box, xy_px)
+                clashes += int(dist[~mine].min() < _box_distance(box, own[None])[0])
             if best is None or clashes < best[0]:
                 if best is not None:
                     best[1].remove()
@@ -361,7 +374,8 @@ def plot_frontier(candidates: pd.DataFrame | None, frontier: pd.DataFrame,
                   title: str | None = "Exact Pareto frontier of ΣΩ vs size",
                   subtitle: str | None = None) -> Figure:
     """Every candidate faint grey (α 0.15, rasterised), the exact frontier as a post-step line
-    with markers, picked budgets as dashed vertical lines with labelled stars, and uniform
+    with markers, picked budgets as stars on dashed vertical lines labelled along the line, and
+    uniform
     configs as distinct labelled markers (DESIGN.md §2 "Search"). Log y (symlog if some
     Ω ≤ 0); log x when sizes span more than 10×. ``picks``/``uniform`` may carry a
     ``label_col`` column for their labels."""
@@ -384,14 +398,20 @@ def plot_frontier(candidates: pd.DataFrame | None, frontier: pd.DataFrame,
                 linewidth=1.2, label=f"exact frontier ({len(front)})", zorder=3)
         labels: list[tuple[str, list[tuple[float, float]], dict]] = []
         text_kw = {"fontsize": "x-small", "bbox": LABEL_BOX}
+        budget_labels = []
         if picks is not None:
-            for i, (_, row) in enumerate(picks.iterrows()):
+            # each pick's label runs up its dashed budget line: the leftmost on the line's left,
+            # the others on its right (two close budgets then label outwards, not on each other)
+            for i, (_, row) in enumerate(picks.sort_values(x).iterrows()):
                 label = (str(row[label_col]) if label_col in picks.columns
                          else f"{row[x]:.3g}")
                 ax.axvline(row[x], color="0.25", linestyle="--", linewidth=0.8, zorder=1)
                 ax.scatter(row[x], row[y], s=60, marker="*", color="C1", edgecolor="black",
                            linewidth=0.5, zorder=5, label="picked" if i == 0 else None)
-                labels.append((label, [(row[x], row[y])], text_kw))
+                budget_labels.append(ax.text(
+                    row[x], 0.02, label, transform=ax.get_xaxis_transform(), rotation=90,
+                    ha="right" if i == 0 else "left", va="bottom", fontsize="x-small",
+                    bbox=LABEL_BOX, zorder=2))
         if uniform is not None:
             for i, (_, row) in enumerate(uniform.iterrows()):
                 label = str(row[label_col]) if label_col in uniform.columns else f"uniform {i}"
@@ -405,7 +425,8 @@ def plot_frontier(candidates: pd.DataFrame | None, frontier: pd.DataFrame,
         ax.legend(fontsize="x-small", frameon=False, loc="best", markerscale=1.5)
         _titles(fig, title, subtitle)
         marked = [f[[x, y]].to_numpy(float) for f in (picks, uniform) if f is not None]
-        _place_labels(ax, labels, np.concatenate(marked) if marked else np.empty((0, 2)))
+        _place_labels(ax, labels, np.concatenate(marked) if marked else np.empty((0, 2)),
+                      avoid=budget_labels)
     return fig
 
 

@@ -262,6 +262,9 @@ def test_frontier_labels_do_not_collide():
                             "omega": [1.6, 0.5, 0.15, 7e-4], "label": ["W2", "W3", "W4", "W8"]})
     fig = P.plot_frontier(cand, front, picks, uniform=uniform)
     _assert_labels_clear(fig, 6)
+    along = {t.get_text(): t for t in fig.axes[0].texts if t.get_rotation() == 90}
+    assert set(along) == {"HMQAT 10.34x", "HMQAT =W3 size"}   # budget labels run up their lines
+    assert along["HMQAT 10.34x"].get_ha() == "right" and along["HMQAT =W3 size"].get_ha() == "left"
     plt.close(fig)
 
 
