@@ -87,7 +87,7 @@ def sync(device: torch.device) -> None:
 
 
 def build_variants(names: list[str], x: torch.Tensor) -> dict[str, dict]:
-    """name -> {model, opt, backend}, on x's device; every QAT model calibrated on the same batch."""
+    """name -> {model, opt, backend} on x's device, QAT models calibrated on the same batch."""
     torch.manual_seed(0)
     fp = create_model("resnet20").to(x.device)
     cfg = mixed_config(fp)

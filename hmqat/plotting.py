@@ -375,10 +375,9 @@ def plot_frontier(candidates: pd.DataFrame | None, frontier: pd.DataFrame,
                   subtitle: str | None = None) -> Figure:
     """Every candidate faint grey (α 0.15, rasterised), the exact frontier as a post-step line
     with markers, picked budgets as stars on dashed vertical lines labelled along the line, and
-    uniform
-    configs as distinct labelled markers (DESIGN.md §2 "Search"). Log y (symlog if some
-    Ω ≤ 0); log x when sizes span more than 10×. ``picks``/``uniform`` may carry a
-    ``label_col`` column for their labels."""
+    uniform configs as distinct markers labelled clear of each other (:func:`_place_labels`)
+    (DESIGN.md §2 "Search"). Log y (symlog if some Ω ≤ 0); log x when sizes span more than 10×.
+    ``picks``/``uniform`` may carry a ``label_col`` column for their labels."""
     _require(frontier, [x, y], "frontier")
     frames = {"candidates": candidates, "picks": picks, "uniform": uniform}
     for name, frame in frames.items():
@@ -485,10 +484,11 @@ def plot_accuracy_size(df: pd.DataFrame, *, x: str = "size_mb", y: str = "top1",
     """Top-1 vs size. Each ``kind`` whose name contains "uniform" is drawn as separate points
     with distinct markers and direct text labels (``label_col``); every other kind (e.g. the
     mixed-precision method) is a line with markers, its points annotated with their
-    ``compression`` (when that column exists). FP32 is a dashed horizontal line."""
+    ``compression`` (when that column exists). FP32 is a dashed horizontal line. Labels are
+    placed clear of each other, the markers and the legend (:func:`_place_labels`)."""
     _require(df, [x, y, kind_col], "df")
     kinds = list(dict.fromkeys(df[kind_col].astype(str)))
-    labels: list[tuple[str, tuple[float, float], dict]] = []
+    labels: list[tuple[str, list[tuple[float, float]], dict]] = []
     with use_style():
         fig, ax = plt.subplots(figsize=(5.0, 3.4))
         n_line = n_point = 0
@@ -549,9 +549,9 @@ def plot_ablation(df: pd.DataFrame, *, x: str = "variant", y: str = "top1",
                   title: str | None = "Ablations", subtitle: str | None = None) -> Figure:
     """Horizontal bars of ``y`` per ``x`` (variant), one panel per ``group_col`` value, one
     hatch per variant, mean value written past each bar. When the values are close, the axis
-    starts at a round number below them and the x label says so (:func:`_zoomed_origin`). Several rows per variant (seeds) give
-    ±SD error bars (seaborn ``errorbar="sd"``); ``err`` names a column of precomputed SDs
-    instead."""
+    starts at a round number below them and the x label says so (:func:`_zoomed_origin`).
+    Several rows per variant (seeds) give ±SD error bars (seaborn ``errorbar="sd"``); ``err``
+    names a column of precomputed SDs instead."""
     _require(df, [x, y] + ([group_col] if group_col else []) + ([err] if err else []), "df")
     if err and df.groupby([group_col, x] if group_col else [x]).size().max() > 1:
         raise PlotError(f"err={err!r} gives precomputed SDs, so each variant needs one row; "

@@ -248,7 +248,8 @@ def _assert_labels_clear(fig, n: int) -> None:
         boxes.append(("<legend>", ax.get_legend().get_window_extent(r)))
     assert len(ax.texts) == n
     for i, (a, box) in enumerate(boxes):
-        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 <= box.y1 <= frame.y1, a
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1, a
+        assert frame.y0 <= box.y0 and box.y1 <= frame.y1, a
         for b, other in boxes[i + 1:]:
             assert not box.overlaps(other), (a, b)
 
