@@ -80,8 +80,10 @@ step "torchrun qat, $NGPU GPU(s), NCCL $SYNC" 60 "$PY" -m torch.distributed.run 
     --checkpoint "$WORK/ddp/qat.pt"
 
 # 4. benchmarks on cuda (synthetic inputs; their own tables are printed below each step)
+# (--no-compile: the default eager backend only; compiling Triton kernels for every tensor shape
+# could eat the time limit. `python benchmarks/qat_step.py --device cuda` alone times both.)
 step "benchmarks/qat_step.py --device cuda" 120 "$PY" benchmarks/qat_step.py --device cuda \
-    --reps 20 --warmup 3 --out "$WORK/qat_step.txt"
+    --no-compile --reps 20 --warmup 3 --out "$WORK/qat_step.txt"
 step "benchmarks/hessian_traces.py --device cuda" 90 env -u HMQAT_DATA_DIR "$PY" \
     benchmarks/hessian_traces.py --device cuda --ref-probes 3 --lever-samples 0 \
     --out "$WORK/hessian_traces.txt"
