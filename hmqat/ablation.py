@@ -4,7 +4,7 @@ Two groups of QAT runs, all with the same TrainConfig (seed, epochs, learning ra
 
 * ``"transition"``: one bit config (the HMQAT frontier point at the budget) trained with each
   reading of "transition-aware fine-tuning" switched on and off (:data:`TRANSITION_VARIANTS`):
-  plain LSQ, + precision transitions, + oscillation dampening, + freezing, all, all + KD.
+  plain LSQ, + precision transitions, + oscillation dampening, + freezing, + KD, all, all + KD.
 * ``"allocation"``: one QAT recipe, at equal model size: the Hessian-guided frontier pick for
   every Ω variant, and the uniform, random (several seeds), greedy and HAWQ-V3 ILP allocations
   of :mod:`hmqat.search` under the same size limit.
@@ -55,12 +55,14 @@ __all__ = [
 ]
 
 #: Recipe switches per transition-group variant; every other switch is off. Hyper-parameters
-#: come from the base recipe. (c) and (d) add one remedy to plain LSQ, so (e) "all" differs.
+#: come from the base recipe. The "lsq+…" variants add one remedy to plain LSQ; "all" is the
+#: three transition remedies together, "all+distill" adds FP32 distillation to them.
 TRANSITION_VARIANTS: dict[str, dict[str, bool]] = {
     "lsq": {},
     "lsq+transitions": {"transitions": True},
     "lsq+dampen": {"osc_dampen": True},
     "lsq+freeze": {"osc_freeze": True},
+    "lsq+distill": {"distill": True},
     "all": {"transitions": True, "osc_dampen": True, "osc_freeze": True},
     "all+distill": {"transitions": True, "osc_dampen": True, "osc_freeze": True,
                     "distill": True},

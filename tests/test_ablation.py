@@ -74,7 +74,7 @@ def test_runner_table_rows_equal_size_and_skip_on_rerun(setup, tmp_path, monkeyp
     # the ILP is exact: its ΣΩ equals the frontier pick's (same table, same size cap)
     assert alloc[alloc.variant == "ilp"].omega.item() == pytest.approx(hm.omega)
     assert trans.recipe.iloc[-1].endswith("KD(T=4, w=1)")
-    assert trans.osc_frac.notna().all() and trans.frozen_frac.isna().sum() == 3
+    assert trans.osc_frac.notna().all() and trans.frozen_frac.isna().sum() == 4
     # lsq of the transition group and hmqat-joint are one run (trained once)
     assert trans.run_id.iloc[0] == hm.run_id
     assert len(table.attrs["trained"]) == len(set(table.run_id)) < len(table)
