@@ -52,7 +52,7 @@ fp32_info = study.load_json("fp32.json")
 picks = study.load_json("configs.json")
 the_recipe = transitions.Recipe.from_dict(recipe)
 n_params = search.model_inputs(fp32)["n_params"]
-print(study.subtitle(), "| recipe:", the_recipe)
+print(study.subtitle(), "| recipe:", the_recipe.describe())
 
 # %% [markdown]
 # ## 1. The runs
@@ -101,7 +101,8 @@ table = pd.DataFrame(results)
 table["% of FP32"] = 100 * table["top1"] / fp32_info["top1"]
 show = table[["label", "kind", "avg_bits", "size_mb", "compression", "bops", "top1", "% of FP32"]]
 reporting.write_table(show, study.tables / "qat_results",
-                      caption=f"QAT results ({qat_epochs} epochs; same recipe, {the_recipe}, and seed for all)",
+                      caption=f"QAT results ({qat_epochs} epochs; same recipe, {the_recipe.describe()}, "
+                              f"and seed for all)",
                       data_label=study.data_label, profile=profile)
 with plotting.use_style():
     fig = plotting.plot_accuracy_size(table, fp32_top1=fp32_info["top1"],
