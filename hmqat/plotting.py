@@ -489,6 +489,7 @@ def plot_accuracy_size(df: pd.DataFrame, *, x: str = "size_mb", y: str = "top1",
     _require(df, [x, y, kind_col], "df")
     kinds = list(dict.fromkeys(df[kind_col].astype(str)))
     labels: list[tuple[str, list[tuple[float, float]], dict]] = []
+    small: list[tuple[str, list[tuple[float, float]], dict]] = []
     with use_style():
         fig, ax = plt.subplots(figsize=(5.0, 3.4))
         n_line = n_point = 0
@@ -507,9 +508,9 @@ def plot_accuracy_size(df: pd.DataFrame, *, x: str = "size_mb", y: str = "top1",
                 ax.plot(sub[x], sub[y], color=f"C{n_line}", markersize=4.5, linewidth=1.2,
                         label=kind, zorder=3, **_style(n_line))
                 if "compression" in sub.columns:
-                    labels += [(f"{row['compression']:.1f}×", [(row[x], row[y])],
-                                {"fontsize": "xx-small", "color": f"C{n_line}",
-                                 "bbox": LABEL_BOX}) for _, row in sub.iterrows()]
+                    small += [(f"{row['compression']:.1f}×", [(row[x], row[y])],
+                               {"fontsize": "xx-small", "color": f"C{n_line}",
+                                "bbox": LABEL_BOX}) for _, row in sub.iterrows()]
                 n_line += 1
         _set_scale(ax, "x", df[x].to_numpy(float), log_span=10.0)
         ax.margins(x=0.08, y=0.08)
@@ -527,7 +528,8 @@ def plot_accuracy_size(df: pd.DataFrame, *, x: str = "size_mb", y: str = "top1",
                               {"fontsize": "x-small", "bbox": LABEL_BOX,
                                "annotation_clip": False}))
         _titles(fig, title, subtitle)
-        _place_labels(ax, labels, points)
+        # the small compression labels go last: they fit in the gaps the named points leave
+        _place_labels(ax, labels + small, points)
     return fig
 
 

@@ -269,11 +269,13 @@ def test_frontier_labels_do_not_collide():
     plt.close(fig)
 
 
-def test_accuracy_size_labels_do_not_collide():
-    """The study's own layout: W8A8 sits on the FP32 line at the right edge and a uniform point
+@pytest.mark.parametrize("top1", [[85.94, 86.45, 83.04, 86.25, 86.81, 87.82],    # quick, LSQ
+                                  [86.76, 87.01, 85.55, 86.80, 87.04, 87.88]])   # quick, LSQ+KD
+def test_accuracy_size_labels_do_not_collide(top1):
+    """The study's own layouts: W8A8 sits on the FP32 line at the right edge and a uniform point
     sits between two mixed points; every label stays inside the axes, clear of the others."""
     df = pd.DataFrame({"size_mb": [0.0994, 0.1049, 0.0730, 0.1049, 0.1365, 0.2640],
-                       "top1": [85.94, 86.45, 83.04, 86.25, 86.81, 87.82],
+                       "top1": top1,
                        "kind": ["mixed"] * 2 + ["uniform"] * 4,
                        "label": ["", "", "uniform W2A4", "uniform W3A4", "uniform W4A4",
                                  "uniform W8A8"],
