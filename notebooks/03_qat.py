@@ -14,6 +14,11 @@
 # "transition aware fine-tuning of scale factor" (see notebook 04 and docs/method.md). The step's
 # gradient is scaled by $g = 1/\sqrt{N\,Q_P}$, and the steps get their own learning rate.
 #
+# The study's recipe (`recipe` parameter, `{distill: true}` in params/quick.yaml) adds
+# **knowledge distillation** from the FP32 model: the loss is the cross-entropy plus
+# $T^2\,\mathrm{KL}\big(\mathrm{softmax}(z_\text{FP32}/T)\,\|\,\mathrm{softmax}(z/T)\big)$ at $T = 4$. HMQAT's
+# abstract does not mention it; notebook 04's `lsq+distill` row shows what it buys.
+#
 # We train each mixed-precision configuration chosen in notebook 02 and the uniform baselines with
 # the **same recipe, seed and epochs**, then plot accuracy against size.
 
