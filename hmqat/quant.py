@@ -537,14 +537,6 @@ class LSQQuantizer(nn.Module):
                                   "Call hmqat.quant.calibrate_activations(model, batches).")
                     self._warned = True
                 return x
-        if torch.is_autocast_enabled(x.device.type):
-            # AMP stays off for the quantizer: x/s, the rounding and the step gradient are float32
-            # (half precision would move codes across rounding boundaries); the layer's own
-            # conv/matmul still runs in the autocast dtype.
-            with torch.autocast(x.device.type, enabled=False):
-                x = x.float()
-                return _LSQFunction.apply(x, self.step, self.qn, self.qp, self.grad_scale(x),
-                                          self.per_channel, self._bounds)
         return _LSQFunction.apply(x, self.step, self.qn, self.qp, self.grad_scale(x),
                                   self.per_channel, self._bounds)
 

@@ -141,8 +141,8 @@ def test_step_gradient_by_hand() -> None:
 
 
 def test_quantizer_runs_in_float32_under_autocast() -> None:
-    """AMP is off for the quantizer: under autocast a half-precision input is quantized in
-    float32, exactly as outside autocast, and the step still gets its float32 gradient."""
+    """Under autocast a half-precision input is quantized in float32 (type promotion against the
+    float32 step), exactly as outside autocast, and the step still gets its float32 gradient."""
     q = _fixed_quantizer(4, False, [0.0371])
     x = (torch.rand(2, 3, 8, 8) * 0.6).to(torch.bfloat16)
     ref = q(x.float())
