@@ -12,9 +12,6 @@ BN normalises each rank's half batch with that half's own mean and variance.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,8 +19,8 @@ import pytest
 import torch
 
 from hmqat import data, distributed, models, quant, train
+from torchrun_helpers import free_port, torchrun
 
-ROOT = Path(__file__).resolve().parent.parent
 PER_RANK, WORLD = 8, 2
 # NCHW: with channels_last, oneDNN picks batch-size-dependent conv algorithms, so a rank's half
 # batch and one process's full batch round differently (~1e-3 after this short, high-lr run).
@@ -142,26 +139,11 @@ def _worker(out: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # Launching
 # --------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
-           "PYTHONPATH": str(ROOT), "HMQAT_HEADLESS": "1", "TQDM_DISABLE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
-           "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
-
-
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    proc = _torchrun([str(Path(__file__).resolve()), str(out)], cwd=ROOT)
+    proc = torchrun([str(Path(__file__).resolve()), str(out)], world=WORLD,
+                    env={"TQDM_DISABLE": "1"})
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
     return out, ranks, proc.stdout
 
@@ -265,7 +247,7 @@ def test_cli_and_wrap_errors(tmp_path):
 def test_sync_bn_on_cpu_is_refused():
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                             world_size=1)
     try:
         with pytest.raises(distributed.DistributedConfigError, match="sync_bn=True needs CUDA"):

@@ -14,9 +14,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hmqat import distributed, hessian
+from torchrun_helpers import torchrun
 
-ROOT = Path(__file__).resolve().parent.parent
 WORLD = 2
 # tol 0.1 with at most 12 probes: several sweeps, layers stop at different probe counts
 KW = {"tol": 0.1, "max_probes": 12, "seed": 3, "micro_batch": 16}
@@ -122,24 +119,11 @@ def _worker(out: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # Launching
 # --------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_traces")
-    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}   # the bar is tested
-    env.update({"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "GLOO_SOCKET_IFNAME": "lo",
-                "PYTHONPATH": str(ROOT), "HMQAT_HEADLESS": "1"})
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
-           "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-           str(Path(__file__).resolve()), str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
-                          check=False)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    torchrun([str(Path(__file__).resolve()), str(out)], world=WORLD,
+             env={"TQDM_DISABLE": None, "OMP_WAIT_POLICY": "PASSIVE"})   # the bar is tested
     return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
