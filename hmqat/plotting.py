@@ -200,26 +200,29 @@ def _place_labels(ax: plt.Axes,
         taken.append(box)
     for text, anchors, kw in labels:
         best = None
-        for xy, (dx, dy, ha, va) in ((a, o) for a in anchors for o in _LABEL_OFFSETS):
-            own = ax.transData.transform(np.asarray(xy, dtype=float).reshape(1, 2))[0]
+        for xy in anchors:
+            own = ax.transData.transform(np.asarray(xy, dtype=float).reshape(1, 2))
             mine = np.all(np.isclose(xy_px, own), axis=1)
-            others = [m for m, is_own in zip(markers, mine) if not is_own]
-            ann = ax.annotate(text, xy, xytext=(dx, dy), textcoords="offset points", ha=ha,
-                              va=va, **kw)
-            box = ann.get_window_extent(renderer)
-            outside = not (frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0
-                           and box.y1 <= frame.y1)
-            clashes = 2 * outside + sum(box.overlaps(o) for o in taken + others)
-            if (~mine).any():
-                dist = _box_distance(box, xy_px)
-                clashes += int(dist[~mine].min() < _box_distance(box, own[None])[0])
-            if best is None or clashes < best[0]:
-                if best is not None:
-                    best[1].remove()
-                best = (clashes, ann, box)
-            else:
-                ann.remove()
-            if clashes == 0:
+            obstacles = taken + [m for m, is_own in zip(markers, mine) if not is_own]
+            for dx, dy, ha, va in _LABEL_OFFSETS:
+                ann = ax.annotate(text, xy, xytext=(dx, dy), textcoords="offset points",
+                                  ha=ha, va=va, **kw)
+                box = ann.get_window_extent(renderer)
+                outside = not (frame.x0 <= box.x0 and box.x1 <= frame.x1
+                               and frame.y0 <= box.y0 and box.y1 <= frame.y1)
+                clashes = 2 * outside + sum(box.overlaps(o) for o in obstacles)
+                if (~mine).any():     # nearer another marker than its own: ambiguous
+                    clashes += int(_box_distance(box, xy_px[~mine]).min()
+                                   < _box_distance(box, own)[0])
+                if best is None or clashes < best[0]:
+                    if best is not None:
+                        best[1].remove()
+                    best = (clashes, ann, box)
+                else:
+                    ann.remove()
+                if clashes == 0:
+                    break
+            if best[0] == 0:
                 break
         taken.append(best[2])
 
