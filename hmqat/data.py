@@ -35,7 +35,9 @@ __all__ = [
     "calibration_batches",
     "imagenet_loaders",
     "load_cifar10",
+    "holdout_indices",
     "load_dataset",
+    "split_train_val",
     "make_loader",
     "synthetic_cifar",
     "write_synthetic_imagefolder",
@@ -188,16 +190,67 @@ def load_cifar10(root: str | os.PathLike | None = None, split: str = "train") ->
     return _load_imagefolder_split(base, split, num_classes=10)
 
 
+def holdout_indices(labels: torch.Tensor, n_val: int, seed: int = 0) -> torch.Tensor:
+    """Sorted indices of a seeded, class-stratified validation hold-out of ``n_val`` images.
+
+    Each class gives ``n_val // C`` images (the first ``n_val % C`` classes one more), drawn
+    without replacement with ``torch.Generator().manual_seed(seed)``: the same seed and labels
+    always give the same hold-out, on every machine (docs/method.md §8).
+    """
+    classes = torch.unique(labels)
+    counts = torch.bincount(labels, minlength=int(classes.max()) + 1)[classes]
+    per = [n_val // len(classes) + (1 if i < n_val % len(classes) else 0)
+           for i in range(len(classes))]
+    if n_val < 0 or any(p > int(c) for p, c in zip(per, counts)):
+        raise DatasetError(f"cannot hold out {n_val} validation images from {len(labels)} "
+                           f"training images in {len(classes)} classes; lower val_size")
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for c, k in zip(classes.tolist(), per):
+        members = torch.nonzero(labels == c).flatten()
+        picks.append(members[torch.randperm(len(members), generator=g)[:k]])
+    return torch.cat(picks).sort().values if picks else torch.empty(0, dtype=torch.long)
+
+
+def split_train_val(ds: TensorImages, n_val: int, seed: int = 0
+                    ) -> tuple[TensorImages, TensorImages]:
+    """(train, val): the training split minus a held-out validation set, and that set.
+
+    Every choice the study makes (recipes, inits, Ω validation, hyper-parameters) is scored on
+    ``val``; the test split is read once per final run. ``n_val=0`` gives ``(ds, empty)``.
+    """
+    val_idx = holdout_indices(ds.labels, n_val, seed)
+    keep = torch.ones(len(ds), dtype=torch.bool)
+    keep[val_idx] = False
+    return ds.subset(torch.nonzero(keep).flatten()), ds.subset(val_idx)
+
+
 def load_dataset(name: str, split: str, *, root: str | os.PathLike | None = None,
-                 n_synthetic: int = 512, seed: int = 0) -> TensorImages:
-    """Profile-level entry point: ``cifar10`` or ``synthetic`` (tests, smoke profile)."""
+                 n_synthetic: int = 512, seed: int = 0, val_size: int = 0,
+                 val_seed: int = 0) -> TensorImages:
+    """Profile-level entry point: ``cifar10`` or ``synthetic`` (tests, smoke profile).
+
+    ``split``: ``train``, ``val`` or ``test``. With ``val_size > 0``, ``train`` is the training
+    images minus a seeded, stratified hold-out of ``val_size`` images and ``val`` is that
+    hold-out (:func:`split_train_val`); ``val`` needs ``val_size > 0``.
+    """
+    if split not in ("train", "val", "test"):
+        raise DatasetError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    if split == "val" and val_size <= 0:
+        raise DatasetError("split='val' needs val_size > 0 (the number of training images to "
+                           "hold out for validation)")
     if name == "cifar10":
-        return load_cifar10(root, split)
-    if name == "synthetic":
-        return synthetic_cifar(n_synthetic if split == "train" else max(n_synthetic // 4, 64),
-                               seed=seed + (0 if split == "train" else 1))
-    raise DatasetError(f"unknown dataset {name!r}; use 'cifar10' or 'synthetic' here, and "
-                       "imagenet_loaders() for ImageNet")
+        full = load_cifar10(root, "test" if split == "test" else "train")
+    elif name == "synthetic":
+        full = synthetic_cifar(n_synthetic if split != "test" else max(n_synthetic // 4, 64),
+                               seed=seed + (1 if split == "test" else 0))
+    else:
+        raise DatasetError(f"unknown dataset {name!r}; use 'cifar10' or 'synthetic' here, and "
+                           "imagenet_loaders() for ImageNet")
+    if split == "test" or val_size <= 0:
+        return full
+    train, val = split_train_val(full, val_size, val_seed)
+    return train if split == "train" else val
 
 
 def _atomic_torch_save(obj: object, path: Path) -> None:

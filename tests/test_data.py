@@ -104,3 +104,34 @@ def test_imagenet_loaders_on_tiny_imagefolder(tmp_path):
         data.imagenet_loaders(root, workers=0)
     with pytest.raises(data.DatasetError, match="must contain train/<class>/ and val/<class>/"):
         data.imagenet_loaders(tmp_path / "empty", workers=0)
+
+
+def test_validation_holdout_is_disjoint_stratified_and_seeded():
+    from hmqat.data import load_dataset, split_train_val, synthetic_cifar
+
+    ds = synthetic_cifar(200, seed=0)
+    train, val = split_train_val(ds, 50, seed=0)
+    assert len(train) + len(val) == len(ds) and len(val) == 50
+    # disjoint: no image of val appears in train (synthetic images are distinct)
+    flat_t = {bytes(x.flatten().tolist()) for x in train.images}
+    assert not any(bytes(x.flatten().tolist()) in flat_t for x in val.images)
+    counts = torch.bincount(val.labels, minlength=10)
+    assert int(counts.max() - counts.min()) <= 1           # stratified
+    again = split_train_val(ds, 50, seed=0)[1]
+    assert torch.equal(again.images, val.images)           # seeded
+    other = split_train_val(ds, 50, seed=1)[1]
+    assert not torch.equal(other.images, val.images)
+    v = load_dataset("synthetic", "val", n_synthetic=200, val_size=50)
+    t = load_dataset("synthetic", "train", n_synthetic=200, val_size=50)
+    assert torch.equal(v.images, val.images) and len(t) == 150
+
+
+def test_validation_holdout_errors_name_the_fix():
+    from hmqat.data import DatasetError, load_dataset, split_train_val, synthetic_cifar
+
+    with pytest.raises(DatasetError, match="val_size > 0"):
+        load_dataset("synthetic", "val", n_synthetic=64)
+    with pytest.raises(DatasetError, match="lower val_size"):
+        split_train_val(synthetic_cifar(40), 100)
+    with pytest.raises(DatasetError, match="'train', 'val' or 'test'"):
+        load_dataset("synthetic", "valid")
