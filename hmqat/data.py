@@ -119,18 +119,30 @@ def _list_imagefolder(split_dir: Path) -> tuple[list[Path], list[int], tuple[str
 
 
 def _decode_files(files: Sequence[Path]) -> torch.Tensor:
-    """Decode image files to one uint8 [N,3,H,W] tensor with torchvision.io (no PIL)."""
+    """Decode image files to one uint8 [N,3,H,W] tensor with torchvision.io (no PIL).
+
+    A file that does not decode (truncated, empty, not an image) or whose size differs from the
+    first image's raises :class:`DatasetError` naming that file."""
     import warnings
 
     with warnings.catch_warnings():  # torchvision 0.29 deprecates io in favour of torchcodec
         warnings.simplefilter("ignore", DeprecationWarning)
         from torchvision.io import ImageReadMode, decode_image, read_file
 
-        out = [decode_image(read_file(str(f)), mode=ImageReadMode.RGB) for f in files]
-    shapes = {tuple(t.shape) for t in out[:1000]}
-    if len(shapes) != 1:
-        raise DatasetError(f"images have different sizes {sorted(shapes)[:3]}; CIFAR images are "
-                           "3x32x32. Use imagenet_loaders() for variable-size ImageFolder data.")
+        out = []
+        for f in files:
+            try:
+                img = decode_image(read_file(str(f)), mode=ImageReadMode.RGB)
+            except (RuntimeError, ValueError, OSError) as exc:
+                raise DatasetError(f"cannot decode {f} ({str(exc).strip().splitlines()[0]}): "
+                                   f"the file is empty, truncated or not an image; replace it "
+                                   f"with a good copy or delete it") from None
+            if out and img.shape != out[0].shape:
+                raise DatasetError(f"{f} is {tuple(img.shape)} (C,H,W) but {files[0]} is "
+                                   f"{tuple(out[0].shape)}; CIFAR images are 3x32x32. Resize or "
+                                   f"remove it, or use imagenet_loaders() for variable-size "
+                                   f"ImageFolder data.")
+            out.append(img)
     return torch.stack(out)
 
 
@@ -142,6 +154,42 @@ def _fingerprint(files: Sequence[Path]) -> str:
     return h.hexdigest()[:16]
 
 
+def _check_cifar_classes(split_dir: Path, classes: tuple[str, ...]) -> None:
+    """The class folders must be :data:`CIFAR10_CLASSES`: labels follow the sorted folder names
+    and the published weights CIFAR-10's order, so a renamed folder shifts labels silently.
+    Raise naming the missing and unexpected names."""
+    if classes == CIFAR10_CLASSES:
+        return
+    missing = [c for c in CIFAR10_CLASSES if c not in classes]
+    extra = [c for c in classes if c not in CIFAR10_CLASSES]  # same names sort the same way
+    diff = f"missing {missing}, unexpected {extra}"
+    raise DatasetError(f"{split_dir}: class folders are not CIFAR-10's ({diff}); rename the "
+                       f"folders to exactly {list(CIFAR10_CLASSES)}, so label i means "
+                       f"CIFAR10_CLASSES[i] as the pretrained weights expect")
+
+
+def _read_cache(cache: Path, n_files: int, classes: tuple[str, ...]) -> dict | None:
+    """The decoded split cached at ``cache``, or None (and the file deleted, with a warning
+    naming it) when it is unreadable or does not match the image files."""
+    import warnings
+
+    from .train import CheckpointError, load_checkpoint
+
+    try:
+        blob = load_checkpoint(cache)
+        ok = (isinstance(blob, dict) and tuple(blob.get("classes", ())) == classes
+              and len(blob.get("labels", ())) == n_files == len(blob.get("images", ())))
+        problem = "" if ok else "it does not match the image files"
+    except CheckpointError as exc:
+        problem = str(exc)
+    if not problem:
+        return blob
+    warnings.warn(f"decode cache {cache} is unusable ({problem}); deleted it and decoding the "
+                  f"images again", RuntimeWarning, stacklevel=3)
+    cache.unlink(missing_ok=True)
+    return None
+
+
 def _load_imagefolder_split(base: Path, split: str, num_classes: int) -> TensorImages:
     split_dir = base / split
     if not split_dir.is_dir():
@@ -150,11 +198,13 @@ def _load_imagefolder_split(base: Path, split: str, num_classes: int) -> TensorI
     if len(classes) != num_classes:
         raise DatasetError(f"{split_dir} has {len(classes)} class folders {list(classes)[:12]}, "
                            f"expected {num_classes}. {_expected(base)}")
+    if num_classes == len(CIFAR10_CLASSES):
+        _check_cifar_classes(split_dir, classes)
     if not files:
         raise DatasetError(f"{split_dir} holds no image files ({', '.join(_IMG_EXT)}).")
     cache = _cache_dir() / f"imagefolder-{split}-{_fingerprint(files)}.pt"
-    if cache.exists():
-        blob = torch.load(cache, weights_only=True)
+    blob = _read_cache(cache, len(files), classes) if cache.exists() else None
+    if blob is not None:
         return TensorImages(blob["images"], blob["labels"], tuple(blob["classes"]), str(split_dir))
     images = _decode_files(files)
     ds = TensorImages(images, torch.tensor(labels, dtype=torch.long), classes, str(split_dir))
@@ -286,7 +336,8 @@ def synthetic_cifar(n: int = 256, num_classes: int = 10, seed: int = 0,
 def write_synthetic_imagefolder(root: str | os.PathLike, *, num_classes: int = 10,
                                 per_class: int = 4, image_size: int = 32, seed: int = 0,
                                 splits: Sequence[str] = ("train", "test")) -> Path:
-    """Write a tiny ImageFolder tree of PNGs (tests of the folder and ImageNet paths)."""
+    """Write a tiny ImageFolder tree of PNGs (tests of the folder and ImageNet paths). Class
+    folders are :data:`CIFAR10_CLASSES` for 10 classes, else ``class000``, ``class001``, ..."""
     import warnings
 
     from torchvision.io import write_png
@@ -297,7 +348,8 @@ def write_synthetic_imagefolder(root: str | os.PathLike, *, num_classes: int = 1
         ds = synthetic_cifar(num_classes * per_class, num_classes, seed + si, image_size,
                              balanced=True)
         for i, (img, lab) in enumerate(zip(ds.images, ds.labels.tolist())):
-            d = root / split / f"class{lab:03d}"
+            d = root / split / (CIFAR10_CLASSES[lab] if num_classes == len(CIFAR10_CLASSES)
+                                else f"class{lab:03d}")
             d.mkdir(parents=True, exist_ok=True)
             write_png(img, str(d / f"{i:05d}.png"))
     return root

@@ -535,7 +535,7 @@ def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 raise DistributedConfigError(
                     f"FP32 checkpoint {s['fp32']} not found; run `-m hmqat.distributed finetune` "
                     "(with the same --results) or notebook 00 first, or pass --fp32 FILE")
-            ck = torch.load(s["fp32"], map_location="cpu", weights_only=False)
+            ck = train.load_checkpoint(s["fp32"])
             fp32.load_state_dict(ck.get("model", ck) if isinstance(ck, dict) else ck)
         fp32.to(dev).eval()
         bits = _bit_config(s, fp32)

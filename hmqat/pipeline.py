@@ -351,8 +351,14 @@ class Study:
             raise PipelineError(f"{ck} not found: run notebook 00_fp32_baseline first "
                                 f"(python -m hmqat.pipeline --profile {self.profile} "
                                 f"--only 00_fp32_baseline)")
+        from .train import CheckpointError, load_checkpoint
+
         model = create_model(self.arch, num_classes=len(self.data("train").classes))
-        model.load_state_dict(torch.load(ck, map_location="cpu", weights_only=False)["model"])
+        blob = load_checkpoint(ck)
+        if not isinstance(blob, dict) or "model" not in blob:
+            raise CheckpointError(f"{ck} is not notebook 00's checkpoint (no 'model' entry); "
+                                  "delete it and rerun notebook 00_fp32_baseline")
+        model.load_state_dict(blob["model"])
         return model.to(self.dev).eval()
 
     @staticmethod

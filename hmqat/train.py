@@ -1,4 +1,4 @@
-"""Evaluation, FP32 fine-tuning and the QAT loop (DESIGN.md §2), with hooks, checkpoints, resume.
+"""Evaluation, FP32 fine-tuning and the QAT loop (docs/method.md §1), with hooks, checkpoints, resume.
 
 One loop, :func:`fit`, serves both FP32 fine-tuning and QAT:
 
@@ -41,13 +41,17 @@ import torch.nn.functional as F
 
 __all__ = [
     "Callback",
+    "CheckpointError",
     "NonFiniteLossError",
     "TrainConfig",
     "TrainState",
+    "check_finite",
     "dataset_loader",
     "evaluate",
     "finetune",
+    "first_nonfinite",
     "fit",
+    "load_checkpoint",
     "manifest",
     "progress",
     "qat",
@@ -57,7 +61,13 @@ __all__ = [
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; the run stopped without writing a checkpoint."""
+    """The loss, a validation loss, a parameter or a buffer (BN statistics, quantizer steps)
+    became NaN or infinite; the run stopped without writing a checkpoint for that epoch."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is unsafe to load (not plain tensors/containers), truncated or corrupt,
+    or was not written by :func:`fit`. The message names the file."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,8 +141,13 @@ def manifest(seed: int | None = None, device: str | torch.device | None = None,
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | None = None,
-             max_batches: int | None = None, *, all_reduce: bool = False) -> dict[str, float]:
+             max_batches: int | None = None, *, all_reduce: bool = False,
+             check: bool = True) -> dict[str, float]:
     """Top-1 accuracy (percent) and mean cross-entropy of ``model`` over ``loader``.
+
+    With ``check`` (default) a NaN/inf loss, parameter or buffer raises
+    :class:`NonFiniteLossError` naming the first non-finite tensor, instead of reporting a top-1
+    taken from NaN outputs (or from a BN layer whose infinite variance zeroes its output).
 
     The model runs in eval mode; its previous mode is restored afterwards. With
     ``all_reduce=True`` under torch.distributed, ``loader`` is this rank's shard (see
@@ -162,6 +177,11 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | No
         n = int(n)
     if n == 0:
         raise ValueError("evaluate() got an empty loader")
+    bad = first_nonfinite(model) if check else None
+    if check and (bad or not math.isfinite(loss_sum)):
+        raise NonFiniteLossError(f"evaluate(): the loss is {loss_sum / n} on {n} images and "
+                                 f"{bad or 'every tensor is finite (the outputs overflow)'}; no "
+                                 f"top-1 is reported for a non-finite model")
     return {"top1": 100.0 * correct / n, "loss": loss_sum / n, "n": n}
 
 
@@ -196,6 +216,10 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.step_lr is not None and self.step_lr < 0:
             raise ValueError(f"step_lr must be >= 0, got {self.step_lr}")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ValueError(f"max_steps_per_epoch must be >= 1 (or None for whole epochs), got "
+                             f"{self.max_steps_per_epoch}: an epoch without optimizer steps "
+                             "trains nothing")
 
     def key(self) -> dict[str, Any]:
         """The fields that define the run (all but the checkpoint path, logging and the BN
@@ -312,6 +336,31 @@ def _set_epoch(loader: Any, epoch: int) -> None:
         loader.sampler.set_epoch(epoch)
 
 
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with errors that name the file.
+
+    Every file hmqat writes holds only tensors and plain containers, so nothing is ever
+    unpickled as code: a file whose pickle asks for anything else (a ``__reduce__`` calling
+    ``os.system``, a pickled class) raises :class:`CheckpointError` before it runs, and so does
+    a truncated or corrupt file.
+    """
+    import pickle
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: refused to load: it holds objects other than tensors and plain containers "
+            f"({first}); hmqat loads checkpoints with weights_only=True and never runs code from "
+            f"one. Delete the file, or re-save a trusted one as torch.save(model.state_dict(), "
+            f"path).") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc}); the file is "
+                              f"truncated or corrupt: delete it (a training run then starts "
+                              f"over) or restore it from a copy") from None
+
+
 def _load_checkpoint(ckpt_path: Path, identity: dict[str, Any], dev: torch.device
                      ) -> dict[str, Any] | None:
     """The checkpoint to resume from, or None. Under torch.distributed rank 0 decides whether
@@ -323,13 +372,290 @@ def _load_checkpoint(ckpt_path: Path, identity: dict[str, Any], dev: torch.devic
     if not ckpt_path.exists():
         raise FileNotFoundError(f"rank {hdist.rank()} cannot see checkpoint {ckpt_path}, which "
                                 "rank 0 has; put checkpoints on a file system every node shares")
-    ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
+    ck = load_checkpoint(ckpt_path, map_location=dev)
+    if not isinstance(ck, dict) or "identity" not in ck:
+        raise CheckpointError(f"{ckpt_path} is not a checkpoint written by hmqat.train.fit (no "
+                              "'identity' entry); delete it or pass another checkpoint path")
     if ck["identity"] != identity:
         a, b = ck["identity"]["config"], identity["config"]
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         raise ValueError(f"checkpoint {ckpt_path} belongs to another run (differs in "
                          f"{diff or 'run_info'}); delete it or pass another checkpoint path")
     return ck
+
+
+def first_nonfinite(model: nn.Module) -> str | None:
+    """Name of the first parameter or floating-point buffer (BN running statistics, quantizer
+    steps) holding NaN or inf, with its count of bad entries; None when all are finite."""
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            if t.is_floating_point():
+                bad = int((~torch.isfinite(t.detach())).sum())
+                if bad:
+                    return f"{kind} {name} ({bad} of {t.numel()} values NaN/inf)"
+    return None
+
+
+def check_finite(model: nn.Module, metrics: dict[str, Any], *, where: str,
+                 last_good: Path | None) -> None:
+    """Raise :class:`NonFiniteLossError` when a loss in ``metrics`` or any parameter/buffer of
+    ``model`` is NaN or inf, naming the first bad one and the checkpoint left intact. Under
+    torch.distributed rank 0's verdict is broadcast, so every rank raises together."""
+    from . import distributed as hdist
+
+    bad = [f"{k}={v}" for k, v in metrics.items()
+           if k.endswith("loss") and isinstance(v, float) and not math.isfinite(v)]
+    tensor = first_nonfinite(model)
+    if bad and tensor is None:  # finite but overflowing weights: name the largest
+        name, t = max(model.state_dict().items(), key=lambda kv: float(kv[1].abs().max())
+                      if kv[1].is_floating_point() and kv[1].numel() else 0.0)
+        tensor = f"every tensor finite, largest |value| {float(t.abs().max()):.3g} in {name}"
+    problem = hdist.broadcast_object(", ".join(bad + [tensor]) if bad or tensor else "")
+    if problem:
+        raise NonFiniteLossError(
+            f"{where}: the model is not finite: {problem}. Nothing was saved for this epoch; "
+            f"{_last_good(last_good)}. Lower the learning rate, enable grad_clip, or check the "
+            f"inputs for NaN.")
+
+
+def _last_good(path: Path | None) -> str:
+    if path is None:
+        return "no checkpoint is set"
+    if path.exists():
+        return f"the last good checkpoint {path} is unchanged"
+    return f"no good epoch yet ({path} was not written)"
+
+
+@dataclass
+class _Run:
+    """What one call of :func:`fit` works with: the plain model and what wraps it (DDP), the
+    loaders, the optimiser, the callbacks and where the checkpoint lives."""
+
+    model: nn.Module
+    forward: nn.Module                # the DDP wrapper under torch.distributed, else ``model``
+    train_loader: Any
+    val_shard: Iterable | None
+    val_sharded: bool
+    state: TrainState
+    callbacks: list[Callback]
+    dev: torch.device
+    ckpt_path: Path | None
+    identity: dict[str, Any]
+    main: bool
+    distributed: bool
+    quantizers: list[nn.Module]
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.state.config
+
+
+def _steps_per_epoch(train_loader: Any, cfg: TrainConfig) -> int:
+    """Optimizer steps per epoch (every rank's minimum); zero steps is an error naming why."""
+    from . import distributed as hdist
+
+    n = len(train_loader)
+    if n == 0:
+        ds = getattr(train_loader, "dataset", None) or getattr(train_loader, "data", None)
+        size = len(ds) if ds is not None and hasattr(ds, "__len__") else "?"
+        raise ValueError(
+            f"the training loader yields no batch (dataset of {size} samples, batch_size "
+            f"{getattr(train_loader, 'batch_size', '?')}, drop_last="
+            f"{getattr(train_loader, 'drop_last', '?')}): no optimizer step would run. Use more "
+            "training data or a smaller batch_size.")
+    if cfg.max_steps_per_epoch:
+        n = min(n, cfg.max_steps_per_epoch)
+    return hdist.all_reduce_min(n)  # no rank may wait for another
+
+
+def _setup(model: nn.Module, train_loader: Any, val_loader: Iterable | None, cfg: TrainConfig,
+           callbacks: Iterable[Callback], device: str | torch.device | None,
+           run_info: dict[str, Any] | None) -> _Run:
+    """Model on its device (NHWC), sharded loaders, optimiser and the run's identity."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from . import distributed as hdist
+    from .quant import LSQQuantizer
+
+    ddp_model = None
+    if isinstance(model, DDP):
+        ddp_model, model = model, model.module
+    dev = resolve_device(device) if device is not None else next(model.parameters()).device
+    model.to(dev)
+    if cfg.channels_last:  # same values, NHWC strides (benchmarks/qat_step.py measures the gain)
+        model.to(memory_format=torch.channels_last)
+    train_loader = hdist.shard_train_loader(train_loader)
+    steps = _steps_per_epoch(train_loader, cfg)
+    val_shard, val_sharded = (hdist.shard_eval_loader(val_loader) if val_loader is not None
+                              else (None, False))
+    opt = torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
+                          nesterov=cfg.nesterov)
+    distributed = hdist.is_distributed()
+    return _Run(model=model, forward=ddp_model if ddp_model is not None else model,
+                train_loader=train_loader, val_shard=val_shard, val_sharded=val_sharded,
+                state=TrainState(model, opt, cfg, steps), callbacks=list(callbacks), dev=dev,
+                ckpt_path=Path(cfg.checkpoint) if cfg.checkpoint else None,
+                identity={"config": cfg.key(), "run_info": run_info or {}},
+                main=hdist.is_main(), distributed=distributed,
+                quantizers=[m for m in model.modules() if isinstance(m, LSQQuantizer)]
+                if distributed else [])
+
+
+def _resume(run: _Run) -> int:
+    """Restore model, optimiser, callbacks, history and RNG from the checkpoint, if any; return
+    the first epoch still to train."""
+    if run.ckpt_path is None:
+        return 0
+    ck = _load_checkpoint(run.ckpt_path, run.identity, run.dev)
+    if ck is None:
+        return 0
+    run.model.load_state_dict(ck["model"])
+    run.state.optimizer.load_state_dict(ck["optimizer"])
+    for cb, s in zip(run.callbacks, ck["callbacks"]):
+        cb.load_state_dict(s)
+    run.state.history = ck["history"]
+    start = ck["epoch"] + 1
+    run.state.step = start * run.state.steps_per_epoch
+    torch.set_rng_state(ck["torch_rng"])
+    if run.main:
+        print(f"resumed from {run.ckpt_path} after epoch {start}/{run.cfg.epochs}", flush=True)
+    return start
+
+
+def _wrap_ddp(run: _Run) -> None:
+    """Under torch.distributed, wrap the model in DDP (after resuming: DDP broadcasts rank 0's
+    parameters and buffers when it is built)."""
+    from . import distributed as hdist
+
+    if run.distributed and run.forward is run.model:
+        run.forward = hdist.wrap_ddp(run.model, run.dev, sync_bn=run.cfg.sync_bn,
+                                     find_unused_parameters=bool(run.callbacks))
+
+
+def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, i: int) -> torch.Tensor:
+    """One optimizer step on batch (x, y); returns the detached outputs."""
+    from . import distributed as hdist
+
+    cfg, state, opt = run.cfg, run.state, run.state.optimizer
+    x, y = x.to(run.dev, non_blocking=True), y.to(run.dev, non_blocking=True)
+    if cfg.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    scale = _cosine(state.step, state.total_steps, cfg.warmup_steps)
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * scale * g.get("lr_mult", 1.0)
+    state.inputs = x
+    for cb in run.callbacks:
+        cb.on_step_start(state)
+    lazy_init = any(not q._init_flag for q in run.quantizers)  # inits from this rank's batch
+    out = run.forward(x)
+    loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
+    task_loss = loss.detach()
+    for cb in run.callbacks:
+        extra = cb.extra_loss(state, out, y)
+        if extra is not None:
+            loss = loss + extra
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(
+            f"loss became {loss.item()} at epoch {state.epoch + 1}, step {i + 1} (global step "
+            f"{state.step}); nothing was written for this epoch. Lower the learning rate "
+            f"(lr={cfg.lr}, step_lr={cfg.step_lr}), enable grad_clip, or check the inputs "
+            f"for NaN; {_last_good(run.ckpt_path)}.")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    opt.step()
+    if lazy_init:
+        hdist.sync_quantizers(run.model)
+    state.loss = task_loss.item()
+    for cb in run.callbacks:
+        cb.on_after_step(state)
+    state.step += 1
+    return out.detach()
+
+
+def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
+    """One epoch of optimizer steps; returns its training metrics (all-reduced over ranks)."""
+    from . import distributed as hdist
+
+    cfg, state = run.cfg, run.state
+    state.epoch = epoch
+    _set_epoch(run.train_loader, epoch)
+    _set_train_mode(run.model, cfg.freeze_bn)
+    for cb in run.callbacks:
+        cb.on_epoch_start(state)
+    t0 = time.perf_counter()
+    loss_sum, correct, seen, steps = 0.0, 0, 0, 0
+    bar = progress(zip(range(state.steps_per_epoch), run.train_loader), total=state.steps_per_epoch,
+                   desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   **({} if run.main else {"disable": True}))  # keeps TQDM_DISABLE working
+    for i, (x, y) in bar:
+        out = _train_step(run, x, y, i)
+        y = y.to(out.device)
+        loss_sum += state.loss * len(y)
+        correct += (out.argmax(1) == y).sum().item()
+        seen += len(y)
+        steps += 1
+        if run.main and cfg.log_every and (i + 1) % cfg.log_every == 0:
+            print(f"epoch {epoch + 1} step {i + 1}/{state.steps_per_epoch} "
+                  f"loss {loss_sum / seen:.4f}", flush=True)
+    if steps == 0:
+        raise ValueError(f"epoch {epoch + 1} ran no optimizer step: the training loader yielded "
+                         f"no batch although len() is {len(run.train_loader)}; nothing was saved")
+    if run.distributed:
+        loss_sum, correct, seen = hdist.all_reduce_sum([loss_sum, correct, seen])
+    return {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1": 100.0 * correct / seen,
+            "lr": state.optimizer.param_groups[0]["lr"], "epoch_s": time.perf_counter() - t0}
+
+
+def _validate(run: _Run) -> dict[str, float]:
+    """Validation top-1 and loss on rank 0's BN statistics ({} without a validation loader)."""
+    from . import distributed as hdist
+
+    if run.val_shard is None:
+        return {}
+    if run.distributed:
+        hdist.sync_buffers(run.model)  # every rank evaluates rank 0's BN statistics
+    ev = evaluate(run.model, run.val_shard, run.dev, all_reduce=run.val_sharded, check=False)
+    return {"val_top1": ev["top1"], "val_loss": ev["loss"]}
+
+
+def _end_epoch(run: _Run, metrics: dict[str, Any]) -> None:
+    """Callbacks' on_epoch_end, the history entry and rank 0's printed line."""
+    from . import distributed as hdist
+
+    if run.distributed:  # one wall time for all ranks (rank 0's)
+        metrics["epoch_s"] = hdist.broadcast_object(metrics["epoch_s"])
+    for cb in run.callbacks:
+        cb.on_epoch_end(run.state, metrics)
+    run.state.history.append(metrics)
+    if run.main:
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in metrics.items()), flush=True)
+
+
+def _save(run: _Run, epoch: int) -> None:
+    """Rank 0 writes the checkpoint atomically; every rank waits for it."""
+    from . import distributed as hdist
+
+    if run.ckpt_path is None:
+        return
+    if run.main:
+        _atomic_save({"identity": run.identity, "epoch": epoch, "model": run.model.state_dict(),
+                      "optimizer": run.state.optimizer.state_dict(),
+                      "callbacks": [cb.state_dict() for cb in run.callbacks],
+                      "history": run.state.history, "torch_rng": torch.get_rng_state()},
+                     run.ckpt_path)
+    hdist.barrier()  # no rank reads a checkpoint rank 0 is still writing
+
+
+def _finish(run: _Run) -> None:
+    """Hand the plain model back in eval mode and the standard (NCHW) layout."""
+    run.forward = run.model  # drop DDP's gradient hooks before the caller reuses the model
+    if run.cfg.channels_last:  # NCHW and NHWC convs round differently
+        run.model.to(memory_format=torch.contiguous_format)
+    run.model.eval()
+
 
 
 def fit(model: nn.Module, train_loader: Any, val_loader: Iterable | None, cfg: TrainConfig, *,
@@ -374,141 +700,20 @@ def fit(model: nn.Module, train_loader: Any, val_loader: Iterable | None, cfg: T
 
     AMP is not used (float32 throughout; see the module docstring).
     """
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from . import distributed as hdist
-    from .quant import LSQQuantizer
-
-    ddp_model: nn.Module | None = None
-    if isinstance(model, DDP):
-        ddp_model, model = model, model.module
-    dev = resolve_device(device) if device is not None else next(model.parameters()).device
-    callbacks = list(callbacks)
-    model.to(dev)
-    if cfg.channels_last:  # same values, NHWC strides (benchmarks/qat_step.py measures the gain)
-        model.to(memory_format=torch.channels_last)
-    distributed = hdist.is_distributed()
-    main = hdist.is_main()
-    train_loader = hdist.shard_train_loader(train_loader)
-    steps_per_epoch = len(train_loader)
-    if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    steps_per_epoch = hdist.all_reduce_min(steps_per_epoch)  # no rank may wait for another
-    val_shard, val_sharded = (hdist.shard_eval_loader(val_loader) if val_loader is not None
-                              else (None, False))
-    opt = torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
-                          nesterov=cfg.nesterov)
-    state = TrainState(model, opt, cfg, steps_per_epoch)
-    identity = {"config": cfg.key(), "run_info": run_info or {}}
-    ckpt_path = Path(cfg.checkpoint) if cfg.checkpoint else None
-
-    start_epoch = 0
-    ck = _load_checkpoint(ckpt_path, identity, dev) if ckpt_path is not None else None
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        for cb, s in zip(callbacks, ck["callbacks"]):
-            cb.load_state_dict(s)
-        state.history = ck["history"]
-        start_epoch = ck["epoch"] + 1
-        state.step = start_epoch * steps_per_epoch
-        torch.set_rng_state(ck["torch_rng"])
-        if main:
-            print(f"resumed from {ckpt_path} after epoch {ck['epoch'] + 1}/{cfg.epochs}",
-                  flush=True)
-        del ck
-    if distributed and ddp_model is None:
-        ddp_model = hdist.wrap_ddp(model, dev, sync_bn=cfg.sync_bn,
-                                   find_unused_parameters=bool(callbacks))
-    forward = ddp_model if ddp_model is not None else model
-    quantizers = [m for m in model.modules() if isinstance(m, LSQQuantizer)] if distributed else []
-
-    for cb in callbacks:
-        cb.on_train_start(state)
+    run = _setup(model, train_loader, val_loader, cfg, callbacks, device, run_info)
+    start_epoch = _resume(run)
+    _wrap_ddp(run)
+    for cb in run.callbacks:
+        cb.on_train_start(run.state)
     for epoch in range(start_epoch, cfg.epochs):
-        state.epoch = epoch
-        _set_epoch(train_loader, epoch)
-        _set_train_mode(model, cfg.freeze_bn)
-        for cb in callbacks:
-            cb.on_epoch_start(state)
-        t0 = time.perf_counter()
-        loss_sum, correct, seen = 0.0, 0, 0
-        bar = progress(zip(range(steps_per_epoch), train_loader), total=steps_per_epoch,
-                       desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                       **({} if main else {"disable": True}))  # keeps TQDM_DISABLE working
-        for i, (x, y) in bar:
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            if cfg.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            scale = _cosine(state.step, state.total_steps, cfg.warmup_steps)
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * scale * g.get("lr_mult", 1.0)
-            state.inputs = x
-            for cb in callbacks:
-                cb.on_step_start(state)
-            lazy_init = any(not q._init_flag for q in quantizers)  # inits from this rank's batch
-            out = forward(x)
-            loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
-            task_loss = loss.detach()
-            for cb in callbacks:
-                extra = cb.extra_loss(state, out, y)
-                if extra is not None:
-                    loss = loss + extra
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1} (global step "
-                    f"{state.step}); nothing was written for this epoch. Lower the learning rate "
-                    f"(lr={cfg.lr}, step_lr={cfg.step_lr}), enable grad_clip, or check the inputs "
-                    f"for NaN. The last good checkpoint is {ckpt_path or '(none: no checkpoint set)'}.")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            if lazy_init:
-                hdist.sync_quantizers(model)
-            state.loss = task_loss.item()
-            for cb in callbacks:
-                cb.on_after_step(state)
-            loss_sum += state.loss * len(y)
-            correct += (out.detach().argmax(1) == y).sum().item()
-            seen += len(y)
-            state.step += 1
-            if main and cfg.log_every and (i + 1) % cfg.log_every == 0:
-                print(f"epoch {epoch + 1} step {i + 1}/{steps_per_epoch} loss {loss_sum / seen:.4f}",
-                      flush=True)
-        if distributed:
-            loss_sum, correct, seen = hdist.all_reduce_sum([loss_sum, correct, seen])
-        metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
-                                   "train_top1": 100.0 * correct / max(seen, 1),
-                                   "lr": opt.param_groups[0]["lr"],
-                                   "epoch_s": time.perf_counter() - t0}
-        if val_shard is not None:
-            if distributed:
-                hdist.sync_buffers(model)  # every rank evaluates rank 0's BN statistics
-            ev = evaluate(model, val_shard, dev, all_reduce=val_sharded)
-            metrics.update(val_top1=ev["top1"], val_loss=ev["loss"])
-        if distributed:  # one wall time for all ranks (rank 0's)
-            metrics["epoch_s"] = hdist.broadcast_object(metrics["epoch_s"])
-        for cb in callbacks:
-            cb.on_epoch_end(state, metrics)
-        state.history.append(metrics)
-        if main:
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in metrics.items()), flush=True)
-        if ckpt_path is not None:
-            if main:
-                _atomic_save({"identity": identity, "epoch": epoch, "model": model.state_dict(),
-                              "optimizer": opt.state_dict(),
-                              "callbacks": [cb.state_dict() for cb in callbacks],
-                              "history": state.history, "torch_rng": torch.get_rng_state()},
-                             ckpt_path)
-            hdist.barrier()  # no rank reads a checkpoint rank 0 is still writing
-    del forward, ddp_model  # drop DDP's gradient hooks before the caller reuses the model
-    if cfg.channels_last:  # hand back the standard layout: NCHW and NHWC convs round differently
-        model.to(memory_format=torch.contiguous_format)
-    model.eval()
-    return state.history
+        metrics = _train_epoch(run, epoch)
+        metrics.update(_validate(run))
+        _end_epoch(run, metrics)
+        check_finite(run.model, metrics, where=f"epoch {epoch + 1}/{cfg.epochs}",
+                     last_good=run.ckpt_path)
+        _save(run, epoch)
+    _finish(run)
+    return run.state.history
 
 
 def _infer_num_classes(data: Any) -> int | None:
@@ -597,7 +802,7 @@ def qat(fp32_model: nn.Module, bit_config: dict[str, int], train_loader: Any,
         calib_batches: Iterable | None = None, callbacks: Iterable[Callback] = (),
         device: str | torch.device | None = None, run_info: dict[str, Any] | None = None,
         sync_bn: bool | None = None) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """Quantization-aware training from an FP32 model (LSQ; DESIGN.md §2 "Quantizer").
+    """Quantization-aware training from an FP32 model (LSQ; docs/method.md §2 "Quantizer").
 
     Builds a quantized copy with :func:`hmqat.quant.quantize_model` (the FP32 model is left
     untouched), initialises the activation steps on ``calib_batches`` (default: the first two

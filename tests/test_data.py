@@ -135,3 +135,68 @@ def test_validation_holdout_errors_name_the_fix():
         split_train_val(synthetic_cifar(40), 100)
     with pytest.raises(DatasetError, match="'train', 'val' or 'test'"):
         load_dataset("synthetic", "valid")
+
+
+def test_renamed_or_reordered_cifar_class_folders_are_refused(tmp_path):
+    root = data.write_synthetic_imagefolder(tmp_path / "c", per_class=1)
+    (root / "train" / "automobile").rename(root / "train" / "car")
+    with pytest.raises(data.DatasetError, match=r"train: class folders are not CIFAR-10's "
+                                                r"\(missing \['automobile'\], unexpected \['car'\]\)"):
+        data.load_cifar10(root, "train")
+    (root / "train" / "car").rename(root / "train" / "automobile")
+    assert data.load_cifar10(root, "train").classes == data.CIFAR10_CLASSES
+    (root / "test" / "automobile").rename(root / "test" / "zebra")   # sorts last: labels shift
+    with pytest.raises(data.DatasetError, match=r"unexpected \['zebra'\]"):
+        data.load_cifar10(root, "test")
+
+
+def _jpeg_tree(tmp_path, n_per_class=1):
+    """A CIFAR ImageFolder tree of 32x32 JPEGs."""
+    from torchvision.io import encode_jpeg
+
+    root = tmp_path / "jpeg"
+    ds = data.synthetic_cifar(10 * n_per_class, seed=0, balanced=True)
+    for i, (img, lab) in enumerate(zip(ds.images, ds.labels.tolist())):
+        for split in ("train", "test"):
+            d = root / split / data.CIFAR10_CLASSES[lab]
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{i:05d}.jpg").write_bytes(encode_jpeg(img, quality=75).numpy().tobytes())
+    return root
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_undecodable_image_names_the_file(tmp_path, damage):
+    root = _jpeg_tree(tmp_path)
+    bad = sorted((root / "train" / "cat").iterdir())[0]
+    bad.write_bytes(bad.read_bytes()[:100] if damage == "truncated" else b"")
+    with pytest.raises(data.DatasetError, match=rf"cannot decode {bad}.*empty, truncated or not "
+                                                r"an image; replace it"):
+        data.load_cifar10(root, "train")
+
+
+def test_odd_sized_image_names_the_file(tmp_path):
+    from torchvision.io import encode_jpeg
+
+    root = _jpeg_tree(tmp_path)
+    bad = sorted((root / "train" / "truck").iterdir())[0]
+    bad.write_bytes(encode_jpeg(torch.zeros(3, 40, 32, dtype=torch.uint8)).numpy().tobytes())
+    with pytest.raises(data.DatasetError, match=rf"{bad} is \(3, 40, 32\) \(C,H,W\) but .* is "
+                                                r"\(3, 32, 32\); CIFAR images are 3x32x32"):
+        data.load_cifar10(root, "train")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign"])
+def test_bad_decode_cache_is_named_deleted_and_rebuilt(tmp_path, damage, monkeypatch):
+    monkeypatch.setenv("HMQAT_CACHE_DIR", str(tmp_path / "cache"))
+    root = _jpeg_tree(tmp_path)
+    first = data.load_cifar10(root, "train")
+    (cache,) = (tmp_path / "cache").glob("imagefolder-train-*.pt")
+    if damage == "truncated":
+        cache.write_bytes(cache.read_bytes()[:1000])
+    else:   # a readable cache of other images
+        torch.save({"images": first.images[:3], "labels": first.labels[:3],
+                    "classes": list(first.classes)}, cache)
+    with pytest.warns(RuntimeWarning, match=rf"decode cache {cache} is unusable .*deleted it and "
+                                            r"decoding the images again"):
+        again = data.load_cifar10(root, "train")
+    assert torch.equal(again.images, first.images) and cache.exists()

@@ -86,3 +86,102 @@ def test_manifest_records_provenance():
     for key in ("git_sha", "git_dirty", "torch", "device", "seed", "profile", "python"):
         assert key in m
     assert m["seed"] == 7 and m["profile"] == "smoke"
+
+
+def test_bad_max_steps_per_epoch_is_refused():
+    with pytest.raises(ValueError, match=r"max_steps_per_epoch must be >= 1 .*got -1"):
+        train.TrainConfig(max_steps_per_epoch=-1)
+    with pytest.raises(ValueError, match=r"max_steps_per_epoch must be >= 1 .*got 0"):
+        train.TrainConfig(max_steps_per_epoch=0)
+
+
+def test_loader_shorter_than_a_batch_is_an_error_before_training(tmp_path):
+    model, _, te = _setup()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    short = data.make_loader(data.synthetic_cifar(20, seed=0), 32, train=True, drop_last=True)
+    ck = tmp_path / "zero.pt"
+    with pytest.raises(ValueError, match=r"yields no batch \(dataset of 20 samples, batch_size "
+                                         r"32, drop_last=True\).*smaller batch_size"):
+        train.fit(model, short, te, train.TrainConfig(epochs=1, checkpoint=str(ck)))
+    assert not ck.exists()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="yields no batch"):  # finetune: no "FP32 reference"
+        train.finetune("resnet20", data.synthetic_cifar(20, seed=0), data.synthetic_cifar(64),
+                       train.TrainConfig(epochs=1), batch_size=32, pretrained=False,
+                       device="cpu")
+
+
+def test_huge_lr_is_not_reported_as_trained(tmp_path):
+    """lr = 1e6: the training loss stays finite, the model does not; nothing is saved."""
+    model, tr, te = _setup()
+    ck = tmp_path / "huge.pt"
+    with pytest.raises(train.NonFiniteLossError,
+                       match=r"epoch 1/2: the model is not finite: .*no good epoch yet"):
+        train.fit(model, tr, te, train.TrainConfig(epochs=2, lr=1e6, checkpoint=str(ck)))
+    assert not ck.exists()
+
+
+class _PoisonBN(train.Callback):
+    """At the start of epoch 2: remember the checkpoint's bytes, then make a BN buffer inf."""
+
+    def __init__(self, ck):
+        self.ck, self.saved = ck, None
+
+    def on_epoch_start(self, state):
+        if state.epoch == 1:
+            self.saved = self.ck.read_bytes()
+            state.model.layer2[0].bn1.running_var.fill_(float("inf"))
+
+
+def test_nonfinite_buffer_names_the_tensor_and_keeps_the_last_checkpoint(tmp_path):
+    model, tr, te = _setup()
+    ck = tmp_path / "bn.pt"
+    poison = _PoisonBN(ck)
+    with pytest.raises(train.NonFiniteLossError,
+                       match=r"epoch 2/2: the model is not finite: .*buffer "
+                             r"layer2\.0\.bn1\.running_var \(32 of 32 values NaN/inf\).*"
+                             r"last good checkpoint .*bn\.pt is unchanged"):
+        train.fit(model, tr, None, train.TrainConfig(epochs=2, lr=0.05, checkpoint=str(ck)),
+                  callbacks=[poison])
+    assert ck.read_bytes() == poison.saved
+    with pytest.raises(train.NonFiniteLossError, match=r"evaluate\(\): the loss is .* and "
+                                                      r"buffer layer2\.0\.bn1\.running_var"):
+        train.evaluate(model, te)   # no top-1 from NaN outputs
+
+
+_KILLED_RUN = """
+import os, signal, sys, torch
+from hmqat import data, models, train
+train.seed_everything(0)
+model = models.create_model("resnet20")
+tr = data.make_loader(data.synthetic_cifar(96, seed=0), 32, train=True, seed=0)
+te = data.make_loader(data.synthetic_cifar(64, seed=1), 64)
+class Kill(train.Callback):
+    def on_step_start(self, state):
+        if state.step == len(tr) + 1:          # in the middle of epoch 2
+            os.kill(os.getpid(), signal.SIGKILL)
+train.fit(model, tr, te, train.TrainConfig(epochs=3, lr=0.05, checkpoint=sys.argv[1]),
+          callbacks=[Kill()])
+"""
+
+
+def test_resume_after_kill_9_is_bit_identical(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    cfg = dict(epochs=3, lr=0.05)
+    model, tr, te = _setup()
+    ref = train.fit(model, tr, te, train.TrainConfig(**cfg, checkpoint=str(tmp_path / "a.pt")))
+    ref_state = {k: v.clone() for k, v in model.state_dict().items()}
+    ck = tmp_path / "k.pt"
+    proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, str(ck)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert train.load_checkpoint(ck)["epoch"] == 0     # killed in epoch 2: epoch 1 on disk
+    model, tr, te = _setup(global_seed=123)
+    resumed = train.fit(model, tr, te, train.TrainConfig(**cfg, checkpoint=str(ck)))
+    assert [h["val_loss"] for h in resumed] == [h["val_loss"] for h in ref]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ref_state[k]), k
