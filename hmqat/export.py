@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import zlib
@@ -247,6 +248,62 @@ def _template(meta: dict[str, Any], model: nn.Module | Callable[[], nn.Module] |
     return tmpl
 
 
+def _check_sections(path: str | os.PathLike, meta: dict[str, Any], payload_bytes: int,
+                    layers: dict[str, nn.Module]) -> None:
+    """Cross-check the section table against the layers and the payload (the sha256 proves the
+    bytes are what the writer wrote, not that the writer was :func:`save_packed`).
+
+    Sections must tile the payload back to back; a ``packed`` section must be the weight of a
+    recorded layer, with that layer's bits and Q_N, its weight shape and ceil(n·b/8) bytes; a
+    ``raw`` section n·itemsize bytes of a numeric dtype. Raises :class:`PackedFormatError`
+    naming the file and the section."""
+    def bad(sec: dict[str, Any], why: str) -> PackedFormatError:
+        return PackedFormatError(f"{path}: section {sec.get('name')!r} {why}; the section "
+                                 "table does not describe the payload: re-export with save_packed")
+
+    offset, seen = 0, set()
+    for sec in meta["sections"]:
+        shape = sec.get("shape")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise bad(sec, f"has shape {shape!r}, not a list of sizes")
+        n = math.prod(shape)
+        if sec.get("offset") != offset:
+            raise bad(sec, f"starts at {sec.get('offset')!r}, expected {offset} (sections are "
+                           "back to back)")
+        if sec["name"] in seen:
+            raise bad(sec, "appears twice")
+        seen.add(sec["name"])
+        if sec.get("codec") == "packed":
+            layer = layers.get(sec["name"].removesuffix(".weight"))
+            if layer is None or not sec["name"].endswith(".weight"):
+                raise bad(sec, "is packed but is not the weight of a recorded layer")
+            wq = layer.weight_quantizer
+            if sec.get("bits") != wq.bits or sec.get("qn") != wq.qn:
+                raise bad(sec, f"has bits={sec.get('bits')!r}, qn={sec.get('qn')!r} but its layer "
+                               f"records {wq.bits} bits (qn {wq.qn})")
+            if shape != list(layer.weight.shape):
+                raise bad(sec, f"has shape {shape} but the layer's weight is "
+                               f"{list(layer.weight.shape)}")
+            need = -(-n * wq.bits // 8)
+        elif sec.get("codec") == "raw":
+            dtype = getattr(torch, str(sec.get("dtype", "")).removeprefix("torch."), None)
+            if not isinstance(dtype, torch.dtype) or dtype.is_complex or dtype == torch.bool:
+                raise bad(sec, f"has dtype {sec.get('dtype')!r}, not a real numeric torch dtype")
+            need = n * dtype.itemsize
+        else:
+            raise bad(sec, f"has codec {sec.get('codec')!r}; expected 'packed' or 'raw'")
+        if sec.get("nbytes") != need:
+            raise bad(sec, f"says nbytes={sec.get('nbytes')!r} but its shape and bits need {need}")
+        offset += need
+    if offset != payload_bytes:
+        raise PackedFormatError(f"{path}: the sections cover {offset} bytes but the payload has "
+                                f"{payload_bytes}; re-export with save_packed")
+    missing = sorted(f"{name}.weight" for name in layers if f"{name}.weight" not in seen)
+    if missing:
+        raise PackedFormatError(f"{path}: no packed section for {missing[:3]} "
+                                f"({len(missing)} layers); re-export with save_packed")
+
+
 def load_packed(path: str | os.PathLike,
                 model: nn.Module | Callable[[], nn.Module] | None = None) -> nn.Module:
     """Rebuild the quantized model saved by :func:`save_packed`, in eval mode.
@@ -274,6 +331,7 @@ def load_packed(path: str | os.PathLike,
                          "saved from")
     qmodel = _build_quantized(tmpl, specs)
     layers = quant.quantized_layers(qmodel)
+    _check_sections(path, meta, len(payload), layers)
     state: dict[str, torch.Tensor] = {}
     packed = []
     for sec in meta["sections"]:

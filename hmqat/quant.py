@@ -57,7 +57,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -784,12 +783,16 @@ def act_bits_config(model: nn.Module, a_bits: int | None, policy: str = "first_l
 
 
 def _atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and os.replace."""
+    """Write ``data`` to ``path`` via a temporary file in the same folder and os.replace. The
+    file is created with ``open(..., "xb")``, so its mode follows the user's umask (like
+    :func:`hmqat.reporting.atomic_write_text`; ``tempfile.mkstemp`` would force 0600)."""
+    from .reporting import temporary_path
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temporary_path(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -124,7 +124,10 @@ def _omega_table(omega: pd.DataFrame | Mapping[str, Mapping[int, float]]
                  ) -> tuple[list[str], tuple[int, ...], np.ndarray]:
     """Ω table as (layer names, ascending int bit columns, [L, columns] float64 values); accepts a
     DataFrame, a dict-of-dicts and CSV str column labels. Plain numpy after the label checks
-    (pandas reindexing was a large part of a ResNet-50 search call)."""
+    (pandas reindexing was a large part of a ResNet-50 search call). Columns must be widths
+    :func:`hmqat.quant.quantize_model` accepts (``hmqat.quant.SUPPORTED_BITS``)."""
+    from .quant import SUPPORTED_BITS  # lazy: keeps `import hmqat.search` free of torch
+
     if isinstance(omega, Mapping):
         omega = pd.DataFrame.from_dict({k: dict(v) for k, v in omega.items()}, orient="index")
     if not isinstance(omega, pd.DataFrame):
@@ -140,8 +143,10 @@ def _omega_table(omega: pd.DataFrame | Mapping[str, Mapping[int, float]]
         except (TypeError, ValueError):
             raise SearchError(f"omega column {c!r} is not a bit width; columns must be ints "
                               f"such as 2, 4, 8") from None
-        if b != float(c) or b < 1:
-            raise SearchError(f"omega column {c!r} is not a positive integer bit width")
+        if b != float(c) or b not in SUPPORTED_BITS:
+            raise SearchError(f"omega column {c!r} is not a supported bit width: "
+                              f"hmqat.quant.quantize_model takes {list(SUPPORTED_BITS)}; drop "
+                              f"the column or recompute Ω for supported widths")
         cols.append(b)
     if len(set(cols)) != len(cols):
         raise SearchError(f"omega has duplicate bit columns {cols}")

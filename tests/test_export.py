@@ -175,3 +175,83 @@ def test_qat_trained_model_round_trips_exactly(tmp_path):
     hawq_bytes = quant.model_size_mb(qmodel) * 2**20
     assert meta["payload_bytes"] - bn_buffer_bytes <= 1.02 * hawq_bytes
     assert meta["json_bytes"] < 4096  # compressed metadata: a few KB, not 20 % of the file
+
+
+def _forge(path, edit) -> bytes:
+    """The packed file at ``path`` with its section table edited by ``edit(meta, payload)`` and
+    a recomputed sha256 (integrity holds; only the cross-checks can catch it)."""
+    import hashlib
+    import json
+    import zlib
+
+    blob = path.read_bytes()
+    _, version, jlen, _, _ = export._HEADER.unpack_from(blob)
+    body = blob[export.HEADER_BYTES:]
+    meta = json.loads(zlib.decompress(body[:jlen]))
+    payload = edit(meta, bytearray(body[jlen:]))
+    js = zlib.compress(json.dumps(meta).encode())
+    return export._HEADER.pack(export.MAGIC, version, len(js), len(payload),
+                               hashlib.sha256(js + payload).digest()) + js + bytes(payload)
+
+
+def test_forged_section_table_is_refused(mixed, tmp_path) -> None:
+    _, qm, cfg = mixed
+    path = tmp_path / "m.hmq"
+    export.save_packed(qm, path, arch="resnet20")
+    name = "layer1.0.conv1"
+    bits = cfg[name]
+    assert bits >= 3
+
+    def sec(meta):
+        return next(s for s in meta["sections"] if s["name"] == f"{name}.weight")
+
+    def fewer_bytes(meta, payload):   # nbytes shrunk, later offsets shifted, bytes cut out
+        s, cut = sec(meta), 8
+        del payload[s["offset"] + s["nbytes"] - cut:s["offset"] + s["nbytes"]]
+        s["nbytes"] -= cut
+        for t in meta["sections"]:
+            if t["offset"] > s["offset"]:
+                t["offset"] -= cut
+        return payload
+
+    def other_bits(meta, payload):
+        sec(meta)["bits"] = bits - 1
+        return payload
+
+    def layer_bits_too(meta, payload):   # the layer table agrees with the forged section
+        other_bits(meta, payload)
+        sec(meta)["qn"] = -(2 ** (bits - 2))
+        meta["layers"][name]["w_bits"] = bits - 1
+        return payload
+
+    def overlap(meta, payload):
+        meta["sections"][1]["offset"] -= 1
+        return payload
+
+    bad = tmp_path / "forged.hmq"
+    for edit, msg in ((fewer_bytes, rf"says nbytes=\d+ but its shape and bits need \d+"),
+                      (other_bits, rf"has bits={bits - 1}, qn=-?\d+ but its layer records "
+                                   rf"{bits} bits"),
+                      (layer_bits_too, rf"says nbytes=\d+ but its shape and bits need \d+"),
+                      (overlap, r"starts at \d+, expected \d+ \(sections are back to back\)")):
+        bad.write_bytes(_forge(path, edit))
+        with pytest.raises(export.PackedFormatError, match=rf"{bad}: section '.*' {msg}"):
+            export.load_packed(bad)
+
+
+def test_packed_and_config_files_follow_the_umask(mixed, tmp_path) -> None:
+    import os
+    import stat
+
+    _, qm, cfg = mixed
+    old = os.umask(0o022)
+    try:
+        export.save_packed(qm, tmp_path / "m.hmq", arch="resnet20")
+        quant.save_config(cfg, tmp_path / "c.json")
+        os.umask(0o027)
+        quant.save_config(cfg, tmp_path / "d.json")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.hmq").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "c.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "d.json").stat().st_mode) == 0o640

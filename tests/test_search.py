@@ -528,6 +528,11 @@ def test_bad_tables():
         pareto_frontier(pd.DataFrame(), n)
     with pytest.raises(SearchError, match="column 'x' is not a bit width"):
         pareto_frontier(omega.rename(columns={2: "x"}), n)
+    for b in (1, 16, 64):   # quantize_model would reject the configs later
+        with pytest.raises(SearchError, match=rf"omega column {b} is not a supported bit width: "
+                                              r"hmqat.quant.quantize_model takes \[2, 3, 4, 5, 6, "
+                                              r"7, 8\]"):
+            pareto_frontier(omega.rename(columns={8: b}), n)
     dup = pd.concat([omega, omega.iloc[:1]])
     with pytest.raises(SearchError, match=r"duplicate layer names \['a'\]"):
         pareto_frontier(dup, n)
