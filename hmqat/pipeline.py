@@ -28,11 +28,12 @@ from typing import Any, Sequence
 
 import torch
 
+from . import params
+
 __all__ = ["NOTEBOOKS", "PipelineError", "Study", "load_params", "main", "run_pipeline"]
 
 ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = ("00_fp32_baseline", "01_sensitivity", "02_bit_allocation", "03_qat",
-             "04_ablations", "05_report")
+NOTEBOOKS = params.NOTEBOOKS
 PROFILES = ("smoke", "quick", "paper", "imagenet")
 
 
@@ -44,20 +45,17 @@ class PipelineError(RuntimeError):
 # Parameters and stamps
 # --------------------------------------------------------------------------------------------
 def load_params(profile: str, params_dir: Path | None = None) -> dict[str, Any]:
-    """Read ``params/<profile>.yaml``: ``{"common": {...}, "notebooks": {name: {...}}}``."""
-    import yaml
-
+    """Read and validate ``params/<profile>.yaml``: ``{"common": {...}, "notebooks": {name:
+    {...}}, "run": [...]}`` (schema: :mod:`hmqat.params`; errors name file, section and key)."""
     path = (params_dir or ROOT / "params") / f"{profile}.yaml"
     if not path.exists():
         known = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise PipelineError(f"no parameter file {path} for profile {profile!r}; known profiles: "
                             f"{known}. Run e.g. `make reproduce PROFILE=quick`.")
-    cfg = yaml.safe_load(path.read_text()) or {}
-    unknown = set(cfg.get("notebooks", {})) - set(NOTEBOOKS)
-    if unknown:
-        raise PipelineError(f"{path}: unknown notebook sections {sorted(unknown)}; "
-                            f"expected a subset of {list(NOTEBOOKS)}")
-    return cfg
+    try:
+        return params.read_profile(path)
+    except params.ParamsError as exc:
+        raise PipelineError(str(exc)) from None
 
 
 def notebook_parameters(cfg: dict[str, Any], name: str, declared: Sequence[str],
@@ -116,10 +114,14 @@ def run_pipeline(profile: str = "quick", *, only: Sequence[str] | None = None,
                  results_root: Path | None = None, notebooks_dir: Path | None = None,
                  params_dir: Path | None = None, force: bool = False,
                  timeout: int | None = None) -> dict[str, Any]:
-    """Run the notebooks of ``profile`` in order; return the manifest's ``steps`` dict."""
-    import papermill as pm
+    """Run the notebooks of ``profile`` in order; return the manifest's ``steps`` dict.
 
-    from .reporting import atomic_write_json, update_manifest
+    Before any notebook runs: the profile is validated (:mod:`hmqat.params`), every step's
+    parameters are resolved against its notebook's ``parameters`` cell, and
+    ``results/<profile>/.lock`` is taken (:func:`hmqat.locking.results_lock`; a second run on
+    the same profile stops at once naming the holder's pid). Steps and manifest updates run
+    under the lock."""
+    from .locking import LockError, results_lock
 
     if profile not in PROFILES and not (params_dir or ROOT / "params").joinpath(
             f"{profile}.yaml").exists():
@@ -128,32 +130,57 @@ def run_pipeline(profile: str = "quick", *, only: Sequence[str] | None = None,
     for var in ("HMQAT_DATA_DIR", "HMQAT_WEIGHTS_DIR", "HMQAT_CACHE_DIR"):
         if os.environ.get(var):  # kernels run in notebooks/: make relative paths absolute
             os.environ[var] = str(Path(os.environ[var]).expanduser().resolve())
-    nb_dir = notebooks_dir or ROOT / "notebooks"
     results_dir = (results_root or ROOT / "results") / profile
-    names = [n for n in NOTEBOOKS if n in set(cfg.get("run", NOTEBOOKS))]
-    if only:
-        bad = sorted(set(only) - set(NOTEBOOKS))
-        if bad:
-            raise PipelineError(f"unknown notebooks {bad}; choose from {list(NOTEBOOKS)}")
-        names = [n for n in names if n in only]
-    (results_dir / "executed").mkdir(parents=True, exist_ok=True)
-    stamps = results_dir / ".stamps"
-    sources = _sources_digest()
-    env = {k: os.environ.get(k, "") for k in ("HMQAT_DATA_DIR", "HMQAT_WEIGHTS_DIR")}
-    manifest_path = results_dir / "manifest.json"
-    upstream = ""
+    plan = _plan(cfg, profile, only, notebooks_dir or ROOT / "notebooks", results_dir)
     total = time.perf_counter()
-    for name in NOTEBOOKS:
-        if name not in names:
-            continue
+    try:
+        with results_lock(results_dir):
+            _run_steps(plan, results_dir, profile, force, timeout)
+    except LockError as exc:
+        raise PipelineError(str(exc)) from None
+    manifest_path = results_dir / "manifest.json"
+    steps = json.loads(manifest_path.read_text())["steps"] if manifest_path.exists() else {}
+    print(f"[hmqat] {profile}: finished in {(time.perf_counter() - total) / 60:.1f} min; "
+          f"results in {results_dir}", flush=True)
+    return steps
+
+
+def _plan(cfg: dict[str, Any], profile: str, only: Sequence[str] | None, nb_dir: Path,
+          results_dir: Path) -> list[tuple[str, Path, dict[str, Any]]]:
+    """(name, notebook, parameters) of every step to run, all checked before the first runs."""
+    import papermill as pm
+
+    names = [n for n in NOTEBOOKS if n in set(cfg.get("run", NOTEBOOKS))]
+    if only is not None:
+        try:
+            params.check_names(list(only), "--only", "command line")
+        except params.ParamsError as exc:
+            raise PipelineError(str(exc)) from None
+        names = [n for n in names if n in only]
+    plan = []
+    for name in names:
         nb_in = nb_dir / f"{name}.ipynb"
         if not nb_in.exists():
             raise PipelineError(f"missing notebook {nb_in}")
         declared = list(pm.inspect_notebook(str(nb_in)).keys())
-        params = notebook_parameters(cfg, name, declared, results_dir, profile)
-        digest = _step_digest(nb_in, params, upstream, sources, env)
+        plan.append((name, nb_in, notebook_parameters(cfg, name, declared, results_dir, profile)))
+    return plan
+
+
+def _run_steps(plan: list[tuple[str, Path, dict[str, Any]]], results_dir: Path, profile: str,
+               force: bool, timeout: int | None) -> None:
+    """Run (or skip, when unchanged) each planned step; stamps and manifest after each."""
+    from .reporting import atomic_write_json, update_manifest
+
+    (results_dir / "executed").mkdir(parents=True, exist_ok=True)
+    sources = _sources_digest()
+    env = {k: os.environ.get(k, "") for k in ("HMQAT_DATA_DIR", "HMQAT_WEIGHTS_DIR")}
+    manifest_path = results_dir / "manifest.json"
+    upstream = ""
+    for name, nb_in, step_params in plan:
+        digest = _step_digest(nb_in, step_params, upstream, sources, env)
         upstream = digest
-        stamp = stamps / f"{name}.json"
+        stamp = results_dir / ".stamps" / f"{name}.json"
         nb_out = results_dir / "executed" / f"{name}.ipynb"
         if not force and stamp.exists() and nb_out.exists() and \
                 json.loads(stamp.read_text()).get("digest") == digest:
@@ -162,17 +189,13 @@ def run_pipeline(profile: str = "quick", *, only: Sequence[str] | None = None,
             continue
         print(f"[hmqat] {name}: running ({profile} profile) -> {nb_out}", flush=True)
         t0 = time.perf_counter()
-        _run_notebook(nb_in, nb_out, params, timeout)
+        _run_notebook(nb_in, nb_out, step_params, timeout)
         wall = time.perf_counter() - t0
         atomic_write_json(stamp, {"digest": digest, "wall_s": wall})
         update_manifest(manifest_path, name, status="ran", wall_s=round(wall, 1),
-                        parameters=params, executed=str(nb_out.relative_to(results_dir)),
+                        parameters=step_params, executed=str(nb_out.relative_to(results_dir)),
                         **_code_version())
         print(f"[hmqat] {name}: done in {wall / 60:.1f} min", flush=True)
-    steps = json.loads(manifest_path.read_text())["steps"] if manifest_path.exists() else {}
-    print(f"[hmqat] {profile}: finished in {(time.perf_counter() - total) / 60:.1f} min; "
-          f"results in {results_dir}", flush=True)
-    return steps
 
 
 def _code_version() -> dict[str, Any]:
@@ -188,7 +211,7 @@ def _code_version() -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hmqat.pipeline", description=__doc__.split("\n")[0])
     ap.add_argument("--profile", default="quick", help=f"one of {', '.join(PROFILES)}")
-    ap.add_argument("--only", nargs="*", help="run only these notebooks (by name)")
+    ap.add_argument("--only", nargs="*", help="run only these notebooks (by name; at least one)")
     ap.add_argument("--force", action="store_true", help="rerun steps even if unchanged")
     ap.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
     args = ap.parse_args(argv)

@@ -270,8 +270,9 @@ def update_manifest(path: str | os.PathLike, step: str, **fields: Any) -> dict[s
     """Merge ``{"steps": {step: fields}}`` into ``manifest.json`` atomically and return it.
 
     A missing manifest starts from :func:`hmqat.train.manifest` (git sha, versions, device).
-    Fields already recorded for ``step`` are kept unless given again. Not safe against two
-    processes updating the same manifest at once (the pipeline runs steps one by one)."""
+    Fields already recorded for ``step`` are kept unless given again. A read-modify-write: call
+    it only while holding the results folder's lock (:func:`hmqat.locking.results_lock`), as
+    :func:`hmqat.pipeline.run_pipeline` does for all its steps."""
     path = Path(path)
     if not step:
         raise ReportingError("update_manifest needs a non-empty step name, e.g. '01_sensitivity'")

@@ -1,0 +1,332 @@
+"""The schema of ``params/<profile>.yaml`` and its checker (docs/method.md §1, "Pipeline").
+
+A profile file has three top-level sections::
+
+    run: [00_fp32_baseline, ...]     # optional: the notebooks to run (default: all, in order)
+    common: {arch: resnet20, ...}    # every notebook's shared parameters
+    notebooks:
+      03_qat: {qat_epochs: 2, ...}   # one section per notebook (a common key may be overridden)
+
+:func:`read_profile` parses the file (a YAML error names the file, line and column; a key given
+twice is an error) and :func:`validate` checks it against :data:`COMMON` and :data:`NOTEBOOK_KEYS`
+before any notebook runs: unknown sections and keys, wrong types and values out of range raise
+:class:`ParamsError` naming the file, the section, the key and what is expected; every key of
+``common`` and of the notebooks in ``run`` must be set.
+
+    >>> from hmqat import params
+    >>> cfg = params.read_profile("params/quick.yaml")      # parsed and validated
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["COMMON", "NOTEBOOKS", "NOTEBOOK_KEYS", "Key", "ParamsError", "read_profile",
+           "validate"]
+
+NOTEBOOKS = ("00_fp32_baseline", "01_sensitivity", "02_bit_allocation", "03_qat",
+             "04_ablations", "05_report")
+
+
+class ParamsError(ValueError):
+    """A parameter file is malformed, names an unknown section/key/notebook, or gives a value of
+    the wrong type or range. The message names the file, section and key."""
+
+
+# --------------------------------------------------------------------------------------------
+# Value checks: each returns None when the value is fine, else what was expected
+# --------------------------------------------------------------------------------------------
+Check = Callable[[Any], "str | None"]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def integer(minimum: int = 0) -> Check:
+    return lambda v: None if _is_int(v) and v >= minimum else f"an integer >= {minimum}"
+
+
+def number(minimum: float = 0.0, *, strict: bool = False) -> Check:
+    rel = ">" if strict else ">="
+
+    def check(v: Any) -> str | None:
+        ok = _is_number(v) and (v > minimum if strict else v >= minimum)
+        return None if ok else f"a number {rel} {minimum:g}"
+    return check
+
+
+def optional(inner: Check) -> Check:
+    return lambda v: None if v is None else (None if inner(v) is None else f"null or {inner(v)}")
+
+
+def choice(options: tuple[str, ...] | Callable[[], tuple[str, ...]]) -> Check:
+    def check(v: Any) -> str | None:
+        opts = options() if callable(options) else options
+        return None if isinstance(v, str) and v in opts else f"one of {list(opts)}"
+    return check
+
+
+def boolean(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "true or false"
+
+
+def list_of(inner: Check, *, min_len: int = 1) -> Check:
+    def check(v: Any) -> str | None:
+        if isinstance(v, list) and len(v) >= min_len and all(inner(x) is None for x in v):
+            return None
+        return f"a list of at least {min_len} items, each {inner(None) or 'valid'}"
+    return check
+
+
+def _supported_bits() -> tuple[int, ...]:
+    from .quant import SUPPORTED_BITS
+    return SUPPORTED_BITS
+
+
+def bit_width(v: Any) -> str | None:
+    bits = _supported_bits()
+    return None if _is_int(v) and v in bits else f"a bit width in {list(bits)}"
+
+
+def bit_pair(v: Any) -> str | None:
+    ok = isinstance(v, list) and len(v) == 2 and all(bit_width(b) is None for b in v)
+    return None if ok else f"a [weight bits, activation bits] pair of widths in {list(_supported_bits())}"
+
+
+def recipe(v: Any) -> str | None:
+    from .transitions import Recipe
+
+    if not isinstance(v, Mapping):
+        return "a mapping of recipe keys (docs/method.md §5.4), e.g. {distill: true}"
+    try:
+        Recipe.from_dict(v)
+    except (TypeError, ValueError) as exc:
+        return f"a valid recipe ({exc})"
+    return None
+
+
+def _archs() -> tuple[str, ...]:
+    from .models import CIFAR_RESNET_DEPTHS, _TORCHVISION
+    return tuple(f"resnet{d}" for d in CIFAR_RESNET_DEPTHS) + tuple(_TORCHVISION)
+
+
+def _policies() -> tuple[str, ...]:
+    from .quant import POLICIES
+    return POLICIES
+
+
+def _inits() -> tuple[str, ...]:
+    from .quant import INIT_METHODS
+    return INIT_METHODS
+
+
+def device(v: Any) -> str | None:
+    ok = isinstance(v, str) and (v in ("auto", "cpu", "cuda", "mps")
+                                 or (v.startswith("cuda:") and v[5:].isdigit()))
+    return None if ok else "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+
+
+@dataclass(frozen=True)
+class Key:
+    """One parameter: its check and a one-line description (shown in errors)."""
+
+    check: Check
+    doc: str
+
+
+# --------------------------------------------------------------------------------------------
+# The schema
+# --------------------------------------------------------------------------------------------
+COMMON: dict[str, Key] = {
+    "arch": Key(choice(_archs), "model architecture"),
+    "dataset": Key(choice(("cifar10", "synthetic", "imagenet")), "dataset"),
+    "n_synthetic": Key(integer(0), "synthetic training images (dataset: synthetic)"),
+    "pretrained": Key(boolean, "start from the published weights"),
+    "seed": Key(integer(0), "global seed"),
+    "device": Key(device, "torch device"),
+    "batch_size": Key(integer(1), "training batch size"),
+    "bits": Key(list_of(bit_width), "candidate weight bit widths"),
+    "a_bits": Key(optional(bit_width), "activation bits (null: FP activations)"),
+    "policy": Key(choice(_policies), "fixed-layer policy"),
+    "init": Key(choice(_inits), "step-size init"),
+}
+_MAX_STEPS = Key(optional(integer(1)), "cap on optimizer steps per epoch (null: whole epochs)")
+NOTEBOOK_KEYS: dict[str, dict[str, Key]] = {
+    "00_fp32_baseline": {
+        "fp32_epochs": Key(integer(1), "FP32 fine-tuning epochs"),
+        "fp32_lr": Key(number(0, strict=True), "FP32 learning rate"),
+        "fp32_wd": Key(number(0), "FP32 weight decay"),
+        "max_steps_per_epoch": _MAX_STEPS,
+    },
+    "01_sensitivity": {
+        "calib_samples": Key(integer(1), "images for the Hessian traces"),
+        "calib_batch": Key(integer(1), "Hessian batch size"),
+        "trace_tol": Key(number(0, strict=True), "relative tolerance of the trace estimate"),
+        "trace_max_probes": Key(integer(1), "most Hutchinson probes"),
+        "val_configs": Key(integer(1), "random configs for the Ω validation"),
+        "val_samples": Key(integer(1), "images for the Ω validation"),
+    },
+    "02_bit_allocation": {
+        "target_compressions": Key(list_of(number(1, strict=True)), "compression targets"),
+        "match_uniform_bits": Key(list_of(bit_width, min_len=0), "uniform widths to match"),
+        "n_candidates": Key(integer(1), "random candidates for the baselines"),
+    },
+    "03_qat": {
+        "qat_epochs": Key(integer(1), "QAT epochs"),
+        "qat_lr": Key(number(0, strict=True), "QAT learning rate"),
+        "step_lr": Key(optional(number(0)), "quantizer step learning rate"),
+        "qat_wd": Key(number(0), "QAT weight decay"),
+        "uniform_baselines": Key(list_of(bit_pair, min_len=0), "uniform [w, a] baselines"),
+        "recipe": Key(recipe, "transition/oscillation/distillation recipe"),
+        "max_steps_per_epoch": _MAX_STEPS,
+    },
+    "04_ablations": {
+        "ablation_compression": Key(number(1, strict=True), "compression of the ablation configs"),
+        "ablation_epochs": Key(integer(1), "QAT epochs per ablation run"),
+        "qat_lr": Key(number(0, strict=True), "QAT learning rate"),
+        "step_lr": Key(optional(number(0)), "quantizer step learning rate"),
+        "qat_wd": Key(number(0), "QAT weight decay"),
+        "random_seeds": Key(list_of(integer(0)), "seeds of the random-allocation runs"),
+        "max_steps_per_epoch": _MAX_STEPS,
+    },
+    "05_report": {},
+}
+TOP_LEVEL = ("run", "common", "notebooks")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and checking
+# --------------------------------------------------------------------------------------------
+def _describe(v: Any) -> str:
+    return f"{v!r} ({type(v).__name__})"
+
+
+def _hint(v: Any) -> str:
+    """PyYAML reads 1e-4 (no dot) as a string: say how to write it."""
+    if isinstance(v, str):
+        try:
+            float(v)
+        except ValueError:
+            return ""
+        return f" (YAML reads {v} as text: write it with a dot, e.g. {float(v):.1e})"
+    return ""
+
+
+def _check_section(path: Path, section: str, values: Any, schema: Mapping[str, Key],
+                   extra_ok: Mapping[str, Key] = {}) -> None:
+    if values is None:
+        values = {}
+    if not isinstance(values, Mapping):
+        raise ParamsError(f"{path}: section {section} is {_describe(values)}; expected a mapping "
+                          f"of key: value")
+    allowed = {**extra_ok, **schema}
+    for key, v in values.items():
+        if key not in allowed:
+            raise ParamsError(f"{path}: unknown key {key!r} in section {section}; known keys: "
+                              f"{sorted(allowed)}")
+        expected = allowed[key].check(v)
+        if expected is not None:
+            raise ParamsError(f"{path}: {section}.{key} = {_describe(v)}; expected {expected} "
+                              f"({allowed[key].doc}){_hint(v)}")
+
+
+def _require(path: Path, section: str, values: Mapping[str, Any] | None,
+             schema: Mapping[str, Key]) -> None:
+    missing = [k for k in schema if k not in (values or {})]
+    if missing:
+        raise ParamsError(f"{path}: section {section} does not set {missing} "
+                          f"({'; '.join(f'{k}: {schema[k].doc}' for k in missing)}); every "
+                          f"profile sets every parameter")
+
+
+def check_names(names: Any, what: str, where: str) -> list[str]:
+    """``names`` as a list of known notebook names, else :class:`ParamsError` naming the
+    unknown ones and the known ones."""
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ParamsError(f"{where}: {what} is {_describe(names)}; expected a list of notebook "
+                          f"names from {list(NOTEBOOKS)}")
+    if not names:
+        raise ParamsError(f"{where}: {what} is empty; name at least one of {list(NOTEBOOKS)}")
+    unknown = [n for n in names if n not in NOTEBOOKS]
+    if unknown:
+        raise ParamsError(f"{where}: {what} names unknown notebooks {unknown}; known notebooks: "
+                          f"{list(NOTEBOOKS)}")
+    return names
+
+
+def validate(cfg: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """Check a parsed profile against the schema; return it (``{}`` sections filled in)."""
+    path = Path(path)
+    if cfg is None:
+        cfg = {}
+    if not isinstance(cfg, Mapping):
+        raise ParamsError(f"{path}: the file holds {_describe(cfg)}; expected a mapping with "
+                          f"sections {list(TOP_LEVEL)}")
+    unknown = [k for k in cfg if k not in TOP_LEVEL]
+    if unknown:
+        raise ParamsError(f"{path}: unknown top-level section(s) {unknown}; known sections: "
+                          f"{list(TOP_LEVEL)}")
+    run = check_names(cfg["run"], "run", str(path)) if "run" in cfg else list(NOTEBOOKS)
+    _check_section(path, "common", cfg.get("common"), COMMON)
+    _require(path, "common", cfg.get("common"), COMMON)
+    notebooks = cfg.get("notebooks") or {}
+    if not isinstance(notebooks, Mapping):
+        raise ParamsError(f"{path}: section notebooks is {_describe(notebooks)}; expected a "
+                          f"mapping of notebook name: parameters")
+    bad = [n for n in notebooks if n not in NOTEBOOKS]
+    if bad:
+        raise ParamsError(f"{path}: unknown notebook sections {bad} under notebooks; known "
+                          f"notebooks: {list(NOTEBOOKS)}")
+    for name, values in notebooks.items():
+        _check_section(path, f"notebooks.{name}", values, NOTEBOOK_KEYS[name], extra_ok=COMMON)
+    for name in run:
+        _require(path, f"notebooks.{name}", notebooks.get(name), NOTEBOOK_KEYS[name])
+    return {**cfg, "notebooks": {n: dict(v or {}) for n, v in notebooks.items()}}
+
+
+def _strict_loader():
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: Any, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return loader.construct_mapping(node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return Loader
+
+
+def read_profile(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse and :func:`validate` a profile file. YAML errors name the file, line and column."""
+    import yaml
+
+    path = Path(path)
+    try:
+        cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_strict_loader())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        context = getattr(exc, "context", None)
+        raise ParamsError(f"{where}: YAML error: {problem}"
+                          + (f" ({context})" if context else "")
+                          + "; fix the file (indentation, ':' after each key, quotes)") from None
+    return validate(cfg, path)
