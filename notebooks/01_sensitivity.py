@@ -68,7 +68,7 @@ calib = data.calibration_batches(study.data("train"), n_samples=calib_samples,
                                  batch_size=calib_batch, seed=seed, device=study.dev)
 traces = hessian.layer_traces(model, calib, tol=trace_tol, max_probes=trace_max_probes, seed=seed,
                               device=study.dev, cache_dir=study.root / "cache")
-traces.to_csv(study.path("data", "traces.csv"))
+reporting.atomic_write_text(study.path("data", "traces.csv"), traces.to_csv())
 print(f"{traces.attrs.get('probes', traces['probes'].max())} probes, "
       f"{traces.attrs.get('wall_s', float('nan')):.1f} s, converged: {traces.attrs.get('converged')}")
 traces[["n_params", "avg_trace", "avg_trace_se", "rel_se", "probes"]]
@@ -98,7 +98,7 @@ omegas = {v: sensitivity.omega_table(model, traces, bits=bits, variant=v, seed=s
                                        method=init)
           for v in variants}
 for v, om in omegas.items():
-    om.to_csv(study.path("data", f"omega_{v}.csv"))
+    reporting.atomic_write_text(study.path("data", f"omega_{v}.csv"), om.to_csv())
 omegas["joint"]
 
 # %% [markdown]
@@ -112,7 +112,8 @@ fixed = quant.fixed_layers(model, policy)
 per_config, summary = sensitivity.validate_omega(model, omegas, held_out, n_configs=val_configs,
                                                  bits=bits, fixed=fixed, seed=seed,
                                                  method=init)
-per_config.to_csv(study.path("data", "omega_validation.csv"), index=False)
+reporting.atomic_write_text(study.path("data", "omega_validation.csv"),
+                            per_config.to_csv(index=False))
 reporting.write_table(summary, study.tables / "omega_spearman",
                       caption=f"Spearman rho between sum of Omega and the measured loss increase "
                               f"over {val_configs} random post-training bit configs",

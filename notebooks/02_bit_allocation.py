@@ -144,7 +144,8 @@ study.save_json("configs.json", {k: {"config": {l: int(b) for l, b in v["config"
                                      "omega": float(v["omega"]),
                                      "search_ms": frontier_ms}
                                  for k, v in picks.items()})
-frontier.to_frame().to_csv(study.path("data", "frontier.csv"), index=False)
+reporting.atomic_write_text(study.path("data", "frontier.csv"),
+                            frontier.to_frame().to_csv(index=False))
 
 # %% [markdown]
 # ## Exercises

@@ -65,7 +65,7 @@ table = ablation.run_ablations(
     primary="joint", bits=bits, random_seeds=random_seeds, fixed=acct["fixed"],
     other_params=acct["other_params"], fp32_params=acct["fp32_params"], a_bits=a_bits,
     policy=policy, init=init, device=study.dev)
-table.to_csv(study.path("data", "ablation_runs.csv"), index=False)
+reporting.atomic_write_text(study.path("data", "ablation_runs.csv"), table.to_csv(index=False))
 summary = ablation.summarize(table)
 steps = len(study.train_loader())                 # optimizer steps per full epoch
 if max_steps_per_epoch:
