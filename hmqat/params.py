@@ -99,7 +99,8 @@ def bit_width(v: Any) -> str | None:
 
 def bit_pair(v: Any) -> str | None:
     ok = isinstance(v, list) and len(v) == 2 and all(bit_width(b) is None for b in v)
-    return None if ok else f"a [weight bits, activation bits] pair of widths in {list(_supported_bits())}"
+    widths = list(_supported_bits())
+    return None if ok else f"a [weight bits, activation bits] pair of widths in {widths}"
 
 
 def recipe(v: Any) -> str | None:

@@ -1,11 +1,16 @@
-"""Evaluation, FP32 fine-tuning and the QAT loop (docs/method.md §1), with hooks, checkpoints, resume.
+"""Evaluation, FP32 fine-tuning and the QAT loop (docs/method.md §1), hooks, checkpoints, resume.
 
 One loop, :func:`fit`, serves both FP32 fine-tuning and QAT:
 
 * SGD with momentum and a per-step cosine schedule; the quantizers' step sizes get their own
   parameter group (own learning rate, no weight decay);
-* gradient-norm clipping; a NaN/inf loss stops the run with :class:`NonFiniteLossError` before
-  anything is written;
+* gradient-norm clipping; a NaN/inf loss, and after each epoch a NaN/inf validation loss,
+  parameter or buffer (BN statistics, quantizer steps), stops the run with
+  :class:`NonFiniteLossError` naming the first bad tensor, before that epoch's checkpoint is
+  written (the previous one stays intact); a finite loss far above chance warns
+  (:func:`warn_if_diverged`); a loader that yields no batch is an error before training;
+* checkpoints hold tensors and plain containers only and are read with ``weights_only=True``
+  (:func:`load_checkpoint`): a checkpoint on a shared disk cannot run code;
 * a checkpoint at the end of every epoch (atomic write). Rerunning the same call resumes from it
   and reaches bit-identical final metrics on CPU (data order and augmentation depend only on
   ``(seed, epoch)``);
@@ -15,6 +20,9 @@ One loop, :func:`fit`, serves both FP32 fine-tuning and QAT:
     >>> from hmqat import train
     >>> cfg = train.TrainConfig(epochs=2, lr=0.01, checkpoint="runs/fp32.pt")
     >>> history = train.fit(model, train_loader, test_loader, cfg)
+
+:func:`fit` reads top to bottom: ``_setup`` (device, loaders, optimiser), ``_resume``, then per
+epoch ``_train_epoch`` → ``_validate`` → ``_end_epoch`` → :func:`check_finite` → ``_save``.
 
 The same calls run data-parallel, unchanged, under ``torchrun --nproc_per_node=N`` once
 :func:`hmqat.distributed.init_from_env` has set up the process group (see :func:`fit` and
@@ -57,6 +65,7 @@ __all__ = [
     "qat",
     "resolve_device",
     "seed_everything",
+    "warn_if_diverged",
 ]
 
 
@@ -418,6 +427,25 @@ def check_finite(model: nn.Module, metrics: dict[str, Any], *, where: str,
             f"inputs for NaN.")
 
 
+DIVERGED_LOSS = 100.0  # nats: the true class gets probability < e^-100 on average
+
+
+def warn_if_diverged(model: nn.Module, metrics: dict[str, Any], *, where: str) -> None:
+    """A RuntimeWarning when a finite loss in ``metrics`` exceeds :data:`DIVERGED_LOSS` (chance
+    level is ln C, 2.3 for 10 classes): the run diverged although every tensor is finite. The
+    warning names the largest-magnitude parameter."""
+    import warnings
+
+    high = {k: v for k, v in metrics.items() if k.endswith("loss") and isinstance(v, float)
+            and math.isfinite(v) and v > DIVERGED_LOSS}
+    if high:
+        name, p = max(model.named_parameters(), key=lambda kv: float(kv[1].detach().abs().max()))
+        warnings.warn(f"{where}: {', '.join(f'{k}={v:.3g}' for k, v in high.items())} nats, far "
+                      f"above chance level: the run has diverged (largest |parameter| "
+                      f"{float(p.detach().abs().max()):.3g} in {name}); lower the learning rate",
+                      RuntimeWarning, stacklevel=3)
+
+
 def _last_good(path: Path | None) -> str:
     if path is None:
         return "no checkpoint is set"
@@ -709,8 +737,9 @@ def fit(model: nn.Module, train_loader: Any, val_loader: Iterable | None, cfg: T
         metrics = _train_epoch(run, epoch)
         metrics.update(_validate(run))
         _end_epoch(run, metrics)
-        check_finite(run.model, metrics, where=f"epoch {epoch + 1}/{cfg.epochs}",
-                     last_good=run.ckpt_path)
+        where = f"epoch {epoch + 1}/{cfg.epochs}"
+        check_finite(run.model, metrics, where=where, last_good=run.ckpt_path)
+        warn_if_diverged(run.model, metrics, where=where)
         _save(run, epoch)
     _finish(run)
     return run.state.history

@@ -185,3 +185,15 @@ def test_resume_after_kill_9_is_bit_identical(tmp_path):
     assert [h["val_loss"] for h in resumed] == [h["val_loss"] for h in ref]
     for k, v in model.state_dict().items():
         assert torch.equal(v, ref_state[k]), k
+
+
+def test_finite_but_diverged_qat_warns_naming_the_largest_parameter():
+    """QAT at lr = 1e6 stays finite (|param| ~1e14, loss ~1e9): a warning, not silence."""
+    from hmqat import quant
+
+    model, tr, te = _setup()
+    with pytest.warns(RuntimeWarning, match=r"epoch 2/2: train_loss=.* nats, far above chance "
+                                            r"level: the run has diverged \(largest \|parameter\| "
+                                            r".* in .*\); lower the learning rate"):
+        train.qat(model, quant.uniform_config(model, 4), tr, None,
+                  train.TrainConfig(epochs=2, lr=1e6))
