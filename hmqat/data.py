@@ -180,8 +180,9 @@ def _read_cache(cache: Path, n_files: int, classes: tuple[str, ...]) -> dict | N
         ok = (isinstance(blob, dict) and tuple(blob.get("classes", ())) == classes
               and len(blob.get("labels", ())) == n_files == len(blob.get("images", ())))
         problem = "" if ok else "it does not match the image files"
-    except CheckpointError as exc:
-        problem = str(exc)
+    except CheckpointError as exc:  # "<path>: <what>; <what to do>": keep <what>, shortened
+        what = str(exc).removeprefix(f"{cache}: ").split(";")[0]
+        problem = what if len(what) <= 160 else what[:157] + "..."
     if not problem:
         return blob
     warnings.warn(f"decode cache {cache} is unusable ({problem}); deleted it and decoding the "

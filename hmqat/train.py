@@ -358,7 +358,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        lines = [ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln or "global" in ln]
+        first = lines[0].rstrip(".") if lines else type(exc).__name__  # "...GLOBAL posix.system"
         raise CheckpointError(
             f"{path}: refused to load: it holds objects other than tensors and plain containers "
             f"({first}); hmqat loads checkpoints with weights_only=True and never runs code from "
@@ -483,17 +484,19 @@ def _steps_per_epoch(train_loader: Any, cfg: TrainConfig) -> int:
     from . import distributed as hdist
 
     n = len(train_loader)
+    if cfg.max_steps_per_epoch:
+        n = min(n, cfg.max_steps_per_epoch)
+    n = hdist.all_reduce_min(n)  # no rank may wait for another; all ranks raise together
     if n == 0:
         ds = getattr(train_loader, "dataset", None) or getattr(train_loader, "data", None)
         size = len(ds) if ds is not None and hasattr(ds, "__len__") else "?"
         raise ValueError(
             f"the training loader yields no batch (dataset of {size} samples, batch_size "
             f"{getattr(train_loader, 'batch_size', '?')}, drop_last="
-            f"{getattr(train_loader, 'drop_last', '?')}): no optimizer step would run. Use more "
-            "training data or a smaller batch_size.")
-    if cfg.max_steps_per_epoch:
-        n = min(n, cfg.max_steps_per_epoch)
-    return hdist.all_reduce_min(n)  # no rank may wait for another
+            f"{getattr(train_loader, 'drop_last', '?')}"
+            f"{'; this rank or another' if hdist.is_distributed() else ''}): no optimizer step "
+            f"would run. Use more training data or a smaller batch_size.")
+    return n
 
 
 def _setup(model: nn.Module, train_loader: Any, val_loader: Iterable | None, cfg: TrainConfig,
