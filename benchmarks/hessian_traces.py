@@ -62,8 +62,7 @@ sys.path.insert(0, str(ROOT))
 
 from hmqat import data, hessian
 from hmqat.models import create_model, quantizable_layers
-from hmqat.reporting import atomic_write_text
-from hmqat.train import resolve_device
+from hmqat.runtime import atomic_write_text, resolve_device
 
 LINES: list[str] = []
 

@@ -48,9 +48,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from . import quant
-from .quant import LayerSpec, _atomic_write_bytes, _build_quantized
+from .models import CIFAR_RESNET_DEPTHS, CifarResNet, create_model
+from .quant import LayerSpec, _build_quantized
+from .runtime import atomic_write_bytes
 
 __all__ = [
     "HEADER_BYTES",
@@ -111,16 +114,10 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 def infer_arch(model: nn.Module) -> tuple[str, int] | None:
     """(arch, num_classes) for hmqat.models.create_model if ``model`` is one of its families
     (CIFAR ResNet-20/32/44/56, torchvision ResNet-18/50), else None."""
-    from .models import CIFAR_RESNET_DEPTHS, CifarResNet
-
     if isinstance(model, CifarResNet):
         depth = 6 * len(model.layer1) + 2
         if depth in CIFAR_RESNET_DEPTHS and len(model.layer2) == len(model.layer3) == len(model.layer1):
             return f"resnet{depth}", model.linear.out_features
-        return None
-    try:
-        from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
-    except ImportError:  # pragma: no cover - torchvision is a dependency
         return None
     if type(model) is ResNet:
         blocks = tuple(len(getattr(model, f"layer{i}")) for i in range(1, 5))
@@ -191,7 +188,7 @@ def save_packed(qmodel: nn.Module, path: str | os.PathLike, *, arch: str | None 
     payload = b"".join(chunks)
     digest = hashlib.sha256(js + payload).digest()
     header = _HEADER.pack(MAGIC, VERSION, len(js), len(payload), digest)
-    _atomic_write_bytes(path, header + js + payload)
+    atomic_write_bytes(path, header + js + payload)
     return {**meta, "file_bytes": len(header) + len(js) + len(payload), "json_bytes": len(js),
             "payload_bytes": len(payload)}
 
@@ -237,7 +234,6 @@ def _template(meta: dict[str, Any], model: nn.Module | Callable[[], nn.Module] |
     elif callable(model):
         tmpl = model()
     elif meta.get("arch"):
-        from .models import create_model
         tmpl = create_model(meta["arch"], num_classes=meta.get("num_classes"))
     else:
         raise ValueError("load_packed: the file records no arch; pass the FP32 model (or a "

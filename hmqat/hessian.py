@@ -55,7 +55,6 @@ import logging
 import math
 import numbers
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -65,9 +64,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from . import distributed as hdist
+from . import runtime
 from .models import LayerInfo, quantizable_layers
 
 __all__ = [
@@ -75,10 +76,12 @@ __all__ = [
     "PROBE_MODES",
     "HessianError",
     "cache_key",
+    "check_batches",
     "group_product",
     "hessian_vector_product",
     "layer_traces",
     "rademacher",
+    "select_layers",
 ]
 
 log = logging.getLogger(__name__)
@@ -130,7 +133,7 @@ def hessian_vector_product(grads: Sequence[torch.Tensor], params: Sequence[torch
 # --------------------------------------------------------------------------------------------
 # Input checks
 # --------------------------------------------------------------------------------------------
-def _check_batches(batches: Iterable[Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def check_batches(batches: Iterable[Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Materialise ``batches`` as a list of (x, y) tensor pairs with matching, non-zero sizes."""
     if isinstance(batches, torch.Tensor) or batches is None:
         raise HessianError("batches must be a list of (x, y) pairs, e.g. "
@@ -190,7 +193,7 @@ def _default_dtype_call(dtype: torch.dtype | None, fn: Callable, *args: Any, **k
         torch.set_default_dtype(old)
 
 
-def _select_layers(model: nn.Module, layers: Sequence[str] | None,
+def select_layers(model: nn.Module, layers: Sequence[str] | None,
                    input_size: tuple[int, ...], device: torch.device) -> list[LayerInfo]:
     """The quantizable layers to measure, in forward order; unknown names raise HessianError."""
     first = next(model.parameters(), None)
@@ -333,32 +336,7 @@ def _read_cache(path: Path, key: str) -> pd.DataFrame | None:
 
 
 def _write_cache(path: Path, df: pd.DataFrame) -> None:
-    from .reporting import atomic_write_text
-
-    atomic_write_text(path, json.dumps(_frame_to_json(df)) + "\n")
-
-
-# --------------------------------------------------------------------------------------------
-# Progress (tqdm; plain text when headless, DESIGN §6)
-# --------------------------------------------------------------------------------------------
-def _in_notebook() -> bool:
-    """True inside a Jupyter kernel (where tqdm.auto would draw a widget)."""
-    ipython = sys.modules.get("IPython")
-    get = getattr(ipython, "get_ipython", None)
-    return get is not None and type(get()).__name__ == "ZMQInteractiveShell"
-
-
-def _progress(enabled: bool, desc: str, total: int, unit: str = "hvp") -> Any:
-    """A tqdm bar; text-only (tqdm.std, ASCII, refreshed every 30 s) when HMQAT_HEADLESS is set,
-    tqdm.std outside a notebook, the notebook widget only in an interactive notebook, so papermill
-    saves a few plain lines and no widget."""
-    headless = bool(os.environ.get("HMQAT_HEADLESS"))
-    if headless or not _in_notebook():
-        from tqdm.std import tqdm
-        return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, ascii=True,
-                    mininterval=30.0 if headless else 1.0, file=sys.stderr)
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled)
+    runtime.atomic_write_text(path, json.dumps(_frame_to_json(df)) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,8 +430,6 @@ def _share_sweep(samples: _Samples, plan: dict[int, int], owned: Sequence[int]) 
     """
     if not hdist.is_distributed() or not plan:
         return
-    import torch.distributed as dist
-
     active = sorted(plan)
     n_batches = len(samples.weights)
     buf = torch.zeros(len(active), n_batches, max(plan.values()), dtype=torch.float64)
@@ -528,8 +504,8 @@ def _estimate(model: nn.Module, criterion: Callable, chunks: list[tuple[torch.Te
         if probe == "joint":   # one shared HVP: every active layer gets the largest plan
             plan = dict.fromkeys(plan, max(plan.values()))
         total = len(owned) * sum(max(plan[i] for i in g) for g in groups)
-        bar = _progress(progress, f"hessian traces, sweep {sweeps + 1} ({len(plan)} layers)",
-                        total)
+        bar = runtime.progress(total=total, unit="hvp", disable=not progress,
+                               desc=f"hessian traces, sweep {sweeps + 1} ({len(plan)} layers)")
         try:
             hvps += _sweep(model, criterion, chunks, params, plan, groups, gens, samples, device,
                            bar, owned)
@@ -640,7 +616,7 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
             batches or settings differ from rank 0's.
     """
     _check_settings(tol, max_probes, min_probes, probe, micro_batch)
-    batches = _check_batches(batches)
+    batches = check_batches(batches)
     model = hdist.unwrap(model)     # DDP cannot double-backward: measure the plain module
     first = next(model.parameters(), None)
     home = first.device if first is not None else torch.device("cpu")
@@ -650,7 +626,7 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
     chunks = _split(batches, mb)
     r_min = min_probes if min_probes is not None else min(_auto_min_probes(len(chunks)),
                                                           max_probes)
-    infos = _select_layers(model, layers, (1,) + tuple(batches[0][0].shape[1:]), home)
+    infos = select_layers(model, layers, (1,) + tuple(batches[0][0].shape[1:]), home)
     settings = {"layers": [i.name for i in infos], "tol": float(tol), "max_probes": max_probes,
                 "min_probes": r_min, "seed": seed, "probe": probe, "micro_batch": mb,
                 "criterion": _describe(criterion), "version": VERSION}

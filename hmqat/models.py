@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 __all__ = [
     "CIFAR_RESNET_DEPTHS",
@@ -166,8 +167,6 @@ def create_model(arch: str, *, pretrained: bool = False, num_classes: int | None
             load_pretrained(model, arch, weights_dir=weights_dir)
         return model
     if arch in _TORCHVISION:
-        import torchvision
-
         builder = getattr(torchvision.models, arch)
         if not pretrained:
             return builder(weights=None, num_classes=num_classes or 1000)

@@ -57,7 +57,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -69,6 +68,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models import LayerInfo, quantizable_layers
+from .runtime import atomic_write_bytes
 
 __all__ = [
     "DEFAULT_INPUT_SIZE",
@@ -783,27 +783,10 @@ def act_bits_config(model: nn.Module, a_bits: int | None, policy: str = "first_l
     return out
 
 
-def _atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def save_config(config: Mapping[str, int], path: str | os.PathLike) -> None:
     """Write a bit config as JSON {"layer": bits, ...} atomically (DESIGN §6)."""
     clean = {str(k): _check_bits(v, f"layer {k!r}") for k, v in config.items()}
-    _atomic_write_bytes(path, (json.dumps(clean, indent=1) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(clean, indent=1) + "\n").encode())
 
 
 def load_config(path: str | os.PathLike) -> dict[str, int]:

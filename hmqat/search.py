@@ -8,6 +8,9 @@ configurations; every budget is then answered by a lookup (:func:`select`). The 
 builds configs (one per :func:`select`, or the whole ``points`` table) only when asked.
 
     >>> import pandas as pd
+
+from .models import quantizable_layers
+from .quant import act_bits_config, fixed_layers
     >>> from hmqat.search import pareto_frontier, select
     >>> omega = pd.DataFrame({2: [4.0, 9.0], 4: [1.0, 2.0], 8: [0.0, 0.1]}, index=["a", "b"])
     >>> front = pareto_frontier(omega, {"a": 100, "b": 300})
@@ -1124,9 +1127,6 @@ def model_inputs(model: Any, *, a_bits: int | None = 4, policy: str = "first_las
     step sizes QAT adds (out_channels per layer when ``per_channel``, one per activation
     quantizer when ``a_bits`` is set).
     """
-    from .models import quantizable_layers
-    from .quant import act_bits_config, fixed_layers
-
     layers = quantizable_layers(model, input_size)
     total = sum(p.numel() for p in model.parameters())
     n_weights = sum(l.n_params for l in layers)

@@ -48,7 +48,8 @@ from scipy import stats
 from torch import nn
 
 from . import quant
-from .hessian import _check_batches, _progress, _select_layers
+from . import runtime
+from .hessian import check_batches, select_layers
 
 __all__ = [
     "VARIANTS",
@@ -100,7 +101,7 @@ def _layer_weights(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, t
     device = p.device if p is not None else torch.device("cpu")
     modules = dict(model.named_modules())
     return {i.name: modules[i.name].weight.detach()
-            for i in _select_layers(model, None, input_size, device)}
+            for i in select_layers(model, None, input_size, device)}
 
 
 def _avg_traces(traces_df: pd.DataFrame, layers: Sequence[str]) -> np.ndarray:
@@ -193,11 +194,9 @@ def omega_table(model: nn.Module, traces_df: pd.DataFrame, bits: Sequence[int] =
 # --------------------------------------------------------------------------------------------
 def omega_to_json(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write an Ω table (and its attrs) as JSON, atomically; floats round-trip exactly."""
-    from .reporting import atomic_write_text
-
     blob = {"index": [str(i) for i in df.index], "bits": [int(c) for c in df.columns],
             "values": df.to_numpy(dtype=np.float64).tolist(), "attrs": df.attrs}
-    return atomic_write_text(path, json.dumps(blob) + "\n")
+    return runtime.atomic_write_text(path, json.dumps(blob) + "\n")
 
 
 def omega_from_json(path: str | os.PathLike) -> pd.DataFrame:
@@ -314,7 +313,7 @@ def validate_omega(model: nn.Module, omegas: Mapping[str, pd.DataFrame],
         raise SensitivityError(f"n_configs={n_configs!r}: need an int >= 3 for a rank correlation "
                                f"(>= 30 recommended)")
     layers, bits = _check_omegas(omegas, bits, fixed)
-    batches = _check_batches(eval_batches)
+    batches = check_batches(eval_batches)
     modules = dict(model.named_modules())
     unknown = [n for n in layers if n not in modules or not hasattr(modules[n], "weight")]
     if unknown:
@@ -329,7 +328,8 @@ def validate_omega(model: nn.Module, omegas: Mapping[str, pd.DataFrame],
     qcache: dict[tuple[str, int], torch.Tensor] = {}
     modes = [(m, m.training) for m in model.modules()]
     rows = []
-    bar = _progress(progress, "omega validation", n_configs + 1, unit="config")
+    bar = runtime.progress(total=n_configs + 1, desc="omega validation", unit="config",
+                           disable=not progress)
     try:
         model.eval()
         base_loss, base_top1 = _evaluate(model, batches, criterion, device)

@@ -25,19 +25,23 @@ from __future__ import annotations
 
 import math
 import os
-import platform
-import random
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from . import data as hdata
+from . import distributed as hdist
+from .distributed import all_reduce_sum, unwrap
+from .models import create_model
+from .quant import LSQQuantizer, calibrate_activations, quantize_model
+from .runtime import atomic_torch_save, progress, resolve_device, seed_everything
 
 __all__ = [
     "Callback",
@@ -48,85 +52,12 @@ __all__ = [
     "evaluate",
     "finetune",
     "fit",
-    "manifest",
-    "progress",
     "qat",
-    "resolve_device",
-    "seed_everything",
 ]
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the run stopped without writing a checkpoint."""
-
-
-# --------------------------------------------------------------------------------------------
-# Small utilities
-# --------------------------------------------------------------------------------------------
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/"auto" -> CUDA when available, else CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def seed_everything(seed: int, deterministic: bool = True) -> None:
-    """Seed python, numpy and torch; optionally switch torch to deterministic algorithms."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-
-
-def progress(iterable: Iterable, **kw: Any):
-    """tqdm: plain text when ``HMQAT_HEADLESS`` is set (papermill, CI), widgets in JupyterLab."""
-    if os.environ.get("HMQAT_HEADLESS"):
-        from tqdm.std import tqdm
-        kw.setdefault("mininterval", float(os.environ.get("TQDM_MININTERVAL", 30)))
-    else:
-        from tqdm.auto import tqdm
-    return tqdm(iterable, **kw)
-
-
-def _git(*args: str) -> str:
-    try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() if out.returncode == 0 else ""
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def manifest(seed: int | None = None, device: str | torch.device | None = None,
-             **extra: Any) -> dict[str, Any]:
-    """Provenance of a run: git sha and dirty flag (tracked changes outside results/), versions,
-    device, seed, plus ``extra``."""
-    import pandas
-    import torchvision
-
-    dev = resolve_device(device)
-    return {
-        "git_sha": _git("rev-parse", "HEAD") or None,
-        # dirty = uncommitted changes to tracked files outside results/ (a run's own outputs
-        # there do not change the code that produced them)
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ":(top)",
-                               ":(top,exclude)results")),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "numpy": np.__version__,
-        "pandas": pandas.__version__,
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
-        "seed": seed,
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **extra,
-    }
 
 
 @torch.no_grad()
@@ -139,8 +70,6 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | No
     :func:`hmqat.distributed.shard_eval_loader`) and the sums of correct predictions, loss and
     samples are all-reduced, so every rank returns the numbers of the whole set.
     """
-    from .distributed import all_reduce_sum, unwrap
-
     model = unwrap(model)
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
@@ -289,13 +218,6 @@ def _cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
     model.train()
     if freeze_bn:
@@ -316,8 +238,6 @@ def _load_checkpoint(ckpt_path: Path, identity: dict[str, Any], dev: torch.devic
                      ) -> dict[str, Any] | None:
     """The checkpoint to resume from, or None. Under torch.distributed rank 0 decides whether
     it exists and every rank loads it (the path must be on a file system all nodes share)."""
-    from . import distributed as hdist
-
     if not hdist.broadcast_object(ckpt_path.exists()):
         return None
     if not ckpt_path.exists():
@@ -374,11 +294,6 @@ def fit(model: nn.Module, train_loader: Any, val_loader: Iterable | None, cfg: T
 
     AMP is not used (float32 throughout; see the module docstring).
     """
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from . import distributed as hdist
-    from .quant import LSQQuantizer
-
     ddp_model: nn.Module | None = None
     if isinstance(model, DDP):
         ddp_model, model = model, model.module
@@ -498,7 +413,7 @@ def fit(model: nn.Module, train_loader: Any, val_loader: Iterable | None, cfg: T
                            for k, v in metrics.items()), flush=True)
         if ckpt_path is not None:
             if main:
-                _atomic_save({"identity": identity, "epoch": epoch, "model": model.state_dict(),
+                atomic_torch_save({"identity": identity, "epoch": epoch, "model": model.state_dict(),
                               "optimizer": opt.state_dict(),
                               "callbacks": [cb.state_dict() for cb in callbacks],
                               "history": state.history, "torch_rng": torch.get_rng_state()},
@@ -525,10 +440,6 @@ def dataset_loader(ds: Any, batch_size: int, *, train: bool, seed: int = 0,
     dropped. Evaluation: in order. ``workers`` defaults to ``HMQAT_WORKERS`` or min(8, CPUs);
     memory is pinned on CUDA.
     """
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    from . import distributed as hdist
-
     if workers is None:
         workers = int(os.environ.get("HMQAT_WORKERS", min(8, os.cpu_count() or 1)))
     sampler = (DistributedSampler(ds, seed=seed, shuffle=True)
@@ -554,12 +465,6 @@ def finetune(arch: str, train_data: Any, test_data: Any, cfg: TrainConfig, *,
     Needed for the JPEG mirror, whose artefacts cost the published CIFAR weights ~10 points.
     A finished checkpoint makes a rerun return at once (the loop has no epochs left).
     """
-    from torch.utils.data import Dataset
-
-    from . import data as hdata
-    from . import distributed as hdist
-    from .models import create_model
-
     dev = resolve_device(device)
     seed_everything(cfg.seed)
     if sync_bn is not None:
@@ -610,9 +515,6 @@ def qat(fp32_model: nn.Module, bit_config: dict[str, int], train_loader: Any,
     the same ``calib_batches`` on every rank to get the single-process calibration.
     ``sync_bn`` overrides ``cfg.sync_bn`` (BN policy: see :func:`fit`).
     """
-    from . import distributed as hdist
-    from .quant import calibrate_activations, quantize_model
-
     dev = resolve_device(device) if device is not None else next(fp32_model.parameters()).device
     seed_everything(cfg.seed)
     if sync_bn is not None:

@@ -45,6 +45,7 @@ import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable, Mapping, Sequence
 
+import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -697,8 +698,6 @@ class OscillationTracker(Callback):
 
     def log_frame(self):
         """The per-layer, per-epoch log as a pandas DataFrame."""
-        import pandas as pd
-
         return pd.DataFrame(self.log, columns=["epoch", "layer", "bits", "n", "osc_frac",
                                                "osc_rate", "frozen_frac"])
 

@@ -50,8 +50,9 @@ val_samples = 1000
 # %%
 import time
 
-from hmqat import data, hessian, models, plotting, quant, reporting, sensitivity
-from hmqat.pipeline import Study
+from hmqat import data, hessian, models, quant, sensitivity
+from hmqat.study import plotting, reporting
+from hmqat.study.pipeline import Study
 
 study = Study(results_dir, profile=profile, arch=arch, dataset=dataset, seed=seed, device=device,
               batch_size=batch_size, n_synthetic=n_synthetic)

@@ -38,8 +38,9 @@ import time
 
 import pandas as pd
 
-from hmqat import models, plotting, quant, reporting, search
-from hmqat.pipeline import Study
+from hmqat import models, quant, search
+from hmqat.study import plotting, reporting
+from hmqat.study.pipeline import Study
 
 study = Study(results_dir, profile=profile, arch=arch, dataset=dataset, seed=seed, device=device,
               batch_size=batch_size, n_synthetic=n_synthetic)

@@ -44,8 +44,9 @@ random_seeds = [0, 1, 2]
 max_steps_per_epoch = 50
 
 # %%
-from hmqat import ablation, plotting, reporting, search, train
-from hmqat.pipeline import Study
+from hmqat import search, train
+from hmqat.study import ablation, plotting, reporting
+from hmqat.study.pipeline import Study
 
 study = Study(results_dir, profile=profile, arch=arch, dataset=dataset, seed=seed, device=device,
               batch_size=batch_size, n_synthetic=n_synthetic)

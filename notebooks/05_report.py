@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from hmqat import reporting
-from hmqat.pipeline import Study
+from hmqat import runtime
+from hmqat.study import reporting
+from hmqat.study.pipeline import Study
 
 study = Study(results_dir, profile=profile, arch=arch, dataset=dataset, seed=seed, device=device,
               batch_size=batch_size, n_synthetic=n_synthetic)
@@ -110,7 +111,7 @@ before fine-tuning, **{fp32['top1']:.2f} %** after fine-tuning on its training s
 
 Executed notebooks: `executed/`. Tables (CSV, Markdown, LaTeX): `tables/`. Raw data: `data/`.
 """
-reporting.atomic_write_text(study.root / "README.md", text)
+runtime.atomic_write_text(study.root / "README.md", text)
 print(text[:1500])
 
 # %% [markdown]

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hmqat import ablation, data, models, quant, train
+from hmqat import data, models, quant, train
+from hmqat.study import ablation
 
 
 class Tiny(nn.Module):

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from hmqat import data, distributed, models, quant, train
+from hmqat.study import cli
 from torchrun_helpers import free_port, torchrun
 
 PER_RANK, WORLD = 8, 2
@@ -127,8 +128,8 @@ def _worker(out: Path) -> None:
     lazy, _ = _qat(PER_RANK, callbacks=[_LazyReinit()])
     torch.save(_steps(lazy), out / f"lazy{r}.pt")
 
-    # 6. the command line, inside the same process group (`-m hmqat.distributed` calls run())
-    distributed.run(["qat", "--profile", "smoke", "--uniform", "4", "--epochs", "1",
+    # 6. the command line, inside the same process group (`-m hmqat.study.cli` calls run())
+    cli.run(["qat", "--profile", "smoke", "--uniform", "4", "--epochs", "1",
                      "--max-steps", "2", "--batch-size", "32", "--device", "cpu",
                      "--checkpoint", str(out / "cli.pt")])
 
@@ -231,16 +232,16 @@ def test_cli_and_wrap_errors(tmp_path):
     with pytest.raises(distributed.DistributedConfigError, match="needs a process group"):
         distributed.wrap_ddp(torch.nn.Linear(2, 2))
     with pytest.raises(distributed.DistributedConfigError, match="--config FILE.json"):
-        distributed.run(["qat", "--profile", "smoke", "--device", "cpu",
+        cli.run(["qat", "--profile", "smoke", "--device", "cpu",
                          "--checkpoint", str(tmp_path / "x.pt")])
     with pytest.raises(distributed.DistributedConfigError, match=r"FP32 checkpoint .*fp32-resnet20"
-                       r".pt not found; run `-m hmqat.distributed finetune`"):
-        distributed.run(["qat", "--profile", "smoke", "--device", "cpu", "--uniform", "4",
+                       r".pt not found; run `-m hmqat.study.cli finetune`"):
+        cli.run(["qat", "--profile", "smoke", "--device", "cpu", "--uniform", "4",
                          "--results", str(tmp_path / "nothing")])
     cfgs = tmp_path / "configs.json"
     cfgs.write_text(json.dumps({"a": {"config": {}}, "b": {"config": {}}}))
     with pytest.raises(distributed.DistributedConfigError, match=r"several configs \['a', 'b'\]"):
-        distributed.run(["qat", "--profile", "smoke", "--device", "cpu", "--config", str(cfgs),
+        cli.run(["qat", "--profile", "smoke", "--device", "cpu", "--config", str(cfgs),
                          "--checkpoint", str(tmp_path / "x.pt")])
 
 
@@ -275,7 +276,7 @@ def test_imagenet_path_end_to_end(tmp_path):
 
 def test_study_reads_imagenet_for_the_notebooks(tmp_path, monkeypatch):
     """What notebooks 00-03 call on a Study with dataset="imagenet" (tiny ImageFolder)."""
-    from hmqat.pipeline import Study
+    from hmqat.study.pipeline import Study
 
     root = data.write_synthetic_imagefolder(tmp_path / "inet", num_classes=4, per_class=3,
                                             image_size=40, splits=("train", "val"))
@@ -296,14 +297,15 @@ def test_study_reads_imagenet_for_the_notebooks(tmp_path, monkeypatch):
 
 
 def test_cli_results_folder_is_reused_by_the_notebooks(tmp_path, capsys):
-    """`-m hmqat.distributed finetune|qat --results DIR` writes the checkpoints notebooks 00
+    """`-m hmqat.study.cli finetune|qat --results DIR` writes the checkpoints notebooks 00
     and 03 look for; their calls then return the finished runs without training."""
-    from hmqat import pipeline, transitions
+    from hmqat import transitions
+    from hmqat.study import pipeline
 
     res = tmp_path / "smoke"
     common = ["--profile", "smoke", "--device", "cpu", "--results", str(res)]
-    fp32_hist = distributed.run(["finetune", *common])
-    qat_hist = distributed.run(["qat", *common, "--uniform", "4"])
+    fp32_hist = cli.run(["finetune", *common])
+    qat_hist = cli.run(["qat", *common, "--uniform", "4"])
     p = pipeline.load_params("smoke")
     c, nb0, nb3 = p["common"], p["notebooks"]["00_fp32_baseline"], p["notebooks"]["03_qat"]
     study = pipeline.Study(str(res), profile="smoke", arch=c["arch"], dataset=c["dataset"],

@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from hmqat import pipeline
+from hmqat.study import pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 

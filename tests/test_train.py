@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from hmqat import data, models, train
+from hmqat import data, models, runtime, train
 
 
 def _setup(global_seed=0):
-    train.seed_everything(0)
+    runtime.seed_everything(0)
     model = models.create_model("resnet20")
     torch.manual_seed(global_seed)
     tr = data.make_loader(data.synthetic_cifar(96, seed=0), 32, train=True, seed=0)
@@ -82,7 +82,7 @@ def test_bad_config_values():
 
 
 def test_manifest_records_provenance():
-    m = train.manifest(seed=7, profile="smoke")
+    m = runtime.manifest(seed=7, profile="smoke")
     for key in ("git_sha", "git_dirty", "torch", "device", "seed", "profile", "python"):
         assert key in m
     assert m["seed"] == 7 and m["profile"] == "smoke"

@@ -8,13 +8,14 @@ by marker, line style or hatch, and heat-map cells carry their number. Save with
 :func:`savefig`, which writes ``<stem>.png`` (200 dpi) and ``<stem>.pdf`` (TrueType fonts, no
 creation date, so the bytes are stable across reruns) atomically and closes the figure.
 
-    >>> from hmqat import plotting, reporting
+    >>> from hmqat.study import plotting, reporting
     >>> label = reporting.describe_data("cifar10", train.source)            # doctest: +SKIP
     >>> fig = plotting.plot_layer_traces(traces, subtitle=f"{label}; profile quick")  # +SKIP
     >>> plotting.savefig(fig, Path("results/quick/figures/layer_traces"))  # doctest: +SKIP
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,8 +31,9 @@ import seaborn as sns
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from scipy.stats import spearmanr
 
-from hmqat.reporting import temporary_path
+from ..runtime import atomic_write_bytes
 
 __all__ = [
     "HATCHES",
@@ -100,16 +102,11 @@ def savefig(fig: Figure, stem: str | os.PathLike, *, formats: Sequence[str] = ("
     try:
         with use_style():
             for fmt in formats:
-                path = stem.with_name(f"{stem.name}.{fmt}")
-                tmp = temporary_path(path)   # '.tmp' suffix, hence format=
-                try:
-                    fig.savefig(tmp, format=fmt, dpi=dpi, metadata=metadata[fmt],
-                                bbox_inches="tight", pad_inches=0.03)
-                    os.replace(tmp, path)
-                except BaseException:
-                    tmp.unlink(missing_ok=True)
-                    raise
-                written.append(path)
+                buf = io.BytesIO()
+                fig.savefig(buf, format=fmt, dpi=dpi, metadata=metadata[fmt],
+                            bbox_inches="tight", pad_inches=0.03)
+                written.append(atomic_write_bytes(stem.with_name(f"{stem.name}.{fmt}"),
+                                                  buf.getvalue()))
     finally:
         plt.close(fig)
     return written
@@ -333,8 +330,6 @@ def plot_omega_validation(df: pd.DataFrame, *, x: str = "omega", y: str = "loss_
     """One scatter panel per ``hue`` value (order of appearance), log-log where the values are
     positive (symlog otherwise), Spearman ρ in each panel title. ``spearman`` gives ρ per
     variant; without it ρ is computed with ``scipy.stats.spearmanr``."""
-    from scipy.stats import spearmanr
-
     _require(df, [x, y, hue], "df")
     variants = list(dict.fromkeys(df[hue].astype(str)))
     if spearman is not None:

@@ -1,8 +1,8 @@
 """The papermill driver: run the study's notebooks in order for a profile (DESIGN.md §3–§6).
 
-    make reproduce                  # = python -m hmqat.pipeline --profile quick
+    make reproduce                  # = python -m hmqat.study.pipeline --profile quick
     make reproduce PROFILE=paper
-    python -m hmqat.pipeline --profile smoke --only 00_fp32_baseline 01_sensitivity
+    python -m hmqat.study.pipeline --profile smoke --only 00_fp32_baseline 01_sensitivity
 
 Each notebook gets the merged ``common`` + per-notebook parameters of ``params/<profile>.yaml``
 (only the names its ``parameters`` cell declares), runs headlessly with papermill, and is saved
@@ -26,11 +26,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import pandas as pd
+import papermill as pm
 import torch
+import torchvision.transforms as T
+import yaml
+
+from .. import data
+from ..data import TensorImages
+from ..distributed import is_distributed
+from ..models import create_model
+from ..runtime import atomic_write_json, manifest, resolve_device, seed_everything
+from .reporting import describe_data, update_manifest
 
 __all__ = ["NOTEBOOKS", "PipelineError", "Study", "load_params", "main", "run_pipeline"]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ("00_fp32_baseline", "01_sensitivity", "02_bit_allocation", "03_qat",
              "04_ablations", "05_report")
 PROFILES = ("smoke", "quick", "paper", "imagenet")
@@ -45,8 +56,6 @@ class PipelineError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 def load_params(profile: str, params_dir: Path | None = None) -> dict[str, Any]:
     """Read ``params/<profile>.yaml``: ``{"common": {...}, "notebooks": {name: {...}}}``."""
-    import yaml
-
     path = (params_dir or ROOT / "params") / f"{profile}.yaml"
     if not path.exists():
         known = sorted(p.stem for p in path.parent.glob("*.yaml"))
@@ -80,8 +89,8 @@ def notebook_parameters(cfg: dict[str, Any], name: str, declared: Sequence[str],
 
 def _sources_digest() -> str:
     h = hashlib.sha256()
-    for p in sorted((ROOT / "hmqat").glob("*.py")):
-        h.update(p.name.encode() + p.read_bytes())
+    for p in sorted((ROOT / "hmqat").rglob("*.py")):
+        h.update(p.relative_to(ROOT).as_posix().encode() + p.read_bytes())
     return h.hexdigest()
 
 
@@ -99,8 +108,6 @@ def _step_digest(nb_path: Path, params: dict[str, Any], upstream: str, sources: 
 # Running
 # --------------------------------------------------------------------------------------------
 def _run_notebook(nb_in: Path, nb_out: Path, params: dict[str, Any], timeout: int | None) -> None:
-    import papermill as pm
-
     try:
         pm.execute_notebook(str(nb_in), str(nb_out), parameters=params, kernel_name="python3",
                             cwd=str(nb_in.parent), progress_bar=False, log_output=True,
@@ -117,10 +124,6 @@ def run_pipeline(profile: str = "quick", *, only: Sequence[str] | None = None,
                  params_dir: Path | None = None, force: bool = False,
                  timeout: int | None = None) -> dict[str, Any]:
     """Run the notebooks of ``profile`` in order; return the manifest's ``steps`` dict."""
-    import papermill as pm
-
-    from .reporting import atomic_write_json, update_manifest
-
     if profile not in PROFILES and not (params_dir or ROOT / "params").joinpath(
             f"{profile}.yaml").exists():
         raise PipelineError(f"unknown profile {profile!r}; choose one of {list(PROFILES)}")
@@ -178,15 +181,13 @@ def run_pipeline(profile: str = "quick", *, only: Sequence[str] | None = None,
 def _code_version() -> dict[str, Any]:
     """The code a step ran with: git sha and dirty flag of the checkout, and when it finished
     (the manifest's top-level provenance is from its first step, which may be older)."""
-    from .train import manifest
-
     prov = manifest()
     return {"git_sha": prov["git_sha"], "git_dirty": prov["git_dirty"],
             "finished_utc": prov["time_utc"]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hmqat.pipeline", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m hmqat.study.pipeline", description=__doc__.split("\n")[0])
     ap.add_argument("--profile", default="quick", help=f"one of {', '.join(PROFILES)}")
     ap.add_argument("--only", nargs="*", help="run only these notebooks (by name)")
     ap.add_argument("--force", action="store_true", help="rerun steps even if unchanged")
@@ -221,10 +222,6 @@ class _ImageFolderSplit(torch.utils.data.Dataset):
         return self.folder[i]
 
     def subset(self, indices: Sequence[int] | torch.Tensor):
-        import torchvision.transforms as T
-
-        from .data import TensorImages
-
         idx = [int(i) for i in indices]
         tf = T.Compose([T.Resize(int(self.image_size * 256 / 224)),
                         T.CenterCrop(self.image_size), T.PILToTensor()])
@@ -257,8 +254,6 @@ class Study:
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        from .train import resolve_device, seed_everything
-
         self.root = Path(self.results_dir)
         for sub in ("figures", "tables", "data", "checkpoints", "cache"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
@@ -280,8 +275,6 @@ class Study:
     # data ----------------------------------------------------------------------------------
     def data(self, split: str):
         """The split as :class:`hmqat.data.TensorImages` (cached in the process)."""
-        from . import data
-
         key = f"data:{split}"
         if key not in self._cache:
             if self.dataset == "imagenet":
@@ -295,9 +288,6 @@ class Study:
 
     def _imagenet(self):
         """(train, val) DataLoaders of :func:`hmqat.data.imagenet_loaders` (cached)."""
-        from . import data
-        from .distributed import is_distributed
-
         if "imagenet" not in self._cache:
             workers = self.workers if self.workers is not None else int(
                 os.environ.get("HMQAT_WORKERS", min(8, os.cpu_count() or 1)))
@@ -314,16 +304,12 @@ class Study:
 
     @property
     def data_label(self) -> str:
-        from .reporting import describe_data
-
         return describe_data(self.dataset, self.data("test").source)
 
     def subtitle(self) -> str:
         return f"{self.arch}, {self.data_label}, {self.profile} profile"
 
     def train_loader(self, seed: int | None = None):
-        from . import data
-
         if self.dataset == "imagenet":  # seed: the loaders' (Study.seed)
             return self._imagenet()[0]
         return data.make_loader(self.data("train"), self.batch_size, train=True,
@@ -331,8 +317,6 @@ class Study:
                                 device=self.dev)
 
     def test_loader(self):
-        from . import data
-
         if self.dataset == "imagenet":
             return self._imagenet()[1]
         return data.make_loader(self.data("test"), 500, device=self.dev)
@@ -344,12 +328,10 @@ class Study:
 
     def fp32_model(self) -> torch.nn.Module:
         """The fine-tuned FP32 model written by notebook 00."""
-        from .models import create_model
-
         ck = self.fp32_checkpoint
         if not ck.exists():
             raise PipelineError(f"{ck} not found: run notebook 00_fp32_baseline first "
-                                f"(python -m hmqat.pipeline --profile {self.profile} "
+                                f"(python -m hmqat.study.pipeline --profile {self.profile} "
                                 f"--only 00_fp32_baseline)")
         model = create_model(self.arch, num_classes=len(self.data("train").classes))
         model.load_state_dict(torch.load(ck, map_location="cpu", weights_only=False)["model"])
@@ -360,7 +342,7 @@ class Study:
                    init: str) -> tuple[str, dict[str, Any]]:
         """(checkpoint file name, run_info) of notebook 03's QAT run of ``config``.
 
-        Shared with ``python -m hmqat.distributed qat --results DIR``: a run trained there with
+        Shared with ``python -m hmqat.study.cli qat --results DIR``: a run trained there with
         torchrun lands where notebook 03 looks, and the notebook resumes the finished run.
         """
         spec = json.dumps({"config": config, "a": a_bits, "recipe": recipe, "init": init},
@@ -369,8 +351,6 @@ class Study:
 
     def omega(self, variant: str = "joint"):
         """The Ω table notebook 01 wrote for ``variant`` (index: layers, columns: int bits)."""
-        import pandas as pd
-
         p = self.path("data", f"omega_{variant}.csv")
         if not p.exists():
             raise PipelineError(f"{p} not found: run notebook 01_sensitivity of the "
@@ -381,8 +361,6 @@ class Study:
 
     # small JSON results ----------------------------------------------------------------------
     def save_json(self, name: str, obj: Any) -> Path:
-        from .reporting import atomic_write_json
-
         p = self.path("data", name)
         atomic_write_json(p, obj)
         return p

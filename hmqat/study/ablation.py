@@ -14,7 +14,8 @@ training (bit config, recipe, TrainConfig, quantizer options, FP32 weights, data
 checkpoints there every epoch; a finished run writes ``result.json`` and a rerun reads it instead
 of training, so an interrupted notebook resumes and a finished one is free to re-execute.
 
-    >>> from hmqat import ablation, train
+    >>> from hmqat import train
+    >>> from hmqat.study import ablation
     >>> cfg = train.TrainConfig(epochs=1, lr=0.004, step_lr=0.0004, weight_decay=5e-5)
     >>> table = ablation.run_ablations(fp32, train_loader, test_loader, cfg, omegas, n_params,
     ...                                min_compression=10.34, run_dir="results/quick/ablations")
@@ -33,9 +34,9 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from . import quant, search, train
-from .reporting import atomic_write_json, read_json
-from .transitions import OscillationTracker, PrecisionTransition, Recipe, make_callbacks
+from .. import quant, search, train
+from ..runtime import atomic_write_json, read_json
+from ..transitions import OscillationTracker, PrecisionTransition, Recipe, make_callbacks
 
 __all__ = [
     "ALLOCATION_METHODS",
