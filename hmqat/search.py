@@ -8,9 +8,6 @@ configurations; every budget is then answered by a lookup (:func:`select`). The 
 builds configs (one per :func:`select`, or the whole ``points`` table) only when asked.
 
     >>> import pandas as pd
-
-from .models import quantizable_layers
-from .quant import act_bits_config, fixed_layers
     >>> from hmqat.search import pareto_frontier, select
     >>> omega = pd.DataFrame({2: [4.0, 9.0], 4: [1.0, 2.0], 8: [0.0, 0.1]}, index=["a", "b"])
     >>> front = pareto_frontier(omega, {"a": 100, "b": 300})
@@ -45,6 +42,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from .models import quantizable_layers
+from .quant import act_bits_config, fixed_layers
 
 __all__ = [
     "SearchError",

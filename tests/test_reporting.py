@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hmqat.study import reporting
+from hmqat.runtime import read_json
 from hmqat.study.reporting import (
     HEADLINE_COLUMNS,
     HEADLINE_FORMATS,

@@ -15,8 +15,6 @@ data it came from (docs/design.md §2). A table written by
 Markdown and LaTeX share one number formatter, :func:`format_numbers`.
 
     >>> import pandas as pd
-
-from ..runtime import atomic_write_json, atomic_write_text, manifest, read_json
     >>> from pathlib import Path
     >>> from hmqat.study import reporting
     >>> df = pd.DataFrame({"config": ["W8", "W4"], "top1": [91.234, 90.1]})
@@ -34,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from ..runtime import atomic_write_json, atomic_write_text, manifest, read_json
 
 __all__ = [
     "HEADLINE_COLUMNS",
