@@ -77,7 +77,7 @@ SYNC=""
 step "torchrun qat, $NGPU GPU(s), NCCL $SYNC" 60 "$PY" -m torch.distributed.run --standalone \
     --nproc_per_node="$NGPU" -m hmqat.study.cli qat --profile smoke --device auto \
     --uniform 4 --epochs 1 --max-steps 2 --batch-size $((32 * NGPU)) $SYNC \
-    --checkpoint "$WORK/ddp/qat.pt"
+    --run-dir "$WORK/ddp/qat"
 
 # 4. benchmarks on cuda (synthetic inputs; their own tables are printed below each step)
 # (--no-compile: the default eager backend only; compiling Triton kernels for every tensor shape

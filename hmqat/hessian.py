@@ -277,24 +277,15 @@ def measurement_mode(model: nn.Module, params: Sequence[nn.Parameter],
 # --------------------------------------------------------------------------------------------
 # Cache (DESIGN §6: keyed by a hash of the inputs, atomic writes)
 # --------------------------------------------------------------------------------------------
-def _hash_tensor(h: hashlib._Hash, t: torch.Tensor) -> None:
-    t = t.detach().to("cpu").contiguous()
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
 def cache_key(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
               settings: dict[str, Any]) -> str:
     """sha256 over the state_dict (weights and BN statistics), the batch tensors and the
     settings (seed, tol, probe counts, layers, criterion, ...)."""
     h = hashlib.sha256(VERSION.encode())
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        _hash_tensor(h, t)
+    runtime.hash_state_dict(h, model)
     for x, y in batches:
-        _hash_tensor(h, x)
-        _hash_tensor(h, y)
+        runtime.hash_tensor(h, x)
+        runtime.hash_tensor(h, y)
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return h.hexdigest()
 

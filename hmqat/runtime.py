@@ -7,6 +7,7 @@ them in, so a crash leaves either the old file or the new one, never half of one
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -33,7 +34,10 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "git",
+    "hash_state_dict",
+    "hash_tensor",
     "manifest",
+    "model_fingerprint",
     "progress",
     "read_json",
     "resolve_device",
@@ -116,6 +120,33 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file written by :func:`atomic_write_json`."""
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------------------------
+# Hashing tensors and models (cache keys, run identities)
+# --------------------------------------------------------------------------------------------
+def hash_tensor(h: "hashlib._Hash", t: torch.Tensor) -> None:
+    """Feed ``t``'s dtype, shape and bytes (on CPU) into the hash ``h``."""
+    t = t.detach().to("cpu").contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def hash_state_dict(h: "hashlib._Hash", model: torch.nn.Module) -> None:
+    """Feed every ``state_dict`` entry (name, dtype, shape, bytes: weights and BN statistics)
+    of ``model`` into ``h``, in the state dict's order."""
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        hash_tensor(h, t)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 hex of ``model``'s state dict (:func:`hash_state_dict`): keys runs to the exact
+    weights they started from."""
+    h = hashlib.sha256()
+    hash_state_dict(h, model)
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

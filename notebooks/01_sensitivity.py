@@ -94,7 +94,7 @@ reporting.write_table(table, study.tables / "layer_traces",
 # The quantization error uses the same quantizer and initial step as QAT.
 
 # %%
-variants = ["joint", "trace_size", "trace", "size_only", "random"]
+variants = list(sensitivity.VARIANTS)
 omegas = {v: sensitivity.omega_table(model, traces, bits=bits, variant=v, seed=seed,
                                        method=init)
           for v in variants}

@@ -130,8 +130,8 @@ def _worker(out: Path) -> None:
 
     # 6. the command line, inside the same process group (`-m hmqat.study.cli` calls run())
     cli.run(["qat", "--profile", "smoke", "--uniform", "4", "--epochs", "1",
-                     "--max-steps", "2", "--batch-size", "32", "--device", "cpu",
-                     "--checkpoint", str(out / "cli.pt")])
+             "--max-steps", "2", "--batch-size", "32", "--device", "cpu",
+             "--run-dir", str(out / "cli")])
 
     (out / f"rank{r}.json").write_text(json.dumps(res))
     distributed.cleanup()
@@ -233,7 +233,10 @@ def test_cli_and_wrap_errors(tmp_path):
         distributed.wrap_ddp(torch.nn.Linear(2, 2))
     with pytest.raises(distributed.DistributedConfigError, match="--config FILE.json"):
         cli.run(["qat", "--profile", "smoke", "--device", "cpu",
-                         "--checkpoint", str(tmp_path / "x.pt")])
+                 "--run-dir", str(tmp_path / "x")])
+    with pytest.raises(distributed.DistributedConfigError, match="pass --run-dir DIR instead"):
+        cli.run(["qat", "--profile", "smoke", "--device", "cpu", "--uniform", "4",
+                 "--checkpoint", str(tmp_path / "x.pt")])
     with pytest.raises(distributed.DistributedConfigError, match=r"FP32 checkpoint .*fp32-resnet20"
                        r".pt not found; run `-m hmqat.study.cli finetune`"):
         cli.run(["qat", "--profile", "smoke", "--device", "cpu", "--uniform", "4",
@@ -242,7 +245,7 @@ def test_cli_and_wrap_errors(tmp_path):
     cfgs.write_text(json.dumps({"a": {"config": {}}, "b": {"config": {}}}))
     with pytest.raises(distributed.DistributedConfigError, match=r"several configs \['a', 'b'\]"):
         cli.run(["qat", "--profile", "smoke", "--device", "cpu", "--config", str(cfgs),
-                         "--checkpoint", str(tmp_path / "x.pt")])
+                 "--run-dir", str(tmp_path / "x")])
 
 
 def test_sync_bn_on_cpu_is_refused():
@@ -300,7 +303,7 @@ def test_cli_results_folder_is_reused_by_the_notebooks(tmp_path, capsys):
     """`-m hmqat.study.cli finetune|qat --results DIR` writes the checkpoints notebooks 00
     and 03 look for; their calls then return the finished runs without training."""
     from hmqat import transitions
-    from hmqat.study import pipeline
+    from hmqat.study import pipeline, runs
 
     res = tmp_path / "smoke"
     common = ["--profile", "smoke", "--device", "cpu", "--results", str(res)]
@@ -319,15 +322,16 @@ def test_cli_results_folder_is_reused_by_the_notebooks(tmp_path, capsys):
     assert hist == fp32_hist
     fp32 = study.fp32_model()
     config = quant.uniform_config(fp32, 4, policy=c["policy"])
-    name, info = pipeline.Study.qat_run_id(config, c["a_bits"], nb3["recipe"], c["init"])
-    _, hist = train.qat(fp32, config, study.train_loader(), study.test_loader(), train.TrainConfig(
-        epochs=nb3["qat_epochs"], lr=nb3["qat_lr"], step_lr=nb3["step_lr"],
-        weight_decay=nb3["qat_wd"], seed=0, max_steps_per_epoch=nb3["max_steps_per_epoch"],
-        checkpoint=str(study.path("checkpoints", name))), a_bits=c["a_bits"], policy=c["policy"],
-        init=c["init"],
-        callbacks=transitions.make_callbacks(nb3["recipe"], teacher=fp32), device="cpu",
-        run_info=info)
-    assert hist == qat_hist
+    cfg = train.TrainConfig(epochs=nb3["qat_epochs"], lr=nb3["qat_lr"], step_lr=nb3["step_lr"],
+                            weight_decay=nb3["qat_wd"], seed=0,
+                            max_steps_per_epoch=nb3["max_steps_per_epoch"])
+    run = runs.qat_run(fp32, config, transitions.Recipe.from_dict(nb3["recipe"]),   # nb 03's call
+                       study.train_loader(), study.test_loader(), cfg, run_dir=study.qat_dir,
+                       a_bits=c["a_bits"], policy=c["policy"], init=c["init"], device="cpu",
+                       input_size=study.input_size, data=study.data_key,
+                       eval_each_epoch=True, keep_model=True)
+    assert run.cached and run.record["history"] == qat_hist
+    assert run.model is not None
     assert capsys.readouterr().out.count("resumed from") == 2
 
 

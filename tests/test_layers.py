@@ -17,7 +17,7 @@ LAYERS: dict[str, int] = {
     "quant": 1, "bn": 1, "hessian": 1, "sensitivity": 1, "search": 1, "train": 1,
     "transitions": 1, "export": 1,
     "study": 2, "study.pipeline": 2, "study.ablation": 2, "study.reporting": 2,
-    "study.plotting": 2, "study.cli": 2,
+    "study.plotting": 2, "study.cli": 2, "study.runs": 2,
 }
 #: Optional heavy dependencies that may be imported inside a function (only when used).
 OPTIONAL = {"pulp", "pyhessian", "onnx", "onnxruntime"}

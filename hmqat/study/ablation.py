@@ -9,10 +9,11 @@ Two groups of QAT runs, all with the same TrainConfig (seed, epochs, learning ra
   every Ω variant, and the uniform, random (several seeds), greedy and HAWQ-V3 ILP allocations
   of :mod:`hmqat.search` under the same size limit.
 
-Every run lives in ``run_dir/<hash>/`` where the hash covers everything that defines the
-training (bit config, recipe, TrainConfig, quantizer options, FP32 weights, data). The loop
-checkpoints there every epoch; a finished run writes ``result.json`` and a rerun reads it instead
-of training, so an interrupted notebook resumes and a finished one is free to re-execute.
+Every run is one :func:`hmqat.study.runs.qat_run` in ``run_dir/<run id>/`` (the id covers
+everything that defines the training: bit config, recipe, TrainConfig, quantizer options, FP32
+weights, data). The loop checkpoints there every epoch; a finished run writes ``result.json`` and
+a rerun reads it instead of training, so an interrupted notebook resumes and a finished one is
+free to re-execute.
 
     >>> from hmqat import train
     >>> from hmqat.study import ablation
@@ -22,7 +23,6 @@ of training, so an interrupted notebook resumes and a finished one is free to re
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
-import torch
 import torch.nn as nn
 
-from .. import quant, search, train
-from ..runtime import atomic_write_json, read_json
-from ..transitions import OscillationTracker, PrecisionTransition, Recipe, make_callbacks
+from .. import search, train
+from ..runtime import model_fingerprint
+from ..transitions import Recipe
+from .runs import qat_run
 
 __all__ = [
     "ALLOCATION_METHODS",
@@ -46,11 +46,9 @@ __all__ = [
     "TRANSITION_VARIANTS",
     "allocation_ablation",
     "allocation_specs",
-    "model_fingerprint",
     "run_ablations",
     "run_specs",
     "summarize",
-    "train_run",
     "transition_ablation",
     "transition_specs",
 ]
@@ -95,109 +93,6 @@ class RunSpec:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-# --------------------------------------------------------------------------------------------
-# Run identity and one training run
-# --------------------------------------------------------------------------------------------
-def model_fingerprint(model: nn.Module) -> str:
-    """sha256 of a model's state_dict (names, shapes, dtypes, bytes): keys runs to the FP32
-    weights they started from."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _loader_key(loader: Any) -> dict[str, Any]:
-    """What identifies a data loader's batches (hmqat.data.TensorLoader, or its type and len)."""
-    ds = getattr(loader, "data", None)
-    if ds is not None and hasattr(ds, "source"):
-        return {"source": ds.source, "n": len(ds), "batch_size": loader.batch_size,
-                "train": loader.train, "seed": loader.seed, "drop_last": loader.drop_last}
-    return {"type": type(loader).__name__, "batches": len(loader)}
-
-
-def _avg_bits(bit_config: Mapping[str, int], n_params: Mapping[str, int]) -> float:
-    """Σ n_i·b_i / Σ n_i over the quantized layers."""
-    total = sum(n_params[k] for k in bit_config)
-    return sum(n_params[k] * b for k, b in bit_config.items()) / total
-
-
-def train_run(fp32_model: nn.Module, bit_config: Mapping[str, int], recipe: Recipe,
-              train_loader: Any, val_loader: Iterable, cfg: train.TrainConfig, *,
-              run_dir: str | Path, a_bits: int | None = 4, policy: str = "first_last_8",
-              per_channel: bool = True, init: str = "lsq", calib_batches: Iterable | None = None,
-              device: str | torch.device | None = None,
-              input_size: tuple[int, ...] = (1, 3, 32, 32),
-              fp32_key: str | None = None, data_key: Any = None) -> dict[str, Any]:
-    """Train (or resume, or read back) one QAT run and return its result record.
-
-    The run directory is ``run_dir/<first 16 hex of sha256(spec)>`` with ``spec.json``,
-    ``checkpoint.pt`` (every epoch, via ``TrainConfig.checkpoint``) and ``result.json`` (written
-    atomically when the run has finished and been evaluated; if present nothing is trained).
-    The record has top1/loss on ``val_loader``, size_mb/compression/bops/avg_bits from the
-    trained model (HAWQ-V3 accounting, :mod:`hmqat.quant`), wall_s (Σ epoch times + the final
-    evaluation), the per-epoch history, the oscillation log and the transition events.
-    The device is not part of the key: a result computed on CPU is reused on GPU and vice versa.
-    """
-    if not isinstance(recipe, Recipe):
-        raise AblationError(f"recipe must be a hmqat.transitions.Recipe, got "
-                            f"{type(recipe).__name__}; build one with Recipe.from_dict(params)")
-    spec = {
-        "bit_config": {k: int(v) for k, v in bit_config.items()},
-        "recipe": recipe.to_dict(),
-        "train": cfg.key(),
-        "quant": {"a_bits": a_bits, "policy": policy, "per_channel": per_channel, "init": init},
-        "fp32": fp32_key or model_fingerprint(fp32_model),
-        "data": data_key if data_key is not None else {"train": _loader_key(train_loader),
-                                                       "val": _loader_key(val_loader)},
-    }
-    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-    run_id = digest[:16]
-    folder = Path(run_dir) / run_id
-    result_path = folder / "result.json"
-    if result_path.exists():
-        record = read_json(result_path)
-        record["cached"] = True
-        return record
-    atomic_write_json(folder / "spec.json", spec)
-    run_cfg = replace(cfg, checkpoint=str(folder / "checkpoint.pt"))
-    callbacks = make_callbacks(recipe, teacher=fp32_model)
-    qmodel, history = train.qat(fp32_model, dict(bit_config), train_loader, None, run_cfg,
-                                a_bits=a_bits, policy=policy, per_channel=per_channel, init=init,
-                                calib_batches=calib_batches, callbacks=callbacks, device=device,
-                                run_info={"ablation_run": digest})
-    t0 = time.perf_counter()
-    ev = train.evaluate(qmodel, val_loader)
-    eval_s = time.perf_counter() - t0
-    n_params = {n: m.weight.numel() for n, m in quant.quantized_layers(qmodel).items()}
-    tracker = next((c for c in callbacks if isinstance(c, OscillationTracker)), None)
-    transition = next((c for c in callbacks if isinstance(c, PrecisionTransition)), None)
-    last = history[-1] if history else {}
-    record = {
-        "run_id": run_id, "spec_hash": digest,
-        "top1": ev["top1"], "loss": ev["loss"], "n_val": ev["n"],
-        "size_mb": quant.model_size_mb(qmodel),
-        "compression": quant.compression_ratio(qmodel),
-        "bops": quant.bops(qmodel, policy=policy, input_size=input_size),
-        "avg_bits": _avg_bits(quant.bit_config_of(qmodel), n_params),
-        "train_s": sum(h.get("epoch_s", 0.0) for h in history),
-        "eval_s": eval_s,
-        "osc_frac": last.get("osc_frac", float("nan")),
-        "frozen_frac": last.get("frozen_frac", float("nan")),
-        "bit_config": quant.bit_config_of(qmodel),
-        "recipe": recipe.to_dict(), "recipe_text": recipe.describe(),
-        "history": history,
-        "osc_log": tracker.log if tracker is not None else [],
-        "transition_events": transition.events if transition is not None else [],
-    }
-    record["wall_s"] = record["train_s"] + eval_s
-    atomic_write_json(result_path, record)
-    record["cached"] = False
-    return record
-
-
 def _row(spec: RunSpec, rec: Mapping[str, Any]) -> dict[str, Any]:
     return {"group": spec.group, "variant": spec.variant, "seed": spec.seed,
             "top1": rec["top1"], "loss": rec["loss"], "size_mb": rec["size_mb"],
@@ -215,15 +110,15 @@ def run_specs(specs: Sequence[RunSpec], fp32_model: nn.Module, train_loader: Any
               **run_kw: Any) -> pd.DataFrame:
     """Train every spec (``cfg`` with the spec's ``train_seed``) and return the tidy table
     (:data:`COLUMNS`). ``table.attrs``: ``trained`` and ``cached`` run ids of this call,
-    ``records`` (the full result records, in row order). ``run_kw`` goes to :func:`train_run`."""
+    ``records`` (the full result records, in row order). ``run_kw`` goes to :func:`hmqat.study.runs.qat_run`."""
     if val_loader is None:
         raise AblationError("val_loader is None; the ablation table needs a test loader for top1")
     fp32_key = run_kw.pop("fp32_key", None) or model_fingerprint(fp32_model)
     rows, records, trained, cached = [], [], [], []
     for spec in specs:
-        rec = train_run(fp32_model, spec.bit_config, spec.recipe, train_loader, val_loader,
-                        replace(cfg, seed=spec.train_seed), run_dir=run_dir, fp32_key=fp32_key,
-                        **run_kw)
+        rec = qat_run(fp32_model, spec.bit_config, spec.recipe, train_loader, val_loader,
+                      replace(cfg, seed=spec.train_seed), run_dir=run_dir, fp32_key=fp32_key,
+                      **run_kw).record
         (cached if rec["cached"] else trained).append(rec["run_id"])
         rows.append(_row(spec, rec))
         records.append(rec)
@@ -343,7 +238,7 @@ def transition_ablation(fp32_model: nn.Module, train_loader: Any, val_loader: It
                         variants: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
                         **run_kw: Any) -> pd.DataFrame:
     """Train the transition group (a)–(f) on ``bit_config``; see :func:`transition_specs`.
-    ``seeds`` defaults to ``(cfg.seed,)``; ``run_kw`` goes to :func:`train_run` (a_bits,
+    ``seeds`` defaults to ``(cfg.seed,)``; ``run_kw`` goes to :func:`hmqat.study.runs.qat_run` (a_bits,
     policy, device, ...)."""
     specs = transition_specs(bit_config, base=base, variants=variants,
                              seeds=(cfg.seed,) if seeds is None else seeds)
@@ -414,7 +309,7 @@ def run_ablations(fp32_model: nn.Module, train_loader: Any, val_loader: Iterable
     ``base``: hyper-parameters of the transition group; ``recipe``: the one QAT recipe of the
     allocation group. Both default to plain LSQ with oscillation tracking (``Recipe(osc_track=
     True)``: logging only), so the HMQAT/LSQ run of both groups is one run, trained once.
-    ``run_kw`` goes to :func:`train_run` (a_bits, policy, per_channel, init, device,
+    ``run_kw`` goes to :func:`hmqat.study.runs.qat_run` (a_bits, policy, per_channel, init, device,
     calib_batches, input_size).
     """
     bad = [g for g in groups if g not in ("transition", "allocation")]

@@ -20,15 +20,14 @@ split evenly over the processes:
     # two nodes x 8 GPUs (run on each node; $MASTER is the first node's address)
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$MASTER:29500 \\
         --rdzv-id=hmqat-qat -m hmqat.study.cli qat --profile imagenet --uniform 4 \\
-        --fp32 /shared/fp32.pt --checkpoint /shared/runs/w4a4.pt
+        --fp32 /shared/fp32.pt --run-dir /shared/runs
     # CPU smoke test: 2 processes, gloo, synthetic data
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 -m hmqat.study.cli qat \\
-        --profile smoke --uniform 4 --max-steps 2 --device cpu --checkpoint /tmp/qat.pt
+        --profile smoke --uniform 4 --max-steps 2 --device cpu --run-dir /tmp/qat
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -37,11 +36,12 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from .. import data, models, quant, train, transitions
+from .. import data, models, quant, train
 from ..distributed import (DistributedConfigError, cleanup, init_from_env, is_distributed,
                            is_main, world_size)
 from ..runtime import atomic_write_json, manifest, seed_everything
-from .pipeline import Study, load_params
+from .pipeline import load_params
+from .runs import data_key, qat_run
 
 __all__ = ["main", "run"]
 
@@ -98,7 +98,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--recipe", help="qat: transitions recipe as JSON (hmqat.transitions.Recipe)")
     ap.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs")
     ap.add_argument("--freeze-bn", action="store_true", help="keep BN statistics fixed")
-    ap.add_argument("--checkpoint", help="saved every epoch, resumed from (default runs/...)")
+    ap.add_argument("--checkpoint", help="finetune: saved every epoch, resumed from (default "
+                                         "runs/finetune-<arch>.pt)")
+    ap.add_argument("--run-dir", help="qat: folder of the runs (hmqat.study.runs.qat_run: "
+                                      "<run dir>/<run id>/checkpoint.pt, result.json; default "
+                                      "<results>/checkpoints/qat with --results, else runs/qat)")
     ap.add_argument("--results", help="a results/<profile> folder: read the FP32 checkpoint and "
                                       "configs.json there, and write the checkpoint where "
                                       "notebooks 00/03 look for it (they then reuse the run)")
@@ -172,6 +176,10 @@ def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     seed_everything(s["seed"])  # the same random init on every rank and every rerun
     train_data, val_data, n_cls, per_rank = _data(s, dev)
     results = Path(s["results"]) if s.get("results") else None
+    if args.command == "qat" and s.get("checkpoint"):
+        raise DistributedConfigError("qat keeps its checkpoint in its run folder "
+                                     "(<run dir>/<run id>/checkpoint.pt); pass --run-dir DIR "
+                                     "instead of --checkpoint")
     ckpt = s.get("checkpoint") or f"runs/{args.command}-{s['arch']}.pt"
     if results is not None and args.command == "finetune" and not s.get("checkpoint"):
         ckpt = str(results / "checkpoints" / f"fp32-{s['arch']}.pt")       # notebook 00's
@@ -201,16 +209,15 @@ def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             train_loader = data.make_loader(train_data, per_rank, train=True, seed=s["seed"],
                                              drop_last=True, device=dev)   # fit shards it
             val_loader = data.make_loader(val_data, 500, device=dev)
-        recipe = transitions.Recipe.from_dict(s["recipe"])
-        run_info: dict[str, Any] = {"recipe": recipe.to_dict()}
-        if results is not None and not s.get("checkpoint"):              # notebook 03's run
-            name, run_info = Study.qat_run_id(bits, s["a_bits"], s["recipe"], s["init"])
-            ckpt = str(results / "checkpoints" / name)
-            cfg = dataclasses.replace(cfg, checkpoint=ckpt)
-        model, history = train.qat(fp32, bits, train_loader, val_loader, cfg, a_bits=s["a_bits"],
-                                   policy=s["policy"], init=s["init"], device=dev,
-                                   callbacks=transitions.make_callbacks(recipe, teacher=fp32),
-                                   run_info=run_info)
+        run_dir = s.get("run_dir") or (results / "checkpoints" / "qat" if results is not None
+                                       else Path("runs") / "qat")    # notebook 03's runs
+        run = qat_run(fp32, bits, s["recipe"], train_loader, val_loader, cfg, run_dir=run_dir,
+                      a_bits=s["a_bits"], policy=s["policy"], init=s["init"], device=dev,
+                      input_size=(1, 3, s["image_size"], s["image_size"])
+                      if s["dataset"] == "imagenet" else (1, 3, 32, 32),
+                      data=data_key(train_data, val_data, batch_size=s["batch_size"]),
+                      eval_each_epoch=True)
+        history, ckpt = run.record["history"], str(run.folder / "checkpoint.pt")
     if is_main():
         summary = {"command": args.command, "settings": s, "world_size": world_size(),
                    "history": history, "manifest": manifest(s["seed"], dev)}

@@ -38,6 +38,7 @@ from ..distributed import is_distributed
 from ..models import create_model
 from ..runtime import atomic_write_json, manifest, resolve_device, seed_everything
 from .reporting import describe_data, update_manifest
+from .runs import data_key
 
 __all__ = ["NOTEBOOKS", "PipelineError", "Study", "load_params", "main", "run_pipeline"]
 
@@ -337,17 +338,16 @@ class Study:
         model.load_state_dict(torch.load(ck, map_location="cpu", weights_only=False)["model"])
         return model.to(self.dev).eval()
 
-    @staticmethod
-    def qat_run_id(config: dict[str, int], a_bits: int, recipe: dict[str, Any] | None,
-                   init: str) -> tuple[str, dict[str, Any]]:
-        """(checkpoint file name, run_info) of notebook 03's QAT run of ``config``.
+    @property
+    def data_key(self) -> dict[str, Any]:
+        """The data identity of this study's QAT runs (:func:`hmqat.study.runs.data_key`)."""
+        return data_key(self.data("train"), self.data("test"), batch_size=self.batch_size)
 
-        Shared with ``python -m hmqat.study.cli qat --results DIR``: a run trained there with
-        torchrun lands where notebook 03 looks, and the notebook resumes the finished run.
-        """
-        spec = json.dumps({"config": config, "a": a_bits, "recipe": recipe, "init": init},
-                          sort_keys=True)
-        return f"qat-{hashlib.sha256(spec.encode()).hexdigest()[:12]}.pt", {"label_free_spec": spec}
+    @property
+    def qat_dir(self) -> Path:
+        """Where :func:`hmqat.study.runs.qat_run` keeps notebook 03's runs (one folder each;
+        ``python -m hmqat.study.cli qat --results DIR`` trains into the same place)."""
+        return self.path("checkpoints", "qat")
 
     def omega(self, variant: str = "joint"):
         """The Ω table notebook 01 wrote for ``variant`` (index: layers, columns: int bits)."""
