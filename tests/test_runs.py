@@ -3,10 +3,12 @@ Its identity covers the FP32 weights and the data, so a changed FP32 checkpoint 
 new run (the stale-results bug), while an unchanged run resumes without training."""
 import copy
 
+import pandas as pd
+
 import pytest
 import torch
 
-from hmqat import data, models, quant, runtime, train
+from hmqat import data, models, quant, runtime, search, train
 from hmqat.study import runs
 from hmqat.transitions import Recipe
 
@@ -82,3 +84,27 @@ def test_data_key_ignores_the_per_process_batch_and_names_unknown_data(setup):
     assert runs.data_key(tr, te, batch_size=32) == runs.data_key(tr.data, te.data, batch_size=32)
     with pytest.raises(runs.RunError, match="cannot identify the data of a list"):
         runs.data_key([(torch.zeros(1, 3, 32, 32), torch.zeros(1))], te, batch_size=1)
+
+
+def test_bops_at_the_study_input_size_agree_with_configs_json(tmp_path):
+    """At 224 px (the ImageNet profile) a trained run's BOPs are what notebook 02 wrote into
+    configs.json (search accounting at Study.input_size), ~49x the 32-px count."""
+    torch.manual_seed(0)
+    fp32 = models.create_model("resnet20", pretrained=False).eval()
+    size = (1, 3, 224, 224)
+    acct = search.model_inputs(fp32, a_bits=4, input_size=size)
+    config = quant.uniform_config(fp32, 4)
+    omega = pd.DataFrame({b: 1.0 for b in (4, 8)}, index=list(acct["n_params"]))
+    planned = search.evaluate_config(config, omega, acct["n_params"], macs=acct["macs"],
+                                     a_bits=acct["a_bits"], fixed=acct["fixed"],
+                                     other_params=acct["other_params"],
+                                     fp32_params=acct["fp32_params"])
+    tr = data.make_loader(data.synthetic_cifar(4, seed=0, image_size=224), 2, train=True, seed=0,
+                          drop_last=True)
+    te = data.make_loader(data.synthetic_cifar(2, seed=1, image_size=224), 2)
+    cfg = train.TrainConfig(epochs=1, lr=0.01, step_lr=0.001, max_steps_per_epoch=1, seed=0)
+    run = runs.qat_run(fp32, config, Recipe(), tr, te, cfg, run_dir=tmp_path, a_bits=4,
+                       device="cpu", input_size=size)
+    assert run.record["bops"] == pytest.approx(planned.bops, rel=1e-12)
+    at_32 = quant.bops(run.model, input_size=(1, 3, 32, 32))
+    assert run.record["bops"] / at_32 == pytest.approx(49.0, rel=0.01)
