@@ -52,7 +52,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from . import quant
 from .models import CIFAR_RESNET_DEPTHS, CifarResNet, create_model
-from .quant import LayerSpec, _build_quantized
+from .quant import LayerSpec, build_quantized
 from .runtime import atomic_write_bytes
 
 __all__ = [
@@ -268,7 +268,7 @@ def load_packed(path: str | os.PathLike,
         raise ValueError(f"load_packed: layer {extra[0]!r} of {type(tmpl).__name__} is not in the "
                          f"file ({len(extra)} such layers); pass the architecture the file was "
                          "saved from")
-    qmodel = _build_quantized(tmpl, specs)
+    qmodel = build_quantized(tmpl, specs)
     layers = quant.quantized_layers(qmodel)
     state: dict[str, torch.Tensor] = {}
     packed = []
@@ -286,9 +286,9 @@ def load_packed(path: str | os.PathLike,
         n = int(np.prod(sec["shape"]))
         codes = unpack_codes(payload[sec["offset"]:sec["offset"] + sec["nbytes"]], n, sec["bits"],
                              sec["qn"])
-        step = state[f"{layer_name}.weight_quantizer.step"].clamp_min(quant._MIN_STEP)
+        step = state[f"{layer_name}.weight_quantizer.step"].clamp_min(quant.MIN_STEP)
         w = torch.from_numpy(codes).to(step.dtype).reshape(sec["shape"])
-        state[sec["name"]] = w * quant._step_view(step, w, layer.weight_quantizer.per_channel)
+        state[sec["name"]] = w * quant.step_view(step, w, layer.weight_quantizer.per_channel)
     missing, unexpected = qmodel.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith((".initialized", ".bit_width"))]
     if missing or unexpected:

@@ -77,6 +77,7 @@ __all__ = [
     "BitConfigError",
     "LSQQuantizer",
     "LayerSpec",
+    "MIN_STEP",
     "QConv2d",
     "QLinear",
     "act_bits_config",
@@ -93,13 +94,16 @@ __all__ = [
     "is_quantized",
     "load_config",
     "model_size_mb",
+    "build_quantized",
     "quantize_model",
+    "quantizer_steps",
     "quantize_weight",
     "quantized_layers",
     "quantizer_parameters",
     "save_config",
     "set_backend",
     "set_bit_config",
+    "step_view",
     "uniform_config",
     "validate_bit_config",
     "weight_parameters",
@@ -114,7 +118,7 @@ BACKENDS: tuple[str, ...] = ("eager", "compile")
 MB = 2 ** 20
 _MSE_GRID = 100          # candidates α = 1/100 … 100/100 of max|x|/Q_P
 _MSE_MAX_ELEMS = 2 ** 18  # activation MSE search subsamples to at most this many elements
-_MIN_STEP = 1e-8          # the step is clamped to this in the forward (guards s <= 0)
+MIN_STEP = 1e-8          # the step is clamped to this in the forward (guards s <= 0)
 
 
 class BitConfigError(ValueError):
@@ -167,7 +171,7 @@ def _fake_quant_ref(x: torch.Tensor, s: torch.Tensor, qn: int, qp: int) -> torch
 def _mse_step(x2d: torch.Tensor, qn: int, qp: int, signed: bool) -> torch.Tensor:
     """Grid search s = α·max|x|/Q_P, α ∈ {1..100}/100, minimising ||Q(x)-x||² per row of x2d."""
     amax = x2d.abs().amax(dim=1) if signed else x2d.clamp_min(0).amax(dim=1)
-    amax = amax.clamp_min(_MIN_STEP)
+    amax = amax.clamp_min(MIN_STEP)
     best_err = torch.full_like(amax, float("inf"))
     best = amax / qp
     for k in range(1, _MSE_GRID + 1):
@@ -198,7 +202,7 @@ def init_step(x: torch.Tensor, bits: int, *, signed: bool = True, per_channel: b
                 stride = -(-x2d.shape[1] // _MSE_MAX_ELEMS)
                 x2d = x2d[:, ::stride]
             s = _mse_step(x2d.float(), qn, qp, signed).to(x.dtype)
-        return s.clamp_min(_MIN_STEP)
+        return s.clamp_min(MIN_STEP)
 
 
 def quantize_weight(w: torch.Tensor, bits: int, *, per_channel: bool = True,
@@ -207,10 +211,10 @@ def quantize_weight(w: torch.Tensor, bits: int, *, per_channel: bool = True,
     qn, qp = weight_qrange(bits)
     s = init_step(w, bits, signed=True, per_channel=per_channel, method=method)
     with torch.no_grad():
-        return _fake_quant_ref(w.detach(), _step_view(s, w, per_channel), qn, qp)
+        return _fake_quant_ref(w.detach(), step_view(s, w, per_channel), qn, qp)
 
 
-def _step_view(step: torch.Tensor, x: torch.Tensor, per_channel: bool) -> torch.Tensor:
+def step_view(step: torch.Tensor, x: torch.Tensor, per_channel: bool) -> torch.Tensor:
     """Broadcast a [C] (per-channel, dim 0) or [1] step against x."""
     return step.view((-1,) + (1,) * (x.dim() - 1)) if per_channel else step
 
@@ -334,7 +338,7 @@ class _LSQFunction(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, step: torch.Tensor, qn: int, qp: int,
                 grad_scale: float, per_channel: bool, bounds: tuple[torch.Tensor, torch.Tensor]
                 ) -> torch.Tensor:
-        s = _step_view(step.clamp_min(_MIN_STEP), x, per_channel)
+        s = step_view(step.clamp_min(MIN_STEP), x, per_channel)
         ctx.qn, ctx.qp, ctx.g, ctx.per_channel = qn, qp, grad_scale, per_channel
         out = None
         if _BACKEND == "compile" and x.numel() >= _COMPILE_MIN_NUMEL:
@@ -361,7 +365,7 @@ class _LSQFunction(torch.autograd.Function):
             res = _run_compiled("backward", _rows(grad, pc, nhwc), _rows(x, pc, nhwc), s2, qn_t,
                                 qp_t)
             if res is None:  # compile failed between forward and backward
-                s = _step_view(s2.reshape(-1), x, pc)
+                s = step_view(s2.reshape(-1), x, pc)
                 out = _eager_forward(x, s, ctx.qn, ctx.qp)
                 res = _eager_backward(grad, x, out, s, ctx.qn, ctx.qp, pc)
             else:
@@ -543,7 +547,7 @@ class LSQQuantizer(nn.Module):
     @torch.no_grad()
     def int_repr(self, x: torch.Tensor, dtype: torch.dtype = torch.int32) -> torch.Tensor:
         """Integer codes round(clamp(x/s, Q_N, Q_P)) as ``dtype`` (export, oscillation tracking)."""
-        s = _step_view(self.step.clamp_min(_MIN_STEP), x, self.per_channel)
+        s = step_view(self.step.clamp_min(MIN_STEP), x, self.per_channel)
         return torch.clamp(x / s, self.qn, self.qp).round_().to(dtype)
 
     def extra_repr(self) -> str:
@@ -698,6 +702,29 @@ def _fixed_from(names: list[str], policy: str) -> dict[str, int]:
     return {names[0]: 8, names[-1]: 8}
 
 
+def _act_bits_from(names: list[str], a_bits: int | None, policy: str) -> dict[str, int | None]:
+    """The one place of the rule "the first layer's input (the signed image) at 8 bits under
+    first_last_8": ``a_bits`` for every layer, 8 for ``names[0]`` under that policy; None
+    everywhere when ``a_bits`` is None (FP inputs)."""
+    if a_bits is None:
+        return {n: None for n in names}
+    a = _check_bits(a_bits, "a_bits")
+    out: dict[str, int | None] = {n: a for n in names}
+    if _check_policy(policy) == "first_last_8" and names:
+        out[names[0]] = 8
+    return out
+
+
+def quantizer_steps(layers: Iterable[LayerInfo], *, per_channel: bool,
+                    a_bits: int | None) -> int:
+    """Step-size parameters QAT adds to ``layers``: out_channels per weight quantizer when
+    ``per_channel`` (else one), plus one per input-activation quantizer when ``a_bits`` is set
+    (docs/method.md, size accounting)."""
+    layers = list(layers)
+    steps = sum(i.weight_shape[0] if per_channel else 1 for i in layers)
+    return steps + (len(layers) if a_bits is not None else 0)
+
+
 def fixed_layers(model: nn.Module, policy: str = "first_last_8", *,
                  input_size: InputSize = DEFAULT_INPUT_SIZE) -> dict[str, int]:
     """{name: 8} for the first and last quantizable layers (forward order) under first_last_8.
@@ -773,14 +800,7 @@ def act_bits_config(model: nn.Module, a_bits: int | None, policy: str = "first_l
     """Input-activation bits per layer: a_bits everywhere, the first layer at 8 under
     first_last_8 (its signed image input); None everywhere when a_bits is None (FP inputs)."""
     _check_policy(policy)
-    names = [info.name for info in _layers(model, input_size)]
-    if a_bits is None:
-        return {n: None for n in names}
-    a = _check_bits(a_bits, "a_bits")
-    out: dict[str, int | None] = {n: a for n in names}
-    if policy == "first_last_8" and names:
-        out[names[0]] = 8
-    return out
+    return _act_bits_from([info.name for info in _layers(model, input_size)], a_bits, policy)
 
 
 def save_config(config: Mapping[str, int], path: str | os.PathLike) -> None:
@@ -811,7 +831,7 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _build_quantized(model: nn.Module, specs: Mapping[str, LayerSpec]) -> nn.Module:
+def build_quantized(model: nn.Module, specs: Mapping[str, LayerSpec]) -> nn.Module:
     """Deep-copy ``model`` and swap each named Conv2d/Linear for QConv2d/QLinear per ``specs``."""
     qmodel = copy.deepcopy(model)
     for name, spec in specs.items():
@@ -847,13 +867,11 @@ def quantize_model(model: nn.Module, bit_config: Mapping[str, int], *, a_bits: i
     names = [info.name for info in _layers(model, input_size)]
     _raise_errors(_config_errors(names, bit_config, _fixed_from(names, policy), policy,
                                  type(model).__name__))
-    a = None if a_bits is None else _check_bits(a_bits, "a_bits")
-    specs = {}
-    for i, name in enumerate(names):
-        ab = 8 if (i == 0 and a is not None and policy == "first_last_8") else a
-        specs[name] = LayerSpec(int(bit_config[name]), ab, a_signed=(i == 0),
-                                per_channel=per_channel, init=init)
-    return _build_quantized(model, specs)
+    abits = _act_bits_from(names, a_bits, policy)
+    specs = {name: LayerSpec(int(bit_config[name]), abits[name], a_signed=(i == 0),
+                             per_channel=per_channel, init=init)
+             for i, name in enumerate(names)}
+    return build_quantized(model, specs)
 
 
 def set_bit_config(qmodel: nn.Module, config: Mapping[str, int], *, reinit: str = "range",
@@ -967,10 +985,9 @@ def _size_bytes(model: nn.Module, config: Mapping[str, int] | None, a_bits: int 
         infos = _layers(model, input_size)
         names = [i.name for i in infos]
         n_w = {i.name: i.n_params for i in infos}
-        steps = sum(i.weight_shape[0] if per_channel else 1 for i in infos)
         if a_bits is not None:
             _check_bits(a_bits, "a_bits")
-            steps += len(infos)  # one per-tensor step per input-activation quantizer
+        steps = quantizer_steps(infos, per_channel=per_channel, a_bits=a_bits)
         other = _n_params(model.parameters()) - sum(n_w.values()) + steps
     _raise_errors(_config_errors(names, config, {}, "none", type(model).__name__))
     return sum(n * int(config[name]) for name, n in n_w.items()) / 8 + 4.0 * other
@@ -1015,13 +1032,7 @@ def bops(model: nn.Module, config: Mapping[str, int] | None = None, a_bits: int 
         config = bit_config_of(model)
     if config is not None:
         _raise_errors(_config_errors(names, config, {}, "none", type(model).__name__))
-    if quantized:
-        abits = act_bits_of(model)
-    elif a_bits is None:
-        abits = {n: None for n in names}
-    else:
-        a = _check_bits(a_bits, "a_bits")
-        abits = {n: (8 if i == 0 and policy == "first_last_8" else a) for i, n in enumerate(names)}
+    abits = act_bits_of(model) if quantized else _act_bits_from(names, a_bits, policy)
     total = 0
     for info in layers:
         wb = 32 if config is None else int(config[info.name])

@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from .models import quantizable_layers
-from .quant import act_bits_config, fixed_layers
+from .quant import act_bits_config, fixed_layers, quantizer_steps
 
 __all__ = [
     "SearchError",
@@ -1130,8 +1130,7 @@ def model_inputs(model: Any, *, a_bits: int | None = 4, policy: str = "first_las
     layers = quantizable_layers(model, input_size)
     total = sum(p.numel() for p in model.parameters())
     n_weights = sum(l.n_params for l in layers)
-    steps = sum(l.weight_shape[0] if per_channel else 1 for l in layers)
-    steps += len(layers) if a_bits is not None else 0
+    steps = quantizer_steps(layers, per_channel=per_channel, a_bits=a_bits)
     abits = act_bits_config(model, a_bits, policy) if a_bits is not None else None
     return {
         "n_params": {l.name: l.n_params for l in layers},

@@ -48,7 +48,7 @@ from scipy import stats
 from torch import nn
 
 from . import quant
-from . import runtime
+from . import runtime, train
 from .hessian import check_batches, select_layers
 
 __all__ = [
@@ -238,16 +238,9 @@ def sample_configs(layers: Sequence[str], bits: Sequence[int], n_configs: int, *
 
 def _evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
               criterion: Callable, device: torch.device) -> tuple[float, float]:
-    """(size-weighted mean loss, top-1 %) of ``model`` on ``batches`` (no grad)."""
-    loss = correct = n = 0.0
-    with torch.no_grad():
-        for x, y in batches:
-            x, y = x.to(device), y.to(device)
-            out = model(x)
-            loss += float(criterion(out, y)) * x.shape[0]
-            correct += float((out.argmax(1) == y).sum())
-            n += x.shape[0]
-    return loss / n, 100.0 * correct / n
+    """(size-weighted mean loss, top-1 %) of ``model`` on ``batches``: :func:`hmqat.train.evaluate`."""
+    ev = train.evaluate(model, batches, device, criterion=criterion)
+    return ev["loss"], ev["top1"]
 
 
 def _check_omegas(omegas: Mapping[str, pd.DataFrame], bits: Sequence[int] | None,

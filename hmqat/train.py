@@ -28,7 +28,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -62,8 +62,11 @@ class NonFiniteLossError(FloatingPointError):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | None = None,
-             max_batches: int | None = None, *, all_reduce: bool = False) -> dict[str, float]:
-    """Top-1 accuracy (percent) and mean cross-entropy of ``model`` over ``loader``.
+             max_batches: int | None = None, *, all_reduce: bool = False,
+             criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+             ) -> dict[str, float]:
+    """Top-1 accuracy (percent) and mean loss of ``model`` over ``loader``: cross-entropy, or
+    ``criterion`` (a batch-mean loss such as ``nn.CrossEntropyLoss()``, weighted by batch size).
 
     The model runs in eval mode; its previous mode is restored afterwards. With
     ``all_reduce=True`` under torch.distributed, ``loader`` is this rank's shard (see
@@ -81,7 +84,8 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | No
                 break
             x, y = x.to(dev), y.to(dev)
             out = model(x)
-            loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+            loss_sum += (F.cross_entropy(out, y, reduction="sum").item() if criterion is None
+                         else float(criterion(out, y)) * x.shape[0])
             correct += (out.argmax(1) == y).sum().item()
             n += len(y)
     finally:

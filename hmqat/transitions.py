@@ -75,7 +75,6 @@ AGGREGATIONS: tuple[str, ...] = ("sum", "mean", "kernel_mean")
 STAGE_UNITS: tuple[str, ...] = ("fraction", "epoch")
 REINIT: tuple[str, ...] = ("range", "mse", "lsq")
 DEFAULT_STAGES: tuple[tuple[float, int | str], ...] = ((0.0, "fp32"), (0.1, 8), (0.3, "target"))
-_MIN_STEP = 1e-8   # hmqat.quant clamps the step to this in its forward and int_repr
 _REUSED = ("{name} already ran a training from step 0; callbacks hold run state, so build new "
            "ones for every run (transitions.make_callbacks(recipe))")
 
@@ -116,8 +115,7 @@ def ramp(progress: float, start: float, final: float, *, begin: float = 0.0,
 
 def _step_view(q: quant.LSQQuantizer, x: torch.Tensor) -> torch.Tensor:
     """The detached, clamped step of ``q`` broadcast against ``x`` (as hmqat.quant does)."""
-    s = q.step.detach().clamp_min(_MIN_STEP)
-    return s.view((-1,) + (1,) * (x.dim() - 1)) if q.per_channel else s
+    return quant.step_view(q.step.detach().clamp_min(quant.MIN_STEP), x, q.per_channel)
 
 
 # --------------------------------------------------------------------------------------------
