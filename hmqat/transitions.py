@@ -73,7 +73,6 @@ __all__ = [
 SCHEDULES: tuple[str, ...] = ("cosine", "linear")
 AGGREGATIONS: tuple[str, ...] = ("sum", "mean", "kernel_mean")
 STAGE_UNITS: tuple[str, ...] = ("fraction", "epoch")
-REINIT: tuple[str, ...] = ("range", "mse", "lsq")
 DEFAULT_STAGES: tuple[tuple[float, int | str], ...] = ((0.0, "fp32"), (0.1, 8), (0.3, "target"))
 _REUSED = ("{name} already ran a training from step 0; callbacks hold run state, so build new "
            "ones for every run (transitions.make_callbacks(recipe))")
@@ -152,8 +151,6 @@ def is_passthrough(quantizer: quant.LSQQuantizer) -> bool:
 # --------------------------------------------------------------------------------------------
 # Precision transitions (H4)
 # --------------------------------------------------------------------------------------------
-Stage = tuple[float, "int | str"]
-
 
 def _stage_bits(label: Any, index: int, last: int) -> int | str:
     if label == "fp32":
@@ -248,8 +245,8 @@ class PrecisionTransition(Callback):
                  warmup: float = 0.02, activations: bool = True):
         self.stages = parse_stages(stages, unit)
         self.unit = unit
-        self.reinit = _choice(reinit, REINIT, "reinit")
-        self.fp32_exit = _choice(fp32_exit, REINIT, "fp32_exit")
+        self.reinit = _choice(reinit, quant.REINIT_METHODS, "reinit")
+        self.fp32_exit = _choice(fp32_exit, quant.REINIT_METHODS, "fp32_exit")
         if not _is_number(warmup) or warmup < 0:
             raise RecipeError(f"warmup={warmup!r}; it must be a number >= 0 (in {unit} units)")
         self.warmup = float(warmup)
@@ -838,8 +835,8 @@ class Recipe:
             if f.type in ("bool",) and not isinstance(getattr(self, f.name), bool):
                 raise RecipeError(f"{f.name}={getattr(self, f.name)!r}; use true or false")
         object.__setattr__(self, "stages", parse_stages(self.stages, self.stage_unit))
-        _choice(self.reinit, REINIT, "reinit")
-        _choice(self.fp32_exit, REINIT, "fp32_exit")
+        _choice(self.reinit, quant.REINIT_METHODS, "reinit")
+        _choice(self.fp32_exit, quant.REINIT_METHODS, "fp32_exit")
         if not _is_number(self.step_warmup) or self.step_warmup < 0:
             raise RecipeError(f"step_warmup={self.step_warmup!r}; it must be >= 0 (in "
                               f"stage_unit units)")

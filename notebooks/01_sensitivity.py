@@ -50,7 +50,7 @@ val_samples = 1000
 # %%
 import time
 
-from hmqat import data, hessian, models, quant, sensitivity
+from hmqat import data, hessian, quant, sensitivity
 from hmqat.study import plotting, reporting
 from hmqat.study.pipeline import Study
 
@@ -70,8 +70,8 @@ calib = data.calibration_batches(study.data("train"), n_samples=calib_samples,
 traces = hessian.layer_traces(model, calib, tol=trace_tol, max_probes=trace_max_probes, seed=seed,
                               device=study.dev, cache_dir=study.root / "cache")
 traces.to_csv(study.path("data", "traces.csv"))
-print(f"{traces.attrs.get('probes', traces['probes'].max())} probes, "
-      f"{traces.attrs.get('wall_s', float('nan')):.1f} s, converged: {traces.attrs.get('converged')}")
+print(f"up to {traces['probes'].max()} probes per layer ({traces.attrs['hvps']} HVPs), "
+      f"{traces.attrs['wall_s']:.1f} s, converged: {traces.attrs['converged']}")
 traces[["n_params", "avg_trace", "avg_trace_se", "rel_se", "probes"]]
 
 # %%

@@ -83,7 +83,7 @@ before fine-tuning, **{fp32['top1']:.2f} %** after fine-tuning on its training s
 
 ## Headline
 
-{paths['md'].read_text() if hasattr(paths['md'], 'read_text') else Path(paths['md']).read_text()}
+{paths['md'].read_text()}
 
 ![accuracy vs size](figures/accuracy_size.png)
 

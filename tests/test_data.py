@@ -135,3 +135,12 @@ def test_validation_holdout_errors_name_the_fix():
         split_train_val(synthetic_cifar(40), 100)
     with pytest.raises(DatasetError, match="'train', 'val' or 'test'"):
         load_dataset("synthetic", "valid")
+
+
+def test_write_synthetic_imagefolder_leaves_the_warning_filters_alone(tmp_path):
+    import warnings
+
+    before = list(warnings.filters)
+    data.write_synthetic_imagefolder(tmp_path, num_classes=2, per_class=1, splits=("train",))
+    assert list(warnings.filters) == before
+    assert len(list((tmp_path / "train").rglob("*.png"))) == 2

@@ -78,4 +78,10 @@ def test_every_profile_sets_every_declared_parameter():
         cfg = pipeline.load_params(profile)
         for nb in pipeline.NOTEBOOKS:
             declared = list(pm.inspect_notebook(str(ROOT / "notebooks" / f"{nb}.ipynb")))
-            pipeline.notebook_parameters(cfg, nb, declared, Path("r"), profile)  # raises if not
+            params = pipeline.notebook_parameters(cfg, nb, declared, Path("r"), profile)
+            assert sorted(params) == sorted(declared), (profile, nb)
+            assert params["profile"] == profile and params["results_dir"] == "r"
+    cfg = pipeline.load_params("smoke")
+    declared = list(pm.inspect_notebook(str(ROOT / "notebooks" / "03_qat.ipynb"))) + ["new_knob"]
+    with pytest.raises(pipeline.PipelineError, match=r"does not set \['new_knob'\]"):
+        pipeline.notebook_parameters(cfg, "03_qat", declared, Path("r"), "smoke")
