@@ -1,4 +1,4 @@
-"""Benchmark of hmqat.search (DESIGN.md §2 "Search"): exact Pareto DP vs the PuLP/CBC ILP.
+"""Benchmark of hmqat.search (docs/design.md §3 "Search"): exact Pareto DP vs the PuLP/CBC ILP.
 
     python benchmarks/search.py            # writes results/bench/search.{txt,json}
 
@@ -13,7 +13,7 @@ pareto_frontier() call (validation + DP; the Frontier is lazy); ``search`` is Fr
 the deferred work of back-tracking every config and building the DataFrame with one config dict
 per point (select() does not need it: it back-tracks only the point it returns). The Ω table is
 synthetic but realistic: Ω_i(b) = T̄_i·n_i·Δ_b²/12 with log-uniform average traces
-T̄_i ∈ [1e-4, 1] and Δ_b = 6σ_i/(2^b−1), σ_i = sqrt(2/fan_in) (DESIGN.md §2 `trace_size`).
+T̄_i ∈ [1e-4, 1] and Δ_b = 6σ_i/(2^b−1), σ_i = sqrt(2/fan_in) (docs/design.md §3 `trace_size`).
 First conv and last linear are fixed at 8 bits (first_last_8 policy) unless the row says "none".
 """
 from __future__ import annotations

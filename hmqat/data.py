@@ -1,6 +1,6 @@
 """Datasets and fast tensor loaders.
 
-Where CIFAR-10 comes from is decided by ``root=`` or ``HMQAT_DATA_DIR`` (DESIGN.md §5):
+Where CIFAR-10 comes from is decided by ``root=`` or ``HMQAT_DATA_DIR`` (docs/design.md §5):
 
 * unset: torchvision downloads the original CIFAR-10 on first use (into ``~/.cache/hmqat``);
 * a folder in torchvision's layout (``cifar-10-batches-py/`` directly or under ``cifar10/``);

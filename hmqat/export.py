@@ -1,4 +1,4 @@
-"""Packed low-bit export: real bytes on disk for a quantized model (DESIGN §3 ``export.py``).
+"""Packed low-bit export: real bytes on disk for a quantized model (docs/design.md §2 ``export.py``).
 
     >>> from hmqat import export, quant
     >>> meta = export.save_packed(qmodel, "resnet20_w4a4.hmq", arch="resnet20")

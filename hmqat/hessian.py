@@ -1,4 +1,4 @@
-"""Per-layer Hutchinson traces of the loss Hessian, with standard errors (DESIGN.md §2 "Sensitivity").
+"""Per-layer Hutchinson traces of the loss Hessian, with standard errors (docs/design.md §3 "Sensitivity").
 
 Equations (L = mean loss over the calibration set, BN in eval mode so L is a mean of per-sample
 losses and the Hessian of the whole set is the size-weighted mean of the batch Hessians):
@@ -25,7 +25,7 @@ Measured choices (pretrained ResNet-20, CIFAR-10 JPEG mirror, 2-core shared CPU,
   Shared-probe means over a few probes are also skewed low: vᵀHv = Σ_k λ_k (u_kᵀv)² + … is
   right-skewed when outlier eigenvalues carry much of the trace.
 * ``probe="layer"`` (default): one HVP per layer, v and the second backward restricted to that
-  layer's weights. DESIGN §2's single HVP over all layers (``probe="joint"``) gives every block at
+  layer's weights. docs/design.md §3's single HVP over all layers (``probe="joint"``) gives every block at
   once, but each block's sample then carries the cross-block terms v_iᵀ H_ij v_j of every other
   layer: 5–67× (median ≈12×) more variance per sample, far more than the ≈5× HVP time of
   per-layer probes (a late layer's second backward stops at that layer, so it is cheap).
@@ -250,7 +250,7 @@ def _auto_min_probes(n_batches: int) -> int:
 @contextlib.contextmanager
 def measurement_mode(model: nn.Module, params: Sequence[nn.Parameter],
                      device: torch.device) -> Iterator[None]:
-    """Eval mode for every module (BN uses running statistics, DESIGN §2), gradients only for
+    """Eval mode for every module (BN uses running statistics, docs/design.md §3), gradients only for
     ``params``, the model on ``device``; the caller's train/eval flags, requires_grad flags and
     device are restored on exit, also after an exception."""
     modes = [(m, m.training) for m in model.modules()]
@@ -275,7 +275,7 @@ def measurement_mode(model: nn.Module, params: Sequence[nn.Parameter],
 
 
 # --------------------------------------------------------------------------------------------
-# Cache (DESIGN §6: keyed by a hash of the inputs, atomic writes)
+# Cache (docs/design.md §4: keyed by a hash of the inputs, atomic writes)
 # --------------------------------------------------------------------------------------------
 def cache_key(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
               settings: dict[str, Any]) -> str:
@@ -537,7 +537,7 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
                  criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                  cache_dir: str | os.PathLike | None = None, progress: bool = True,
                  probe: str = "layer", micro_batch: int | str | None = "auto") -> pd.DataFrame:
-    """Per-layer Hessian traces Tr(H_ii) and average traces T̄_i (DESIGN §2, Eqs. H1–H4).
+    """Per-layer Hessian traces Tr(H_ii) and average traces T̄_i (docs/design.md §3, Eqs. H1–H4).
 
     Under ``torchrun`` (an initialised torch.distributed group of N > 1 processes) the work is
     split over the ranks and every rank returns the frame one process would compute from the
@@ -591,7 +591,7 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
         cache_dir: a folder for the JSON cache keyed by :func:`cache_key`; None disables it.
         progress: show a tqdm bar (plain text when HMQAT_HEADLESS is set).
         probe: "layer" (default, one HVP per layer) or "joint" (one HVP over all active layers,
-            DESIGN §2's form); see the module docstring for the measurements behind the default.
+            docs/design.md §3's form); see the module docstring for the measurements behind the default.
         micro_batch: split batches into chunks of this many samples ("auto": 16 on CPU, the
             caller's batches elsewhere; None: never split). Does not change the estimand.
 

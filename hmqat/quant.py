@@ -1,6 +1,6 @@
 """LSQ fake quantization, quantized layers, bit configs and HAWQ-V3 size/BOPs accounting.
 
-Implements DESIGN.md §2 "Quantizer (LSQ, Esser et al. 2020)" and "Size, compression, BOPs":
+Implements docs/design.md §3 "Quantizer (LSQ, Esser et al. 2020)" and "Size, compression, BOPs":
 
     q(x) = s · clamp(round(x/s), Q_N, Q_P)                                         (Eq. Q)
     weights: signed symmetric,  Q_N = -2^(b-1), Q_P = 2^(b-1)-1, per output channel by default
@@ -15,7 +15,7 @@ Implements DESIGN.md §2 "Quantizer (LSQ, Esser et al. 2020)" and "Size, compres
 N in g is the number of elements sharing one step: the weights of one output channel
 (per-channel) or of the whole layer (per-tensor); for activations the features of one sample.
 
-Typical use (the lead's QAT loop)::
+Typical use (what hmqat.train.qat does)::
 
     >>> import torch
     >>> from hmqat.models import create_model
@@ -28,7 +28,7 @@ Typical use (the lead's QAT loop)::
     ...                        {"params": quant.quantizer_parameters(qm), "lr": 1e-3}], lr=1e-2)
     >>> quant.model_size_mb(qm), quant.bops(qm)
 
-Choices (documented in docs/method.md by the lead):
+Choices (docs/method.md §2 gives the reasons):
 
 * The first layer's input (the normalised image, signed) gets a SIGNED per-tensor LSQ quantizer:
   8 bit under policy ``first_last_8`` (so BOPs count it at 8 bit), ``a_bits`` under ``none``.
@@ -143,13 +143,13 @@ def _check_choice(value: Any, choices: tuple[str, ...], what: str) -> str:
 
 
 def weight_qrange(bits: int) -> tuple[int, int]:
-    """Signed symmetric integer range (Q_N, Q_P) = (-2^(b-1), 2^(b-1)-1) (DESIGN §2, Eq. Q)."""
+    """Signed symmetric integer range (Q_N, Q_P) = (-2^(b-1), 2^(b-1)-1) (docs/design.md §3, Eq. Q)."""
     b = _check_bits(bits)
     return -(2 ** (b - 1)), 2 ** (b - 1) - 1
 
 
 def act_qrange(bits: int) -> tuple[int, int]:
-    """Unsigned integer range (0, 2^b - 1) for post-ReLU activations (DESIGN §2, Eq. Q)."""
+    """Unsigned integer range (0, 2^b - 1) for post-ReLU activations (docs/design.md §3, Eq. Q)."""
     b = _check_bits(bits)
     return 0, 2 ** b - 1
 
@@ -185,7 +185,7 @@ def _mse_step(x2d: torch.Tensor, qn: int, qp: int, signed: bool) -> torch.Tensor
 
 def init_step(x: torch.Tensor, bits: int, *, signed: bool = True, per_channel: bool = True,
               method: str = "lsq") -> torch.Tensor:
-    """Initial LSQ step for tensor ``x`` (DESIGN §2 "Init").
+    """Initial LSQ step for tensor ``x`` (docs/design.md §3 "Init").
 
     ``lsq``: s = 2·mean|x|/sqrt(Q_P) (Esser et al. 2020); ``mse``: the grid search of
     :func:`_mse_step`. Per channel (dim 0) when ``per_channel`` (shape [C]), else shape [1].
@@ -207,7 +207,7 @@ def init_step(x: torch.Tensor, bits: int, *, signed: bool = True, per_channel: b
 
 def quantize_weight(w: torch.Tensor, bits: int, *, per_channel: bool = True,
                     method: str = "lsq") -> torch.Tensor:
-    """Q_b(w) with the INITIAL step exactly as QAT starts (used for ||Q_b(W)-W||², DESIGN §2)."""
+    """Q_b(w) with the INITIAL step exactly as QAT starts (used for ||Q_b(W)-W||², docs/design.md §3)."""
     qn, qp = weight_qrange(bits)
     s = init_step(w, bits, signed=True, per_channel=per_channel, method=method)
     with torch.no_grad():
@@ -332,7 +332,7 @@ def _run_compiled(name: str, *args: Any) -> Any:
 
 
 class _LSQFunction(torch.autograd.Function):
-    """Eq. Q with the STE input gradient and the LSQ step gradient times g (DESIGN §2)."""
+    """Eq. Q with the STE input gradient and the LSQ step gradient times g (docs/design.md §3)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, step: torch.Tensor, qn: int, qp: int,
@@ -397,7 +397,7 @@ def _suspend_lazy_init() -> Iterator[None]:
 
 
 class LSQQuantizer(nn.Module):
-    """LSQ fake quantizer (DESIGN §2, Eq. Q) with a learned step ``step``.
+    """LSQ fake quantizer (docs/design.md §3, Eq. Q) with a learned step ``step``.
 
     Args:
         bits: bit width in SUPPORTED_BITS.
@@ -489,7 +489,7 @@ class LSQQuantizer(nn.Module):
             self.bits = int(self.bit_width)
 
     def set_bits(self, new_bits: int, reinit: str = "range", x: torch.Tensor | None = None) -> None:
-        """Change the bit width (DESIGN §2 "Precision transitions").
+        """Change the bit width (docs/design.md §3 "Precision transitions").
 
         ``range``: s_new = s_old·Q_P(old)/Q_P(new), so the clipping range s·Q_P carries over.
         ``mse``/``lsq``: re-initialise from ``x`` if given, else lazily from the next batch
@@ -739,7 +739,7 @@ def fixed_layers(model: nn.Module, policy: str = "first_last_8", *,
 
 def uniform_config(model: nn.Module, bits: int, policy: str = "first_last_8", *,
                    input_size: InputSize = DEFAULT_INPUT_SIZE) -> dict[str, int]:
-    """Every quantizable layer at ``bits`` except the policy's fixed layers (DESIGN §6)."""
+    """Every quantizable layer at ``bits`` except the policy's fixed layers (docs/design.md §4)."""
     b = _check_bits(bits)
     names = [info.name for info in _layers(model, input_size)]
     cfg = {name: b for name in names}
@@ -749,7 +749,7 @@ def uniform_config(model: nn.Module, bits: int, policy: str = "first_last_8", *,
 
 def _config_errors(names: list[str], config: Mapping[str, Any], fixed: Mapping[str, int],
                    policy: str, model_name: str) -> list[str]:
-    """Every problem of ``config`` for layers ``names`` (DESIGN §6), one message per key."""
+    """Every problem of ``config`` for layers ``names`` (docs/design.md §4), one message per key."""
     if not isinstance(config, Mapping):
         raise BitConfigError(f"bit config must be a dict {{layer name: bits}}, got "
                              f"{type(config).__name__}")
@@ -783,7 +783,7 @@ def _raise_errors(errors: list[str]) -> None:
 def validate_bit_config(model: nn.Module, config: Mapping[str, Any], *,
                         policy: str = "first_last_8", raise_errors: bool = True,
                         input_size: InputSize = DEFAULT_INPUT_SIZE) -> list[str]:
-    """Check ``config`` against ``model`` (DESIGN §6): unknown names, missing layers, unsupported
+    """Check ``config`` against ``model`` (docs/design.md §4): unknown names, missing layers, unsupported
     bits, policy conflicts. Raises one BitConfigError listing every problem (or returns the list
     when ``raise_errors=False``; empty means valid)."""
     _check_policy(policy)
@@ -804,7 +804,7 @@ def act_bits_config(model: nn.Module, a_bits: int | None, policy: str = "first_l
 
 
 def save_config(config: Mapping[str, int], path: str | os.PathLike) -> None:
-    """Write a bit config as JSON {"layer": bits, ...} atomically (DESIGN §6)."""
+    """Write a bit config as JSON {"layer": bits, ...} atomically (docs/design.md §4)."""
     clean = {str(k): _check_bits(v, f"layer {k!r}") for k, v in config.items()}
     atomic_write_bytes(path, (json.dumps(clean, indent=1) + "\n").encode())
 
@@ -850,7 +850,7 @@ def quantize_model(model: nn.Module, bit_config: Mapping[str, int], *, a_bits: i
                    policy: str = "first_last_8", per_channel: bool = True, init: str = "lsq",
                    input_size: InputSize = DEFAULT_INPUT_SIZE) -> nn.Module:
     """A NEW model (deep copy; ``model`` untouched) with every Conv2d/Linear replaced by
-    QConv2d/QLinear at the config's weight bits (DESIGN §2). BatchNorm and all other modules are
+    QConv2d/QLinear at the config's weight bits (docs/design.md §3). BatchNorm and all other modules are
     kept as they are (forward hooks on the replaced layers are not carried over).
 
     Input activations: the first layer's input (the image, signed) gets a signed quantizer (8 bit
@@ -876,7 +876,7 @@ def quantize_model(model: nn.Module, bit_config: Mapping[str, int], *, a_bits: i
 
 def set_bit_config(qmodel: nn.Module, config: Mapping[str, int], *, reinit: str = "range",
                    policy: str = "none") -> nn.Module:
-    """Change the weight bits of a quantized model in place (precision transitions, DESIGN §2),
+    """Change the weight bits of a quantized model in place (precision transitions, docs/design.md §3),
     using :meth:`LSQQuantizer.set_bits` (``range`` keeps each layer's clipping range).
     ``policy="first_last_8"`` also checks that the first/last layers (as built) stay at 8."""
     layers = quantized_layers(qmodel)
@@ -959,7 +959,7 @@ def calibrate_activations(qmodel: nn.Module, batches: Iterable[Any], *,
 
 
 # --------------------------------------------------------------------------------------------
-# Accounting (HAWQ-V3, DESIGN §2 Eq. S and Eq. B)
+# Accounting (HAWQ-V3, docs/design.md §3 Eq. S and Eq. B)
 # --------------------------------------------------------------------------------------------
 def _n_params(params: Iterable[nn.Parameter]) -> int:
     return sum(p.numel() for p in params)
@@ -996,7 +996,7 @@ def _size_bytes(model: nn.Module, config: Mapping[str, int] | None, a_bits: int 
 def model_size_mb(model: nn.Module, config: Mapping[str, int] | None = None,
                   a_bits: int | None = None, *, per_channel: bool = True,
                   input_size: InputSize = DEFAULT_INPUT_SIZE) -> float:
-    """Model size in MB (2^20 bytes) by HAWQ-V3's convention (DESIGN §2, Eq. S).
+    """Model size in MB (2^20 bytes) by HAWQ-V3's convention (docs/design.md §3, Eq. S).
 
     * FP32 model, ``config=None``: 4·(all parameters).
     * FP32 model + config: Σ n_i b_i/8 + 4·(biases, BN affine, weight steps — out_channels per
@@ -1010,14 +1010,14 @@ def model_size_mb(model: nn.Module, config: Mapping[str, int] | None = None,
 def compression_ratio(model: nn.Module, config: Mapping[str, int] | None = None,
                       a_bits: int | None = None, *, per_channel: bool = True,
                       input_size: InputSize = DEFAULT_INPUT_SIZE) -> float:
-    """FP32 size / quantized size (DESIGN §2)."""
+    """FP32 size / quantized size (docs/design.md §3)."""
     return fp32_size_mb(model) / model_size_mb(model, config, a_bits, per_channel=per_channel,
                                                input_size=input_size)
 
 
 def bops(model: nn.Module, config: Mapping[str, int] | None = None, a_bits: int | None = None, *,
          policy: str = "first_last_8", input_size: InputSize = DEFAULT_INPUT_SIZE) -> int:
-    """Bit operations per sample, Σ_i MACs_i · b_i · a_i (DESIGN §2, Eq. B).
+    """Bit operations per sample, Σ_i MACs_i · b_i · a_i (docs/design.md §3, Eq. B).
 
     Weight bits b_i from ``config`` (a quantized model's own bits when None; 32 for an FP32
     model). Activation bits a_i: a quantized model's own quantizers (32 where FP); otherwise

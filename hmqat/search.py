@@ -1,6 +1,6 @@
 """Bit allocation: the exact Pareto frontier of (cost, ΣΩ) and the reference searches.
 
-DESIGN.md §2 "Search": minimise Σ_i Ω_i(b_i) subject to Σ_i n_i·b_i ≤ budget_bits (or a BOPs
+docs/design.md §3 "Search": minimise Σ_i Ω_i(b_i) subject to Σ_i n_i·b_i ≤ budget_bits (or a BOPs
 budget). This is a multiple-choice knapsack with integer costs, so a dynamic program that merges
 Pareto lists layer by layer, pruning dominated states, yields the *exact* set of non-dominated
 configurations; every budget is then answered by a lookup (:func:`select`). The returned
@@ -14,7 +14,7 @@ builds configs (one per :func:`select`, or the whole ``points`` table) only when
     >>> select(front, max_mb=0.0002)["config"]
     {'a': 4, 'b': 4}
 
-Accounting (HAWQ-V3, DESIGN.md §2 "Size, compression, BOPs"):
+Accounting (HAWQ-V3, docs/design.md §3 "Size, compression, BOPs"):
 
 * ``size_bytes = Σ_i n_i·b_i/8 + 4·other_params``; ``MB = 2**20`` bytes.
 * ``compression = fp32_mb / size_mb`` with ``fp32_mb = 4·fp32_params / 2**20``. ``fp32_params``
@@ -78,7 +78,7 @@ class InfeasibleBudgetError(SearchError):
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Unit:
-    """A super-layer of the DP: one free layer, a fixed layer or a tied group (DESIGN.md §2)."""
+    """A super-layer of the DP: one free layer, a fixed layer or a tied group (docs/design.md §3)."""
 
     members: np.ndarray      # layer indices (int)
     bits: np.ndarray         # allowed bit widths, ascending (int)
@@ -333,7 +333,7 @@ def _unit_tables(units: Sequence[_Unit], n_layers: int) -> tuple[np.ndarray, np.
 # Frontier and accounting
 # --------------------------------------------------------------------------------------------
 class Frontier:
-    """The exact Pareto frontier of (cost_int, ΣΩ) (DESIGN.md §2 "Search").
+    """The exact Pareto frontier of (cost_int, ΣΩ) (docs/design.md §3 "Search").
 
     ``points``: one row per non-dominated configuration, sorted by ``cost_int`` ascending (Ω then
     strictly decreases), with columns ``cost_int`` (Σ n_i·b_i bits, or BOPs), ``size_mb``,
@@ -505,7 +505,7 @@ class Allocation:
 def _accounting(p: _Problem, bits_mat: np.ndarray) -> dict[str, np.ndarray]:
     """Size/compression/BOPs/avg-bits columns for configs given as a [N, L] bit matrix, or
     numpy scalars (the same float operations) for one [L] config
-    (DESIGN.md §2: size_bytes = Σ n_i b_i/8 + 4·other, MB = 2^20, BOPs = Σ MACs_i b_i a_i)."""
+    (docs/design.md §3: size_bytes = Σ n_i b_i/8 + 4·other, MB = 2^20, BOPs = Σ MACs_i b_i a_i)."""
     wbits = bits_mat @ p.n_params
     size_mb = (wbits / 8.0 + 4.0 * p.other_params) / MB
     out = {"size_mb": size_mb, "compression": p.fp32_mb / size_mb,
@@ -545,7 +545,7 @@ _BUCKETS_PER_STATE = 1
 
 @dataclass(frozen=True)
 class _Trace:
-    """Back-pointers of one Pareto DP (DESIGN.md §2 "Search"), enough to rebuild the choices of
+    """Back-pointers of one Pareto DP (docs/design.md §3 "Search"), enough to rebuild the choices of
     any final state on demand (O(items) for one state) instead of an [N, items] matrix.
 
     Step t merged item ``order[t]`` into ``n_parents[t]`` states; kept state i of that step came
@@ -615,7 +615,7 @@ def _dp_order(items: Sequence[_Unit | _Block]) -> list[int]:
 
 def _pareto_keep(cost: np.ndarray, omega: np.ndarray, order: np.ndarray | None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The non-dominated states among candidates (DESIGN.md §2 "Search"): their indices into
+    """The non-dominated states among candidates (docs/design.md §3 "Search"): their indices into
     ``cost``/``omega``, costs and Ωs, ascending in cost. ``order`` lists the candidates to
     consider sorted by cost (stably); None means all of them, already in cost order.
 
@@ -643,7 +643,7 @@ def _bucket_filter(cost: np.ndarray, omega: np.ndarray, max_cost: int,
                    n_buckets: int) -> np.ndarray:
     """Ascending indices of the candidates that may be Pareto-optimal; the others are dominated
     by a strictly cheaper candidate, so dropping them leaves :func:`_pareto_keep` unchanged
-    (DESIGN.md §2 "Search"). ``cost`` >= 0 with maximum ``max_cost``.
+    (docs/design.md §3 "Search"). ``cost`` >= 0 with maximum ``max_cost``.
 
     Costs fall into ~``n_buckets`` power-of-two buckets g = cost >> shift; ``bound[g]`` = min Ω
     over buckets < g, whose candidates all cost strictly less than any in bucket g. A candidate
@@ -688,7 +688,7 @@ def _merge_unit(cost: np.ndarray, omega: np.ndarray, step: np.ndarray, unit_omeg
 def _dp(items: Sequence[_Unit | _Block], order: Sequence[int] | None = None,
         use_filter: bool = True) -> tuple[np.ndarray, np.ndarray, _Trace]:
     """Exact Pareto DP over items with ascending option costs ``cost`` and Ωs ``omega`` (units
-    or blocks; multiple-choice knapsack, DESIGN.md §2 "Search").
+    or blocks; multiple-choice knapsack, docs/design.md §3 "Search").
 
     State list = (cost, Ω) pairs sorted by cost with strictly decreasing Ω. Items are merged in
     ``order`` (default: forward) by :func:`_merge_unit`; costs are kept relative to the cheapest
@@ -774,7 +774,7 @@ def pareto_frontier(omega: pd.DataFrame | Mapping[str, Mapping[int, float]],
                     fixed: Mapping[str, int] | None = None,
                     tied: Sequence[Sequence[str]] | None = None, other_params: int = 0,
                     fp32_params: int | None = None) -> Frontier:
-    """Exact Pareto frontier of (cost, Σ_i Ω_i(b_i)) over all allowed bit configs (DESIGN.md §2).
+    """Exact Pareto frontier of (cost, Σ_i Ω_i(b_i)) over all allowed bit configs (docs/design.md §3).
 
     Args:
         omega: Ω_i(b) >= 0, DataFrame index=layer (forward order), columns=bits; or a
@@ -850,7 +850,7 @@ def _smallest_msg(kind: str, value: float, size_mb: float, compression: float,
 def select(frontier: Frontier, *, max_mb: float | None = None,
            min_compression: float | None = None, max_bops: float | None = None) -> pd.Series:
     """Lowest-Ω frontier point meeting one budget: "≤ X MB", "≥ R× compression" or "≤ B BOPs"
-    (DESIGN.md §2 "Picking a point"). Returns the ``points`` row (``row["config"]`` is the dict).
+    (docs/design.md §3 "Picking a point"). Returns the ``points`` row (``row["config"]`` is the dict).
     On a frontier Ω falls as cost rises, so this is the most expensive point within budget: a
     binary search (:meth:`Frontier.n_within`) plus one back-tracked config
     (:meth:`Frontier.row`); the ``points`` table is not built."""
@@ -908,7 +908,7 @@ def _check_feasible(p: _Problem, kind: str, value: float, max_cost: int) -> None
 def evaluate_config(config: Mapping[str, int], omega, n_params, *, macs=None, a_bits=None,
                     fixed=None, tied=None, other_params: int = 0, fp32_params: int | None = None,
                     method: str = "given") -> Allocation:
-    """Size, compression, BOPs and ΣΩ of any {layer: bits} config (DESIGN.md §2 accounting).
+    """Size, compression, BOPs and ΣΩ of any {layer: bits} config (docs/design.md §3 accounting).
 
     With ``fixed``/``tied``, the config must honour them (an error names the offending layer).
     """
@@ -967,7 +967,7 @@ def brute_force_frontier(omega, n_params, bits=None, *, cost="size", macs=None, 
 def ilp_select(omega, n_params, bits=None, *, max_mb=None, min_compression=None, max_bops=None,
                macs=None, a_bits=None, fixed=None, tied=None, other_params=0, fp32_params=None,
                time_limit: float | None = None, msg: bool = False) -> Allocation:
-    """HAWQ-V3 ILP (DESIGN.md §2), generalised to the candidate set, solved with PuLP + CBC.
+    """HAWQ-V3 ILP (docs/design.md §3), generalised to the candidate set, solved with PuLP + CBC.
 
     Binary x_{i,b}; min Σ Ω_i(b)·x_{i,b} s.t. Σ_b x_{i,b} = 1, x_{i,b} = x_{j,b} for tied i, j,
     x_{i,f} = 1 for fixed layers, Σ c_i·b·x_{i,b} ≤ budget. One solve per budget.
@@ -1115,7 +1115,7 @@ def uniform_select(omega, n_params, bits=None, *, max_mb=None, min_compression=N
 
 
 # --------------------------------------------------------------------------------------------
-# From a model to the search's inputs (the accounting of hmqat.quant, DESIGN.md §2)
+# From a model to the search's inputs (the accounting of hmqat.quant, docs/design.md §3)
 # --------------------------------------------------------------------------------------------
 def model_inputs(model: Any, *, a_bits: int | None = 4, policy: str = "first_last_8",
                  per_channel: bool = True, input_size: tuple[int, ...] = (1, 3, 32, 32)

@@ -1,4 +1,4 @@
-"""The perturbation table Ω_i(b), its variants, and a check that it predicts damage (DESIGN.md §2).
+"""The perturbation table Ω_i(b), its variants, and a check that it predicts damage (docs/design.md §3).
 
     Ω_i(b) = T̄_i · ||Q_b(W_i) − W_i||²                         "joint" (default, HAWQ-V2/V3)   (Eq. Ω)
     Ω_i(b) = T̄_i · Σ_c n_c Δ_{c,b}² / 12                       "trace_size" (analytic noise)
@@ -11,7 +11,7 @@ T̄_i is the average Hessian trace from :func:`hmqat.hessian.layer_traces`; Q_b 
 (LSQ init by default, per output channel); Δ_{c,b} is that initial step of channel c and n_c its
 number of weights.
 
-Choices (documented here; the lead copies them to docs/method.md):
+Choices (docs/method.md §3 gives the reasons):
 
 * Negative average traces (a Hutchinson estimate of a near-flat or locally concave block) are
   clipped to 0 with a warning, so Ω >= 0 as the search requires.
@@ -132,7 +132,7 @@ def _avg_traces(traces_df: pd.DataFrame, layers: Sequence[str]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 def weight_perturbation(w: torch.Tensor, bits: int, *, per_channel: bool = True,
                         method: str = "lsq") -> float:
-    """||Q_b(W) − W||² with QAT's quantizer and initial step (DESIGN §2, Eq. Ω)."""
+    """||Q_b(W) − W||² with QAT's quantizer and initial step (docs/design.md §3, Eq. Ω)."""
     q = quant.quantize_weight(w, bits, per_channel=per_channel, method=method)
     return float((q.double() - w.double()).pow(2).sum())
 
@@ -149,7 +149,7 @@ def omega_table(model: nn.Module, traces_df: pd.DataFrame, bits: Sequence[int] =
                 *, variant: str = "joint", per_channel: bool = True, seed: int = 0,
                 method: str = "lsq", input_size: tuple[int, ...] = (1, 3, 32, 32)
                 ) -> pd.DataFrame:
-    """Ω_i(b) for every quantizable layer and candidate bit width (DESIGN §2; variants above).
+    """Ω_i(b) for every quantizable layer and candidate bit width (docs/design.md §3; variants above).
 
     Args:
         model: the FP32 model the traces were measured on.

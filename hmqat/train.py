@@ -1,4 +1,4 @@
-"""Evaluation, FP32 fine-tuning and the QAT loop (DESIGN.md §2), with hooks, checkpoints, resume.
+"""Evaluation, FP32 fine-tuning and the QAT loop (docs/design.md §3), with hooks, checkpoints, resume.
 
 One loop, :func:`fit`, serves both FP32 fine-tuning and QAT:
 
@@ -506,7 +506,7 @@ def qat(fp32_model: nn.Module, bit_config: dict[str, int], train_loader: Any,
         calib_batches: Iterable | None = None, callbacks: Iterable[Callback] = (),
         device: str | torch.device | None = None, run_info: dict[str, Any] | None = None,
         sync_bn: bool | None = None) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """Quantization-aware training from an FP32 model (LSQ; DESIGN.md §2 "Quantizer").
+    """Quantization-aware training from an FP32 model (LSQ; docs/design.md §3 "Quantizer").
 
     Builds a quantized copy with :func:`hmqat.quant.quantize_model` (the FP32 model is left
     untouched), initialises the activation steps on ``calib_batches`` (default: the first two

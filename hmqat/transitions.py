@@ -1,17 +1,17 @@
 """Transition-aware fine-tuning: precision transitions, rounding oscillations, distillation.
 
-DESIGN.md §2 "Transition-aware fine-tuning of the scale factor" gives the abstract's phrase two
+docs/design.md §3 "Transition-aware fine-tuning of the scale factor" gives the abstract's phrase two
 readings; both are :class:`hmqat.train.Callback` s that plug into :func:`hmqat.train.qat`
 (docs/method.md explains each choice and its source):
 
-* **Precision transitions** (paper.md §2.4 H4), :class:`PrecisionTransition`: every quantized
+* **Precision transitions** (docs/design.md §1 reading T4, §3.5), :class:`PrecisionTransition`: every quantized
   layer moves FP32 → 8 bit → its target bits over a schedule; at each change the step is
   re-initialised so that the clipping range carries over,
 
       s_new = s_old · Q_P(old) / Q_P(new)                                            (Eq. T1)
 
   or by an MSE-optimal re-init, and the step sizes' learning rate warms up linearly afterwards.
-* **Rounding transitions** (Nagel et al. 2022, paper.md §2.4 H3 and §4a),
+* **Rounding transitions** (Nagel et al. 2022; docs/design.md §1 reading T3, §3.5),
   :class:`OscillationTracker`: an oscillation is an integer change whose direction is opposite
   to the weight's previous change; its frequency is tracked with an EMA
 
@@ -98,7 +98,7 @@ def _choice(value: Any, choices: tuple[str, ...], what: str) -> str:
 def ramp(progress: float, start: float, final: float, *, begin: float = 0.0,
          kind: str = "cosine") -> float:
     """Annealed value at training ``progress`` ∈ [0, 1]: ``start`` until ``begin``, then
-    to ``final`` at progress 1 (DESIGN.md §2, "λ ramped up" / annealed threshold).
+    to ``final`` at progress 1 (docs/design.md §3, "λ ramped up" / annealed threshold).
 
     cosine: v = final + (start − final)·(1 + cos πu)/2; linear: v = start + (final − start)·u,
     with u = (progress − begin)/(1 − begin) clipped to [0, 1] (Nagel et al.'s CosineTempDecay).
@@ -173,7 +173,7 @@ def _stage_bits(label: Any, index: int, last: int) -> int | str:
 
 def parse_stages(stages: Iterable[Sequence[Any]], unit: str = "fraction"
                  ) -> tuple[tuple[float | int, int | str], ...]:
-    """Validate a precision schedule ``[(at, bits), ...]`` (DESIGN.md §2 "Precision transitions").
+    """Validate a precision schedule ``[(at, bits), ...]`` (docs/design.md §3 "Precision transitions").
 
     ``at`` is a fraction of all training steps in [0, 1) (``unit="fraction"``) or an epoch
     index (``unit="epoch"``); the first stage starts at 0 and ``at`` strictly increases. ``bits``
@@ -218,7 +218,7 @@ def parse_stages(stages: Iterable[Sequence[Any]], unit: str = "fraction"
 
 
 class PrecisionTransition(Callback):
-    """Staged precision schedule FP32 → 8 bit → target (DESIGN.md §2 reading 1, paper.md H4).
+    """Staged precision schedule FP32 → 8 bit → target (docs/design.md §3.5, reading T4).
 
     Args:
         stages: ``[(at, bits), ...]``, see :func:`parse_stages`. Default
@@ -439,7 +439,7 @@ class _Track:
 class OscillationTracker(Callback):
     """Track weight oscillations (Eq. O1) and optionally dampen (Eq. O2) or freeze them (Eq. O3).
 
-    Nagel et al. 2022 (paper.md §4a; reference code Qualcomm-AI-research/oscillations-qat):
+    Nagel et al. 2022 (reference code Qualcomm-AI-research/oscillations-qat):
 
     * After every optimizer step each tracked layer's integer codes round(clip(w/s)) are
       compared with the previous ones. An oscillation: the code changes AND the change's sign is
@@ -794,7 +794,7 @@ def _check_distill(temperature: Any, weight: Any) -> None:
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Recipe:
-    """Every switch of transition-aware fine-tuning (DESIGN.md §2); defaults = plain LSQ (H1).
+    """Every switch of transition-aware fine-tuning (docs/design.md §3); defaults = plain LSQ (H1).
 
     Precision transitions (H4): ``transitions``, ``stages``, ``stage_unit``, ``reinit``,
     ``fp32_exit``, ``step_warmup``, ``transition_activations`` (see :class:`PrecisionTransition`).

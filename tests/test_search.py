@@ -1,4 +1,4 @@
-"""Tests for hmqat.search (DESIGN.md §2 "Search"): exact frontier vs brute force and ILP,
+"""Tests for hmqat.search (docs/design.md §3 "Search"): exact frontier vs brute force and ILP,
 select() semantics, the baselines and every validation error."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Ablation runner of notebook 04 (DESIGN.md §2 "Ablations in notebook 04").
+"""Ablation runner of notebook 04 (docs/design.md §3 "Ablations in notebook 04").
 
 Two groups of QAT runs, all with the same TrainConfig (seed, epochs, learning rates):
 
@@ -172,7 +172,7 @@ def allocation_specs(omegas: Mapping[str, pd.DataFrame], n_params: Mapping[str, 
                      fixed: Mapping[str, int] | None = None,
                      tied: Sequence[Sequence[str]] | None = None, other_params: int = 0,
                      fp32_params: int | None = None, train_seed: int = 0) -> list[RunSpec]:
-    """Specs of the allocation group, all at equal model size (DESIGN.md §2 "Search").
+    """Specs of the allocation group, all at equal model size (docs/design.md §3 "Search").
 
     The ``primary`` Ω table's exact frontier (:func:`hmqat.search.pareto_frontier`) picks the
     HMQAT config at the budget (:func:`hmqat.search.select`); its size S then caps every other

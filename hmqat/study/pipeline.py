@@ -1,4 +1,4 @@
-"""The papermill driver: run the study's notebooks in order for a profile (DESIGN.md §3–§6).
+"""The papermill driver: run the study's notebooks in order for a profile (docs/design.md §2–§4).
 
     make reproduce                  # = python -m hmqat.study.pipeline --profile quick
     make reproduce PROFILE=paper
@@ -235,7 +235,7 @@ class _ImageFolderSplit(torch.utils.data.Dataset):
 class Study:
     """Paths, data and earlier results of one profile's run, for the notebooks.
 
-    ``results_dir`` holds ``figures/ tables/ data/ checkpoints/ cache/`` (DESIGN.md §6).
+    ``results_dir`` holds ``figures/ tables/ data/ checkpoints/ cache/`` (docs/design.md §4).
     ``dataset="imagenet"``: an ImageFolder root (``HMQAT_DATA_DIR``, ``train/`` + ``val/``)
     read through :func:`hmqat.data.imagenet_loaders` at ``image_size`` (224 for torchvision
     ResNet18/50); ``data(split)`` is then a map-style dataset with ``subset()`` for calibration.

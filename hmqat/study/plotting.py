@@ -1,4 +1,4 @@
-"""The study's standard figures (research/notebooks.md §6), saved as PNG + PDF.
+"""The study's standard figures (docs/design.md §5: every figure names its data), saved as PNG + PDF.
 
 Every ``plot_*`` function returns a matplotlib Figure drawn under :func:`use_style` (seaborn
 "paper" context, "ticks" style, colour-blind palette, constrained layout, sizes 3.4–7 in) and
@@ -89,7 +89,7 @@ def use_style() -> Iterator[None]:
 def savefig(fig: Figure, stem: str | os.PathLike, *, formats: Sequence[str] = ("png", "pdf"),
             dpi: int = PNG_DPI) -> list[Path]:
     """Write ``fig`` to ``<stem>.png`` and ``<stem>.pdf`` atomically (temporary file in the same
-    folder, then ``os.replace``; DESIGN.md §6) and close it. The PDF has no creation date and
+    folder, then ``os.replace``; docs/design.md §4) and close it. The PDF has no creation date and
     TrueType fonts, so rebuilding and saving the same figure gives the same bytes. An unknown
     format raises before anything is written and leaves the figure open."""
     stem = Path(stem)
@@ -235,7 +235,7 @@ def plot_layer_traces(traces: pd.DataFrame, *,
                       title: str | None = "Average Hessian trace per layer",
                       subtitle: str | None = None, n_params: bool = True, n_se: float = 2.0,
                       horizontal: bool | None = None) -> Figure:
-    """Bar chart of ``avg_trace`` (Tr(H_ii)/n_i, DESIGN.md §2) per layer in network order, with
+    """Bar chart of ``avg_trace`` (Tr(H_ii)/n_i, docs/design.md §3) per layer in network order, with
     ±``n_se`` standard-error bars; log scale (symlog with a note when some estimates are ≤ 0).
     ``n_params`` adds the weight count on a twin axis (black ×, dashed) when the column exists.
     A ``kind`` column colours and hatches bars by layer type. ``horizontal`` defaults to True
@@ -374,7 +374,7 @@ def plot_frontier(candidates: pd.DataFrame | None, frontier: pd.DataFrame,
     """Every candidate faint grey (α 0.15, rasterised), the exact frontier as a post-step line
     with markers, picked budgets as stars on dashed vertical lines labelled along the line, and
     uniform configs as distinct markers labelled clear of each other (:func:`_place_labels`)
-    (DESIGN.md §2 "Search"). Log y (symlog if some Ω ≤ 0); log x when sizes span more than 10×.
+    (docs/design.md §3 "Search"). Log y (symlog if some Ω ≤ 0); log x when sizes span more than 10×.
     ``picks``/``uniform`` may carry a ``label_col`` column for their labels."""
     _require(frontier, [x, y], "frontier")
     frames = {"candidates": candidates, "picks": picks, "uniform": uniform}

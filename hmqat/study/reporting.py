@@ -85,7 +85,7 @@ def _provenance_mentions_jpeg(source: str) -> bool:
 
 
 def describe_data(dataset: str, source: str) -> str:
-    """The human label of a dataset, used in every table and figure (DESIGN.md §4–§5).
+    """The human label of a dataset, used in every table and figure (docs/design.md §5).
 
     ``source`` is ``TensorImages.source`` (an ImageFolder split folder, ``torchvision:<dir>`` or
     ``synthetic(...)``). An ImageFolder root whose PROVENANCE.md (in the folder or up to two
@@ -156,7 +156,7 @@ def write_table(df: pd.DataFrame, stem: str | os.PathLike, *, caption: str, data
                 profile: str, float_format: FloatFormat = "{:.2f}") -> dict[str, Path]:
     """Write ``df`` as ``stem.csv`` (full precision, first line ``# <caption> — data: <label>;
     profile: <profile>``; read with ``pandas.read_csv(..., comment="#")``), ``stem.md`` and
-    ``stem.tex`` (numbers via :func:`format_numbers`), each atomically (DESIGN.md §6).
+    ``stem.tex`` (numbers via :func:`format_numbers`), each atomically (docs/design.md §4).
 
     Returns ``{"csv": path, "md": path, "tex": path}``."""
     stem = Path(stem)
