@@ -174,7 +174,7 @@ def allocation_specs(omegas: Mapping[str, pd.DataFrame], n_params: Mapping[str, 
                      fp32_params: int | None = None, train_seed: int = 0) -> list[RunSpec]:
     """Specs of the allocation group, all at equal model size (docs/design.md §3 "Search").
 
-    The ``primary`` Ω table's exact frontier (:func:`hmqat.search.pareto_frontier`) picks the
+    One :class:`hmqat.search.Problem` per Ω table. The ``primary`` table's exact frontier picks the
     HMQAT config at the budget (:func:`hmqat.search.select`); its size S then caps every other
     allocation (``max_mb=S``): the frontier pick of every other Ω variant, ``uniform`` (the
     widest uniform config ≤ S), ``random`` (one per seed), ``greedy`` and ``ilp`` (HAWQ-V3 ILP,
@@ -193,40 +193,38 @@ def allocation_specs(omegas: Mapping[str, pd.DataFrame], n_params: Mapping[str, 
         raise AblationError(f"unknown allocation method(s) {bad}; choose from "
                             f"{list(ALLOCATION_METHODS)}")
     recipe = Recipe(osc_track=True) if recipe is None else recipe
-    common = {"fixed": fixed, "tied": tied, "other_params": other_params,
-              "fp32_params": fp32_params}
+    problems = {name: search.Problem(table, n_params, bits, fixed=fixed, tied=tied,
+                                     other_params=other_params, fp32_params=fp32_params)
+                for name, table in omegas.items()}
     budget = _budget_kw(max_mb, min_compression)
     picks: list[tuple[str, int, dict[str, int], dict[str, Any]]] = []
 
-    def frontier_pick(table: pd.DataFrame, **kw: float) -> tuple[dict[str, int], dict[str, Any]]:
-        front = search.pareto_frontier(table, n_params, bits, **common)
+    def frontier_pick(problem: search.Problem, **kw: float) -> tuple[dict[str, int], dict[str, Any]]:
+        front = problem.frontier()
         row = search.select(front, **kw)
         return dict(row["config"]), {"method": "dp", "search_ms": front.search_ms,
                                      "planned_mb": float(row["size_mb"])}
 
-    config, info = frontier_pick(omegas[primary], **budget)
+    config, info = frontier_pick(problems[primary], **budget)
     size = info["planned_mb"]
     picks.append((f"hmqat-{primary}", train_seed, config, info))
-    for name, table in omegas.items():
+    for name, problem in problems.items():
         if name != primary:
-            c, i = frontier_pick(table, max_mb=size)
+            c, i = frontier_pick(problem, max_mb=size)
             picks.append((f"hmqat-{name}", train_seed, c, i))
-    ref = omegas[primary]
+    ref = problems[primary]
     for method in methods:
-        fn = {"uniform": search.uniform_select, "random": search.random_select,
-              "greedy": search.greedy_select, "ilp": search.ilp_select}[method]
         for seed in (random_seeds if method == "random" else [None]):
             kw = {"seed": int(seed)} if seed is not None else {}
             t0 = time.perf_counter()
-            alloc = fn(ref, n_params, bits, max_mb=size, **common, **kw)
+            alloc = getattr(ref, method)(max_mb=size, **kw)
             ms = (time.perf_counter() - t0) * 1e3
             picks.append((method, train_seed if seed is None else int(seed), dict(alloc.config),
                           {"method": alloc.method, "search_ms": ms,
                            "planned_mb": float(alloc.size_mb)}))
     specs = []
     for variant, seed, config, info in picks:
-        omega = search.evaluate_config(config, ref, n_params, other_params=other_params,
-                                       fp32_params=fp32_params).omega
+        omega = ref.evaluate(config).omega
         specs.append(RunSpec("allocation", variant, seed, config, recipe, int(train_seed),
                              float(omega), info))
     return specs
