@@ -54,8 +54,7 @@ from hmqat import data, hessian, quant, sensitivity
 from hmqat.study import plotting, reporting
 from hmqat.study.pipeline import Study
 
-study = Study(results_dir, profile=profile, arch=arch, dataset=dataset, seed=seed, device=device,
-              batch_size=batch_size, n_synthetic=n_synthetic)
+study = Study.from_params(globals())
 model = study.fp32_model()
 print(study.subtitle())
 

@@ -49,8 +49,7 @@ from hmqat import export, quant, train, transitions
 from hmqat.study import plotting, reporting, runs
 from hmqat.study.pipeline import Study
 
-study = Study(results_dir, profile=profile, arch=arch, dataset=dataset, seed=seed, device=device,
-              batch_size=batch_size, n_synthetic=n_synthetic)
+study = Study.from_params(globals())
 fp32 = study.fp32_model()
 fp32_info = study.load_json("fp32.json")
 picks = study.load_json("configs.json")

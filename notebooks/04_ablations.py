@@ -48,8 +48,7 @@ from hmqat import search, sensitivity, train
 from hmqat.study import ablation, plotting, reporting
 from hmqat.study.pipeline import Study
 
-study = Study(results_dir, profile=profile, arch=arch, dataset=dataset, seed=seed, device=device,
-              batch_size=batch_size, n_synthetic=n_synthetic)
+study = Study.from_params(globals())
 fp32 = study.fp32_model()
 omegas = {v: study.omega(v) for v in sensitivity.VARIANTS}
 acct = search.model_inputs(fp32, a_bits=a_bits, policy=policy, input_size=study.input_size)

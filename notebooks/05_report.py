@@ -19,7 +19,6 @@ batch_size = 128
 
 # %%
 import json
-from pathlib import Path
 
 import pandas as pd
 
@@ -27,8 +26,7 @@ from hmqat import runtime
 from hmqat.study import reporting
 from hmqat.study.pipeline import Study
 
-study = Study(results_dir, profile=profile, arch=arch, dataset=dataset, seed=seed, device=device,
-              batch_size=batch_size, n_synthetic=n_synthetic)
+study = Study.from_params(globals())
 fp32 = study.load_json("fp32.json")
 qat = pd.DataFrame(study.load_json("qat_results.json"))
 

@@ -85,3 +85,14 @@ def test_every_profile_sets_every_declared_parameter():
     declared = list(pm.inspect_notebook(str(ROOT / "notebooks" / "03_qat.ipynb"))) + ["new_knob"]
     with pytest.raises(pipeline.PipelineError, match=r"does not set \['new_knob'\]"):
         pipeline.notebook_parameters(cfg, "03_qat", declared, Path("r"), "smoke")
+
+
+def test_study_from_params_takes_the_declared_fields(tmp_path):
+    params = {"results_dir": str(tmp_path / "r"), "profile": "smoke", "arch": "resnet20",
+              "dataset": "synthetic", "seed": 3, "device": "cpu", "batch_size": 16,
+              "n_synthetic": 64, "fp32_lr": 0.1, "__name__": "__main__"}
+    study = pipeline.Study.from_params(params)
+    assert (study.profile, study.seed, study.batch_size, study.n_synthetic) == ("smoke", 3, 16, 64)
+    assert study.pretrained is True and study.root == tmp_path / "r"   # undeclared: default
+    with pytest.raises(pipeline.PipelineError, match="needs results_dir"):
+        pipeline.Study.from_params({"profile": "smoke"})

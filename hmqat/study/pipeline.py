@@ -22,9 +22,9 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 import papermill as pm
@@ -253,6 +253,17 @@ class Study:
     image_size: int = 224             # ImageNet only
     workers: int | None = None        # ImageNet DataLoader workers (None: HMQAT_WORKERS or 8)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "Study":
+        """The notebooks' one set-up call, ``study = Study.from_params(globals())``: the Study
+        fields among a notebook's (papermill) parameters; fields a notebook does not declare
+        keep their defaults."""
+        names = [f.name for f in fields(cls) if not f.name.startswith("_")]
+        if "results_dir" not in params:
+            raise PipelineError("Study.from_params needs results_dir among the parameters (every "
+                                "notebook's parameters cell declares it)")
+        return cls(**{n: params[n] for n in names if n in params})
 
     def __post_init__(self) -> None:
         self.root = Path(self.results_dir)
