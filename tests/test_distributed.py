@@ -219,7 +219,11 @@ def test_lazily_reinitialised_steps_are_rebroadcast(ddp_run):
 
 def test_cli_qat_two_processes(ddp_run):
     out, _, stdout = ddp_run
-    ck = out / "cli.pt"
+    runs = sorted((out / "cli").iterdir())                # hmqat.study.runs: one folder per run
+    assert len(runs) == 1
+    ck = runs[0] / "checkpoint.pt"
+    result = json.loads((runs[0] / "result.json").read_text())
+    assert result["run_id"] == runs[0].name and 0 <= result["top1"] <= 100
     assert stdout.count("[hmqat] qat done on 2 process(es)") == 1        # rank 0 prints
     assert stdout.count("resumed from") == 1                             # rank 0 prints
     summary = json.loads(ck.with_suffix(".json").read_text())
