@@ -32,7 +32,7 @@ $(STAMP): requirements.txt pyproject.toml
 setup: $(STAMP)
 
 reproduce: $(STAMP)
-	$(BIN)/python -m hmqat.pipeline --profile $(PROFILE)
+	$(BIN)/python -m hmqat.study.pipeline --profile $(PROFILE)
 
 test: $(STAMP)
 	TQDM_DISABLE=1 $(BIN)/python -m pytest -q tests

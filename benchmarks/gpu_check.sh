@@ -8,7 +8,7 @@
 # script exits non-zero if any failed, and at once if there is no CUDA device):
 #   1. versions: torch, CUDA, cuDNN, NCCL, the GPUs
 #   2. the smoke profile pipeline (papermill, synthetic data) with device=cuda
-#   3. torchrun: QAT through `-m hmqat.distributed` with NCCL, one process per GPU (up to 8;
+#   3. torchrun: QAT through `-m hmqat.study.cli` with NCCL, one process per GPU (up to 8;
 #      SyncBN when there are 2 or more)
 #   4. benchmarks/qat_step.py (QAT/FP32 step time and step memory on the GPU) and
 #      benchmarks/hessian_traces.py (synthetic ResNet-20 traces vs the PyHessian-style
@@ -67,7 +67,7 @@ yaml.safe_dump(p, open(f"{sys.argv[1]}/smoke.yaml", "w"))
 EOF
 step "smoke pipeline (device=cuda)" 180 "$PY" -c "
 from pathlib import Path
-from hmqat import pipeline
+from hmqat.study import pipeline
 steps = pipeline.run_pipeline('smoke', params_dir=Path('$WORK'), results_root=Path('$WORK/results'))
 print({k: v.get('wall_s') for k, v in steps.items()})"
 
@@ -75,9 +75,9 @@ print({k: v.get('wall_s') for k, v in steps.items()})"
 SYNC=""
 [ "$NGPU" -ge 2 ] && SYNC="--sync-bn"
 step "torchrun qat, $NGPU GPU(s), NCCL $SYNC" 60 "$PY" -m torch.distributed.run --standalone \
-    --nproc_per_node="$NGPU" -m hmqat.distributed qat --profile smoke --device auto \
+    --nproc_per_node="$NGPU" -m hmqat.study.cli qat --profile smoke --device auto \
     --uniform 4 --epochs 1 --max-steps 2 --batch-size $((32 * NGPU)) $SYNC \
-    --checkpoint "$WORK/ddp/qat.pt"
+    --run-dir "$WORK/ddp/qat"
 
 # 4. benchmarks on cuda (synthetic inputs; their own tables are printed below each step)
 # (--no-compile: the default eager backend only; compiling Triton kernels for every tensor shape

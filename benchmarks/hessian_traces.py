@@ -1,4 +1,4 @@
-"""Benchmark of hmqat.hessian.layer_traces (DESIGN.md §2 "Sensitivity"): time to reach a relative
+"""Benchmark of hmqat.hessian.layer_traces (docs/design.md §3 "Sensitivity"): time to reach a relative
 standard error <= tol (5 %) on EVERY layer's trace, against the PyHessian/HAWQ-V2-style reference.
 
     HMQAT_DATA_DIR=../shared/data/cifar10-jpeg HMQAT_WEIGHTS_DIR=../shared/weights/cifar10 \\
@@ -31,7 +31,7 @@ of the mean loss over them, BN in eval mode):
       skewness 1.15 over 64 probes), so the mean of a handful of shared probes is usually low
       and its SE too small; averaging independent probes over the batches removes that. (a)'s
       whole-model numbers are printed for reference.
-  (d) levers behind the defaults: hmqat with probe="joint" (DESIGN §2's single HVP over all
+  (d) levers behind the defaults: hmqat with probe="joint" (docs/design.md §3's single HVP over all
       layers) for --joint-probes probes per batch, extrapolated to tol like (a); micro-batches of
       16 vs 128 images (interleaved on the same --lever-samples images: per-layer per-sample
       variance and per-layer HVP time give the need-based time Σ_i (CV_i/tol)²·t_i); the time of
@@ -62,8 +62,7 @@ sys.path.insert(0, str(ROOT))
 
 from hmqat import data, hessian
 from hmqat.models import create_model, quantizable_layers
-from hmqat.reporting import atomic_write_text
-from hmqat.train import resolve_device
+from hmqat.runtime import atomic_write_text, resolve_device
 
 LINES: list[str] = []
 
@@ -322,7 +321,7 @@ def main() -> None:
         f"z = {(ref_mean - tot) / math.hypot(ref_se, tot_se):+.2f}; per-probe values "
         f"{np.round(np.sort(ref_tot)).astype(int).tolist()} (shared-probe skew: see docstring)")
 
-    # (d) lever: DESIGN §2's joint probe, and graph reuse
+    # (d) lever: docs/design.md §3's joint probe, and graph reuse
     dj = hessian.layer_traces(model, batches, tol=args.tol, seed=args.seed, progress=False,
                               probe="joint", min_probes=min(2, args.joint_probes),
                               max_probes=args.joint_probes, device=dev)

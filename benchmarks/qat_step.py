@@ -50,7 +50,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hmqat import quant
 from hmqat.models import create_model
-from hmqat.train import resolve_device
+from hmqat.runtime import atomic_write_bytes, resolve_device
 
 
 def mixed_config(model: nn.Module) -> dict[str, int]:
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> str:
         texts.append(measure(args, argv))
     text = "\n".join(texts)
     if args.out:
-        quant._atomic_write_bytes(args.out, text.encode())
+        atomic_write_bytes(args.out, text.encode())
     return text
 
 

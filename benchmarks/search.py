@@ -1,4 +1,4 @@
-"""Benchmark of hmqat.search (DESIGN.md §2 "Search"): exact Pareto DP vs the PuLP/CBC ILP.
+"""Benchmark of hmqat.search (docs/design.md §3 "Search"): exact Pareto DP vs the PuLP/CBC ILP.
 
     python benchmarks/search.py            # writes results/bench/search.{txt,json}
 
@@ -13,7 +13,7 @@ pareto_frontier() call (validation + DP; the Frontier is lazy); ``search`` is Fr
 the deferred work of back-tracking every config and building the DataFrame with one config dict
 per point (select() does not need it: it back-tracks only the point it returns). The Ω table is
 synthetic but realistic: Ω_i(b) = T̄_i·n_i·Δ_b²/12 with log-uniform average traces
-T̄_i ∈ [1e-4, 1] and Δ_b = 6σ_i/(2^b−1), σ_i = sqrt(2/fan_in) (DESIGN.md §2 `trace_size`).
+T̄_i ∈ [1e-4, 1] and Δ_b = 6σ_i/(2^b−1), σ_i = sqrt(2/fan_in) (docs/design.md §3 `trace_size`).
 First conv and last linear are fixed at 8 bits (first_last_8 policy) unless the row says "none".
 """
 from __future__ import annotations
@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hmqat.models import create_model, quantizable_layers  # noqa: E402
-from hmqat.search import ilp_select, pareto_frontier, select  # noqa: E402
+from hmqat.runtime import atomic_write_text  # noqa: E402
+from hmqat.search import Problem, select  # noqa: E402
 
 BITS = (2, 3, 4, 5, 6, 8)
 A_BITS = 4
@@ -62,13 +63,14 @@ def problem(arch: str, input_size) -> dict:
 
 
 def time_frontier(pb: dict, cost: str, policy: str, repeats: int) -> dict:
-    """Median wall/search time of pareto_frontier over ``repeats`` runs."""
+    """Median wall/search time of building the Problem (validation) plus its frontier (DP) over
+    ``repeats`` runs."""
     fixed = pb["first_last"] if policy == "first_last_8" else None
     walls, searches, points = [], [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        front = pareto_frontier(pb["omega"], pb["n_params"], cost=cost, macs=pb["macs"],
-                                a_bits=A_BITS, fixed=fixed)
+        front = Problem(pb["omega"], pb["n_params"], macs=pb["macs"], a_bits=A_BITS,
+                        fixed=fixed).frontier(cost)
         walls.append((time.perf_counter() - t0) * 1e3)
         searches.append(front.search_ms)
         t0 = time.perf_counter()
@@ -83,9 +85,10 @@ def time_frontier(pb: dict, cost: str, policy: str, repeats: int) -> dict:
 
 
 def ilp_vs_frontier(pb: dict, repeats: int) -> dict:
-    """20 size budgets spread over the frontier: one frontier + 20 lookups vs 20 ILP solves."""
-    kw = dict(fixed=pb["first_last"])
-    front = pareto_frontier(pb["omega"], pb["n_params"], **kw)
+    """20 size budgets spread over the frontier: one frontier (validation + DP) + 20 lookups vs
+    20 ILP solves on the already validated problem."""
+    prob = Problem(pb["omega"], pb["n_params"], fixed=pb["first_last"])
+    front = prob.frontier()
     sizes = front.points["size_mb"]
     budgets = np.linspace(sizes.iloc[0], sizes.iloc[-1], N_BUDGETS + 2)[1:-1]
     del front, sizes
@@ -93,25 +96,18 @@ def ilp_vs_frontier(pb: dict, repeats: int) -> dict:
     for _ in range(repeats):
         picks = None
         t0 = time.perf_counter()
-        f = pareto_frontier(pb["omega"], pb["n_params"], **kw)
+        f = Problem(pb["omega"], pb["n_params"], fixed=pb["first_last"]).frontier()
         picks = [select(f, max_mb=float(b)) for b in budgets]
         dp_ms.append((time.perf_counter() - t0) * 1e3)
         del f
     t0 = time.perf_counter()
-    ilps = [ilp_select(pb["omega"], pb["n_params"], max_mb=float(b), **kw) for b in budgets]
+    ilps = [prob.ilp(max_mb=float(b)) for b in budgets]
     ilp_ms = (time.perf_counter() - t0) * 1e3
     rel = max(abs(a.omega - r["omega"]) / r["omega"] for a, r in zip(ilps, picks))
     dp = statistics.median(dp_ms)
     return {"arch": pb["arch"], "budgets": N_BUDGETS, "frontier_plus_select_ms": dp,
             "ilp_total_ms": ilp_ms, "ilp_per_budget_ms": ilp_ms / N_BUDGETS,
             "speedup": ilp_ms / dp, "max_rel_omega_diff": rel}
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -156,8 +152,8 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text, end="")
     out = ROOT / "results" / "bench"
-    atomic_write(out / "search.txt", text)
-    atomic_write(out / "search.json", json.dumps({"frontier": rows, "ilp_vs_frontier": ilp,
+    atomic_write_text(out / "search.txt", text)
+    atomic_write_text(out / "search.json", json.dumps({"frontier": rows, "ilp_vs_frontier": ilp,
                                                   "bits": BITS, "a_bits": A_BITS,
                                                   "seed": SEED}, indent=2) + "\n")
 

@@ -1,6 +1,6 @@
 """Datasets and fast tensor loaders.
 
-Where CIFAR-10 comes from is decided by ``root=`` or ``HMQAT_DATA_DIR`` (DESIGN.md §5):
+Where CIFAR-10 comes from is decided by ``root=`` or ``HMQAT_DATA_DIR`` (docs/design.md §5):
 
 * unset: torchvision downloads the original CIFAR-10 on first use (into ``~/.cache/hmqat``);
 * a folder in torchvision's layout (``cifar-10-batches-py/`` directly or under ``cifar10/``);
@@ -19,13 +19,22 @@ batches, with no per-image PIL work.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
+import torchvision
+import torchvision.transforms as T
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.datasets import ImageFolder
+from torchvision.io import ImageReadMode, decode_image, read_file, write_png
+
+from .runtime import CheckpointError, atomic_torch_save, load_checkpoint
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -118,18 +127,22 @@ def _list_imagefolder(split_dir: Path) -> tuple[list[Path], list[int], tuple[str
     return files, labels, classes
 
 
+@contextlib.contextmanager
+def _quiet_torchvision_io() -> Iterator[None]:
+    """Silence torchvision 0.29's deprecation of its image io (in favour of torchcodec) inside
+    this block only; the process-wide warning filters are restored on exit."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
+        yield
+
+
 def _decode_files(files: Sequence[Path]) -> torch.Tensor:
     """Decode image files to one uint8 [N,3,H,W] tensor with torchvision.io (no PIL).
 
     A file that does not decode (truncated, empty, not an image) or whose size differs from the
     first image's raises :class:`DatasetError` naming that file."""
-    import warnings
-
-    with warnings.catch_warnings():  # torchvision 0.29 deprecates io in favour of torchcodec
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from torchvision.io import ImageReadMode, decode_image, read_file
-
-        out = []
+    out = []
+    with _quiet_torchvision_io():
         for f in files:
             try:
                 img = decode_image(read_file(str(f)), mode=ImageReadMode.RGB)
@@ -171,10 +184,6 @@ def _check_cifar_classes(split_dir: Path, classes: tuple[str, ...]) -> None:
 def _read_cache(cache: Path, n_files: int, classes: tuple[str, ...]) -> dict | None:
     """The decoded split cached at ``cache``, or None (and the file deleted, with a warning
     naming it) when it is unreadable or does not match the image files."""
-    import warnings
-
-    from .train import CheckpointError, load_checkpoint
-
     try:
         blob = load_checkpoint(cache)
         ok = (isinstance(blob, dict) and tuple(blob.get("classes", ())) == classes
@@ -209,13 +218,11 @@ def _load_imagefolder_split(base: Path, split: str, num_classes: int) -> TensorI
         return TensorImages(blob["images"], blob["labels"], tuple(blob["classes"]), str(split_dir))
     images = _decode_files(files)
     ds = TensorImages(images, torch.tensor(labels, dtype=torch.long), classes, str(split_dir))
-    _atomic_torch_save({"images": ds.images, "labels": ds.labels, "classes": list(classes)}, cache)
+    atomic_torch_save({"images": ds.images, "labels": ds.labels, "classes": list(classes)}, cache)
     return ds
 
 
 def _load_torchvision_split(base: Path | None, split: str) -> TensorImages:
-    import torchvision
-
     download = base is None
     folder = base if base is not None else _cache_dir() / "torchvision"
     try:
@@ -304,13 +311,6 @@ def load_dataset(name: str, split: str, *, root: str | os.PathLike | None = None
     return train if split == "train" else val
 
 
-def _atomic_torch_save(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------------------------
 # Synthetic data (tests, smoke profile)
 # --------------------------------------------------------------------------------------------
@@ -339,11 +339,6 @@ def write_synthetic_imagefolder(root: str | os.PathLike, *, num_classes: int = 1
                                 splits: Sequence[str] = ("train", "test")) -> Path:
     """Write a tiny ImageFolder tree of PNGs (tests of the folder and ImageNet paths). Class
     folders are :data:`CIFAR10_CLASSES` for 10 classes, else ``class000``, ``class001``, ..."""
-    import warnings
-
-    from torchvision.io import write_png
-
-    warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
     root = Path(root)
     for si, split in enumerate(splits):
         ds = synthetic_cifar(num_classes * per_class, num_classes, seed + si, image_size,
@@ -352,7 +347,8 @@ def write_synthetic_imagefolder(root: str | os.PathLike, *, num_classes: int = 1
             d = root / split / (CIFAR10_CLASSES[lab] if num_classes == len(CIFAR10_CLASSES)
                                 else f"class{lab:03d}")
             d.mkdir(parents=True, exist_ok=True)
-            write_png(img, str(d / f"{i:05d}.png"))
+            with _quiet_torchvision_io():
+                write_png(img, str(d / f"{i:05d}.png"))
     return root
 
 
@@ -480,10 +476,6 @@ def imagenet_loaders(root: str | os.PathLike | None = None, *, batch_size: int =
     Standard torchvision transforms: RandomResizedCrop+flip for training, Resize(256/224·size)
     + CenterCrop for validation. With ``distributed=True`` a DistributedSampler shards training.
     """
-    import torchvision.transforms as T
-    from torch.utils.data import DataLoader, DistributedSampler
-    from torchvision.datasets import ImageFolder
-
     root = Path(root or os.environ.get("HMQAT_DATA_DIR") or "")
     val_name = "val" if (root / "val").is_dir() else "test"
     if not (root / "train").is_dir() or not (root / val_name).is_dir():

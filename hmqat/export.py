@@ -1,4 +1,4 @@
-"""Packed low-bit export: real bytes on disk for a quantized model (DESIGN §3 ``export.py``).
+"""Packed low-bit export: real bytes on disk for a quantized model (docs/design.md §2 ``export.py``).
 
     >>> from hmqat import export, quant
     >>> meta = export.save_packed(qmodel, "resnet20_w4a4.hmq", arch="resnet20")
@@ -49,9 +49,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from . import quant
-from .quant import LayerSpec, _atomic_write_bytes, _build_quantized
+from .models import CIFAR_RESNET_DEPTHS, CifarResNet, create_model
+from .quant import LayerSpec, build_quantized
+from .runtime import atomic_write_bytes
 
 __all__ = [
     "HEADER_BYTES",
@@ -112,16 +115,10 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 def infer_arch(model: nn.Module) -> tuple[str, int] | None:
     """(arch, num_classes) for hmqat.models.create_model if ``model`` is one of its families
     (CIFAR ResNet-20/32/44/56, torchvision ResNet-18/50), else None."""
-    from .models import CIFAR_RESNET_DEPTHS, CifarResNet
-
     if isinstance(model, CifarResNet):
         depth = 6 * len(model.layer1) + 2
         if depth in CIFAR_RESNET_DEPTHS and len(model.layer2) == len(model.layer3) == len(model.layer1):
             return f"resnet{depth}", model.linear.out_features
-        return None
-    try:
-        from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
-    except ImportError:  # pragma: no cover - torchvision is a dependency
         return None
     if type(model) is ResNet:
         blocks = tuple(len(getattr(model, f"layer{i}")) for i in range(1, 5))
@@ -192,7 +189,7 @@ def save_packed(qmodel: nn.Module, path: str | os.PathLike, *, arch: str | None 
     payload = b"".join(chunks)
     digest = hashlib.sha256(js + payload).digest()
     header = _HEADER.pack(MAGIC, VERSION, len(js), len(payload), digest)
-    _atomic_write_bytes(path, header + js + payload)
+    atomic_write_bytes(path, header + js + payload)
     return {**meta, "file_bytes": len(header) + len(js) + len(payload), "json_bytes": len(js),
             "payload_bytes": len(payload)}
 
@@ -238,7 +235,6 @@ def _template(meta: dict[str, Any], model: nn.Module | Callable[[], nn.Module] |
     elif callable(model):
         tmpl = model()
     elif meta.get("arch"):
-        from .models import create_model
         tmpl = create_model(meta["arch"], num_classes=meta.get("num_classes"))
     else:
         raise ValueError("load_packed: the file records no arch; pass the FP32 model (or a "
@@ -329,7 +325,7 @@ def load_packed(path: str | os.PathLike,
         raise ValueError(f"load_packed: layer {extra[0]!r} of {type(tmpl).__name__} is not in the "
                          f"file ({len(extra)} such layers); pass the architecture the file was "
                          "saved from")
-    qmodel = _build_quantized(tmpl, specs)
+    qmodel = build_quantized(tmpl, specs)
     layers = quant.quantized_layers(qmodel)
     _check_sections(path, meta, len(payload), layers)
     state: dict[str, torch.Tensor] = {}
@@ -348,9 +344,9 @@ def load_packed(path: str | os.PathLike,
         n = int(np.prod(sec["shape"]))
         codes = unpack_codes(payload[sec["offset"]:sec["offset"] + sec["nbytes"]], n, sec["bits"],
                              sec["qn"])
-        step = state[f"{layer_name}.weight_quantizer.step"].clamp_min(quant._MIN_STEP)
+        step = state[f"{layer_name}.weight_quantizer.step"].clamp_min(quant.MIN_STEP)
         w = torch.from_numpy(codes).to(step.dtype).reshape(sec["shape"])
-        state[sec["name"]] = w * quant._step_view(step, w, layer.weight_quantizer.per_channel)
+        state[sec["name"]] = w * quant.step_view(step, w, layer.weight_quantizer.per_channel)
     missing, unexpected = qmodel.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith((".initialized", ".bit_width"))]
     if missing or unexpected:

@@ -1,4 +1,4 @@
-"""Per-layer Hutchinson traces of the loss Hessian, with standard errors (DESIGN.md §2 "Sensitivity").
+"""Per-layer Hutchinson traces of the loss Hessian, with standard errors (docs/design.md §3 "Sensitivity").
 
 Equations (L = mean loss over the calibration set, BN in eval mode so L is a mean of per-sample
 losses and the Hessian of the whole set is the size-weighted mean of the batch Hessians):
@@ -25,7 +25,7 @@ Measured choices (pretrained ResNet-20, CIFAR-10 JPEG mirror, 2-core shared CPU,
   Shared-probe means over a few probes are also skewed low: vᵀHv = Σ_k λ_k (u_kᵀv)² + … is
   right-skewed when outlier eigenvalues carry much of the trace.
 * ``probe="layer"`` (default): one HVP per layer, v and the second backward restricted to that
-  layer's weights. DESIGN §2's single HVP over all layers (``probe="joint"``) gives every block at
+  layer's weights. docs/design.md §3's single HVP over all layers (``probe="joint"``) gives every block at
   once, but each block's sample then carries the cross-block terms v_iᵀ H_ij v_j of every other
   layer: 5–67× (median ≈12×) more variance per sample, far more than the ≈5× HVP time of
   per-layer probes (a late layer's second backward stops at that layer, so it is cheap).
@@ -55,7 +55,6 @@ import logging
 import math
 import numbers
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -65,9 +64,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from . import distributed as hdist
+from . import runtime
 from .models import LayerInfo, quantizable_layers
 
 __all__ = [
@@ -75,10 +76,12 @@ __all__ = [
     "PROBE_MODES",
     "HessianError",
     "cache_key",
+    "check_batches",
     "group_product",
     "hessian_vector_product",
     "layer_traces",
     "rademacher",
+    "select_layers",
 ]
 
 log = logging.getLogger(__name__)
@@ -130,7 +133,7 @@ def hessian_vector_product(grads: Sequence[torch.Tensor], params: Sequence[torch
 # --------------------------------------------------------------------------------------------
 # Input checks
 # --------------------------------------------------------------------------------------------
-def _check_batches(batches: Iterable[Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def check_batches(batches: Iterable[Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Materialise ``batches`` as a list of (x, y) tensor pairs with matching, non-zero sizes."""
     if isinstance(batches, torch.Tensor) or batches is None:
         raise HessianError("batches must be a list of (x, y) pairs, e.g. "
@@ -190,7 +193,7 @@ def _default_dtype_call(dtype: torch.dtype | None, fn: Callable, *args: Any, **k
         torch.set_default_dtype(old)
 
 
-def _select_layers(model: nn.Module, layers: Sequence[str] | None,
+def select_layers(model: nn.Module, layers: Sequence[str] | None,
                    input_size: tuple[int, ...], device: torch.device) -> list[LayerInfo]:
     """The quantizable layers to measure, in forward order; unknown names raise HessianError."""
     first = next(model.parameters(), None)
@@ -247,7 +250,7 @@ def _auto_min_probes(n_batches: int) -> int:
 @contextlib.contextmanager
 def measurement_mode(model: nn.Module, params: Sequence[nn.Parameter],
                      device: torch.device) -> Iterator[None]:
-    """Eval mode for every module (BN uses running statistics, DESIGN §2), gradients only for
+    """Eval mode for every module (BN uses running statistics, docs/design.md §3), gradients only for
     ``params``, the model on ``device``; the caller's train/eval flags, requires_grad flags and
     device are restored on exit, also after an exception."""
     modes = [(m, m.training) for m in model.modules()]
@@ -272,26 +275,17 @@ def measurement_mode(model: nn.Module, params: Sequence[nn.Parameter],
 
 
 # --------------------------------------------------------------------------------------------
-# Cache (DESIGN §6: keyed by a hash of the inputs, atomic writes)
+# Cache (docs/design.md §4: keyed by a hash of the inputs, atomic writes)
 # --------------------------------------------------------------------------------------------
-def _hash_tensor(h: hashlib._Hash, t: torch.Tensor) -> None:
-    t = t.detach().to("cpu").contiguous()
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
 def cache_key(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
               settings: dict[str, Any]) -> str:
     """sha256 over the state_dict (weights and BN statistics), the batch tensors and the
     settings (seed, tol, probe counts, layers, criterion, ...)."""
     h = hashlib.sha256(VERSION.encode())
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        _hash_tensor(h, t)
+    runtime.hash_state_dict(h, model)
     for x, y in batches:
-        _hash_tensor(h, x)
-        _hash_tensor(h, y)
+        runtime.hash_tensor(h, x)
+        runtime.hash_tensor(h, y)
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
@@ -333,32 +327,7 @@ def _read_cache(path: Path, key: str) -> pd.DataFrame | None:
 
 
 def _write_cache(path: Path, df: pd.DataFrame) -> None:
-    from .reporting import atomic_write_text
-
-    atomic_write_text(path, json.dumps(_frame_to_json(df)) + "\n")
-
-
-# --------------------------------------------------------------------------------------------
-# Progress (tqdm; plain text when headless, DESIGN §6)
-# --------------------------------------------------------------------------------------------
-def _in_notebook() -> bool:
-    """True inside a Jupyter kernel (where tqdm.auto would draw a widget)."""
-    ipython = sys.modules.get("IPython")
-    get = getattr(ipython, "get_ipython", None)
-    return get is not None and type(get()).__name__ == "ZMQInteractiveShell"
-
-
-def _progress(enabled: bool, desc: str, total: int, unit: str = "hvp") -> Any:
-    """A tqdm bar; text-only (tqdm.std, ASCII, refreshed every 30 s) when HMQAT_HEADLESS is set,
-    tqdm.std outside a notebook, the notebook widget only in an interactive notebook, so papermill
-    saves a few plain lines and no widget."""
-    headless = bool(os.environ.get("HMQAT_HEADLESS"))
-    if headless or not _in_notebook():
-        from tqdm.std import tqdm
-        return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, ascii=True,
-                    mininterval=30.0 if headless else 1.0, file=sys.stderr)
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled)
+    runtime.atomic_write_text(path, json.dumps(_frame_to_json(df)) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,8 +421,6 @@ def _share_sweep(samples: _Samples, plan: dict[int, int], owned: Sequence[int]) 
     """
     if not hdist.is_distributed() or not plan:
         return
-    import torch.distributed as dist
-
     active = sorted(plan)
     n_batches = len(samples.weights)
     buf = torch.zeros(len(active), n_batches, max(plan.values()), dtype=torch.float64)
@@ -528,8 +495,8 @@ def _estimate(model: nn.Module, criterion: Callable, chunks: list[tuple[torch.Te
         if probe == "joint":   # one shared HVP: every active layer gets the largest plan
             plan = dict.fromkeys(plan, max(plan.values()))
         total = len(owned) * sum(max(plan[i] for i in g) for g in groups)
-        bar = _progress(progress, f"hessian traces, sweep {sweeps + 1} ({len(plan)} layers)",
-                        total)
+        bar = runtime.progress(total=total, unit="hvp", disable=not progress,
+                               desc=f"hessian traces, sweep {sweeps + 1} ({len(plan)} layers)")
         try:
             hvps += _sweep(model, criterion, chunks, params, plan, groups, gens, samples, device,
                            bar, owned)
@@ -570,7 +537,7 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
                  criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                  cache_dir: str | os.PathLike | None = None, progress: bool = True,
                  probe: str = "layer", micro_batch: int | str | None = "auto") -> pd.DataFrame:
-    """Per-layer Hessian traces Tr(H_ii) and average traces T̄_i (DESIGN §2, Eqs. H1–H4).
+    """Per-layer Hessian traces Tr(H_ii) and average traces T̄_i (docs/design.md §3, Eqs. H1–H4).
 
     Under ``torchrun`` (an initialised torch.distributed group of N > 1 processes) the work is
     split over the ranks and every rank returns the frame one process would compute from the
@@ -624,7 +591,7 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
         cache_dir: a folder for the JSON cache keyed by :func:`cache_key`; None disables it.
         progress: show a tqdm bar (plain text when HMQAT_HEADLESS is set).
         probe: "layer" (default, one HVP per layer) or "joint" (one HVP over all active layers,
-            DESIGN §2's form); see the module docstring for the measurements behind the default.
+            docs/design.md §3's form); see the module docstring for the measurements behind the default.
         micro_batch: split batches into chunks of this many samples ("auto": 16 on CPU, the
             caller's batches elsewhere; None: never split). Does not change the estimand.
 
@@ -640,7 +607,7 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
             batches or settings differ from rank 0's.
     """
     _check_settings(tol, max_probes, min_probes, probe, micro_batch)
-    batches = _check_batches(batches)
+    batches = check_batches(batches)
     model = hdist.unwrap(model)     # DDP cannot double-backward: measure the plain module
     first = next(model.parameters(), None)
     home = first.device if first is not None else torch.device("cpu")
@@ -650,7 +617,7 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
     chunks = _split(batches, mb)
     r_min = min_probes if min_probes is not None else min(_auto_min_probes(len(chunks)),
                                                           max_probes)
-    infos = _select_layers(model, layers, (1,) + tuple(batches[0][0].shape[1:]), home)
+    infos = select_layers(model, layers, (1,) + tuple(batches[0][0].shape[1:]), home)
     settings = {"layers": [i.name for i in infos], "tol": float(tol), "max_probes": max_probes,
                 "min_probes": r_min, "seed": seed, "probe": probe, "micro_batch": mb,
                 "criterion": _describe(criterion), "version": VERSION}

@@ -1,7 +1,7 @@
 """One writer per results folder: an exclusive lock on ``results/<profile>/.lock``.
 
 Two pipelines on one profile would both run every step, and one would "resume" the other's
-half-written checkpoints; :func:`hmqat.reporting.update_manifest` is a read-modify-write. The
+half-written checkpoints; :func:`hmqat.study.reporting.update_manifest` is a read-modify-write. The
 pipeline therefore holds :func:`results_lock` for its whole run, so the second run stops at once
 with the holder's pid, before any work:
 

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 __all__ = [
     "CIFAR_RESNET_DEPTHS",
@@ -148,7 +149,7 @@ def cifar_resnet(depth: int, num_classes: int = 10) -> CifarResNet:
 # --------------------------------------------------------------------------------------------
 # Factory and pretrained loading
 # --------------------------------------------------------------------------------------------
-_TORCHVISION = ("resnet18", "resnet50")
+TORCHVISION_ARCHS = ("resnet18", "resnet50")
 
 
 def create_model(arch: str, *, pretrained: bool = False, num_classes: int | None = None,
@@ -165,9 +166,7 @@ def create_model(arch: str, *, pretrained: bool = False, num_classes: int | None
         if pretrained:
             load_pretrained(model, arch, weights_dir=weights_dir)
         return model
-    if arch in _TORCHVISION:
-        import torchvision
-
+    if arch in TORCHVISION_ARCHS:
         builder = getattr(torchvision.models, arch)
         if not pretrained:
             return builder(weights=None, num_classes=num_classes or 1000)
@@ -189,7 +188,7 @@ def create_model(arch: str, *, pretrained: bool = False, num_classes: int | None
             model.fc = nn.Linear(model.fc.in_features, num_classes)
         return model
     raise ValueError(f"unknown arch {arch!r}; choose one of "
-                     f"{[f'resnet{d}' for d in CIFAR_RESNET_DEPTHS] + list(_TORCHVISION)}")
+                     f"{[f'resnet{d}' for d in CIFAR_RESNET_DEPTHS] + list(TORCHVISION_ARCHS)}")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

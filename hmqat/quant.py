@@ -1,6 +1,6 @@
 """LSQ fake quantization, quantized layers, bit configs and HAWQ-V3 size/BOPs accounting.
 
-Implements DESIGN.md §2 "Quantizer (LSQ, Esser et al. 2020)" and "Size, compression, BOPs":
+Implements docs/design.md §3 "Quantizer (LSQ, Esser et al. 2020)" and "Size, compression, BOPs":
 
     q(x) = s · clamp(round(x/s), Q_N, Q_P)                                         (Eq. Q)
     weights: signed symmetric,  Q_N = -2^(b-1), Q_P = 2^(b-1)-1, per output channel by default
@@ -15,7 +15,7 @@ Implements DESIGN.md §2 "Quantizer (LSQ, Esser et al. 2020)" and "Size, compres
 N in g is the number of elements sharing one step: the weights of one output channel
 (per-channel) or of the whole layer (per-tensor); for activations the features of one sample.
 
-Typical use (the lead's QAT loop)::
+Typical use (what hmqat.train.qat does)::
 
     >>> import torch
     >>> from hmqat.models import create_model
@@ -28,7 +28,7 @@ Typical use (the lead's QAT loop)::
     ...                        {"params": quant.quantizer_parameters(qm), "lr": 1e-3}], lr=1e-2)
     >>> quant.model_size_mb(qm), quant.bops(qm)
 
-Choices (documented in docs/method.md by the lead):
+Choices (docs/method.md §2 gives the reasons):
 
 * The first layer's input (the normalised image, signed) gets a SIGNED per-tensor LSQ quantizer:
   8 bit under policy ``first_last_8`` (so BOPs count it at 8 bit), ``a_bits`` under ``none``.
@@ -68,6 +68,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models import LayerInfo, quantizable_layers
+from .runtime import atomic_write_bytes
 
 __all__ = [
     "DEFAULT_INPUT_SIZE",
@@ -76,6 +77,7 @@ __all__ = [
     "BitConfigError",
     "LSQQuantizer",
     "LayerSpec",
+    "MIN_STEP",
     "QConv2d",
     "QLinear",
     "act_bits_config",
@@ -92,13 +94,16 @@ __all__ = [
     "is_quantized",
     "load_config",
     "model_size_mb",
+    "build_quantized",
     "quantize_model",
+    "quantizer_steps",
     "quantize_weight",
     "quantized_layers",
     "quantizer_parameters",
     "save_config",
     "set_backend",
     "set_bit_config",
+    "step_view",
     "uniform_config",
     "validate_bit_config",
     "weight_parameters",
@@ -113,7 +118,7 @@ BACKENDS: tuple[str, ...] = ("eager", "compile")
 MB = 2 ** 20
 _MSE_GRID = 100          # candidates α = 1/100 … 100/100 of max|x|/Q_P
 _MSE_MAX_ELEMS = 2 ** 18  # activation MSE search subsamples to at most this many elements
-_MIN_STEP = 1e-8          # the step is clamped to this in the forward (guards s <= 0)
+MIN_STEP = 1e-8          # the step is clamped to this in the forward (guards s <= 0)
 
 
 class BitConfigError(ValueError):
@@ -138,13 +143,13 @@ def _check_choice(value: Any, choices: tuple[str, ...], what: str) -> str:
 
 
 def weight_qrange(bits: int) -> tuple[int, int]:
-    """Signed symmetric integer range (Q_N, Q_P) = (-2^(b-1), 2^(b-1)-1) (DESIGN §2, Eq. Q)."""
+    """Signed symmetric integer range (Q_N, Q_P) = (-2^(b-1), 2^(b-1)-1) (docs/design.md §3, Eq. Q)."""
     b = _check_bits(bits)
     return -(2 ** (b - 1)), 2 ** (b - 1) - 1
 
 
 def act_qrange(bits: int) -> tuple[int, int]:
-    """Unsigned integer range (0, 2^b - 1) for post-ReLU activations (DESIGN §2, Eq. Q)."""
+    """Unsigned integer range (0, 2^b - 1) for post-ReLU activations (docs/design.md §3, Eq. Q)."""
     b = _check_bits(bits)
     return 0, 2 ** b - 1
 
@@ -166,7 +171,7 @@ def _fake_quant_ref(x: torch.Tensor, s: torch.Tensor, qn: int, qp: int) -> torch
 def _mse_step(x2d: torch.Tensor, qn: int, qp: int, signed: bool) -> torch.Tensor:
     """Grid search s = α·max|x|/Q_P, α ∈ {1..100}/100, minimising ||Q(x)-x||² per row of x2d."""
     amax = x2d.abs().amax(dim=1) if signed else x2d.clamp_min(0).amax(dim=1)
-    amax = amax.clamp_min(_MIN_STEP)
+    amax = amax.clamp_min(MIN_STEP)
     best_err = torch.full_like(amax, float("inf"))
     best = amax / qp
     for k in range(1, _MSE_GRID + 1):
@@ -180,7 +185,7 @@ def _mse_step(x2d: torch.Tensor, qn: int, qp: int, signed: bool) -> torch.Tensor
 
 def init_step(x: torch.Tensor, bits: int, *, signed: bool = True, per_channel: bool = True,
               method: str = "lsq") -> torch.Tensor:
-    """Initial LSQ step for tensor ``x`` (DESIGN §2 "Init").
+    """Initial LSQ step for tensor ``x`` (docs/design.md §3 "Init").
 
     ``lsq``: s = 2·mean|x|/sqrt(Q_P) (Esser et al. 2020); ``mse``: the grid search of
     :func:`_mse_step`. Per channel (dim 0) when ``per_channel`` (shape [C]), else shape [1].
@@ -197,19 +202,19 @@ def init_step(x: torch.Tensor, bits: int, *, signed: bool = True, per_channel: b
                 stride = -(-x2d.shape[1] // _MSE_MAX_ELEMS)
                 x2d = x2d[:, ::stride]
             s = _mse_step(x2d.float(), qn, qp, signed).to(x.dtype)
-        return s.clamp_min(_MIN_STEP)
+        return s.clamp_min(MIN_STEP)
 
 
 def quantize_weight(w: torch.Tensor, bits: int, *, per_channel: bool = True,
                     method: str = "lsq") -> torch.Tensor:
-    """Q_b(w) with the INITIAL step exactly as QAT starts (used for ||Q_b(W)-W||², DESIGN §2)."""
+    """Q_b(w) with the INITIAL step exactly as QAT starts (used for ||Q_b(W)-W||², docs/design.md §3)."""
     qn, qp = weight_qrange(bits)
     s = init_step(w, bits, signed=True, per_channel=per_channel, method=method)
     with torch.no_grad():
-        return _fake_quant_ref(w.detach(), _step_view(s, w, per_channel), qn, qp)
+        return _fake_quant_ref(w.detach(), step_view(s, w, per_channel), qn, qp)
 
 
-def _step_view(step: torch.Tensor, x: torch.Tensor, per_channel: bool) -> torch.Tensor:
+def step_view(step: torch.Tensor, x: torch.Tensor, per_channel: bool) -> torch.Tensor:
     """Broadcast a [C] (per-channel, dim 0) or [1] step against x."""
     return step.view((-1,) + (1,) * (x.dim() - 1)) if per_channel else step
 
@@ -327,13 +332,13 @@ def _run_compiled(name: str, *args: Any) -> Any:
 
 
 class _LSQFunction(torch.autograd.Function):
-    """Eq. Q with the STE input gradient and the LSQ step gradient times g (DESIGN §2)."""
+    """Eq. Q with the STE input gradient and the LSQ step gradient times g (docs/design.md §3)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, step: torch.Tensor, qn: int, qp: int,
                 grad_scale: float, per_channel: bool, bounds: tuple[torch.Tensor, torch.Tensor]
                 ) -> torch.Tensor:
-        s = _step_view(step.clamp_min(_MIN_STEP), x, per_channel)
+        s = step_view(step.clamp_min(MIN_STEP), x, per_channel)
         ctx.qn, ctx.qp, ctx.g, ctx.per_channel = qn, qp, grad_scale, per_channel
         out = None
         if _BACKEND == "compile" and x.numel() >= _COMPILE_MIN_NUMEL:
@@ -360,7 +365,7 @@ class _LSQFunction(torch.autograd.Function):
             res = _run_compiled("backward", _rows(grad, pc, nhwc), _rows(x, pc, nhwc), s2, qn_t,
                                 qp_t)
             if res is None:  # compile failed between forward and backward
-                s = _step_view(s2.reshape(-1), x, pc)
+                s = step_view(s2.reshape(-1), x, pc)
                 out = _eager_forward(x, s, ctx.qn, ctx.qp)
                 res = _eager_backward(grad, x, out, s, ctx.qn, ctx.qp, pc)
             else:
@@ -392,7 +397,7 @@ def _suspend_lazy_init() -> Iterator[None]:
 
 
 class LSQQuantizer(nn.Module):
-    """LSQ fake quantizer (DESIGN §2, Eq. Q) with a learned step ``step``.
+    """LSQ fake quantizer (docs/design.md §3, Eq. Q) with a learned step ``step``.
 
     Args:
         bits: bit width in SUPPORTED_BITS.
@@ -484,7 +489,7 @@ class LSQQuantizer(nn.Module):
             self.bits = int(self.bit_width)
 
     def set_bits(self, new_bits: int, reinit: str = "range", x: torch.Tensor | None = None) -> None:
-        """Change the bit width (DESIGN §2 "Precision transitions").
+        """Change the bit width (docs/design.md §3 "Precision transitions").
 
         ``range``: s_new = s_old·Q_P(old)/Q_P(new), so the clipping range s·Q_P carries over.
         ``mse``/``lsq``: re-initialise from ``x`` if given, else lazily from the next batch
@@ -542,7 +547,7 @@ class LSQQuantizer(nn.Module):
     @torch.no_grad()
     def int_repr(self, x: torch.Tensor, dtype: torch.dtype = torch.int32) -> torch.Tensor:
         """Integer codes round(clamp(x/s, Q_N, Q_P)) as ``dtype`` (export, oscillation tracking)."""
-        s = _step_view(self.step.clamp_min(_MIN_STEP), x, self.per_channel)
+        s = step_view(self.step.clamp_min(MIN_STEP), x, self.per_channel)
         return torch.clamp(x / s, self.qn, self.qp).round_().to(dtype)
 
     def extra_repr(self) -> str:
@@ -697,6 +702,29 @@ def _fixed_from(names: list[str], policy: str) -> dict[str, int]:
     return {names[0]: 8, names[-1]: 8}
 
 
+def _act_bits_from(names: list[str], a_bits: int | None, policy: str) -> dict[str, int | None]:
+    """The one place of the rule "the first layer's input (the signed image) at 8 bits under
+    first_last_8": ``a_bits`` for every layer, 8 for ``names[0]`` under that policy; None
+    everywhere when ``a_bits`` is None (FP inputs)."""
+    if a_bits is None:
+        return {n: None for n in names}
+    a = _check_bits(a_bits, "a_bits")
+    out: dict[str, int | None] = {n: a for n in names}
+    if _check_policy(policy) == "first_last_8" and names:
+        out[names[0]] = 8
+    return out
+
+
+def quantizer_steps(layers: Iterable[LayerInfo], *, per_channel: bool,
+                    a_bits: int | None) -> int:
+    """Step-size parameters QAT adds to ``layers``: out_channels per weight quantizer when
+    ``per_channel`` (else one), plus one per input-activation quantizer when ``a_bits`` is set
+    (docs/method.md, size accounting)."""
+    layers = list(layers)
+    steps = sum(i.weight_shape[0] if per_channel else 1 for i in layers)
+    return steps + (len(layers) if a_bits is not None else 0)
+
+
 def fixed_layers(model: nn.Module, policy: str = "first_last_8", *,
                  input_size: InputSize = DEFAULT_INPUT_SIZE) -> dict[str, int]:
     """{name: 8} for the first and last quantizable layers (forward order) under first_last_8.
@@ -711,7 +739,7 @@ def fixed_layers(model: nn.Module, policy: str = "first_last_8", *,
 
 def uniform_config(model: nn.Module, bits: int, policy: str = "first_last_8", *,
                    input_size: InputSize = DEFAULT_INPUT_SIZE) -> dict[str, int]:
-    """Every quantizable layer at ``bits`` except the policy's fixed layers (DESIGN §6)."""
+    """Every quantizable layer at ``bits`` except the policy's fixed layers (docs/design.md §4)."""
     b = _check_bits(bits)
     names = [info.name for info in _layers(model, input_size)]
     cfg = {name: b for name in names}
@@ -721,7 +749,7 @@ def uniform_config(model: nn.Module, bits: int, policy: str = "first_last_8", *,
 
 def _config_errors(names: list[str], config: Mapping[str, Any], fixed: Mapping[str, int],
                    policy: str, model_name: str) -> list[str]:
-    """Every problem of ``config`` for layers ``names`` (DESIGN §6), one message per key."""
+    """Every problem of ``config`` for layers ``names`` (docs/design.md §4), one message per key."""
     if not isinstance(config, Mapping):
         raise BitConfigError(f"bit config must be a dict {{layer name: bits}}, got "
                              f"{type(config).__name__}")
@@ -755,7 +783,7 @@ def _raise_errors(errors: list[str]) -> None:
 def validate_bit_config(model: nn.Module, config: Mapping[str, Any], *,
                         policy: str = "first_last_8", raise_errors: bool = True,
                         input_size: InputSize = DEFAULT_INPUT_SIZE) -> list[str]:
-    """Check ``config`` against ``model`` (DESIGN §6): unknown names, missing layers, unsupported
+    """Check ``config`` against ``model`` (docs/design.md §4): unknown names, missing layers, unsupported
     bits, policy conflicts. Raises one BitConfigError listing every problem (or returns the list
     when ``raise_errors=False``; empty means valid)."""
     _check_policy(policy)
@@ -772,41 +800,13 @@ def act_bits_config(model: nn.Module, a_bits: int | None, policy: str = "first_l
     """Input-activation bits per layer: a_bits everywhere, the first layer at 8 under
     first_last_8 (its signed image input); None everywhere when a_bits is None (FP inputs)."""
     _check_policy(policy)
-    names = [info.name for info in _layers(model, input_size)]
-    if a_bits is None:
-        return {n: None for n in names}
-    a = _check_bits(a_bits, "a_bits")
-    out: dict[str, int | None] = {n: a for n in names}
-    if policy == "first_last_8" and names:
-        out[names[0]] = 8
-    return out
-
-
-def _atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and os.replace. The
-    file is created with ``open(..., "xb")``, so its mode follows the user's umask (like
-    :func:`hmqat.reporting.atomic_write_text`; ``tempfile.mkstemp`` would force 0600)."""
-    from .reporting import temporary_path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    return _act_bits_from([info.name for info in _layers(model, input_size)], a_bits, policy)
 
 
 def save_config(config: Mapping[str, int], path: str | os.PathLike) -> None:
-    """Write a bit config as JSON {"layer": bits, ...} atomically (DESIGN §6)."""
+    """Write a bit config as JSON {"layer": bits, ...} atomically (docs/design.md §4)."""
     clean = {str(k): _check_bits(v, f"layer {k!r}") for k, v in config.items()}
-    _atomic_write_bytes(path, (json.dumps(clean, indent=1) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(clean, indent=1) + "\n").encode())
 
 
 def load_config(path: str | os.PathLike) -> dict[str, int]:
@@ -831,7 +831,7 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _build_quantized(model: nn.Module, specs: Mapping[str, LayerSpec]) -> nn.Module:
+def build_quantized(model: nn.Module, specs: Mapping[str, LayerSpec]) -> nn.Module:
     """Deep-copy ``model`` and swap each named Conv2d/Linear for QConv2d/QLinear per ``specs``."""
     qmodel = copy.deepcopy(model)
     for name, spec in specs.items():
@@ -850,7 +850,7 @@ def quantize_model(model: nn.Module, bit_config: Mapping[str, int], *, a_bits: i
                    policy: str = "first_last_8", per_channel: bool = True, init: str = "lsq",
                    input_size: InputSize = DEFAULT_INPUT_SIZE) -> nn.Module:
     """A NEW model (deep copy; ``model`` untouched) with every Conv2d/Linear replaced by
-    QConv2d/QLinear at the config's weight bits (DESIGN §2). BatchNorm and all other modules are
+    QConv2d/QLinear at the config's weight bits (docs/design.md §3). BatchNorm and all other modules are
     kept as they are (forward hooks on the replaced layers are not carried over).
 
     Input activations: the first layer's input (the image, signed) gets a signed quantizer (8 bit
@@ -867,18 +867,16 @@ def quantize_model(model: nn.Module, bit_config: Mapping[str, int], *, a_bits: i
     names = [info.name for info in _layers(model, input_size)]
     _raise_errors(_config_errors(names, bit_config, _fixed_from(names, policy), policy,
                                  type(model).__name__))
-    a = None if a_bits is None else _check_bits(a_bits, "a_bits")
-    specs = {}
-    for i, name in enumerate(names):
-        ab = 8 if (i == 0 and a is not None and policy == "first_last_8") else a
-        specs[name] = LayerSpec(int(bit_config[name]), ab, a_signed=(i == 0),
-                                per_channel=per_channel, init=init)
-    return _build_quantized(model, specs)
+    abits = _act_bits_from(names, a_bits, policy)
+    specs = {name: LayerSpec(int(bit_config[name]), abits[name], a_signed=(i == 0),
+                             per_channel=per_channel, init=init)
+             for i, name in enumerate(names)}
+    return build_quantized(model, specs)
 
 
 def set_bit_config(qmodel: nn.Module, config: Mapping[str, int], *, reinit: str = "range",
                    policy: str = "none") -> nn.Module:
-    """Change the weight bits of a quantized model in place (precision transitions, DESIGN §2),
+    """Change the weight bits of a quantized model in place (precision transitions, docs/design.md §3),
     using :meth:`LSQQuantizer.set_bits` (``range`` keeps each layer's clipping range).
     ``policy="first_last_8"`` also checks that the first/last layers (as built) stay at 8."""
     layers = quantized_layers(qmodel)
@@ -961,7 +959,7 @@ def calibrate_activations(qmodel: nn.Module, batches: Iterable[Any], *,
 
 
 # --------------------------------------------------------------------------------------------
-# Accounting (HAWQ-V3, DESIGN §2 Eq. S and Eq. B)
+# Accounting (HAWQ-V3, docs/design.md §3 Eq. S and Eq. B)
 # --------------------------------------------------------------------------------------------
 def _n_params(params: Iterable[nn.Parameter]) -> int:
     return sum(p.numel() for p in params)
@@ -987,10 +985,9 @@ def _size_bytes(model: nn.Module, config: Mapping[str, int] | None, a_bits: int 
         infos = _layers(model, input_size)
         names = [i.name for i in infos]
         n_w = {i.name: i.n_params for i in infos}
-        steps = sum(i.weight_shape[0] if per_channel else 1 for i in infos)
         if a_bits is not None:
             _check_bits(a_bits, "a_bits")
-            steps += len(infos)  # one per-tensor step per input-activation quantizer
+        steps = quantizer_steps(infos, per_channel=per_channel, a_bits=a_bits)
         other = _n_params(model.parameters()) - sum(n_w.values()) + steps
     _raise_errors(_config_errors(names, config, {}, "none", type(model).__name__))
     return sum(n * int(config[name]) for name, n in n_w.items()) / 8 + 4.0 * other
@@ -999,7 +996,7 @@ def _size_bytes(model: nn.Module, config: Mapping[str, int] | None, a_bits: int 
 def model_size_mb(model: nn.Module, config: Mapping[str, int] | None = None,
                   a_bits: int | None = None, *, per_channel: bool = True,
                   input_size: InputSize = DEFAULT_INPUT_SIZE) -> float:
-    """Model size in MB (2^20 bytes) by HAWQ-V3's convention (DESIGN §2, Eq. S).
+    """Model size in MB (2^20 bytes) by HAWQ-V3's convention (docs/design.md §3, Eq. S).
 
     * FP32 model, ``config=None``: 4·(all parameters).
     * FP32 model + config: Σ n_i b_i/8 + 4·(biases, BN affine, weight steps — out_channels per
@@ -1013,14 +1010,14 @@ def model_size_mb(model: nn.Module, config: Mapping[str, int] | None = None,
 def compression_ratio(model: nn.Module, config: Mapping[str, int] | None = None,
                       a_bits: int | None = None, *, per_channel: bool = True,
                       input_size: InputSize = DEFAULT_INPUT_SIZE) -> float:
-    """FP32 size / quantized size (DESIGN §2)."""
+    """FP32 size / quantized size (docs/design.md §3)."""
     return fp32_size_mb(model) / model_size_mb(model, config, a_bits, per_channel=per_channel,
                                                input_size=input_size)
 
 
 def bops(model: nn.Module, config: Mapping[str, int] | None = None, a_bits: int | None = None, *,
          policy: str = "first_last_8", input_size: InputSize = DEFAULT_INPUT_SIZE) -> int:
-    """Bit operations per sample, Σ_i MACs_i · b_i · a_i (DESIGN §2, Eq. B).
+    """Bit operations per sample, Σ_i MACs_i · b_i · a_i (docs/design.md §3, Eq. B).
 
     Weight bits b_i from ``config`` (a quantized model's own bits when None; 32 for an FP32
     model). Activation bits a_i: a quantized model's own quantizers (32 where FP); otherwise
@@ -1035,13 +1032,7 @@ def bops(model: nn.Module, config: Mapping[str, int] | None = None, a_bits: int 
         config = bit_config_of(model)
     if config is not None:
         _raise_errors(_config_errors(names, config, {}, "none", type(model).__name__))
-    if quantized:
-        abits = act_bits_of(model)
-    elif a_bits is None:
-        abits = {n: None for n in names}
-    else:
-        a = _check_bits(a_bits, "a_bits")
-        abits = {n: (8 if i == 0 and policy == "first_last_8" else a) for i, n in enumerate(names)}
+    abits = act_bits_of(model) if quantized else _act_bits_from(names, a_bits, policy)
     total = 0
     for info in layers:
         wb = 32 if config is None else int(config[info.name])

@@ -1,6 +1,6 @@
 """Bit allocation: the exact Pareto frontier of (cost, ΣΩ) and the reference searches.
 
-DESIGN.md §2 "Search": minimise Σ_i Ω_i(b_i) subject to Σ_i n_i·b_i ≤ budget_bits (or a BOPs
+docs/design.md §3 "Search": minimise Σ_i Ω_i(b_i) subject to Σ_i n_i·b_i ≤ budget_bits (or a BOPs
 budget). This is a multiple-choice knapsack with integer costs, so a dynamic program that merges
 Pareto lists layer by layer, pruning dominated states, yields the *exact* set of non-dominated
 configurations; every budget is then answered by a lookup (:func:`select`). The returned
@@ -14,7 +14,7 @@ builds configs (one per :func:`select`, or the whole ``points`` table) only when
     >>> select(front, max_mb=0.0002)["config"]
     {'a': 4, 'b': 4}
 
-Accounting (HAWQ-V3, DESIGN.md §2 "Size, compression, BOPs"):
+Accounting (HAWQ-V3, docs/design.md §3 "Size, compression, BOPs"):
 
 * ``size_bytes = Σ_i n_i·b_i/8 + 4·other_params``; ``MB = 2**20`` bytes.
 * ``compression = fp32_mb / size_mb`` with ``fp32_mb = 4·fp32_params / 2**20``. ``fp32_params``
@@ -43,11 +43,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .models import quantizable_layers
+from .quant import SUPPORTED_BITS, act_bits_config, fixed_layers, quantizer_steps
+
 __all__ = [
     "SearchError",
     "InfeasibleBudgetError",
     "Frontier",
     "Allocation",
+    "Problem",
     "pareto_frontier",
     "select",
     "evaluate_config",
@@ -75,7 +79,7 @@ class InfeasibleBudgetError(SearchError):
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Unit:
-    """A super-layer of the DP: one free layer, a fixed layer or a tied group (DESIGN.md §2)."""
+    """A super-layer of the DP: one free layer, a fixed layer or a tied group (docs/design.md §3)."""
 
     members: np.ndarray      # layer indices (int)
     bits: np.ndarray         # allowed bit widths, ascending (int)
@@ -126,8 +130,6 @@ def _omega_table(omega: pd.DataFrame | Mapping[str, Mapping[int, float]]
     DataFrame, a dict-of-dicts and CSV str column labels. Plain numpy after the label checks
     (pandas reindexing was a large part of a ResNet-50 search call). Columns must be widths
     :func:`hmqat.quant.quantize_model` accepts (``hmqat.quant.SUPPORTED_BITS``)."""
-    from .quant import SUPPORTED_BITS  # lazy: keeps `import hmqat.search` free of torch
-
     if isinstance(omega, Mapping):
         omega = pd.DataFrame.from_dict({k: dict(v) for k, v in omega.items()}, orient="index")
     if not isinstance(omega, pd.DataFrame):
@@ -335,7 +337,7 @@ def _unit_tables(units: Sequence[_Unit], n_layers: int) -> tuple[np.ndarray, np.
 # Frontier and accounting
 # --------------------------------------------------------------------------------------------
 class Frontier:
-    """The exact Pareto frontier of (cost_int, ΣΩ) (DESIGN.md §2 "Search").
+    """The exact Pareto frontier of (cost_int, ΣΩ) (docs/design.md §3 "Search").
 
     ``points``: one row per non-dominated configuration, sorted by ``cost_int`` ascending (Ω then
     strictly decreases), with columns ``cost_int`` (Σ n_i·b_i bits, or BOPs), ``size_mb``,
@@ -507,7 +509,7 @@ class Allocation:
 def _accounting(p: _Problem, bits_mat: np.ndarray) -> dict[str, np.ndarray]:
     """Size/compression/BOPs/avg-bits columns for configs given as a [N, L] bit matrix, or
     numpy scalars (the same float operations) for one [L] config
-    (DESIGN.md §2: size_bytes = Σ n_i b_i/8 + 4·other, MB = 2^20, BOPs = Σ MACs_i b_i a_i)."""
+    (docs/design.md §3: size_bytes = Σ n_i b_i/8 + 4·other, MB = 2^20, BOPs = Σ MACs_i b_i a_i)."""
     wbits = bits_mat @ p.n_params
     size_mb = (wbits / 8.0 + 4.0 * p.other_params) / MB
     out = {"size_mb": size_mb, "compression": p.fp32_mb / size_mb,
@@ -547,7 +549,7 @@ _BUCKETS_PER_STATE = 1
 
 @dataclass(frozen=True)
 class _Trace:
-    """Back-pointers of one Pareto DP (DESIGN.md §2 "Search"), enough to rebuild the choices of
+    """Back-pointers of one Pareto DP (docs/design.md §3 "Search"), enough to rebuild the choices of
     any final state on demand (O(items) for one state) instead of an [N, items] matrix.
 
     Step t merged item ``order[t]`` into ``n_parents[t]`` states; kept state i of that step came
@@ -617,7 +619,7 @@ def _dp_order(items: Sequence[_Unit | _Block]) -> list[int]:
 
 def _pareto_keep(cost: np.ndarray, omega: np.ndarray, order: np.ndarray | None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The non-dominated states among candidates (DESIGN.md §2 "Search"): their indices into
+    """The non-dominated states among candidates (docs/design.md §3 "Search"): their indices into
     ``cost``/``omega``, costs and Ωs, ascending in cost. ``order`` lists the candidates to
     consider sorted by cost (stably); None means all of them, already in cost order.
 
@@ -645,7 +647,7 @@ def _bucket_filter(cost: np.ndarray, omega: np.ndarray, max_cost: int,
                    n_buckets: int) -> np.ndarray:
     """Ascending indices of the candidates that may be Pareto-optimal; the others are dominated
     by a strictly cheaper candidate, so dropping them leaves :func:`_pareto_keep` unchanged
-    (DESIGN.md §2 "Search"). ``cost`` >= 0 with maximum ``max_cost``.
+    (docs/design.md §3 "Search"). ``cost`` >= 0 with maximum ``max_cost``.
 
     Costs fall into ~``n_buckets`` power-of-two buckets g = cost >> shift; ``bound[g]`` = min Ω
     over buckets < g, whose candidates all cost strictly less than any in bucket g. A candidate
@@ -690,7 +692,7 @@ def _merge_unit(cost: np.ndarray, omega: np.ndarray, step: np.ndarray, unit_omeg
 def _dp(items: Sequence[_Unit | _Block], order: Sequence[int] | None = None,
         use_filter: bool = True) -> tuple[np.ndarray, np.ndarray, _Trace]:
     """Exact Pareto DP over items with ascending option costs ``cost`` and Ωs ``omega`` (units
-    or blocks; multiple-choice knapsack, DESIGN.md §2 "Search").
+    or blocks; multiple-choice knapsack, docs/design.md §3 "Search").
 
     State list = (cost, Ω) pairs sorted by cost with strictly decreasing Ω. Items are merged in
     ``order`` (default: forward) by :func:`_merge_unit`; costs are kept relative to the cheapest
@@ -776,7 +778,7 @@ def pareto_frontier(omega: pd.DataFrame | Mapping[str, Mapping[int, float]],
                     fixed: Mapping[str, int] | None = None,
                     tied: Sequence[Sequence[str]] | None = None, other_params: int = 0,
                     fp32_params: int | None = None) -> Frontier:
-    """Exact Pareto frontier of (cost, Σ_i Ω_i(b_i)) over all allowed bit configs (DESIGN.md §2).
+    """Exact Pareto frontier of (cost, Σ_i Ω_i(b_i)) over all allowed bit configs (docs/design.md §3).
 
     Args:
         omega: Ω_i(b) >= 0, DataFrame index=layer (forward order), columns=bits; or a
@@ -797,12 +799,8 @@ def pareto_frontier(omega: pd.DataFrame | Mapping[str, Mapping[int, float]],
     Returns a lazy :class:`Frontier`: the call costs validation plus the DP; configs and the
     ``points`` table are built when first used.
     """
-    p = _prepare(omega, n_params, bits, cost=cost, macs=macs, a_bits=a_bits, fixed=fixed,
-                 tied=tied, other_params=other_params, fp32_params=fp32_params)
-    t0 = time.perf_counter()
-    cost_int, total, plan = _search(p.units)
-    ms = (time.perf_counter() - t0) * 1e3
-    return Frontier(p, cost_int, total, ms, "dp", plan=plan)
+    return Problem(omega, n_params, bits, macs=macs, a_bits=a_bits, fixed=fixed, tied=tied,
+                   other_params=other_params, fp32_params=fp32_params).frontier(cost)
 
 
 # --------------------------------------------------------------------------------------------
@@ -852,7 +850,7 @@ def _smallest_msg(kind: str, value: float, size_mb: float, compression: float,
 def select(frontier: Frontier, *, max_mb: float | None = None,
            min_compression: float | None = None, max_bops: float | None = None) -> pd.Series:
     """Lowest-Ω frontier point meeting one budget: "≤ X MB", "≥ R× compression" or "≤ B BOPs"
-    (DESIGN.md §2 "Picking a point"). Returns the ``points`` row (``row["config"]`` is the dict).
+    (docs/design.md §3 "Picking a point"). Returns the ``points`` row (``row["config"]`` is the dict).
     On a frontier Ω falls as cost rises, so this is the most expensive point within budget: a
     binary search (:meth:`Frontier.n_within`) plus one back-tracked config
     (:meth:`Frontier.row`); the ``points`` table is not built."""
@@ -907,69 +905,70 @@ def _check_feasible(p: _Problem, kind: str, value: float, max_cost: int) -> None
         raise InfeasibleBudgetError(_smallest_msg(kind, value, a.size_mb, a.compression, a.bops))
 
 
-def evaluate_config(config: Mapping[str, int], omega, n_params, *, macs=None, a_bits=None,
-                    fixed=None, tied=None, other_params: int = 0, fp32_params: int | None = None,
-                    method: str = "given") -> Allocation:
-    """Size, compression, BOPs and ΣΩ of any {layer: bits} config (DESIGN.md §2 accounting).
-
-    With ``fixed``/``tied``, the config must honour them (an error names the offending layer).
-    """
-    p = _prepare(omega, n_params, None, macs=macs, a_bits=a_bits, other_params=other_params,
-                 fp32_params=fp32_params, fixed=fixed, tied=tied)
-    _check_names("config", config.keys(), p.layers)
-    wrong = {k: (config[k], b) for k, b in p.fixed.items() if int(config[k]) != int(b)}
-    if wrong:
-        raise SearchError(f"config breaks fixed layers (given, fixed): {wrong}")
-    for group in p.tied:
-        if len({int(config[k]) for k in group}) > 1:
-            raise SearchError(f"config gives the tied group {group} different bits "
-                              f"{[config[k] for k in group]}")
-    bad = {k: v for k, v in config.items() if v not in p.columns}
-    if bad:
-        raise SearchError(f"config bits {bad} have no omega column (columns {list(p.columns)})")
-    return _allocation(p, np.array([config[k] for k in p.layers]), method)
+def evaluate_config(config: Mapping[str, int], omega, n_params, *, method: str = "given",
+                    **accounting: Any) -> Allocation:
+    """:meth:`Problem.evaluate` (``accounting``: the keyword arguments of :class:`Problem`)."""
+    return Problem(omega, n_params, **accounting).evaluate(config, method=method)
 
 
 # --------------------------------------------------------------------------------------------
 # References
 # --------------------------------------------------------------------------------------------
-def brute_force_frontier(omega, n_params, bits=None, *, cost="size", macs=None, a_bits=None,
-                         fixed=None, tied=None, other_params=0, fp32_params=None,
-                         max_configs: int = BRUTE_FORCE_LIMIT) -> Frontier:
-    """Reference frontier by enumerating every per-layer config (fixed layers pinned), dropping
-    those that break a tie, then keeping each cost's minimum Ω when it is strictly below every
-    cheaper cost's (pandas groupby + cummin). Refuses more than ``max_configs`` configs."""
-    p = _prepare(omega, n_params, bits, cost=cost, macs=macs, a_bits=a_bits, fixed=fixed,
-                 tied=tied, other_params=other_params, fp32_params=fp32_params)
-    t0 = time.perf_counter()
-    group_fixed = {name: p.fixed[m] for g in p.tied for m in g if m in p.fixed for name in g}
-    options = [[group_fixed.get(name, p.fixed.get(name))] if name in p.fixed or
-               name in group_fixed else list(p.bits) for name in p.layers]
-    count = math.prod(len(o) for o in options)
-    if count > max_configs:
-        raise SearchError(f"brute force would enumerate {count:,} configs (> max_configs="
-                          f"{max_configs:,}); use pareto_frontier (exact DP) or a smaller table")
-    grids = np.meshgrid(*[np.array(o, dtype=np.int64) for o in options], indexing="ij")
-    bits_mat = np.stack([g.ravel() for g in grids], axis=1)
-    index = {name: j for j, name in enumerate(p.layers)}
-    for g in p.tied:
-        cols = bits_mat[:, [index[m] for m in g]]
-        bits_mat = bits_mat[(cols == cols[:, :1]).all(axis=1)]
-    total = _omega_of(p, bits_mat)
-    cost_int = _accounting(p, bits_mat)["cost_int"]
-    df = pd.DataFrame({"c": cost_int, "w": total}).sort_values(["c", "w"], kind="stable")
-    best = df.groupby("c", sort=True).head(1)             # min Ω per cost
-    prev = best["w"].cummin().shift(1, fill_value=np.inf)  # min Ω of strictly cheaper costs
-    chosen = best.index[(best["w"] < prev).to_numpy()]
-    ms = (time.perf_counter() - t0) * 1e3
-    return Frontier(p, cost_int[chosen], total[chosen], ms, "brute_force",
-                    bits_matrix=bits_mat[chosen])
+def brute_force_frontier(omega, n_params, bits=None, *, cost="size",
+                         max_configs: int = BRUTE_FORCE_LIMIT, **accounting: Any) -> Frontier:
+    """:meth:`Problem.brute_force` (``accounting``: the keyword arguments of :class:`Problem`)."""
+    return Problem(omega, n_params, bits, **accounting).brute_force(cost, max_configs=max_configs)
 
 
 def ilp_select(omega, n_params, bits=None, *, max_mb=None, min_compression=None, max_bops=None,
-               macs=None, a_bits=None, fixed=None, tied=None, other_params=0, fp32_params=None,
-               time_limit: float | None = None, msg: bool = False) -> Allocation:
-    """HAWQ-V3 ILP (DESIGN.md §2), generalised to the candidate set, solved with PuLP + CBC.
+               time_limit: float | None = None, msg: bool = False,
+               **accounting: Any) -> Allocation:
+    """:meth:`Problem.ilp` (``accounting``: the keyword arguments of :class:`Problem`)."""
+    return Problem(omega, n_params, bits, **accounting).ilp(
+        max_mb=max_mb, min_compression=min_compression, max_bops=max_bops,
+        time_limit=time_limit, msg=msg)
+
+
+def _cbc(pulp, **options):
+    """CBC: a system ``cbc`` via COIN_CMD when present, else PuLP's bundled PULP_CBC_CMD (which
+    PuLP 3.3 marks deprecated for 4.0; the warning is silenced as there is no other bundled CBC)."""
+    coin = getattr(pulp, "COIN_CMD", None)
+    if coin is not None and coin(msg=False).available():
+        return coin(**options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return pulp.PULP_CBC_CMD(**options)
+
+
+def greedy_select(omega, n_params, bits=None, *, max_mb=None, min_compression=None,
+                  max_bops=None, **accounting: Any) -> Allocation:
+    """:meth:`Problem.greedy` (``accounting``: the keyword arguments of :class:`Problem`)."""
+    return Problem(omega, n_params, bits, **accounting).greedy(
+        max_mb=max_mb, min_compression=min_compression, max_bops=max_bops)
+
+
+def random_select(omega, n_params, bits=None, *, max_mb=None, min_compression=None,
+                  max_bops=None, seed: int = 0, n_samples: int = 1000,
+                  **accounting: Any) -> Allocation:
+    """:meth:`Problem.random` (``accounting``: the keyword arguments of :class:`Problem`)."""
+    return Problem(omega, n_params, bits, **accounting).random(
+        max_mb=max_mb, min_compression=min_compression, max_bops=max_bops, seed=seed,
+        n_samples=n_samples)
+
+
+def uniform_select(omega, n_params, bits=None, *, max_mb=None, min_compression=None,
+                   max_bops=None, **accounting: Any) -> Allocation:
+    """:meth:`Problem.uniform` (``accounting``: the keyword arguments of :class:`Problem`)."""
+    return Problem(omega, n_params, bits, **accounting).uniform(
+        max_mb=max_mb, min_compression=min_compression, max_bops=max_bops)
+
+
+# --------------------------------------------------------------------------------------------
+# The search problem: one object, built once
+# --------------------------------------------------------------------------------------------
+def _ilp(p: _Problem, kind: str, value: float, max_cost: int, time_limit: float | None,
+         msg: bool) -> Allocation:
+    """HAWQ-V3 ILP (docs/design.md §3), generalised to the candidate set, solved with PuLP + CBC.
 
     Binary x_{i,b}; min Σ Ω_i(b)·x_{i,b} s.t. Σ_b x_{i,b} = 1, x_{i,b} = x_{j,b} for tied i, j,
     x_{i,f} = 1 for fixed layers, Σ c_i·b·x_{i,b} ≤ budget. One solve per budget.
@@ -979,12 +978,6 @@ def ilp_select(omega, n_params, bits=None, *, max_mb=None, min_compression=None,
     except ImportError:  # pragma: no cover - pulp is in the dev/ilp extras
         raise ImportError("ilp_select needs PuLP: `pip install pulp` (ships the CBC solver)") \
             from None
-    cost = "bops" if max_bops is not None else "size"
-    p = _prepare(omega, n_params, bits, cost=cost, macs=macs, a_bits=a_bits, fixed=fixed,
-                 tied=tied, other_params=other_params, fp32_params=fp32_params)
-    kind, value = _budget(p, max_mb, min_compression, max_bops)
-    max_cost = _max_cost(p, kind, value)
-    _check_feasible(p, kind, value, max_cost)
 
     pinned = {name: p.fixed[m] for g in p.tied for m in g if m in p.fixed for name in g}
     allowed = [sorted(set(p.bits) | {pinned.get(n, p.fixed.get(n, p.bits[0]))})
@@ -1028,28 +1021,9 @@ def ilp_select(omega, n_params, bits=None, *, max_mb=None, min_compression=None,
     return a
 
 
-def _cbc(pulp, **options):
-    """CBC: a system ``cbc`` via COIN_CMD when present, else PuLP's bundled PULP_CBC_CMD (which
-    PuLP 3.3 marks deprecated for 4.0; the warning is silenced as there is no other bundled CBC)."""
-    coin = getattr(pulp, "COIN_CMD", None)
-    if coin is not None and coin(msg=False).available():
-        return coin(**options)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return pulp.PULP_CBC_CMD(**options)
-
-
-def greedy_select(omega, n_params, bits=None, *, max_mb=None, min_compression=None,
-                  max_bops=None, macs=None, a_bits=None, fixed=None, tied=None, other_params=0,
-                  fp32_params=None) -> Allocation:
+def _greedy(p: _Problem, max_cost: int) -> Allocation:
     """Greedy baseline: start every free unit at its highest bits; while over budget, lower the
     unit whose next-lower width costs the least ΔΩ per saved cost (ΔΩ/Δcost)."""
-    cost = "bops" if max_bops is not None else "size"
-    p = _prepare(omega, n_params, bits, cost=cost, macs=macs, a_bits=a_bits, fixed=fixed,
-                 tied=tied, other_params=other_params, fp32_params=fp32_params)
-    kind, value = _budget(p, max_mb, min_compression, max_bops)
-    max_cost = _max_cost(p, kind, value)
-    _check_feasible(p, kind, value, max_cost)
     pick = np.array([len(u.bits) - 1 for u in p.units])
     total = sum(int(u.cost[k]) for u, k in zip(p.units, pick))
     while total > max_cost:
@@ -1066,18 +1040,10 @@ def greedy_select(omega, n_params, bits=None, *, max_mb=None, min_compression=No
     return _allocation(p, _unit_choice_bits(p, pick), "greedy")
 
 
-def random_select(omega, n_params, bits=None, *, max_mb=None, min_compression=None,
-                  max_bops=None, macs=None, a_bits=None, fixed=None, tied=None, other_params=0,
-                  fp32_params=None, seed: int = 0, n_samples: int = 1000) -> Allocation:
+def _random(p: _Problem, max_cost: int, seed: int, n_samples: int) -> Allocation:
     """Random baseline at matched size: draw ``n_samples`` uniform random configs (seeded),
     lower random units of those over budget until they fit, return the one closest to the
     budget (largest cost within it)."""
-    cost = "bops" if max_bops is not None else "size"
-    p = _prepare(omega, n_params, bits, cost=cost, macs=macs, a_bits=a_bits, fixed=fixed,
-                 tied=tied, other_params=other_params, fp32_params=fp32_params)
-    kind, value = _budget(p, max_mb, min_compression, max_bops)
-    max_cost = _max_cost(p, kind, value)
-    _check_feasible(p, kind, value, max_cost)
     rng = np.random.default_rng(seed)
     sizes = np.array([len(u.bits) for u in p.units])
     picks = (rng.random((n_samples, len(p.units))) * sizes).astype(np.int64)
@@ -1097,15 +1063,8 @@ def random_select(omega, n_params, bits=None, *, max_mb=None, min_compression=No
     return _allocation(p, _unit_choice_bits(p, picks[best]), "random")
 
 
-def uniform_select(omega, n_params, bits=None, *, max_mb=None, min_compression=None,
-                   max_bops=None, macs=None, a_bits=None, fixed=None, tied=None, other_params=0,
-                   fp32_params=None) -> Allocation:
+def _uniform(p: _Problem, kind: str, value: float, max_cost: int) -> Allocation:
     """Uniform baseline: the highest single width (fixed layers stay pinned) meeting the budget."""
-    cost = "bops" if max_bops is not None else "size"
-    p = _prepare(omega, n_params, bits, cost=cost, macs=macs, a_bits=a_bits, fixed=fixed,
-                 tied=tied, other_params=other_params, fp32_params=fp32_params)
-    kind, value = _budget(p, max_mb, min_compression, max_bops)
-    max_cost = _max_cost(p, kind, value)
     for b in sorted(p.bits, reverse=True):
         pick = np.array([int(np.searchsorted(u.bits, b)) if len(u.bits) > 1 else 0
                          for u in p.units])
@@ -1116,8 +1075,187 @@ def uniform_select(omega, n_params, bits=None, *, max_mb=None, min_compression=N
     raise InfeasibleBudgetError(_smallest_msg(kind, value, a.size_mb, a.compression, a.bops))
 
 
+def _brute_force(p: _Problem, max_configs: int) -> Frontier:
+    """Reference frontier by enumerating every per-layer config (fixed layers pinned), dropping
+    those that break a tie, then keeping each cost's minimum Ω when it is strictly below every
+    cheaper cost's (pandas groupby + cummin). Refuses more than ``max_configs`` configs."""
+    t0 = time.perf_counter()
+    group_fixed = {name: p.fixed[m] for g in p.tied for m in g if m in p.fixed for name in g}
+    options = [[group_fixed.get(name, p.fixed.get(name))] if name in p.fixed or
+               name in group_fixed else list(p.bits) for name in p.layers]
+    count = math.prod(len(o) for o in options)
+    if count > max_configs:
+        raise SearchError(f"brute force would enumerate {count:,} configs (> max_configs="
+                          f"{max_configs:,}); use pareto_frontier (exact DP) or a smaller table")
+    grids = np.meshgrid(*[np.array(o, dtype=np.int64) for o in options], indexing="ij")
+    bits_mat = np.stack([g.ravel() for g in grids], axis=1)
+    index = {name: j for j, name in enumerate(p.layers)}
+    for g in p.tied:
+        cols = bits_mat[:, [index[m] for m in g]]
+        bits_mat = bits_mat[(cols == cols[:, :1]).all(axis=1)]
+    total = _omega_of(p, bits_mat)
+    cost_int = _accounting(p, bits_mat)["cost_int"]
+    df = pd.DataFrame({"c": cost_int, "w": total}).sort_values(["c", "w"], kind="stable")
+    best = df.groupby("c", sort=True).head(1)             # min Ω per cost
+    prev = best["w"].cummin().shift(1, fill_value=np.inf)  # min Ω of strictly cheaper costs
+    chosen = best.index[(best["w"] < prev).to_numpy()]
+    ms = (time.perf_counter() - t0) * 1e3
+    return Frontier(p, cost_int[chosen], total[chosen], ms, "brute_force",
+                    bits_matrix=bits_mat[chosen])
+
+
+def _evaluate(p: _Problem, config: Mapping[str, int], method: str) -> Allocation:
+    """Size, compression, BOPs and ΣΩ of any {layer: bits} config (docs/design.md §3 accounting).
+
+    With ``fixed``/``tied``, the config must honour them (an error names the offending layer).
+    """
+    _check_names("config", config.keys(), p.layers)
+    wrong = {k: (config[k], b) for k, b in p.fixed.items() if int(config[k]) != int(b)}
+    if wrong:
+        raise SearchError(f"config breaks fixed layers (given, fixed): {wrong}")
+    for group in p.tied:
+        if len({int(config[k]) for k in group}) > 1:
+            raise SearchError(f"config gives the tied group {group} different bits "
+                              f"{[config[k] for k in group]}")
+    bad = {k: v for k, v in config.items() if v not in p.columns}
+    if bad:
+        raise SearchError(f"config bits {bad} have no omega column (columns {list(p.columns)})")
+    return _allocation(p, np.array([config[k] for k in p.layers]), method)
+
+
+def _random_points(p: _Problem, n: int, seed: int) -> pd.DataFrame:
+    """``n`` uniformly random allowed configs (seeded) with their size, compression, ΣΩ...:
+    the faint cloud the frontier is drawn against (same accounting as :func:`pareto_frontier`)."""
+    rng = np.random.default_rng(seed)
+    picks = np.stack([rng.integers(0, len(u.bits), size=n) for u in p.units], axis=1)
+    bits_mat = _bits_matrix(p, picks)
+    return _frame(p, bits_mat, _omega_of(p, bits_mat)).drop(columns="config")
+
+
+class Problem:
+    """One bit-allocation problem, validated once: the Ω table and the accounting inputs that
+    travel together (docs/design.md §3.4). Every search is a method:
+
+        >>> prob = Problem.from_model(model, omega, bits=(2, 3, 4, 8), input_size=study.input_size)
+        >>> front = prob.frontier()                          # exact Pareto frontier (DP)
+        >>> prob.ilp(min_compression=10.34), prob.greedy(max_mb=0.2), prob.uniform(max_mb=0.2)
+        >>> prob.evaluate(config).size_mb
+
+    Args (as :func:`pareto_frontier`): ``omega`` Ω_i(b) >= 0 (DataFrame index=layer in forward
+    order, columns=bits, or {layer: {bits: Ω}}); ``n_params`` {layer: n_i}; ``bits`` candidate
+    widths of free layers (default: every Ω column); ``macs`` and ``a_bits`` for BOPs;
+    ``fixed`` pinned layers; ``tied`` groups forced to one width; ``other_params`` and
+    ``fp32_params`` for size and compression. Bad input raises :class:`SearchError` here, before
+    any search runs.
+    """
+
+    def __init__(self, omega: pd.DataFrame | Mapping[str, Mapping[int, float]],
+                 n_params: Mapping[str, int], bits: Iterable[int] | None = None, *,
+                 macs: Mapping[str, int] | None = None,
+                 a_bits: int | Mapping[str, int] | None = None,
+                 fixed: Mapping[str, int] | None = None,
+                 tied: Sequence[Sequence[str]] | None = None, other_params: int = 0,
+                 fp32_params: int | None = None):
+        self._args = (omega, n_params, None if bits is None else list(bits))
+        self._kw = dict(macs=macs, a_bits=a_bits, fixed=fixed, tied=tied,
+                        other_params=other_params, fp32_params=fp32_params)
+        self._prepared_by_cost: dict[str, _Problem] = {}
+        self._prepared("size")                   # validate now
+
+    @classmethod
+    def from_model(cls, model: Any, omega: pd.DataFrame, bits: Iterable[int] | None = None, *,
+                   a_bits: int | None = 4, policy: str = "first_last_8",
+                   per_channel: bool = True, tied: Sequence[Sequence[str]] | None = None,
+                   input_size: tuple[int, ...] = (1, 3, 32, 32)) -> "Problem":
+        """The problem for ``model``'s layers with :func:`model_inputs`' accounting (MACs at
+        ``input_size``, the policy's fixed layers, step sizes in ``other_params``)."""
+        acct = model_inputs(model, a_bits=a_bits, policy=policy, per_channel=per_channel,
+                            input_size=input_size)
+        return cls(omega, acct["n_params"], bits, macs=acct["macs"], a_bits=acct["a_bits"],
+                   fixed=acct["fixed"], tied=tied, other_params=acct["other_params"],
+                   fp32_params=acct["fp32_params"])
+
+    @property
+    def layers(self) -> list[str]:
+        """Layer names in forward order (the Ω table's index)."""
+        return list(self._prepared("size").layers)
+
+    @property
+    def fixed(self) -> dict[str, int]:
+        """The pinned layers {name: bits}."""
+        return dict(self._prepared("size").fixed)
+
+    def _prepared(self, cost: str) -> _Problem:
+        if cost not in self._prepared_by_cost:
+            omega, n_params, bits = self._args
+            self._prepared_by_cost[cost] = _prepare(omega, n_params, bits, cost=cost, **self._kw)
+        return self._prepared_by_cost[cost]
+
+    def _budgeted(self, max_mb: float | None, min_compression: float | None,
+                  max_bops: float | None, *, check: bool = True
+                  ) -> tuple[_Problem, str, float, int]:
+        """(prepared problem, budget kind, value, largest integer cost within it): the set-up
+        every budgeted search shares; ``check`` raises when even the cheapest config is over."""
+        p = self._prepared("bops" if max_bops is not None else "size")
+        kind, value = _budget(p, max_mb, min_compression, max_bops)
+        max_cost = _max_cost(p, kind, value)
+        if check:
+            _check_feasible(p, kind, value, max_cost)
+        return p, kind, value, max_cost
+
+    def frontier(self, cost: str = "size") -> Frontier:
+        """Exact Pareto frontier of (cost, ΣΩ) by dynamic programming over Pareto lists; cost
+        "size" (Σ n_i·b_i) or "bops" (Σ MACs_i·b_i·a_i). A lazy :class:`Frontier`."""
+        p = self._prepared(cost)
+        t0 = time.perf_counter()
+        cost_int, total, plan = _search(p.units)
+        return Frontier(p, cost_int, total, (time.perf_counter() - t0) * 1e3, "dp", plan=plan)
+
+    def brute_force(self, cost: str = "size", *,
+                    max_configs: int = BRUTE_FORCE_LIMIT) -> Frontier:
+        """Reference frontier by enumeration (refuses more than ``max_configs`` configs)."""
+        return _brute_force(self._prepared(cost), max_configs)
+
+    def ilp(self, *, max_mb: float | None = None, min_compression: float | None = None,
+            max_bops: float | None = None, time_limit: float | None = None,
+            msg: bool = False) -> Allocation:
+        """HAWQ-V3's ILP at one budget (PuLP + CBC)."""
+        p, kind, value, max_cost = self._budgeted(max_mb, min_compression, max_bops)
+        return _ilp(p, kind, value, max_cost, time_limit, msg)
+
+    def greedy(self, *, max_mb: float | None = None, min_compression: float | None = None,
+               max_bops: float | None = None) -> Allocation:
+        """Greedy ΔΩ/Δcost lowering from the highest widths until the budget is met."""
+        p, _, _, max_cost = self._budgeted(max_mb, min_compression, max_bops)
+        return _greedy(p, max_cost)
+
+    def random(self, *, max_mb: float | None = None, min_compression: float | None = None,
+               max_bops: float | None = None, seed: int = 0,
+               n_samples: int = 1000) -> Allocation:
+        """Seeded random allocation at matched size (closest to the budget of ``n_samples``)."""
+        p, _, _, max_cost = self._budgeted(max_mb, min_compression, max_bops)
+        return _random(p, max_cost, seed, n_samples)
+
+    def uniform(self, *, max_mb: float | None = None, min_compression: float | None = None,
+                max_bops: float | None = None) -> Allocation:
+        """The highest single width (fixed layers pinned) that meets the budget."""
+        p, kind, value, max_cost = self._budgeted(max_mb, min_compression, max_bops,
+                                                  check=False)
+        return _uniform(p, kind, value, max_cost)
+
+    def evaluate(self, config: Mapping[str, int], *, method: str = "given") -> Allocation:
+        """Size, compression, BOPs and ΣΩ of any {layer: bits} config under this accounting."""
+        return _evaluate(self._prepared("size"), config, method)
+
+    def random_points(self, n: int = 1000, seed: int = 0) -> pd.DataFrame:
+        """``n`` seeded random allowed configs with their accounting (the frontier's cloud)."""
+        if n < 1:
+            raise SearchError(f"n must be >= 1, got {n}")
+        return _random_points(self._prepared("size"), n, seed)
+
+
 # --------------------------------------------------------------------------------------------
-# From a model to the search's inputs (the accounting of hmqat.quant, DESIGN.md §2)
+# From a model to the search's inputs (the accounting of hmqat.quant, docs/design.md §3)
 # --------------------------------------------------------------------------------------------
 def model_inputs(model: Any, *, a_bits: int | None = 4, policy: str = "first_last_8",
                  per_channel: bool = True, input_size: tuple[int, ...] = (1, 3, 32, 32)
@@ -1129,14 +1267,10 @@ def model_inputs(model: Any, *, a_bits: int | None = 4, policy: str = "first_las
     step sizes QAT adds (out_channels per layer when ``per_channel``, one per activation
     quantizer when ``a_bits`` is set).
     """
-    from .models import quantizable_layers
-    from .quant import act_bits_config, fixed_layers
-
     layers = quantizable_layers(model, input_size)
     total = sum(p.numel() for p in model.parameters())
     n_weights = sum(l.n_params for l in layers)
-    steps = sum(l.weight_shape[0] if per_channel else 1 for l in layers)
-    steps += len(layers) if a_bits is not None else 0
+    steps = quantizer_steps(layers, per_channel=per_channel, a_bits=a_bits)
     abits = act_bits_config(model, a_bits, policy) if a_bits is not None else None
     return {
         "n_params": {l.name: l.n_params for l in layers},
@@ -1152,11 +1286,9 @@ def model_frontier(model: Any, omega: pd.DataFrame, bits: Iterable[int] | None =
                    a_bits: int | None = 4, policy: str = "first_last_8", cost: str = "size",
                    tied: Sequence[Sequence[str]] | None = None,
                    input_size: tuple[int, ...] = (1, 3, 32, 32)) -> Frontier:
-    """:func:`pareto_frontier` for ``model``'s layers, with its accounting and fixed layers."""
-    inp = model_inputs(model, a_bits=a_bits, policy=policy, input_size=input_size)
-    return pareto_frontier(omega, inp["n_params"], bits, cost=cost, macs=inp["macs"],
-                           a_bits=inp["a_bits"], fixed=inp["fixed"], tied=tied,
-                           other_params=inp["other_params"], fp32_params=inp["fp32_params"])
+    """:meth:`Problem.from_model` then :meth:`Problem.frontier`."""
+    return Problem.from_model(model, omega, bits, a_bits=a_bits, policy=policy, tied=tied,
+                              input_size=input_size).frontier(cost)
 
 
 def average_bits(config: Mapping[str, int], n_params: Mapping[str, int]) -> float:
@@ -1165,16 +1297,7 @@ def average_bits(config: Mapping[str, int], n_params: Mapping[str, int]) -> floa
     return sum(n_params[k] * int(b) for k, b in config.items()) / sum(n_params[k] for k in config)
 
 
-def random_points(omega, n_params, bits=None, *, n: int = 1000, seed: int = 0, macs=None,
-                  a_bits=None, fixed=None, tied=None, other_params: int = 0,
-                  fp32_params: int | None = None) -> pd.DataFrame:
-    """``n`` uniformly random allowed configs (seeded) with their size, compression, ΣΩ...:
-    the faint cloud the frontier is drawn against (same accounting as :func:`pareto_frontier`)."""
-    if n < 1:
-        raise SearchError(f"n must be >= 1, got {n}")
-    p = _prepare(omega, n_params, bits, macs=macs, a_bits=a_bits, fixed=fixed, tied=tied,
-                 other_params=other_params, fp32_params=fp32_params)
-    rng = np.random.default_rng(seed)
-    picks = np.stack([rng.integers(0, len(u.bits), size=n) for u in p.units], axis=1)
-    bits_mat = _bits_matrix(p, picks)
-    return _frame(p, bits_mat, _omega_of(p, bits_mat)).drop(columns="config")
+def random_points(omega, n_params, bits=None, *, n: int = 1000, seed: int = 0,
+                  **accounting: Any) -> pd.DataFrame:
+    """:meth:`Problem.random_points` (``accounting``: the keyword arguments of :class:`Problem`)."""
+    return Problem(omega, n_params, bits, **accounting).random_points(n=n, seed=seed)

@@ -1,4 +1,4 @@
-"""The perturbation table Ω_i(b), its variants, and a check that it predicts damage (DESIGN.md §2).
+"""The perturbation table Ω_i(b), its variants, and a check that it predicts damage (docs/design.md §3).
 
     Ω_i(b) = T̄_i · ||Q_b(W_i) − W_i||²                         "joint" (default, HAWQ-V2/V3)   (Eq. Ω)
     Ω_i(b) = T̄_i · Σ_c n_c Δ_{c,b}² / 12                       "trace_size" (analytic noise)
@@ -11,7 +11,7 @@ T̄_i is the average Hessian trace from :func:`hmqat.hessian.layer_traces`; Q_b 
 (LSQ init by default, per output channel); Δ_{c,b} is that initial step of channel c and n_c its
 number of weights.
 
-Choices (documented here; the lead copies them to docs/method.md):
+Choices (docs/method.md §3 gives the reasons):
 
 * Negative average traces (a Hutchinson estimate of a near-flat or locally concave block) are
   clipped to 0 with a warning, so Ω >= 0 as the search requires.
@@ -48,7 +48,8 @@ from scipy import stats
 from torch import nn
 
 from . import quant
-from .hessian import _check_batches, _progress, _select_layers
+from . import runtime, train
+from .hessian import check_batches, select_layers
 
 __all__ = [
     "VARIANTS",
@@ -100,7 +101,7 @@ def _layer_weights(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, t
     device = p.device if p is not None else torch.device("cpu")
     modules = dict(model.named_modules())
     return {i.name: modules[i.name].weight.detach()
-            for i in _select_layers(model, None, input_size, device)}
+            for i in select_layers(model, None, input_size, device)}
 
 
 def _avg_traces(traces_df: pd.DataFrame, layers: Sequence[str]) -> np.ndarray:
@@ -131,7 +132,7 @@ def _avg_traces(traces_df: pd.DataFrame, layers: Sequence[str]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 def weight_perturbation(w: torch.Tensor, bits: int, *, per_channel: bool = True,
                         method: str = "lsq") -> float:
-    """||Q_b(W) − W||² with QAT's quantizer and initial step (DESIGN §2, Eq. Ω)."""
+    """||Q_b(W) − W||² with QAT's quantizer and initial step (docs/design.md §3, Eq. Ω)."""
     q = quant.quantize_weight(w, bits, per_channel=per_channel, method=method)
     return float((q.double() - w.double()).pow(2).sum())
 
@@ -148,7 +149,7 @@ def omega_table(model: nn.Module, traces_df: pd.DataFrame, bits: Sequence[int] =
                 *, variant: str = "joint", per_channel: bool = True, seed: int = 0,
                 method: str = "lsq", input_size: tuple[int, ...] = (1, 3, 32, 32)
                 ) -> pd.DataFrame:
-    """Ω_i(b) for every quantizable layer and candidate bit width (DESIGN §2; variants above).
+    """Ω_i(b) for every quantizable layer and candidate bit width (docs/design.md §3; variants above).
 
     Args:
         model: the FP32 model the traces were measured on.
@@ -193,11 +194,9 @@ def omega_table(model: nn.Module, traces_df: pd.DataFrame, bits: Sequence[int] =
 # --------------------------------------------------------------------------------------------
 def omega_to_json(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write an Ω table (and its attrs) as JSON, atomically; floats round-trip exactly."""
-    from .reporting import atomic_write_text
-
     blob = {"index": [str(i) for i in df.index], "bits": [int(c) for c in df.columns],
             "values": df.to_numpy(dtype=np.float64).tolist(), "attrs": df.attrs}
-    return atomic_write_text(path, json.dumps(blob) + "\n")
+    return runtime.atomic_write_text(path, json.dumps(blob) + "\n")
 
 
 def omega_from_json(path: str | os.PathLike) -> pd.DataFrame:
@@ -239,16 +238,9 @@ def sample_configs(layers: Sequence[str], bits: Sequence[int], n_configs: int, *
 
 def _evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
               criterion: Callable, device: torch.device) -> tuple[float, float]:
-    """(size-weighted mean loss, top-1 %) of ``model`` on ``batches`` (no grad)."""
-    loss = correct = n = 0.0
-    with torch.no_grad():
-        for x, y in batches:
-            x, y = x.to(device), y.to(device)
-            out = model(x)
-            loss += float(criterion(out, y)) * x.shape[0]
-            correct += float((out.argmax(1) == y).sum())
-            n += x.shape[0]
-    return loss / n, 100.0 * correct / n
+    """(size-weighted mean loss, top-1 %) of ``model`` on ``batches``: :func:`hmqat.train.evaluate`."""
+    ev = train.evaluate(model, batches, device, criterion=criterion)
+    return ev["loss"], ev["top1"]
 
 
 def _check_omegas(omegas: Mapping[str, pd.DataFrame], bits: Sequence[int] | None,
@@ -314,7 +306,7 @@ def validate_omega(model: nn.Module, omegas: Mapping[str, pd.DataFrame],
         raise SensitivityError(f"n_configs={n_configs!r}: need an int >= 3 for a rank correlation "
                                f"(>= 30 recommended)")
     layers, bits = _check_omegas(omegas, bits, fixed)
-    batches = _check_batches(eval_batches)
+    batches = check_batches(eval_batches)
     modules = dict(model.named_modules())
     unknown = [n for n in layers if n not in modules or not hasattr(modules[n], "weight")]
     if unknown:
@@ -329,7 +321,8 @@ def validate_omega(model: nn.Module, omegas: Mapping[str, pd.DataFrame],
     qcache: dict[tuple[str, int], torch.Tensor] = {}
     modes = [(m, m.training) for m in model.modules()]
     rows = []
-    bar = _progress(progress, "omega validation", n_configs + 1, unit="config")
+    bar = runtime.progress(total=n_configs + 1, desc="omega validation", unit="config",
+                           disable=not progress)
     try:
         model.eval()
         base_loss, base_top1 = _evaluate(model, batches, criterion, device)

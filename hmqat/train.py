@@ -1,4 +1,4 @@
-"""Evaluation, FP32 fine-tuning and the QAT loop (docs/method.md §1), hooks, checkpoints, resume.
+"""Evaluation, FP32 fine-tuning and the QAT loop (docs/design.md §3), hooks, checkpoints, resume.
 
 One loop, :func:`fit`, serves both FP32 fine-tuning and QAT:
 
@@ -33,19 +33,25 @@ from __future__ import annotations
 
 import math
 import os
-import platform
-import random
-import subprocess
-import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from . import data as hdata
+from . import distributed as hdist
+from .distributed import all_reduce_sum, unwrap
+from .models import create_model
+from .quant import LSQQuantizer, calibrate_activations, quantize_model
+from .runtime import (CheckpointError, atomic_torch_save, load_checkpoint, progress,
+                      resolve_device, seed_everything)
 
 __all__ = [
     "Callback",
@@ -60,11 +66,7 @@ __all__ = [
     "first_nonfinite",
     "fit",
     "load_checkpoint",
-    "manifest",
-    "progress",
     "qat",
-    "resolve_device",
-    "seed_everything",
     "warn_if_diverged",
 ]
 
@@ -74,85 +76,14 @@ class NonFiniteLossError(FloatingPointError):
     became NaN or infinite; the run stopped without writing a checkpoint for that epoch."""
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file is unsafe to load (not plain tensors/containers), truncated or corrupt,
-    or was not written by :func:`fit`. The message names the file."""
-
-
-# --------------------------------------------------------------------------------------------
-# Small utilities
-# --------------------------------------------------------------------------------------------
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/"auto" -> CUDA when available, else CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def seed_everything(seed: int, deterministic: bool = True) -> None:
-    """Seed python, numpy and torch; optionally switch torch to deterministic algorithms."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-
-
-def progress(iterable: Iterable, **kw: Any):
-    """tqdm: plain text when ``HMQAT_HEADLESS`` is set (papermill, CI), widgets in JupyterLab."""
-    if os.environ.get("HMQAT_HEADLESS"):
-        from tqdm.std import tqdm
-        kw.setdefault("mininterval", float(os.environ.get("TQDM_MININTERVAL", 30)))
-    else:
-        from tqdm.auto import tqdm
-    return tqdm(iterable, **kw)
-
-
-def _git(*args: str) -> str:
-    try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() if out.returncode == 0 else ""
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def manifest(seed: int | None = None, device: str | torch.device | None = None,
-             **extra: Any) -> dict[str, Any]:
-    """Provenance of a run: git sha and dirty flag (tracked changes outside results/), versions,
-    device, seed, plus ``extra``."""
-    import pandas
-    import torchvision
-
-    dev = resolve_device(device)
-    return {
-        "git_sha": _git("rev-parse", "HEAD") or None,
-        # dirty = uncommitted changes to tracked files outside results/ (a run's own outputs
-        # there do not change the code that produced them)
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ":(top)",
-                               ":(top,exclude)results")),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "numpy": np.__version__,
-        "pandas": pandas.__version__,
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
-        "seed": seed,
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **extra,
-    }
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | None = None,
              max_batches: int | None = None, *, all_reduce: bool = False,
-             check: bool = True) -> dict[str, float]:
-    """Top-1 accuracy (percent) and mean cross-entropy of ``model`` over ``loader``.
+             check: bool = True,
+             criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+             ) -> dict[str, float]:
+    """Top-1 accuracy (percent) and mean loss of ``model`` over ``loader``: cross-entropy, or
+    ``criterion`` (a batch-mean loss such as ``nn.CrossEntropyLoss()``, weighted by batch size).
 
     With ``check`` (default) a NaN/inf loss, parameter or buffer raises
     :class:`NonFiniteLossError` naming the first non-finite tensor, instead of reporting a top-1
@@ -163,8 +94,6 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | No
     :func:`hmqat.distributed.shard_eval_loader`) and the sums of correct predictions, loss and
     samples are all-reduced, so every rank returns the numbers of the whole set.
     """
-    from .distributed import all_reduce_sum, unwrap
-
     model = unwrap(model)
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
@@ -176,7 +105,8 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | No
                 break
             x, y = x.to(dev), y.to(dev)
             out = model(x)
-            loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+            loss_sum += (F.cross_entropy(out, y, reduction="sum").item() if criterion is None
+                         else float(criterion(out, y)) * x.shape[0])
             correct += (out.argmax(1) == y).sum().item()
             n += len(y)
     finally:
@@ -322,13 +252,6 @@ def _cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
     model.train()
     if freeze_bn:
@@ -345,38 +268,10 @@ def _set_epoch(loader: Any, epoch: int) -> None:
         loader.sampler.set_epoch(epoch)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """``torch.load(path, weights_only=True)`` with errors that name the file.
-
-    Every file hmqat writes holds only tensors and plain containers, so nothing is ever
-    unpickled as code: a file whose pickle asks for anything else (a ``__reduce__`` calling
-    ``os.system``, a pickled class) raises :class:`CheckpointError` before it runs, and so does
-    a truncated or corrupt file.
-    """
-    import pickle
-
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln or "global" in ln]
-        first = lines[0].rstrip(".") if lines else type(exc).__name__  # "...GLOBAL posix.system"
-        raise CheckpointError(
-            f"{path}: refused to load: it holds objects other than tensors and plain containers "
-            f"({first}); hmqat loads checkpoints with weights_only=True and never runs code from "
-            f"one. Delete the file, or re-save a trusted one as torch.save(model.state_dict(), "
-            f"path).") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc}); the file is "
-                              f"truncated or corrupt: delete it (a training run then starts "
-                              f"over) or restore it from a copy") from None
-
-
 def _load_checkpoint(ckpt_path: Path, identity: dict[str, Any], dev: torch.device
                      ) -> dict[str, Any] | None:
     """The checkpoint to resume from, or None. Under torch.distributed rank 0 decides whether
     it exists and every rank loads it (the path must be on a file system all nodes share)."""
-    from . import distributed as hdist
-
     if not hdist.broadcast_object(ckpt_path.exists()):
         return None
     if not ckpt_path.exists():
@@ -411,8 +306,6 @@ def check_finite(model: nn.Module, metrics: dict[str, Any], *, where: str,
     """Raise :class:`NonFiniteLossError` when a loss in ``metrics`` or any parameter/buffer of
     ``model`` is NaN or inf, naming the first bad one and the checkpoint left intact. Under
     torch.distributed rank 0's verdict is broadcast, so every rank raises together."""
-    from . import distributed as hdist
-
     bad = [f"{k}={v}" for k, v in metrics.items()
            if k.endswith("loss") and isinstance(v, float) and not math.isfinite(v)]
     tensor = first_nonfinite(model)
@@ -435,8 +328,6 @@ def warn_if_diverged(model: nn.Module, metrics: dict[str, Any], *, where: str) -
     """A RuntimeWarning when a finite loss in ``metrics`` exceeds :data:`DIVERGED_LOSS` (chance
     level is ln C, 2.3 for 10 classes): the run diverged although every tensor is finite. The
     warning names the largest-magnitude parameter."""
-    import warnings
-
     high = {k: v for k, v in metrics.items() if k.endswith("loss") and isinstance(v, float)
             and math.isfinite(v) and v > DIVERGED_LOSS}
     if high:
@@ -481,8 +372,6 @@ class _Run:
 
 def _steps_per_epoch(train_loader: Any, cfg: TrainConfig) -> int:
     """Optimizer steps per epoch (every rank's minimum); zero steps is an error naming why."""
-    from . import distributed as hdist
-
     n = len(train_loader)
     if cfg.max_steps_per_epoch:
         n = min(n, cfg.max_steps_per_epoch)
@@ -503,11 +392,6 @@ def _setup(model: nn.Module, train_loader: Any, val_loader: Iterable | None, cfg
            callbacks: Iterable[Callback], device: str | torch.device | None,
            run_info: dict[str, Any] | None) -> _Run:
     """Model on its device (NHWC), sharded loaders, optimiser and the run's identity."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from . import distributed as hdist
-    from .quant import LSQQuantizer
-
     ddp_model = None
     if isinstance(model, DDP):
         ddp_model, model = model, model.module
@@ -556,8 +440,6 @@ def _resume(run: _Run) -> int:
 def _wrap_ddp(run: _Run) -> None:
     """Under torch.distributed, wrap the model in DDP (after resuming: DDP broadcasts rank 0's
     parameters and buffers when it is built)."""
-    from . import distributed as hdist
-
     if run.distributed and run.forward is run.model:
         run.forward = hdist.wrap_ddp(run.model, run.dev, sync_bn=run.cfg.sync_bn,
                                      find_unused_parameters=bool(run.callbacks))
@@ -565,8 +447,6 @@ def _wrap_ddp(run: _Run) -> None:
 
 def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, i: int) -> torch.Tensor:
     """One optimizer step on batch (x, y); returns the detached outputs."""
-    from . import distributed as hdist
-
     cfg, state, opt = run.cfg, run.state, run.state.optimizer
     x, y = x.to(run.dev, non_blocking=True), y.to(run.dev, non_blocking=True)
     if cfg.channels_last and x.dim() == 4:
@@ -607,8 +487,6 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, i: int) -> torch.Te
 
 def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     """One epoch of optimizer steps; returns its training metrics (all-reduced over ranks)."""
-    from . import distributed as hdist
-
     cfg, state = run.cfg, run.state
     state.epoch = epoch
     _set_epoch(run.train_loader, epoch)
@@ -641,8 +519,6 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
 
 def _validate(run: _Run) -> dict[str, float]:
     """Validation top-1 and loss on rank 0's BN statistics ({} without a validation loader)."""
-    from . import distributed as hdist
-
     if run.val_shard is None:
         return {}
     if run.distributed:
@@ -653,8 +529,6 @@ def _validate(run: _Run) -> dict[str, float]:
 
 def _end_epoch(run: _Run, metrics: dict[str, Any]) -> None:
     """Callbacks' on_epoch_end, the history entry and rank 0's printed line."""
-    from . import distributed as hdist
-
     if run.distributed:  # one wall time for all ranks (rank 0's)
         metrics["epoch_s"] = hdist.broadcast_object(metrics["epoch_s"])
     for cb in run.callbacks:
@@ -667,12 +541,10 @@ def _end_epoch(run: _Run, metrics: dict[str, Any]) -> None:
 
 def _save(run: _Run, epoch: int) -> None:
     """Rank 0 writes the checkpoint atomically; every rank waits for it."""
-    from . import distributed as hdist
-
     if run.ckpt_path is None:
         return
     if run.main:
-        _atomic_save({"identity": run.identity, "epoch": epoch, "model": run.model.state_dict(),
+        atomic_torch_save({"identity": run.identity, "epoch": epoch, "model": run.model.state_dict(),
                       "optimizer": run.state.optimizer.state_dict(),
                       "callbacks": [cb.state_dict() for cb in run.callbacks],
                       "history": run.state.history, "torch_rng": torch.get_rng_state()},
@@ -762,10 +634,6 @@ def dataset_loader(ds: Any, batch_size: int, *, train: bool, seed: int = 0,
     dropped. Evaluation: in order. ``workers`` defaults to ``HMQAT_WORKERS`` or min(8, CPUs);
     memory is pinned on CUDA.
     """
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    from . import distributed as hdist
-
     if workers is None:
         workers = int(os.environ.get("HMQAT_WORKERS", min(8, os.cpu_count() or 1)))
     sampler = (DistributedSampler(ds, seed=seed, shuffle=True)
@@ -791,12 +659,6 @@ def finetune(arch: str, train_data: Any, test_data: Any, cfg: TrainConfig, *,
     Needed for the JPEG mirror, whose artefacts cost the published CIFAR weights ~10 points.
     A finished checkpoint makes a rerun return at once (the loop has no epochs left).
     """
-    from torch.utils.data import Dataset
-
-    from . import data as hdata
-    from . import distributed as hdist
-    from .models import create_model
-
     dev = resolve_device(device)
     seed_everything(cfg.seed)
     if sync_bn is not None:
@@ -847,9 +709,6 @@ def qat(fp32_model: nn.Module, bit_config: dict[str, int], train_loader: Any,
     the same ``calib_batches`` on every rank to get the single-process calibration.
     ``sync_bn`` overrides ``cfg.sync_bn`` (BN policy: see :func:`fit`).
     """
-    from . import distributed as hdist
-    from .quant import calibrate_activations, quantize_model
-
     dev = resolve_device(device) if device is not None else next(fp32_model.parameters()).device
     seed_everything(cfg.seed)
     if sync_bn is not None:

@@ -1,17 +1,17 @@
 """Transition-aware fine-tuning: precision transitions, rounding oscillations, distillation.
 
-DESIGN.md §2 "Transition-aware fine-tuning of the scale factor" gives the abstract's phrase two
+docs/design.md §3 "Transition-aware fine-tuning of the scale factor" gives the abstract's phrase two
 readings; both are :class:`hmqat.train.Callback` s that plug into :func:`hmqat.train.qat`
 (docs/method.md explains each choice and its source):
 
-* **Precision transitions** (paper.md §2.4 H4), :class:`PrecisionTransition`: every quantized
+* **Precision transitions** (docs/design.md §1 reading T4, §3.5), :class:`PrecisionTransition`: every quantized
   layer moves FP32 → 8 bit → its target bits over a schedule; at each change the step is
   re-initialised so that the clipping range carries over,
 
       s_new = s_old · Q_P(old) / Q_P(new)                                            (Eq. T1)
 
   or by an MSE-optimal re-init, and the step sizes' learning rate warms up linearly afterwards.
-* **Rounding transitions** (Nagel et al. 2022, paper.md §2.4 H3 and §4a),
+* **Rounding transitions** (Nagel et al. 2022; docs/design.md §1 reading T3, §3.5),
   :class:`OscillationTracker`: an oscillation is an integer change whose direction is opposite
   to the weight's previous change; its frequency is tracked with an EMA
 
@@ -45,6 +45,7 @@ import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable, Mapping, Sequence
 
+import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -72,9 +73,7 @@ __all__ = [
 SCHEDULES: tuple[str, ...] = ("cosine", "linear")
 AGGREGATIONS: tuple[str, ...] = ("sum", "mean", "kernel_mean")
 STAGE_UNITS: tuple[str, ...] = ("fraction", "epoch")
-REINIT: tuple[str, ...] = ("range", "mse", "lsq")
 DEFAULT_STAGES: tuple[tuple[float, int | str], ...] = ((0.0, "fp32"), (0.1, 8), (0.3, "target"))
-_MIN_STEP = 1e-8   # hmqat.quant clamps the step to this in its forward and int_repr
 _REUSED = ("{name} already ran a training from step 0; callbacks hold run state, so build new "
            "ones for every run (transitions.make_callbacks(recipe))")
 
@@ -99,7 +98,7 @@ def _choice(value: Any, choices: tuple[str, ...], what: str) -> str:
 def ramp(progress: float, start: float, final: float, *, begin: float = 0.0,
          kind: str = "cosine") -> float:
     """Annealed value at training ``progress`` ∈ [0, 1]: ``start`` until ``begin``, then
-    to ``final`` at progress 1 (DESIGN.md §2, "λ ramped up" / annealed threshold).
+    to ``final`` at progress 1 (docs/design.md §3, "λ ramped up" / annealed threshold).
 
     cosine: v = final + (start − final)·(1 + cos πu)/2; linear: v = start + (final − start)·u,
     with u = (progress − begin)/(1 − begin) clipped to [0, 1] (Nagel et al.'s CosineTempDecay).
@@ -115,8 +114,7 @@ def ramp(progress: float, start: float, final: float, *, begin: float = 0.0,
 
 def _step_view(q: quant.LSQQuantizer, x: torch.Tensor) -> torch.Tensor:
     """The detached, clamped step of ``q`` broadcast against ``x`` (as hmqat.quant does)."""
-    s = q.step.detach().clamp_min(_MIN_STEP)
-    return s.view((-1,) + (1,) * (x.dim() - 1)) if q.per_channel else s
+    return quant.step_view(q.step.detach().clamp_min(quant.MIN_STEP), x, q.per_channel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,8 +151,6 @@ def is_passthrough(quantizer: quant.LSQQuantizer) -> bool:
 # --------------------------------------------------------------------------------------------
 # Precision transitions (H4)
 # --------------------------------------------------------------------------------------------
-Stage = tuple[float, "int | str"]
-
 
 def _stage_bits(label: Any, index: int, last: int) -> int | str:
     if label == "fp32":
@@ -177,7 +173,7 @@ def _stage_bits(label: Any, index: int, last: int) -> int | str:
 
 def parse_stages(stages: Iterable[Sequence[Any]], unit: str = "fraction"
                  ) -> tuple[tuple[float | int, int | str], ...]:
-    """Validate a precision schedule ``[(at, bits), ...]`` (DESIGN.md §2 "Precision transitions").
+    """Validate a precision schedule ``[(at, bits), ...]`` (docs/design.md §3 "Precision transitions").
 
     ``at`` is a fraction of all training steps in [0, 1) (``unit="fraction"``) or an epoch
     index (``unit="epoch"``); the first stage starts at 0 and ``at`` strictly increases. ``bits``
@@ -222,7 +218,7 @@ def parse_stages(stages: Iterable[Sequence[Any]], unit: str = "fraction"
 
 
 class PrecisionTransition(Callback):
-    """Staged precision schedule FP32 → 8 bit → target (DESIGN.md §2 reading 1, paper.md H4).
+    """Staged precision schedule FP32 → 8 bit → target (docs/design.md §3.5, reading T4).
 
     Args:
         stages: ``[(at, bits), ...]``, see :func:`parse_stages`. Default
@@ -249,8 +245,8 @@ class PrecisionTransition(Callback):
                  warmup: float = 0.02, activations: bool = True):
         self.stages = parse_stages(stages, unit)
         self.unit = unit
-        self.reinit = _choice(reinit, REINIT, "reinit")
-        self.fp32_exit = _choice(fp32_exit, REINIT, "fp32_exit")
+        self.reinit = _choice(reinit, quant.REINIT_METHODS, "reinit")
+        self.fp32_exit = _choice(fp32_exit, quant.REINIT_METHODS, "fp32_exit")
         if not _is_number(warmup) or warmup < 0:
             raise RecipeError(f"warmup={warmup!r}; it must be a number >= 0 (in {unit} units)")
         self.warmup = float(warmup)
@@ -443,7 +439,7 @@ class _Track:
 class OscillationTracker(Callback):
     """Track weight oscillations (Eq. O1) and optionally dampen (Eq. O2) or freeze them (Eq. O3).
 
-    Nagel et al. 2022 (paper.md §4a; reference code Qualcomm-AI-research/oscillations-qat):
+    Nagel et al. 2022 (reference code Qualcomm-AI-research/oscillations-qat):
 
     * After every optimizer step each tracked layer's integer codes round(clip(w/s)) are
       compared with the previous ones. An oscillation: the code changes AND the change's sign is
@@ -697,8 +693,6 @@ class OscillationTracker(Callback):
 
     def log_frame(self):
         """The per-layer, per-epoch log as a pandas DataFrame."""
-        import pandas as pd
-
         return pd.DataFrame(self.log, columns=["epoch", "layer", "bits", "n", "osc_frac",
                                                "osc_rate", "frozen_frac"])
 
@@ -800,7 +794,7 @@ def _check_distill(temperature: Any, weight: Any) -> None:
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Recipe:
-    """Every switch of transition-aware fine-tuning (DESIGN.md §2); defaults = plain LSQ (H1).
+    """Every switch of transition-aware fine-tuning (docs/design.md §3); defaults = plain LSQ (H1).
 
     Precision transitions (H4): ``transitions``, ``stages``, ``stage_unit``, ``reinit``,
     ``fp32_exit``, ``step_warmup``, ``transition_activations`` (see :class:`PrecisionTransition`).
@@ -841,8 +835,8 @@ class Recipe:
             if f.type in ("bool",) and not isinstance(getattr(self, f.name), bool):
                 raise RecipeError(f"{f.name}={getattr(self, f.name)!r}; use true or false")
         object.__setattr__(self, "stages", parse_stages(self.stages, self.stage_unit))
-        _choice(self.reinit, REINIT, "reinit")
-        _choice(self.fp32_exit, REINIT, "fp32_exit")
+        _choice(self.reinit, quant.REINIT_METHODS, "reinit")
+        _choice(self.fp32_exit, quant.REINIT_METHODS, "fp32_exit")
         if not _is_number(self.step_warmup) or self.step_warmup < 0:
             raise RecipeError(f"step_warmup={self.step_warmup!r}; it must be >= 0 (in "
                               f"stage_unit units)")

@@ -36,11 +36,11 @@ max_steps_per_epoch = 100
 # %%
 import time
 
-from hmqat import models, plotting, reporting, train
-from hmqat.pipeline import Study
+from hmqat import models, train
+from hmqat.study import plotting
+from hmqat.study.pipeline import Study
 
-study = Study(results_dir, profile=profile, arch=arch, dataset=dataset, seed=seed, device=device,
-              batch_size=batch_size, n_synthetic=n_synthetic, pretrained=pretrained)
+study = Study.from_params(globals())
 print(study.subtitle())
 print(f"train {len(study.data('train'))} images, test {len(study.data('test'))} images")
 

@@ -50,11 +50,11 @@ val_samples = 1000
 # %%
 import time
 
-from hmqat import data, hessian, models, plotting, quant, reporting, sensitivity
-from hmqat.pipeline import Study
+from hmqat import data, hessian, quant, runtime, sensitivity
+from hmqat.study import plotting, reporting
+from hmqat.study.pipeline import Study
 
-study = Study(results_dir, profile=profile, arch=arch, dataset=dataset, seed=seed, device=device,
-              batch_size=batch_size, n_synthetic=n_synthetic)
+study = Study.from_params(globals())
 model = study.fp32_model()
 print(study.subtitle())
 
@@ -68,9 +68,9 @@ calib = data.calibration_batches(study.data("train"), n_samples=calib_samples,
                                  batch_size=calib_batch, seed=seed, device=study.dev)
 traces = hessian.layer_traces(model, calib, tol=trace_tol, max_probes=trace_max_probes, seed=seed,
                               device=study.dev, cache_dir=study.root / "cache")
-reporting.atomic_write_text(study.path("data", "traces.csv"), traces.to_csv())
-print(f"{traces.attrs.get('probes', traces['probes'].max())} probes, "
-      f"{traces.attrs.get('wall_s', float('nan')):.1f} s, converged: {traces.attrs.get('converged')}")
+runtime.atomic_write_text(study.path("data", "traces.csv"), traces.to_csv())
+print(f"up to {traces['probes'].max()} probes per layer ({traces.attrs['hvps']} HVPs), "
+      f"{traces.attrs['wall_s']:.1f} s, converged: {traces.attrs['converged']}")
 traces[["n_params", "avg_trace", "avg_trace_se", "rel_se", "probes"]]
 
 # %%
@@ -93,12 +93,12 @@ reporting.write_table(table, study.tables / "layer_traces",
 # The quantization error uses the same quantizer and initial step as QAT.
 
 # %%
-variants = ["joint", "trace_size", "trace", "size_only", "random"]
+variants = list(sensitivity.VARIANTS)
 omegas = {v: sensitivity.omega_table(model, traces, bits=bits, variant=v, seed=seed,
                                        method=init)
           for v in variants}
 for v, om in omegas.items():
-    reporting.atomic_write_text(study.path("data", f"omega_{v}.csv"), om.to_csv())
+    runtime.atomic_write_text(study.path("data", f"omega_{v}.csv"), om.to_csv())
 omegas["joint"]
 
 # %% [markdown]
@@ -112,7 +112,7 @@ fixed = quant.fixed_layers(model, policy)
 per_config, summary = sensitivity.validate_omega(model, omegas, held_out, n_configs=val_configs,
                                                  bits=bits, fixed=fixed, seed=seed,
                                                  method=init)
-reporting.atomic_write_text(study.path("data", "omega_validation.csv"),
+runtime.atomic_write_text(study.path("data", "omega_validation.csv"),
                             per_config.to_csv(index=False))
 reporting.write_table(summary, study.tables / "omega_spearman",
                       caption=f"Spearman rho between sum of Omega and the measured loss increase "

@@ -38,17 +38,17 @@ import time
 
 import pandas as pd
 
-from hmqat import models, plotting, quant, reporting, search
-from hmqat.pipeline import Study
+from hmqat import quant, runtime, search
+from hmqat.study import plotting, reporting
+from hmqat.study.pipeline import Study
 
-study = Study(results_dir, profile=profile, arch=arch, dataset=dataset, seed=seed, device=device,
-              batch_size=batch_size, n_synthetic=n_synthetic)
+study = Study.from_params(globals())
 model = study.fp32_model()
 omega = study.omega("joint")
-acct = search.model_inputs(model, a_bits=a_bits, policy=policy, input_size=study.input_size)  # n_params, MACs, fixed layers...
-fixed = acct["fixed"]
-kw = dict(macs=acct["macs"], a_bits=acct["a_bits"], fixed=fixed,
-          other_params=acct["other_params"], fp32_params=acct["fp32_params"])
+# the search problem, built and validated once: Ω, weight counts, MACs at the study's input size,
+# the policy's fixed layers and the accounting of hmqat.quant
+problem = search.Problem.from_model(model, omega, bits, a_bits=a_bits, policy=policy,
+                                    input_size=study.input_size)
 
 # %% [markdown]
 # ## 1. The whole frontier, exactly
@@ -65,10 +65,10 @@ def timed(fn, repeats=5):
     return out, statistics.median(times)
 
 
-frontier, frontier_ms = timed(lambda: search.pareto_frontier(omega, acct["n_params"], bits, **kw))
+frontier, frontier_ms = timed(problem.frontier)
 print(f"{len(frontier)} Pareto-optimal configurations out of "
-      f"{len(bits) ** (len(omega) - len(fixed)):.3g}, found in {frontier_ms:.2f} ms "
-      f"(validation + exact DP; the DP alone {frontier.search_ms:.2f} ms)")
+      f"{len(bits) ** (len(omega) - len(problem.fixed)):.3g}, found in {frontier_ms:.2f} ms "
+      f"(exact DP on the validated problem)")
 frontier.points[["size_mb", "compression", "avg_bits", "omega"]].head()
 
 # %% [markdown]
@@ -102,10 +102,9 @@ for label, row in picks.items():
     _, select_ms = timed(lambda: search.select(frontier, **budget))
     rows.append({"budget": label, "method": "HMQAT frontier (exact DP)", "omega": row["omega"],
                  "size_mb": row["size_mb"], "search_ms": frontier_ms + select_ms})
-    for name, fn in [("HAWQ-V3 ILP (PuLP/CBC)", search.ilp_select),
-                     ("greedy", search.greedy_select), ("random", search.random_select),
-                     ("uniform", search.uniform_select)]:
-        alloc, ms = timed(lambda: fn(omega, acct["n_params"], bits, **budget, **kw), repeats=3)
+    for name, fn in [("HAWQ-V3 ILP (PuLP/CBC)", problem.ilp), ("greedy", problem.greedy),
+                     ("random", problem.random), ("uniform", problem.uniform)]:
+        alloc, ms = timed(lambda: fn(**budget), repeats=3)
         rows.append({"budget": label, "method": name, "omega": alloc.omega,
                      "size_mb": alloc.size_mb, "search_ms": ms})
 comparison = pd.DataFrame(rows)
@@ -121,11 +120,9 @@ comparison
 # ## 4. Pictures: the frontier among random configurations, and the chosen bit widths
 
 # %%
-cands = search.random_points(omega, acct["n_params"], bits, n=n_candidates, seed=seed, **kw)
+cands = problem.random_points(n=n_candidates, seed=seed)
 uniform = {f"W{b}": quant.uniform_config(model, b, policy=policy) for b in bits}
-uniform_pts = pd.DataFrame([{"label": k, **vars(search.evaluate_config(c, omega, acct["n_params"],
-                                                                      **kw))}
-                            for k, c in uniform.items()])
+uniform_pts = pd.DataFrame([{"label": k, **vars(problem.evaluate(c))} for k, c in uniform.items()])
 with plotting.use_style():
     fig = plotting.plot_frontier(cands, frontier.points, picked, uniform=uniform_pts,
                                  title="Exact Pareto frontier of model size vs ΣΩ",
@@ -144,7 +141,7 @@ study.save_json("configs.json", {k: {"config": {l: int(b) for l, b in v["config"
                                      "omega": float(v["omega"]),
                                      "search_ms": frontier_ms}
                                  for k, v in picks.items()})
-reporting.atomic_write_text(study.path("data", "frontier.csv"),
+runtime.atomic_write_text(study.path("data", "frontier.csv"),
                             frontier.to_frame().to_csv(index=False))
 
 # %% [markdown]

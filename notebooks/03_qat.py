@@ -43,20 +43,17 @@ recipe = {}
 max_steps_per_epoch = 100
 
 # %%
-import time
-
 import pandas as pd
 
-from hmqat import export, plotting, quant, reporting, search, train, transitions
-from hmqat.pipeline import Study
+from hmqat import export, quant, train, transitions
+from hmqat.study import plotting, reporting, runs
+from hmqat.study.pipeline import Study
 
-study = Study(results_dir, profile=profile, arch=arch, dataset=dataset, seed=seed, device=device,
-              batch_size=batch_size, n_synthetic=n_synthetic)
+study = Study.from_params(globals())
 fp32 = study.fp32_model()
 fp32_info = study.load_json("fp32.json")
 picks = study.load_json("configs.json")
 the_recipe = transitions.Recipe.from_dict(recipe)
-n_params = search.model_inputs(fp32)["n_params"]
 print(study.subtitle(), "| recipe:", the_recipe.describe())
 
 # %% [markdown]
@@ -65,32 +62,32 @@ print(study.subtitle(), "| recipe:", the_recipe.describe())
 # checkpoints each epoch, so an interrupted notebook resumes where it stopped.
 
 # %%
-runs = [(label, p["config"], a_bits, "mixed") for label, p in picks.items()]
-runs += [(f"uniform W{w}A{a}", quant.uniform_config(fp32, w, policy=policy), a, "uniform")
+plan = [(label, p["config"], a_bits, "mixed") for label, p in picks.items()]
+plan += [(f"uniform W{w}A{a}", quant.uniform_config(fp32, w, policy=policy), a, "uniform")
          for w, a in uniform_baselines]
 
 
+cfg = train.TrainConfig(epochs=qat_epochs, lr=qat_lr, step_lr=step_lr, weight_decay=qat_wd,
+                        seed=seed, max_steps_per_epoch=max_steps_per_epoch)
+
+
 def run_one(label, config, a, kind):
-    ckpt_name, run_info = study.qat_run_id(config, a, recipe, init)
-    cfg = train.TrainConfig(epochs=qat_epochs, lr=qat_lr, step_lr=step_lr, weight_decay=qat_wd,
-                            seed=seed, max_steps_per_epoch=max_steps_per_epoch,
-                            checkpoint=str(study.path("checkpoints", ckpt_name)))
-    t0 = time.perf_counter()
-    qmodel, hist = train.qat(fp32, config, study.train_loader(), study.test_loader(), cfg,
-                             a_bits=a, policy=policy, init=init,
-                             callbacks=transitions.make_callbacks(the_recipe, teacher=fp32),
-                             device=study.dev, run_info=run_info)
-    ev = train.evaluate(qmodel, study.test_loader())
-    row = {"label": label, "kind": kind, "a_bits": a, "top1": ev["top1"], "loss": ev["loss"],
-           "size_mb": quant.model_size_mb(qmodel), "compression": quant.compression_ratio(qmodel),
-           "bops": quant.bops(qmodel), "avg_bits": search.average_bits(config, n_params),
+    run = runs.qat_run(fp32, config, the_recipe, study.train_loader(), study.test_loader(), cfg,
+                       run_dir=study.qat_dir, a_bits=a, policy=policy, init=init,
+                       device=study.dev, input_size=study.input_size, data=study.data_key,
+                       eval_each_epoch=True, keep_model=True)
+    rec = run.record
+    row = {"label": label, "kind": kind, "a_bits": a, "top1": rec["top1"], "loss": rec["loss"],
+           "size_mb": rec["size_mb"], "compression": rec["compression"], "bops": rec["bops"],
+           "avg_bits": rec["avg_bits"],
            "search_ms": picks.get(label, {}).get("search_ms", float("nan")),
-           "wall_s": time.perf_counter() - t0, "checkpoint": ckpt_name, "history": hist, "config": config}
-    return qmodel, row
+           "wall_s": rec["wall_s"], "run_id": run.run_id, "history": rec["history"],
+           "config": config}
+    return run.model, row
 
 
 results, models_by_label = [], {}
-for label, config, a, kind in runs:
+for label, config, a, kind in plan:
     qm, row = run_one(label, config, a, kind)
     models_by_label[label] = qm
     results.append(row)

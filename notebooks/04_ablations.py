@@ -44,14 +44,14 @@ random_seeds = [0, 1, 2]
 max_steps_per_epoch = 50
 
 # %%
-from hmqat import ablation, plotting, reporting, search, train
-from hmqat.pipeline import Study
+from hmqat import runtime, search, sensitivity, train
+from hmqat.study import ablation, plotting, reporting
+from hmqat.study.pipeline import Study
 
-study = Study(results_dir, profile=profile, arch=arch, dataset=dataset, seed=seed, device=device,
-              batch_size=batch_size, n_synthetic=n_synthetic)
+study = Study.from_params(globals())
 fp32 = study.fp32_model()
-omegas = {v: study.omega(v) for v in ("joint", "trace_size", "trace", "size_only", "random")}
-acct = search.model_inputs(fp32, a_bits=a_bits, policy=policy)
+omegas = {v: study.omega(v) for v in sensitivity.VARIANTS}
+acct = search.model_inputs(fp32, a_bits=a_bits, policy=policy, input_size=study.input_size)
 cfg = train.TrainConfig(epochs=ablation_epochs, lr=qat_lr, step_lr=step_lr, weight_decay=qat_wd,
                         seed=seed, max_steps_per_epoch=max_steps_per_epoch)
 
@@ -64,8 +64,9 @@ table = ablation.run_ablations(
     run_dir=study.path("checkpoints", "ablation"), min_compression=ablation_compression,
     primary="joint", bits=bits, random_seeds=random_seeds, fixed=acct["fixed"],
     other_params=acct["other_params"], fp32_params=acct["fp32_params"], a_bits=a_bits,
-    policy=policy, init=init, device=study.dev)
-reporting.atomic_write_text(study.path("data", "ablation_runs.csv"), table.to_csv(index=False))
+    policy=policy, init=init, device=study.dev, input_size=study.input_size,
+    data=study.data_key)
+runtime.atomic_write_text(study.path("data", "ablation_runs.csv"), table.to_csv(index=False))
 summary = ablation.summarize(table)
 steps = len(study.train_loader())                 # optimizer steps per full epoch
 if max_steps_per_epoch:

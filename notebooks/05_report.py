@@ -19,15 +19,14 @@ batch_size = 128
 
 # %%
 import json
-from pathlib import Path
 
 import pandas as pd
 
-from hmqat import reporting
-from hmqat.pipeline import Study
+from hmqat import runtime
+from hmqat.study import reporting
+from hmqat.study.pipeline import Study
 
-study = Study(results_dir, profile=profile, arch=arch, dataset=dataset, seed=seed, device=device,
-              batch_size=batch_size, n_synthetic=n_synthetic)
+study = Study.from_params(globals())
 fp32 = study.load_json("fp32.json")
 qat = pd.DataFrame(study.load_json("qat_results.json"))
 
@@ -82,7 +81,7 @@ before fine-tuning, **{fp32['top1']:.2f} %** after fine-tuning on its training s
 
 ## Headline
 
-{paths['md'].read_text() if hasattr(paths['md'], 'read_text') else Path(paths['md']).read_text()}
+{paths['md'].read_text()}
 
 ![accuracy vs size](figures/accuracy_size.png)
 
@@ -110,7 +109,7 @@ before fine-tuning, **{fp32['top1']:.2f} %** after fine-tuning on its training s
 
 Executed notebooks: `executed/`. Tables (CSV, Markdown, LaTeX): `tables/`. Raw data: `data/`.
 """
-reporting.atomic_write_text(study.root / "README.md", text)
+runtime.atomic_write_text(study.root / "README.md", text)
 print(text[:1500])
 
 # %% [markdown]

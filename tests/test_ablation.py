@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hmqat import ablation, data, models, quant, train
+from hmqat import data, models, quant, train
+from hmqat.study import ablation, runs
 
 
 class Tiny(nn.Module):
@@ -138,8 +139,8 @@ def test_summary_and_bad_inputs(setup, tmp_path):
         ablation.summarize(pd.DataFrame(columns=ablation.COLUMNS))
     with pytest.raises(ablation.AblationError, match="val_loader is None"):
         ablation.run_specs(specs, fp32, tr, None, cfg, run_dir=tmp_path)
-    with pytest.raises(ablation.AblationError, match="recipe must be a hmqat.transitions.Recipe"):
-        ablation.train_run(fp32, {}, {"transitions": True}, tr, te, cfg, run_dir=tmp_path)
+    with pytest.raises(runs.RunError, match="recipe must be a hmqat.transitions.Recipe or its"):
+        runs.qat_run(fp32, {}, 42, tr, te, cfg, run_dir=tmp_path)
     table = pd.DataFrame({"group": ["a", "a", "b"], "variant": ["r", "r", "u"],
                           "top1": [50.0, 60.0, 70.0], "size_mb": 1.0, "compression": 2.0,
                           "avg_bits": 4.0, "osc_frac": 0.1})

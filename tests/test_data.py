@@ -200,3 +200,12 @@ def test_bad_decode_cache_is_named_deleted_and_rebuilt(tmp_path, damage, monkeyp
                                             r"decoding the images again"):
         again = data.load_cifar10(root, "train")
     assert torch.equal(again.images, first.images) and cache.exists()
+
+
+def test_write_synthetic_imagefolder_leaves_the_warning_filters_alone(tmp_path):
+    import warnings
+
+    before = list(warnings.filters)
+    data.write_synthetic_imagefolder(tmp_path, num_classes=2, per_class=1, splits=("train",))
+    assert list(warnings.filters) == before
+    assert len(list((tmp_path / "train").rglob("*.png"))) == 2

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from hmqat import data, distributed, models, quant, train
+from hmqat.study import cli
 from torchrun_helpers import free_port, torchrun
 
 PER_RANK, WORLD = 8, 2
@@ -127,10 +128,10 @@ def _worker(out: Path) -> None:
     lazy, _ = _qat(PER_RANK, callbacks=[_LazyReinit()])
     torch.save(_steps(lazy), out / f"lazy{r}.pt")
 
-    # 6. the command line, inside the same process group (`-m hmqat.distributed` calls run())
-    distributed.run(["qat", "--profile", "smoke", "--uniform", "4", "--epochs", "1",
-                     "--max-steps", "2", "--batch-size", "32", "--device", "cpu",
-                     "--checkpoint", str(out / "cli.pt")])
+    # 6. the command line, inside the same process group (`-m hmqat.study.cli` calls run())
+    cli.run(["qat", "--profile", "smoke", "--uniform", "4", "--epochs", "1",
+             "--max-steps", "2", "--batch-size", "32", "--device", "cpu",
+             "--run-dir", str(out / "cli")])
 
     (out / f"rank{r}.json").write_text(json.dumps(res))
     distributed.cleanup()
@@ -218,7 +219,11 @@ def test_lazily_reinitialised_steps_are_rebroadcast(ddp_run):
 
 def test_cli_qat_two_processes(ddp_run):
     out, _, stdout = ddp_run
-    ck = out / "cli.pt"
+    runs = sorted((out / "cli").iterdir())                # hmqat.study.runs: one folder per run
+    assert len(runs) == 1
+    ck = runs[0] / "checkpoint.pt"
+    result = json.loads((runs[0] / "result.json").read_text())
+    assert result["run_id"] == runs[0].name and 0 <= result["top1"] <= 100
     assert stdout.count("[hmqat] qat done on 2 process(es)") == 1        # rank 0 prints
     assert stdout.count("resumed from") == 1                             # rank 0 prints
     summary = json.loads(ck.with_suffix(".json").read_text())
@@ -231,17 +236,20 @@ def test_cli_and_wrap_errors(tmp_path):
     with pytest.raises(distributed.DistributedConfigError, match="needs a process group"):
         distributed.wrap_ddp(torch.nn.Linear(2, 2))
     with pytest.raises(distributed.DistributedConfigError, match="--config FILE.json"):
-        distributed.run(["qat", "--profile", "smoke", "--device", "cpu",
-                         "--checkpoint", str(tmp_path / "x.pt")])
+        cli.run(["qat", "--profile", "smoke", "--device", "cpu",
+                 "--run-dir", str(tmp_path / "x")])
+    with pytest.raises(distributed.DistributedConfigError, match="pass --run-dir DIR instead"):
+        cli.run(["qat", "--profile", "smoke", "--device", "cpu", "--uniform", "4",
+                 "--checkpoint", str(tmp_path / "x.pt")])
     with pytest.raises(distributed.DistributedConfigError, match=r"FP32 checkpoint .*fp32-resnet20"
-                       r".pt not found; run `-m hmqat.distributed finetune`"):
-        distributed.run(["qat", "--profile", "smoke", "--device", "cpu", "--uniform", "4",
+                       r".pt not found; run `-m hmqat.study.cli finetune`"):
+        cli.run(["qat", "--profile", "smoke", "--device", "cpu", "--uniform", "4",
                          "--results", str(tmp_path / "nothing")])
     cfgs = tmp_path / "configs.json"
     cfgs.write_text(json.dumps({"a": {"config": {}}, "b": {"config": {}}}))
     with pytest.raises(distributed.DistributedConfigError, match=r"several configs \['a', 'b'\]"):
-        distributed.run(["qat", "--profile", "smoke", "--device", "cpu", "--config", str(cfgs),
-                         "--checkpoint", str(tmp_path / "x.pt")])
+        cli.run(["qat", "--profile", "smoke", "--device", "cpu", "--config", str(cfgs),
+                 "--run-dir", str(tmp_path / "x")])
 
 
 def test_sync_bn_on_cpu_is_refused():
@@ -275,7 +283,7 @@ def test_imagenet_path_end_to_end(tmp_path):
 
 def test_study_reads_imagenet_for_the_notebooks(tmp_path, monkeypatch):
     """What notebooks 00-03 call on a Study with dataset="imagenet" (tiny ImageFolder)."""
-    from hmqat.pipeline import Study
+    from hmqat.study.pipeline import Study
 
     root = data.write_synthetic_imagefolder(tmp_path / "inet", num_classes=4, per_class=3,
                                             image_size=40, splits=("train", "val"))
@@ -296,14 +304,15 @@ def test_study_reads_imagenet_for_the_notebooks(tmp_path, monkeypatch):
 
 
 def test_cli_results_folder_is_reused_by_the_notebooks(tmp_path, capsys):
-    """`-m hmqat.distributed finetune|qat --results DIR` writes the checkpoints notebooks 00
+    """`-m hmqat.study.cli finetune|qat --results DIR` writes the checkpoints notebooks 00
     and 03 look for; their calls then return the finished runs without training."""
-    from hmqat import pipeline, transitions
+    from hmqat import transitions
+    from hmqat.study import pipeline, runs
 
     res = tmp_path / "smoke"
     common = ["--profile", "smoke", "--device", "cpu", "--results", str(res)]
-    fp32_hist = distributed.run(["finetune", *common])
-    qat_hist = distributed.run(["qat", *common, "--uniform", "4"])
+    fp32_hist = cli.run(["finetune", *common])
+    qat_hist = cli.run(["qat", *common, "--uniform", "4"])
     p = pipeline.load_params("smoke")
     c, nb0, nb3 = p["common"], p["notebooks"]["00_fp32_baseline"], p["notebooks"]["03_qat"]
     study = pipeline.Study(str(res), profile="smoke", arch=c["arch"], dataset=c["dataset"],
@@ -317,15 +326,16 @@ def test_cli_results_folder_is_reused_by_the_notebooks(tmp_path, capsys):
     assert hist == fp32_hist
     fp32 = study.fp32_model()
     config = quant.uniform_config(fp32, 4, policy=c["policy"])
-    name, info = pipeline.Study.qat_run_id(config, c["a_bits"], nb3["recipe"], c["init"])
-    _, hist = train.qat(fp32, config, study.train_loader(), study.test_loader(), train.TrainConfig(
-        epochs=nb3["qat_epochs"], lr=nb3["qat_lr"], step_lr=nb3["step_lr"],
-        weight_decay=nb3["qat_wd"], seed=0, max_steps_per_epoch=nb3["max_steps_per_epoch"],
-        checkpoint=str(study.path("checkpoints", name))), a_bits=c["a_bits"], policy=c["policy"],
-        init=c["init"],
-        callbacks=transitions.make_callbacks(nb3["recipe"], teacher=fp32), device="cpu",
-        run_info=info)
-    assert hist == qat_hist
+    cfg = train.TrainConfig(epochs=nb3["qat_epochs"], lr=nb3["qat_lr"], step_lr=nb3["step_lr"],
+                            weight_decay=nb3["qat_wd"], seed=0,
+                            max_steps_per_epoch=nb3["max_steps_per_epoch"])
+    run = runs.qat_run(fp32, config, transitions.Recipe.from_dict(nb3["recipe"]),   # nb 03's call
+                       study.train_loader(), study.test_loader(), cfg, run_dir=study.qat_dir,
+                       a_bits=c["a_bits"], policy=c["policy"], init=c["init"], device="cpu",
+                       input_size=study.input_size, data=study.data_key,
+                       eval_each_epoch=True, keep_model=True)
+    assert run.cached and run.record["history"] == qat_hist
+    assert run.model is not None
     assert capsys.readouterr().out.count("resumed from") == 2
 
 

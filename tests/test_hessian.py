@@ -1,4 +1,4 @@
-"""hmqat.hessian.layer_traces against exact block traces of small nets (DESIGN.md §2, Eqs. H1–H4)."""
+"""hmqat.hessian.layer_traces against exact block traces of small nets (docs/design.md §3, Eqs. H1–H4)."""
 import numpy as np
 import pandas as pd
 import pytest

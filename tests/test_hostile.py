@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hmqat import data, distributed, export, models, pipeline, train
+from hmqat import data, export, models, runtime, train
+from hmqat.study import cli, pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,15 +47,15 @@ def evil(tmp_path):
 
 def test_load_checkpoint(evil, tmp_path):
     ck = evil(tmp_path / "x.pt")
-    with pytest.raises(train.CheckpointError, match=rf"{ck}: refused to load: it holds objects "
+    with pytest.raises(runtime.CheckpointError, match=rf"{ck}: refused to load: it holds objects "
                                                     r"other than tensors.*never runs code"):
-        train.load_checkpoint(ck)
+        runtime.load_checkpoint(ck)
 
 
 def test_train_resume(evil, tmp_path):
     ck = evil(tmp_path / "run" / "qat.pt")
     tr = data.make_loader(data.synthetic_cifar(64, seed=0), 32, train=True)
-    with pytest.raises(train.CheckpointError, match=rf"{ck}: refused to load"):
+    with pytest.raises(runtime.CheckpointError, match=rf"{ck}: refused to load"):
         train.fit(models.create_model("resnet20"), tr, None, train.TrainConfig(checkpoint=str(ck)))
 
 
@@ -62,16 +63,16 @@ def test_study_fp32_model(evil, tmp_path):
     study = pipeline.Study(str(tmp_path / "results"), dataset="synthetic", n_synthetic=64,
                            device="cpu")
     evil(study.fp32_checkpoint)
-    with pytest.raises(train.CheckpointError, match=rf"{study.fp32_checkpoint}: refused to load"):
+    with pytest.raises(runtime.CheckpointError, match=rf"{study.fp32_checkpoint}: refused to load"):
         study.fp32_model()
 
 
 def test_distributed_command_line(evil, tmp_path):
     ck = evil(tmp_path / "fp32.pt", wrap=False)
-    with pytest.raises(train.CheckpointError, match=rf"{ck}: refused to load"):
-        distributed.run(["qat", "--profile", "smoke", "--device", "cpu", "--fp32", str(ck),
-                         "--uniform", "4", "--checkpoint", str(tmp_path / "q.pt")])
-    assert not (tmp_path / "q.pt").exists()
+    with pytest.raises(runtime.CheckpointError, match=rf"{ck}: refused to load"):
+        cli.run(["qat", "--profile", "smoke", "--device", "cpu", "--fp32", str(ck),
+                 "--uniform", "4", "--run-dir", str(tmp_path / "q")])
+    assert not list((tmp_path / "q").rglob("*.pt"))
 
 
 def test_decode_cache(evil, tmp_path, monkeypatch):
@@ -103,7 +104,7 @@ def test_models_load_pretrained(evil, tmp_path, monkeypatch):
 
 def test_no_loader_unpickles_code():
     """Every torch.load in the package goes through weights_only=True."""
-    for src in (ROOT / "hmqat").glob("*.py"):
+    for src in (ROOT / "hmqat").rglob("*.py"):
         for call in re.findall(r"torch\.load\([^)]*\)", src.read_text()):
             assert "weights_only=True" in call, (src.name, call)
 

@@ -1,4 +1,4 @@
-"""The params/*.yaml schema (hmqat.params): every bad profile is one error naming file, section,
+"""The params/*.yaml schema (hmqat.study.params): every bad profile is one error naming file, section,
 key and what is expected, raised before any notebook runs; and the results-folder lock."""
 import json
 import os
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hmqat import params, pipeline
+from hmqat.study import params, pipeline
 from hmqat.locking import ResultsLocked, results_lock
 
 ROOT = Path(__file__).resolve().parent.parent

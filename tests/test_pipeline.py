@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from hmqat import pipeline
+from hmqat.study import pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,4 +78,21 @@ def test_every_profile_sets_every_declared_parameter():
         cfg = pipeline.load_params(profile)
         for nb in pipeline.NOTEBOOKS:
             declared = list(pm.inspect_notebook(str(ROOT / "notebooks" / f"{nb}.ipynb")))
-            pipeline.notebook_parameters(cfg, nb, declared, Path("r"), profile)  # raises if not
+            params = pipeline.notebook_parameters(cfg, nb, declared, Path("r"), profile)
+            assert sorted(params) == sorted(declared), (profile, nb)
+            assert params["profile"] == profile and params["results_dir"] == "r"
+    cfg = pipeline.load_params("smoke")
+    declared = list(pm.inspect_notebook(str(ROOT / "notebooks" / "03_qat.ipynb"))) + ["new_knob"]
+    with pytest.raises(pipeline.PipelineError, match=r"does not set \['new_knob'\]"):
+        pipeline.notebook_parameters(cfg, "03_qat", declared, Path("r"), "smoke")
+
+
+def test_study_from_params_takes_the_declared_fields(tmp_path):
+    params = {"results_dir": str(tmp_path / "r"), "profile": "smoke", "arch": "resnet20",
+              "dataset": "synthetic", "seed": 3, "device": "cpu", "batch_size": 16,
+              "n_synthetic": 64, "fp32_lr": 0.1, "__name__": "__main__"}
+    study = pipeline.Study.from_params(params)
+    assert (study.profile, study.seed, study.batch_size, study.n_synthetic) == ("smoke", 3, 16, 64)
+    assert study.pretrained is True and study.root == tmp_path / "r"   # undeclared: default
+    with pytest.raises(pipeline.PipelineError, match="needs results_dir"):
+        pipeline.Study.from_params({"profile": "smoke"})

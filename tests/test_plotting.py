@@ -1,4 +1,4 @@
-"""Tests for hmqat.plotting (research/notebooks.md §6): every figure draws from small synthetic
+"""Tests for hmqat.study.plotting (docs/design.md §2): every figure draws from small synthetic
 frames and saves as PNG + PDF atomically with stable bytes; greyscale cues and titles are present;
 bad input gives one clear error."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hmqat import plotting as P
-from hmqat.plotting import PlotError
+from hmqat.study import plotting as P
+from hmqat.study.plotting import PlotError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYERS = ["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv1", "fc"]

@@ -1,5 +1,5 @@
-"""Tests for hmqat.reporting (DESIGN.md §6): atomic writes, JSON, data labels, tables, manifest,
-headline table."""
+"""Tests for hmqat.study.reporting (docs/design.md §2): data labels, tables, manifest, headline
+table."""
 from __future__ import annotations
 
 import math
@@ -11,17 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hmqat import reporting
-from hmqat.reporting import (
+from hmqat.runtime import read_json
+from hmqat.study.reporting import (
     HEADLINE_COLUMNS,
     HEADLINE_FORMATS,
     ReportingError,
-    atomic_write_json,
-    atomic_write_text,
     describe_data,
     format_numbers,
     headline_table,
-    read_json,
     read_table,
     update_manifest,
     write_table,
@@ -31,54 +28,6 @@ from hmqat.reporting import (
 def _no_tmp(folder: Path) -> None:
     leftovers = [p.name for p in folder.rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == []
-
-
-# --------------------------------------------------------------------------------------------
-# atomic files, JSON
-# --------------------------------------------------------------------------------------------
-def test_atomic_write_json_round_trips_numpy_torch_and_paths(tmp_path):
-    import torch
-
-    obj = {"b": np.float32(0.5), "a": np.int64(3), "arr": np.arange(3), "path": tmp_path / "x",
-           "t": torch.tensor(2.5), "tv": torch.tensor([1, 2]), "nested": {"z": [1, 2], "y": None},
-           "s": {3, 1}}
-    path = tmp_path / "deep" / "er" / "obj.json"
-    assert atomic_write_json(path, obj) == path
-    back = read_json(path)
-    assert back == {"a": 3, "arr": [0, 1, 2], "b": 0.5, "nested": {"y": None, "z": [1, 2]},
-                    "path": str(tmp_path / "x"), "s": [1, 3], "t": 2.5, "tv": [1, 2]}
-    text = path.read_text()
-    assert text.index('"a"') < text.index('"b"') and text.endswith("\n")   # sorted, indented
-    assert '\n  "a": 3' in text
-    _no_tmp(tmp_path)
-
-
-def test_atomic_write_json_rejects_unserialisable(tmp_path):
-    with pytest.raises(ReportingError, match="type object.*convert it"):
-        atomic_write_json(tmp_path / "bad.json", {"x": object()})
-    assert not (tmp_path / "bad.json").exists()
-    _no_tmp(tmp_path)
-
-
-def test_atomic_write_text_keeps_old_file_when_replace_fails(tmp_path, monkeypatch):
-    path = tmp_path / "a.txt"
-    atomic_write_text(path, "old")
-
-    def boom(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(reporting.os, "replace", boom)
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write_text(path, "new")
-    assert path.read_text() == "old"
-    _no_tmp(tmp_path)
-
-
-def test_atomic_write_text_honours_umask(tmp_path):
-    plain = tmp_path / "plain.txt"
-    plain.write_text("x")
-    atomic = atomic_write_text(tmp_path / "atomic.txt", "x")
-    assert atomic.stat().st_mode == plain.stat().st_mode
 
 
 # --------------------------------------------------------------------------------------------

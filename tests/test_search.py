@@ -1,4 +1,4 @@
-"""Tests for hmqat.search (DESIGN.md §2 "Search"): exact frontier vs brute force and ILP,
+"""Tests for hmqat.search (docs/design.md §3 "Search"): exact frontier vs brute force and ILP,
 select() semantics, the baselines and every validation error."""
 from __future__ import annotations
 
@@ -561,3 +561,45 @@ def test_huge_budgets_return_max_bits():
     for fn in fns:
         assert set(fn(omega, n, max_mb=1e12).config.values()) == {8}
     assert set(greedy_select(omega, n, min_compression=1e-9).config.values()) == {8}
+
+
+# --------------------------------------------------------------------------------------------
+# Problem: one object built once, every search a method
+# --------------------------------------------------------------------------------------------
+def test_problem_from_model_matches_model_inputs_and_the_function_api():
+    from hmqat.models import create_model
+
+    model = create_model("resnet20", pretrained=False)
+    acct = search.model_inputs(model, a_bits=4, input_size=(1, 3, 32, 32))
+    rng = np.random.default_rng(0)
+    omega = pd.DataFrame({b: rng.random(len(acct["n_params"])) * 4.0 ** -b for b in (2, 4, 8)},
+                         index=list(acct["n_params"]))
+    prob = search.Problem.from_model(model, omega, (2, 4, 8), a_bits=4)
+    kw = dict(macs=acct["macs"], a_bits=acct["a_bits"], fixed=acct["fixed"],
+              other_params=acct["other_params"], fp32_params=acct["fp32_params"])
+    assert prob.layers == list(acct["n_params"]) and prob.fixed == acct["fixed"]
+    front = prob.frontier()
+    ref = search.pareto_frontier(omega, acct["n_params"], (2, 4, 8), **kw)
+    assert front.points["omega"].tolist() == ref.points["omega"].tolist()
+    assert prob.frontier("bops").points["bops"].is_monotonic_increasing
+    budget = float(front.points["size_mb"].iloc[len(front) // 2])
+    for method, fn in [("greedy", search.greedy_select), ("uniform", search.uniform_select),
+                       ("random", search.random_select)]:
+        got = getattr(prob, method)(max_mb=budget)
+        want = fn(omega, acct["n_params"], (2, 4, 8), max_mb=budget, **kw)
+        assert got == want, method
+        assert got.size_mb <= budget
+    pick = search.select(front, max_mb=budget)
+    assert prob.evaluate(pick["config"]).omega == pytest.approx(pick["omega"])
+    assert len(prob.random_points(n=5, seed=1)) == 5
+
+
+def test_problem_validates_before_any_search():
+    omega = pd.DataFrame({2: [1.0, 2.0], 4: [0.5, 1.0]}, index=["a", "b"])
+    with pytest.raises(search.SearchError, match=r"fixed\['a'\] = 3 is not a candidate"):
+        search.Problem(omega, {"a": 10, "b": 20}, fixed={"a": 3})
+    prob = search.Problem(omega, {"a": 10, "b": 20})
+    with pytest.raises(search.SearchError, match="give exactly one budget"):
+        prob.greedy()
+    with pytest.raises(search.SearchError, match="n must be >= 1"):
+        prob.random_points(n=0)

@@ -1,4 +1,4 @@
-"""hmqat.sensitivity: the Ω table (DESIGN.md §2, Eq. Ω), its variants and the damage validation."""
+"""hmqat.sensitivity: the Ω table (docs/design.md §3, Eq. Ω), its variants and the damage validation."""
 import json
 import math
 

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from hmqat import data, models, train
+from hmqat import data, models, runtime, train
 
 
 def _setup(global_seed=0):
-    train.seed_everything(0)
+    runtime.seed_everything(0)
     model = models.create_model("resnet20")
     torch.manual_seed(global_seed)
     tr = data.make_loader(data.synthetic_cifar(96, seed=0), 32, train=True, seed=0)
@@ -82,7 +82,7 @@ def test_bad_config_values():
 
 
 def test_manifest_records_provenance():
-    m = train.manifest(seed=7, profile="smoke")
+    m = runtime.manifest(seed=7, profile="smoke")
     for key in ("git_sha", "git_dirty", "torch", "device", "seed", "profile", "python"):
         assert key in m
     assert m["seed"] == 7 and m["profile"] == "smoke"
@@ -151,8 +151,9 @@ def test_nonfinite_buffer_names_the_tensor_and_keeps_the_last_checkpoint(tmp_pat
 
 _KILLED_RUN = """
 import os, signal, sys, torch
-from hmqat import data, models, train
-train.seed_everything(0)
+from hmqat import data, models, runtime, train
+torch.set_num_threads(int(sys.argv[2]))     # the parent's: float sums depend on the thread count
+runtime.seed_everything(0)
 model = models.create_model("resnet20")
 tr = data.make_loader(data.synthetic_cifar(96, seed=0), 32, train=True, seed=0)
 te = data.make_loader(data.synthetic_cifar(64, seed=1), 64)
@@ -176,10 +177,10 @@ def test_resume_after_kill_9_is_bit_identical(tmp_path):
     ref = train.fit(model, tr, te, train.TrainConfig(**cfg, checkpoint=str(tmp_path / "a.pt")))
     ref_state = {k: v.clone() for k, v in model.state_dict().items()}
     ck = tmp_path / "k.pt"
-    proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, str(ck)],
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, str(ck), str(torch.get_num_threads())],
+                          capture_output=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-    assert train.load_checkpoint(ck)["epoch"] == 0     # killed in epoch 2: epoch 1 on disk
+    assert runtime.load_checkpoint(ck)["epoch"] == 0     # killed in epoch 2: epoch 1 on disk
     model, tr, te = _setup(global_seed=123)
     resumed = train.fit(model, tr, te, train.TrainConfig(**cfg, checkpoint=str(ck)))
     assert [h["val_loss"] for h in resumed] == [h["val_loss"] for h in ref]

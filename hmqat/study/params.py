@@ -13,7 +13,7 @@ before any notebook runs: unknown sections and keys, wrong types and values out 
 :class:`ParamsError` naming the file, the section, the key and what is expected; every key of
 ``common`` and of the notebooks in ``run`` must be set.
 
-    >>> from hmqat import params
+    >>> from hmqat.study import params
     >>> cfg = params.read_profile("params/quick.yaml")      # parsed and validated
 """
 from __future__ import annotations
@@ -24,6 +24,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+from ..models import CIFAR_RESNET_DEPTHS, TORCHVISION_ARCHS
+from ..quant import INIT_METHODS, POLICIES, SUPPORTED_BITS
+from ..transitions import Recipe
 
 __all__ = ["COMMON", "NOTEBOOKS", "NOTEBOOK_KEYS", "Key", "ParamsError", "read_profile",
            "validate"]
@@ -68,10 +74,9 @@ def optional(inner: Check) -> Check:
     return lambda v: None if v is None else (None if inner(v) is None else f"null or {inner(v)}")
 
 
-def choice(options: tuple[str, ...] | Callable[[], tuple[str, ...]]) -> Check:
+def choice(options: tuple[str, ...]) -> Check:
     def check(v: Any) -> str | None:
-        opts = options() if callable(options) else options
-        return None if isinstance(v, str) and v in opts else f"one of {list(opts)}"
+        return None if isinstance(v, str) and v in options else f"one of {list(options)}"
     return check
 
 
@@ -87,25 +92,18 @@ def list_of(inner: Check, *, min_len: int = 1) -> Check:
     return check
 
 
-def _supported_bits() -> tuple[int, ...]:
-    from .quant import SUPPORTED_BITS
-    return SUPPORTED_BITS
-
-
 def bit_width(v: Any) -> str | None:
-    bits = _supported_bits()
+    bits = SUPPORTED_BITS
     return None if _is_int(v) and v in bits else f"a bit width in {list(bits)}"
 
 
 def bit_pair(v: Any) -> str | None:
     ok = isinstance(v, list) and len(v) == 2 and all(bit_width(b) is None for b in v)
-    widths = list(_supported_bits())
+    widths = list(SUPPORTED_BITS)
     return None if ok else f"a [weight bits, activation bits] pair of widths in {widths}"
 
 
 def recipe(v: Any) -> str | None:
-    from .transitions import Recipe
-
     if not isinstance(v, Mapping):
         return "a mapping of recipe keys (docs/method.md §5.4), e.g. {distill: true}"
     try:
@@ -113,21 +111,6 @@ def recipe(v: Any) -> str | None:
     except (TypeError, ValueError) as exc:
         return f"a valid recipe ({exc})"
     return None
-
-
-def _archs() -> tuple[str, ...]:
-    from .models import CIFAR_RESNET_DEPTHS, _TORCHVISION
-    return tuple(f"resnet{d}" for d in CIFAR_RESNET_DEPTHS) + tuple(_TORCHVISION)
-
-
-def _policies() -> tuple[str, ...]:
-    from .quant import POLICIES
-    return POLICIES
-
-
-def _inits() -> tuple[str, ...]:
-    from .quant import INIT_METHODS
-    return INIT_METHODS
 
 
 def device(v: Any) -> str | None:
@@ -148,7 +131,7 @@ class Key:
 # The schema
 # --------------------------------------------------------------------------------------------
 COMMON: dict[str, Key] = {
-    "arch": Key(choice(_archs), "model architecture"),
+    "arch": Key(choice(tuple(f"resnet{d}" for d in CIFAR_RESNET_DEPTHS) + TORCHVISION_ARCHS), "model architecture"),
     "dataset": Key(choice(("cifar10", "synthetic", "imagenet")), "dataset"),
     "n_synthetic": Key(integer(0), "synthetic training images (dataset: synthetic)"),
     "pretrained": Key(boolean, "start from the published weights"),
@@ -157,8 +140,8 @@ COMMON: dict[str, Key] = {
     "batch_size": Key(integer(1), "training batch size"),
     "bits": Key(list_of(bit_width), "candidate weight bit widths"),
     "a_bits": Key(optional(bit_width), "activation bits (null: FP activations)"),
-    "policy": Key(choice(_policies), "fixed-layer policy"),
-    "init": Key(choice(_inits), "step-size init"),
+    "policy": Key(choice(POLICIES), "fixed-layer policy"),
+    "init": Key(choice(INIT_METHODS), "step-size init"),
 }
 _MAX_STEPS = Key(optional(integer(1)), "cap on optimizer steps per epoch (null: whole epochs)")
 NOTEBOOK_KEYS: dict[str, dict[str, Key]] = {
@@ -296,7 +279,6 @@ def validate(cfg: Any, path: str | os.PathLike) -> dict[str, Any]:
 
 def _strict_loader():
     """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
-    import yaml
 
     class Loader(yaml.SafeLoader):
         pass
@@ -317,7 +299,6 @@ def _strict_loader():
 
 def read_profile(path: str | os.PathLike) -> dict[str, Any]:
     """Parse and :func:`validate` a profile file. YAML errors name the file, line and column."""
-    import yaml
 
     path = Path(path)
     try:

@@ -1,4 +1,4 @@
-"""Ablation runner of notebook 04 (DESIGN.md §2 "Ablations in notebook 04").
+"""Ablation runner of notebook 04 (docs/design.md §3 "Ablations in notebook 04").
 
 Two groups of QAT runs, all with the same TrainConfig (seed, epochs, learning rates):
 
@@ -9,19 +9,20 @@ Two groups of QAT runs, all with the same TrainConfig (seed, epochs, learning ra
   every Ω variant, and the uniform, random (several seeds), greedy and HAWQ-V3 ILP allocations
   of :mod:`hmqat.search` under the same size limit.
 
-Every run lives in ``run_dir/<hash>/`` where the hash covers everything that defines the
-training (bit config, recipe, TrainConfig, quantizer options, FP32 weights, data). The loop
-checkpoints there every epoch; a finished run writes ``result.json`` and a rerun reads it instead
-of training, so an interrupted notebook resumes and a finished one is free to re-execute.
+Every run is one :func:`hmqat.study.runs.qat_run` in ``run_dir/<run id>/`` (the id covers
+everything that defines the training: bit config, recipe, TrainConfig, quantizer options, FP32
+weights, data). The loop checkpoints there every epoch; a finished run writes ``result.json`` and
+a rerun reads it instead of training, so an interrupted notebook resumes and a finished one is
+free to re-execute.
 
-    >>> from hmqat import ablation, train
+    >>> from hmqat import train
+    >>> from hmqat.study import ablation
     >>> cfg = train.TrainConfig(epochs=1, lr=0.004, step_lr=0.0004, weight_decay=5e-5)
     >>> table = ablation.run_ablations(fp32, train_loader, test_loader, cfg, omegas, n_params,
     ...                                min_compression=10.34, run_dir="results/quick/ablations")
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -30,12 +31,12 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
-import torch
 import torch.nn as nn
 
-from . import quant, search, train
-from .reporting import atomic_write_json, read_json
-from .transitions import OscillationTracker, PrecisionTransition, Recipe, make_callbacks
+from .. import search, train
+from ..runtime import model_fingerprint
+from ..transitions import Recipe
+from .runs import qat_run
 
 __all__ = [
     "ALLOCATION_METHODS",
@@ -45,11 +46,9 @@ __all__ = [
     "TRANSITION_VARIANTS",
     "allocation_ablation",
     "allocation_specs",
-    "model_fingerprint",
     "run_ablations",
     "run_specs",
     "summarize",
-    "train_run",
     "transition_ablation",
     "transition_specs",
 ]
@@ -94,109 +93,6 @@ class RunSpec:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-# --------------------------------------------------------------------------------------------
-# Run identity and one training run
-# --------------------------------------------------------------------------------------------
-def model_fingerprint(model: nn.Module) -> str:
-    """sha256 of a model's state_dict (names, shapes, dtypes, bytes): keys runs to the FP32
-    weights they started from."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _loader_key(loader: Any) -> dict[str, Any]:
-    """What identifies a data loader's batches (hmqat.data.TensorLoader, or its type and len)."""
-    ds = getattr(loader, "data", None)
-    if ds is not None and hasattr(ds, "source"):
-        return {"source": ds.source, "n": len(ds), "batch_size": loader.batch_size,
-                "train": loader.train, "seed": loader.seed, "drop_last": loader.drop_last}
-    return {"type": type(loader).__name__, "batches": len(loader)}
-
-
-def _avg_bits(bit_config: Mapping[str, int], n_params: Mapping[str, int]) -> float:
-    """Σ n_i·b_i / Σ n_i over the quantized layers."""
-    total = sum(n_params[k] for k in bit_config)
-    return sum(n_params[k] * b for k, b in bit_config.items()) / total
-
-
-def train_run(fp32_model: nn.Module, bit_config: Mapping[str, int], recipe: Recipe,
-              train_loader: Any, val_loader: Iterable, cfg: train.TrainConfig, *,
-              run_dir: str | Path, a_bits: int | None = 4, policy: str = "first_last_8",
-              per_channel: bool = True, init: str = "lsq", calib_batches: Iterable | None = None,
-              device: str | torch.device | None = None,
-              input_size: tuple[int, ...] = (1, 3, 32, 32),
-              fp32_key: str | None = None, data_key: Any = None) -> dict[str, Any]:
-    """Train (or resume, or read back) one QAT run and return its result record.
-
-    The run directory is ``run_dir/<first 16 hex of sha256(spec)>`` with ``spec.json``,
-    ``checkpoint.pt`` (every epoch, via ``TrainConfig.checkpoint``) and ``result.json`` (written
-    atomically when the run has finished and been evaluated; if present nothing is trained).
-    The record has top1/loss on ``val_loader``, size_mb/compression/bops/avg_bits from the
-    trained model (HAWQ-V3 accounting, :mod:`hmqat.quant`), wall_s (Σ epoch times + the final
-    evaluation), the per-epoch history, the oscillation log and the transition events.
-    The device is not part of the key: a result computed on CPU is reused on GPU and vice versa.
-    """
-    if not isinstance(recipe, Recipe):
-        raise AblationError(f"recipe must be a hmqat.transitions.Recipe, got "
-                            f"{type(recipe).__name__}; build one with Recipe.from_dict(params)")
-    spec = {
-        "bit_config": {k: int(v) for k, v in bit_config.items()},
-        "recipe": recipe.to_dict(),
-        "train": cfg.key(),
-        "quant": {"a_bits": a_bits, "policy": policy, "per_channel": per_channel, "init": init},
-        "fp32": fp32_key or model_fingerprint(fp32_model),
-        "data": data_key if data_key is not None else {"train": _loader_key(train_loader),
-                                                       "val": _loader_key(val_loader)},
-    }
-    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-    run_id = digest[:16]
-    folder = Path(run_dir) / run_id
-    result_path = folder / "result.json"
-    if result_path.exists():
-        record = read_json(result_path)
-        record["cached"] = True
-        return record
-    atomic_write_json(folder / "spec.json", spec)
-    run_cfg = replace(cfg, checkpoint=str(folder / "checkpoint.pt"))
-    callbacks = make_callbacks(recipe, teacher=fp32_model)
-    qmodel, history = train.qat(fp32_model, dict(bit_config), train_loader, None, run_cfg,
-                                a_bits=a_bits, policy=policy, per_channel=per_channel, init=init,
-                                calib_batches=calib_batches, callbacks=callbacks, device=device,
-                                run_info={"ablation_run": digest})
-    t0 = time.perf_counter()
-    ev = train.evaluate(qmodel, val_loader)
-    eval_s = time.perf_counter() - t0
-    n_params = {n: m.weight.numel() for n, m in quant.quantized_layers(qmodel).items()}
-    tracker = next((c for c in callbacks if isinstance(c, OscillationTracker)), None)
-    transition = next((c for c in callbacks if isinstance(c, PrecisionTransition)), None)
-    last = history[-1] if history else {}
-    record = {
-        "run_id": run_id, "spec_hash": digest,
-        "top1": ev["top1"], "loss": ev["loss"], "n_val": ev["n"],
-        "size_mb": quant.model_size_mb(qmodel),
-        "compression": quant.compression_ratio(qmodel),
-        "bops": quant.bops(qmodel, policy=policy, input_size=input_size),
-        "avg_bits": _avg_bits(quant.bit_config_of(qmodel), n_params),
-        "train_s": sum(h.get("epoch_s", 0.0) for h in history),
-        "eval_s": eval_s,
-        "osc_frac": last.get("osc_frac", float("nan")),
-        "frozen_frac": last.get("frozen_frac", float("nan")),
-        "bit_config": quant.bit_config_of(qmodel),
-        "recipe": recipe.to_dict(), "recipe_text": recipe.describe(),
-        "history": history,
-        "osc_log": tracker.log if tracker is not None else [],
-        "transition_events": transition.events if transition is not None else [],
-    }
-    record["wall_s"] = record["train_s"] + eval_s
-    atomic_write_json(result_path, record)
-    record["cached"] = False
-    return record
-
-
 def _row(spec: RunSpec, rec: Mapping[str, Any]) -> dict[str, Any]:
     return {"group": spec.group, "variant": spec.variant, "seed": spec.seed,
             "top1": rec["top1"], "loss": rec["loss"], "size_mb": rec["size_mb"],
@@ -214,15 +110,15 @@ def run_specs(specs: Sequence[RunSpec], fp32_model: nn.Module, train_loader: Any
               **run_kw: Any) -> pd.DataFrame:
     """Train every spec (``cfg`` with the spec's ``train_seed``) and return the tidy table
     (:data:`COLUMNS`). ``table.attrs``: ``trained`` and ``cached`` run ids of this call,
-    ``records`` (the full result records, in row order). ``run_kw`` goes to :func:`train_run`."""
+    ``records`` (the full result records, in row order). ``run_kw`` goes to :func:`hmqat.study.runs.qat_run`."""
     if val_loader is None:
         raise AblationError("val_loader is None; the ablation table needs a test loader for top1")
     fp32_key = run_kw.pop("fp32_key", None) or model_fingerprint(fp32_model)
     rows, records, trained, cached = [], [], [], []
     for spec in specs:
-        rec = train_run(fp32_model, spec.bit_config, spec.recipe, train_loader, val_loader,
-                        replace(cfg, seed=spec.train_seed), run_dir=run_dir, fp32_key=fp32_key,
-                        **run_kw)
+        rec = qat_run(fp32_model, spec.bit_config, spec.recipe, train_loader, val_loader,
+                      replace(cfg, seed=spec.train_seed), run_dir=run_dir, fp32_key=fp32_key,
+                      **run_kw).record
         (cached if rec["cached"] else trained).append(rec["run_id"])
         rows.append(_row(spec, rec))
         records.append(rec)
@@ -276,9 +172,9 @@ def allocation_specs(omegas: Mapping[str, pd.DataFrame], n_params: Mapping[str, 
                      fixed: Mapping[str, int] | None = None,
                      tied: Sequence[Sequence[str]] | None = None, other_params: int = 0,
                      fp32_params: int | None = None, train_seed: int = 0) -> list[RunSpec]:
-    """Specs of the allocation group, all at equal model size (DESIGN.md §2 "Search").
+    """Specs of the allocation group, all at equal model size (docs/design.md §3 "Search").
 
-    The ``primary`` Ω table's exact frontier (:func:`hmqat.search.pareto_frontier`) picks the
+    One :class:`hmqat.search.Problem` per Ω table. The ``primary`` table's exact frontier picks the
     HMQAT config at the budget (:func:`hmqat.search.select`); its size S then caps every other
     allocation (``max_mb=S``): the frontier pick of every other Ω variant, ``uniform`` (the
     widest uniform config ≤ S), ``random`` (one per seed), ``greedy`` and ``ilp`` (HAWQ-V3 ILP,
@@ -297,40 +193,38 @@ def allocation_specs(omegas: Mapping[str, pd.DataFrame], n_params: Mapping[str, 
         raise AblationError(f"unknown allocation method(s) {bad}; choose from "
                             f"{list(ALLOCATION_METHODS)}")
     recipe = Recipe(osc_track=True) if recipe is None else recipe
-    common = {"fixed": fixed, "tied": tied, "other_params": other_params,
-              "fp32_params": fp32_params}
+    problems = {name: search.Problem(table, n_params, bits, fixed=fixed, tied=tied,
+                                     other_params=other_params, fp32_params=fp32_params)
+                for name, table in omegas.items()}
     budget = _budget_kw(max_mb, min_compression)
     picks: list[tuple[str, int, dict[str, int], dict[str, Any]]] = []
 
-    def frontier_pick(table: pd.DataFrame, **kw: float) -> tuple[dict[str, int], dict[str, Any]]:
-        front = search.pareto_frontier(table, n_params, bits, **common)
+    def frontier_pick(problem: search.Problem, **kw: float) -> tuple[dict[str, int], dict[str, Any]]:
+        front = problem.frontier()
         row = search.select(front, **kw)
         return dict(row["config"]), {"method": "dp", "search_ms": front.search_ms,
                                      "planned_mb": float(row["size_mb"])}
 
-    config, info = frontier_pick(omegas[primary], **budget)
+    config, info = frontier_pick(problems[primary], **budget)
     size = info["planned_mb"]
     picks.append((f"hmqat-{primary}", train_seed, config, info))
-    for name, table in omegas.items():
+    for name, problem in problems.items():
         if name != primary:
-            c, i = frontier_pick(table, max_mb=size)
+            c, i = frontier_pick(problem, max_mb=size)
             picks.append((f"hmqat-{name}", train_seed, c, i))
-    ref = omegas[primary]
+    ref = problems[primary]
     for method in methods:
-        fn = {"uniform": search.uniform_select, "random": search.random_select,
-              "greedy": search.greedy_select, "ilp": search.ilp_select}[method]
         for seed in (random_seeds if method == "random" else [None]):
             kw = {"seed": int(seed)} if seed is not None else {}
             t0 = time.perf_counter()
-            alloc = fn(ref, n_params, bits, max_mb=size, **common, **kw)
+            alloc = getattr(ref, method)(max_mb=size, **kw)
             ms = (time.perf_counter() - t0) * 1e3
             picks.append((method, train_seed if seed is None else int(seed), dict(alloc.config),
                           {"method": alloc.method, "search_ms": ms,
                            "planned_mb": float(alloc.size_mb)}))
     specs = []
     for variant, seed, config, info in picks:
-        omega = search.evaluate_config(config, ref, n_params, other_params=other_params,
-                                       fp32_params=fp32_params).omega
+        omega = ref.evaluate(config).omega
         specs.append(RunSpec("allocation", variant, seed, config, recipe, int(train_seed),
                              float(omega), info))
     return specs
@@ -342,7 +236,7 @@ def transition_ablation(fp32_model: nn.Module, train_loader: Any, val_loader: It
                         variants: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
                         **run_kw: Any) -> pd.DataFrame:
     """Train the transition group (a)–(f) on ``bit_config``; see :func:`transition_specs`.
-    ``seeds`` defaults to ``(cfg.seed,)``; ``run_kw`` goes to :func:`train_run` (a_bits,
+    ``seeds`` defaults to ``(cfg.seed,)``; ``run_kw`` goes to :func:`hmqat.study.runs.qat_run` (a_bits,
     policy, device, ...)."""
     specs = transition_specs(bit_config, base=base, variants=variants,
                              seeds=(cfg.seed,) if seeds is None else seeds)
@@ -413,7 +307,7 @@ def run_ablations(fp32_model: nn.Module, train_loader: Any, val_loader: Iterable
     ``base``: hyper-parameters of the transition group; ``recipe``: the one QAT recipe of the
     allocation group. Both default to plain LSQ with oscillation tracking (``Recipe(osc_track=
     True)``: logging only), so the HMQAT/LSQ run of both groups is one run, trained once.
-    ``run_kw`` goes to :func:`train_run` (a_bits, policy, per_channel, init, device,
+    ``run_kw`` goes to :func:`hmqat.study.runs.qat_run` (a_bits, policy, per_channel, init, device,
     calib_batches, input_size).
     """
     bad = [g for g in groups if g not in ("transition", "allocation")]

@@ -1,8 +1,8 @@
-"""The papermill driver: run the study's notebooks in order for a profile (DESIGN.md §3–§6).
+"""The papermill driver: run the study's notebooks in order for a profile (docs/design.md §2–§4).
 
-    make reproduce                  # = python -m hmqat.pipeline --profile quick
+    make reproduce                  # = python -m hmqat.study.pipeline --profile quick
     make reproduce PROFILE=paper
-    python -m hmqat.pipeline --profile smoke --only 00_fp32_baseline 01_sensitivity
+    python -m hmqat.study.pipeline --profile smoke --only 00_fp32_baseline 01_sensitivity
 
 Each notebook gets the merged ``common`` + per-notebook parameters of ``params/<profile>.yaml``
 (only the names its ``parameters`` cell declares), runs headlessly with papermill, and is saved
@@ -22,17 +22,30 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
+import pandas as pd
+import papermill as pm
 import torch
+import torchvision.transforms as T
+import yaml
 
+from .. import data
+from ..data import TensorImages
+from ..distributed import is_distributed
+from ..models import create_model
+from ..locking import LockError, results_lock
+from ..runtime import (CheckpointError, atomic_write_json, load_checkpoint, manifest,
+                       resolve_device, seed_everything)
+from .reporting import describe_data, update_manifest
 from . import params
+from .runs import data_key
 
 __all__ = ["NOTEBOOKS", "PipelineError", "Study", "load_params", "main", "run_pipeline"]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = params.NOTEBOOKS
 PROFILES = ("smoke", "quick", "paper", "imagenet")
 
@@ -46,7 +59,7 @@ class PipelineError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 def load_params(profile: str, params_dir: Path | None = None) -> dict[str, Any]:
     """Read and validate ``params/<profile>.yaml``: ``{"common": {...}, "notebooks": {name:
-    {...}}, "run": [...]}`` (schema: :mod:`hmqat.params`; errors name file, section and key)."""
+    {...}}, "run": [...]}`` (schema: :mod:`hmqat.study.params`; errors name file, section, key)."""
     path = (params_dir or ROOT / "params") / f"{profile}.yaml"
     if not path.exists():
         known = sorted(p.stem for p in path.parent.glob("*.yaml"))
@@ -78,8 +91,8 @@ def notebook_parameters(cfg: dict[str, Any], name: str, declared: Sequence[str],
 
 def _sources_digest() -> str:
     h = hashlib.sha256()
-    for p in sorted((ROOT / "hmqat").glob("*.py")):
-        h.update(p.name.encode() + p.read_bytes())
+    for p in sorted((ROOT / "hmqat").rglob("*.py")):
+        h.update(p.relative_to(ROOT).as_posix().encode() + p.read_bytes())
     return h.hexdigest()
 
 
@@ -97,8 +110,6 @@ def _step_digest(nb_path: Path, params: dict[str, Any], upstream: str, sources: 
 # Running
 # --------------------------------------------------------------------------------------------
 def _run_notebook(nb_in: Path, nb_out: Path, params: dict[str, Any], timeout: int | None) -> None:
-    import papermill as pm
-
     try:
         pm.execute_notebook(str(nb_in), str(nb_out), parameters=params, kernel_name="python3",
                             cwd=str(nb_in.parent), progress_bar=False, log_output=True,
@@ -116,13 +127,11 @@ def run_pipeline(profile: str = "quick", *, only: Sequence[str] | None = None,
                  timeout: int | None = None) -> dict[str, Any]:
     """Run the notebooks of ``profile`` in order; return the manifest's ``steps`` dict.
 
-    Before any notebook runs: the profile is validated (:mod:`hmqat.params`), every step's
+    Before any notebook runs: the profile is validated (:mod:`hmqat.study.params`), every step's
     parameters are resolved against its notebook's ``parameters`` cell, and
     ``results/<profile>/.lock`` is taken (:func:`hmqat.locking.results_lock`; a second run on
     the same profile stops at once naming the holder's pid). Steps and manifest updates run
     under the lock."""
-    from .locking import LockError, results_lock
-
     if profile not in PROFILES and not (params_dir or ROOT / "params").joinpath(
             f"{profile}.yaml").exists():
         raise PipelineError(f"unknown profile {profile!r}; choose one of {list(PROFILES)}")
@@ -148,8 +157,6 @@ def run_pipeline(profile: str = "quick", *, only: Sequence[str] | None = None,
 def _plan(cfg: dict[str, Any], profile: str, only: Sequence[str] | None, nb_dir: Path,
           results_dir: Path) -> list[tuple[str, Path, dict[str, Any]]]:
     """(name, notebook, parameters) of every step to run, all checked before the first runs."""
-    import papermill as pm
-
     names = [n for n in NOTEBOOKS if n in set(cfg.get("run", NOTEBOOKS))]
     if only is not None:
         try:
@@ -170,8 +177,6 @@ def _plan(cfg: dict[str, Any], profile: str, only: Sequence[str] | None, nb_dir:
 def _run_steps(plan: list[tuple[str, Path, dict[str, Any]]], results_dir: Path, profile: str,
                force: bool, timeout: int | None) -> None:
     """Run (or skip, when unchanged) each planned step; stamps and manifest after each."""
-    from .reporting import atomic_write_json, update_manifest
-
     (results_dir / "executed").mkdir(parents=True, exist_ok=True)
     sources = _sources_digest()
     env = {k: os.environ.get(k, "") for k in ("HMQAT_DATA_DIR", "HMQAT_WEIGHTS_DIR")}
@@ -201,15 +206,13 @@ def _run_steps(plan: list[tuple[str, Path, dict[str, Any]]], results_dir: Path, 
 def _code_version() -> dict[str, Any]:
     """The code a step ran with: git sha and dirty flag of the checkout, and when it finished
     (the manifest's top-level provenance is from its first step, which may be older)."""
-    from .train import manifest
-
     prov = manifest()
     return {"git_sha": prov["git_sha"], "git_dirty": prov["git_dirty"],
             "finished_utc": prov["time_utc"]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hmqat.pipeline", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m hmqat.study.pipeline", description=__doc__.split("\n")[0])
     ap.add_argument("--profile", default="quick", help=f"one of {', '.join(PROFILES)}")
     ap.add_argument("--only", nargs="*", help="run only these notebooks (by name; at least one)")
     ap.add_argument("--force", action="store_true", help="rerun steps even if unchanged")
@@ -244,10 +247,6 @@ class _ImageFolderSplit(torch.utils.data.Dataset):
         return self.folder[i]
 
     def subset(self, indices: Sequence[int] | torch.Tensor):
-        import torchvision.transforms as T
-
-        from .data import TensorImages
-
         idx = [int(i) for i in indices]
         tf = T.Compose([T.Resize(int(self.image_size * 256 / 224)),
                         T.CenterCrop(self.image_size), T.PILToTensor()])
@@ -260,7 +259,7 @@ class _ImageFolderSplit(torch.utils.data.Dataset):
 class Study:
     """Paths, data and earlier results of one profile's run, for the notebooks.
 
-    ``results_dir`` holds ``figures/ tables/ data/ checkpoints/ cache/`` (DESIGN.md §6).
+    ``results_dir`` holds ``figures/ tables/ data/ checkpoints/ cache/`` (docs/design.md §4).
     ``dataset="imagenet"``: an ImageFolder root (``HMQAT_DATA_DIR``, ``train/`` + ``val/``)
     read through :func:`hmqat.data.imagenet_loaders` at ``image_size`` (224 for torchvision
     ResNet18/50); ``data(split)`` is then a map-style dataset with ``subset()`` for calibration.
@@ -279,9 +278,18 @@ class Study:
     workers: int | None = None        # ImageNet DataLoader workers (None: HMQAT_WORKERS or 8)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
-    def __post_init__(self) -> None:
-        from .train import resolve_device, seed_everything
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "Study":
+        """The notebooks' one set-up call, ``study = Study.from_params(globals())``: the Study
+        fields among a notebook's (papermill) parameters; fields a notebook does not declare
+        keep their defaults."""
+        names = [f.name for f in fields(cls) if not f.name.startswith("_")]
+        if "results_dir" not in params:
+            raise PipelineError("Study.from_params needs results_dir among the parameters (every "
+                                "notebook's parameters cell declares it)")
+        return cls(**{n: params[n] for n in names if n in params})
 
+    def __post_init__(self) -> None:
         self.root = Path(self.results_dir)
         for sub in ("figures", "tables", "data", "checkpoints", "cache"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
@@ -303,8 +311,6 @@ class Study:
     # data ----------------------------------------------------------------------------------
     def data(self, split: str):
         """The split as :class:`hmqat.data.TensorImages` (cached in the process)."""
-        from . import data
-
         key = f"data:{split}"
         if key not in self._cache:
             if self.dataset == "imagenet":
@@ -318,9 +324,6 @@ class Study:
 
     def _imagenet(self):
         """(train, val) DataLoaders of :func:`hmqat.data.imagenet_loaders` (cached)."""
-        from . import data
-        from .distributed import is_distributed
-
         if "imagenet" not in self._cache:
             workers = self.workers if self.workers is not None else int(
                 os.environ.get("HMQAT_WORKERS", min(8, os.cpu_count() or 1)))
@@ -337,16 +340,12 @@ class Study:
 
     @property
     def data_label(self) -> str:
-        from .reporting import describe_data
-
         return describe_data(self.dataset, self.data("test").source)
 
     def subtitle(self) -> str:
         return f"{self.arch}, {self.data_label}, {self.profile} profile"
 
     def train_loader(self, seed: int | None = None):
-        from . import data
-
         if self.dataset == "imagenet":  # seed: the loaders' (Study.seed)
             return self._imagenet()[0]
         return data.make_loader(self.data("train"), self.batch_size, train=True,
@@ -354,8 +353,6 @@ class Study:
                                 device=self.dev)
 
     def test_loader(self):
-        from . import data
-
         if self.dataset == "imagenet":
             return self._imagenet()[1]
         return data.make_loader(self.data("test"), 500, device=self.dev)
@@ -367,15 +364,11 @@ class Study:
 
     def fp32_model(self) -> torch.nn.Module:
         """The fine-tuned FP32 model written by notebook 00."""
-        from .models import create_model
-
         ck = self.fp32_checkpoint
         if not ck.exists():
             raise PipelineError(f"{ck} not found: run notebook 00_fp32_baseline first "
-                                f"(python -m hmqat.pipeline --profile {self.profile} "
+                                f"(python -m hmqat.study.pipeline --profile {self.profile} "
                                 f"--only 00_fp32_baseline)")
-        from .train import CheckpointError, load_checkpoint
-
         model = create_model(self.arch, num_classes=len(self.data("train").classes))
         blob = load_checkpoint(ck)
         if not isinstance(blob, dict) or "model" not in blob:
@@ -384,22 +377,19 @@ class Study:
         model.load_state_dict(blob["model"])
         return model.to(self.dev).eval()
 
-    @staticmethod
-    def qat_run_id(config: dict[str, int], a_bits: int, recipe: dict[str, Any] | None,
-                   init: str) -> tuple[str, dict[str, Any]]:
-        """(checkpoint file name, run_info) of notebook 03's QAT run of ``config``.
+    @property
+    def data_key(self) -> dict[str, Any]:
+        """The data identity of this study's QAT runs (:func:`hmqat.study.runs.data_key`)."""
+        return data_key(self.data("train"), self.data("test"), batch_size=self.batch_size)
 
-        Shared with ``python -m hmqat.distributed qat --results DIR``: a run trained there with
-        torchrun lands where notebook 03 looks, and the notebook resumes the finished run.
-        """
-        spec = json.dumps({"config": config, "a": a_bits, "recipe": recipe, "init": init},
-                          sort_keys=True)
-        return f"qat-{hashlib.sha256(spec.encode()).hexdigest()[:12]}.pt", {"label_free_spec": spec}
+    @property
+    def qat_dir(self) -> Path:
+        """Where :func:`hmqat.study.runs.qat_run` keeps notebook 03's runs (one folder each;
+        ``python -m hmqat.study.cli qat --results DIR`` trains into the same place)."""
+        return self.path("checkpoints", "qat")
 
     def omega(self, variant: str = "joint"):
         """The Ω table notebook 01 wrote for ``variant`` (index: layers, columns: int bits)."""
-        import pandas as pd
-
         p = self.path("data", f"omega_{variant}.csv")
         if not p.exists():
             raise PipelineError(f"{p} not found: run notebook 01_sensitivity of the "
@@ -410,8 +400,6 @@ class Study:
 
     # small JSON results ----------------------------------------------------------------------
     def save_json(self, name: str, obj: Any) -> Path:
-        from .reporting import atomic_write_json
-
         p = self.path("data", name)
         atomic_write_json(p, obj)
         return p

@@ -1,7 +1,7 @@
-"""Result files: atomic writes, JSON, tables (CSV + Markdown + LaTeX) and ``manifest.json``.
+"""Result files: tables (CSV + Markdown + LaTeX) and ``manifest.json``.
 
-DESIGN.md §6: every result file is written atomically (temporary file in the same folder, then
-``os.replace``), and every table names the data it came from. A table written by
+Every result file is written atomically with :mod:`hmqat.runtime`, and every table names the
+data it came from (docs/design.md §2). A table written by
 :func:`write_table` is three files next to each other:
 
 * ``<stem>.csv`` – the source of truth, full precision. Its first line is a comment
@@ -16,7 +16,7 @@ Markdown and LaTeX share one number formatter, :func:`format_numbers`.
 
     >>> import pandas as pd
     >>> from pathlib import Path
-    >>> from hmqat import reporting
+    >>> from hmqat.study import reporting
     >>> df = pd.DataFrame({"config": ["W8", "W4"], "top1": [91.234, 90.1]})
     >>> paths = reporting.write_table(df, Path("results/smoke/tables/demo"), caption="Top-1",
     ...                               data_label=reporting.describe_data("synthetic", ""),
@@ -25,28 +25,24 @@ Markdown and LaTeX share one number formatter, :func:`format_numbers`.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from ..runtime import atomic_write_json, atomic_write_text, manifest, read_json
+
 __all__ = [
     "HEADLINE_COLUMNS",
     "HEADLINE_FORMATS",
     "ReportingError",
-    "atomic_write_json",
-    "atomic_write_text",
     "describe_data",
     "format_numbers",
     "headline_table",
-    "read_json",
     "read_table",
-    "temporary_path",
     "update_manifest",
     "write_table",
 ]
@@ -73,62 +69,6 @@ class ReportingError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------
-# Atomic files (DESIGN.md §6)
-# --------------------------------------------------------------------------------------------
-def temporary_path(path: Path) -> Path:
-    """A fresh hidden name next to ``path`` (same folder, so ``os.replace`` is atomic)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically: a temporary file in the same folder, then
-    ``os.replace`` (DESIGN.md §6). Parent folders are created. Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _json_default(obj: Any) -> Any:
-    """JSON fallback: numpy/torch scalars and arrays, paths, sets."""
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    if hasattr(obj, "tolist") and callable(obj.tolist):   # numpy scalar/array, torch tensor
-        return obj.tolist()
-    if hasattr(obj, "item") and callable(obj.item):
-        return obj.item()
-    raise TypeError(f"cannot write an object of type {type(obj).__name__} as JSON; convert it "
-                    f"to a dict/list/str/number first")
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as JSON (indent 2, sorted keys, trailing newline) atomically. numpy/torch
-    scalars and arrays become numbers/lists and paths become strings."""
-    try:
-        text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default,
-                          ensure_ascii=False)
-    except TypeError as exc:
-        raise ReportingError(f"{path}: {exc}") from exc
-    return atomic_write_text(path, text + "\n")
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file written by :func:`atomic_write_json`."""
-    return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-# --------------------------------------------------------------------------------------------
 # Which data a result came from
 # --------------------------------------------------------------------------------------------
 def _provenance_mentions_jpeg(source: str) -> bool:
@@ -145,7 +85,7 @@ def _provenance_mentions_jpeg(source: str) -> bool:
 
 
 def describe_data(dataset: str, source: str) -> str:
-    """The human label of a dataset, used in every table and figure (DESIGN.md §4–§5).
+    """The human label of a dataset, used in every table and figure (docs/design.md §5).
 
     ``source`` is ``TensorImages.source`` (an ImageFolder split folder, ``torchvision:<dir>`` or
     ``synthetic(...)``). An ImageFolder root whose PROVENANCE.md (in the folder or up to two
@@ -216,7 +156,7 @@ def write_table(df: pd.DataFrame, stem: str | os.PathLike, *, caption: str, data
                 profile: str, float_format: FloatFormat = "{:.2f}") -> dict[str, Path]:
     """Write ``df`` as ``stem.csv`` (full precision, first line ``# <caption> — data: <label>;
     profile: <profile>``; read with ``pandas.read_csv(..., comment="#")``), ``stem.md`` and
-    ``stem.tex`` (numbers via :func:`format_numbers`), each atomically (DESIGN.md §6).
+    ``stem.tex`` (numbers via :func:`format_numbers`), each atomically (docs/design.md §4).
 
     Returns ``{"csv": path, "md": path, "tex": path}``."""
     stem = Path(stem)
@@ -264,15 +204,15 @@ def read_table(stem: str | os.PathLike) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------
-# manifest.json (DESIGN.md §6)
+# manifest.json
 # --------------------------------------------------------------------------------------------
 def update_manifest(path: str | os.PathLike, step: str, **fields: Any) -> dict[str, Any]:
     """Merge ``{"steps": {step: fields}}`` into ``manifest.json`` atomically and return it.
 
-    A missing manifest starts from :func:`hmqat.train.manifest` (git sha, versions, device).
+    A missing manifest starts from :func:`hmqat.runtime.manifest` (git sha, versions, device).
     Fields already recorded for ``step`` are kept unless given again. A read-modify-write: call
     it only while holding the results folder's lock (:func:`hmqat.locking.results_lock`), as
-    :func:`hmqat.pipeline.run_pipeline` does for all its steps."""
+    :func:`hmqat.study.pipeline.run_pipeline` does for all its steps."""
     path = Path(path)
     if not step:
         raise ReportingError("update_manifest needs a non-empty step name, e.g. '01_sensitivity'")
@@ -282,8 +222,6 @@ def update_manifest(path: str | os.PathLike, step: str, **fields: Any) -> dict[s
             raise ReportingError(f"{path} is not a manifest (expected a JSON object whose "
                                  f"'steps' is an object); move it away and rerun")
     else:
-        from hmqat.train import manifest  # lazy: imports torch
-
         data = manifest()
     steps = data.setdefault("steps", {})
     steps[step] = {**steps.get(step, {}), **fields}

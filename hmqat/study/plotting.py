@@ -1,4 +1,4 @@
-"""The study's standard figures (research/notebooks.md §6), saved as PNG + PDF.
+"""The study's standard figures (docs/design.md §5: every figure names its data), saved as PNG + PDF.
 
 Every ``plot_*`` function returns a matplotlib Figure drawn under :func:`use_style` (seaborn
 "paper" context, "ticks" style, colour-blind palette, constrained layout, sizes 3.4–7 in) and
@@ -8,13 +8,14 @@ by marker, line style or hatch, and heat-map cells carry their number. Save with
 :func:`savefig`, which writes ``<stem>.png`` (200 dpi) and ``<stem>.pdf`` (TrueType fonts, no
 creation date, so the bytes are stable across reruns) atomically and closes the figure.
 
-    >>> from hmqat import plotting, reporting
+    >>> from hmqat.study import plotting, reporting
     >>> label = reporting.describe_data("cifar10", train.source)            # doctest: +SKIP
     >>> fig = plotting.plot_layer_traces(traces, subtitle=f"{label}; profile quick")  # +SKIP
     >>> plotting.savefig(fig, Path("results/quick/figures/layer_traces"))  # doctest: +SKIP
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,8 +31,9 @@ import seaborn as sns
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from scipy.stats import spearmanr
 
-from hmqat.reporting import temporary_path
+from ..runtime import atomic_write_bytes
 
 __all__ = [
     "HATCHES",
@@ -87,7 +89,7 @@ def use_style() -> Iterator[None]:
 def savefig(fig: Figure, stem: str | os.PathLike, *, formats: Sequence[str] = ("png", "pdf"),
             dpi: int = PNG_DPI) -> list[Path]:
     """Write ``fig`` to ``<stem>.png`` and ``<stem>.pdf`` atomically (temporary file in the same
-    folder, then ``os.replace``; DESIGN.md §6) and close it. The PDF has no creation date and
+    folder, then ``os.replace``; docs/design.md §4) and close it. The PDF has no creation date and
     TrueType fonts, so rebuilding and saving the same figure gives the same bytes. An unknown
     format raises before anything is written and leaves the figure open."""
     stem = Path(stem)
@@ -100,16 +102,11 @@ def savefig(fig: Figure, stem: str | os.PathLike, *, formats: Sequence[str] = ("
     try:
         with use_style():
             for fmt in formats:
-                path = stem.with_name(f"{stem.name}.{fmt}")
-                tmp = temporary_path(path)   # '.tmp' suffix, hence format=
-                try:
-                    fig.savefig(tmp, format=fmt, dpi=dpi, metadata=metadata[fmt],
-                                bbox_inches="tight", pad_inches=0.03)
-                    os.replace(tmp, path)
-                except BaseException:
-                    tmp.unlink(missing_ok=True)
-                    raise
-                written.append(path)
+                buf = io.BytesIO()
+                fig.savefig(buf, format=fmt, dpi=dpi, metadata=metadata[fmt],
+                            bbox_inches="tight", pad_inches=0.03)
+                written.append(atomic_write_bytes(stem.with_name(f"{stem.name}.{fmt}"),
+                                                  buf.getvalue()))
     finally:
         plt.close(fig)
     return written
@@ -238,7 +235,7 @@ def plot_layer_traces(traces: pd.DataFrame, *,
                       title: str | None = "Average Hessian trace per layer",
                       subtitle: str | None = None, n_params: bool = True, n_se: float = 2.0,
                       horizontal: bool | None = None) -> Figure:
-    """Bar chart of ``avg_trace`` (Tr(H_ii)/n_i, DESIGN.md §2) per layer in network order, with
+    """Bar chart of ``avg_trace`` (Tr(H_ii)/n_i, docs/design.md §3) per layer in network order, with
     ±``n_se`` standard-error bars; log scale (symlog with a note when some estimates are ≤ 0).
     ``n_params`` adds the weight count on a twin axis (black ×, dashed) when the column exists.
     A ``kind`` column colours and hatches bars by layer type. ``horizontal`` defaults to True
@@ -333,8 +330,6 @@ def plot_omega_validation(df: pd.DataFrame, *, x: str = "omega", y: str = "loss_
     """One scatter panel per ``hue`` value (order of appearance), log-log where the values are
     positive (symlog otherwise), Spearman ρ in each panel title. ``spearman`` gives ρ per
     variant; without it ρ is computed with ``scipy.stats.spearmanr``."""
-    from scipy.stats import spearmanr
-
     _require(df, [x, y, hue], "df")
     variants = list(dict.fromkeys(df[hue].astype(str)))
     if spearman is not None:
@@ -379,7 +374,7 @@ def plot_frontier(candidates: pd.DataFrame | None, frontier: pd.DataFrame,
     """Every candidate faint grey (α 0.15, rasterised), the exact frontier as a post-step line
     with markers, picked budgets as stars on dashed vertical lines labelled along the line, and
     uniform configs as distinct markers labelled clear of each other (:func:`_place_labels`)
-    (DESIGN.md §2 "Search"). Log y (symlog if some Ω ≤ 0); log x when sizes span more than 10×.
+    (docs/design.md §3 "Search"). Log y (symlog if some Ω ≤ 0); log x when sizes span more than 10×.
     ``picks``/``uniform`` may carry a ``label_col`` column for their labels."""
     _require(frontier, [x, y], "frontier")
     frames = {"candidates": candidates, "picks": picks, "uniform": uniform}
