@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import math
 import numbers
@@ -387,6 +388,7 @@ class _LSQFunction(torch.autograd.Function):
 # Quantizer module
 # --------------------------------------------------------------------------------------------
 _LAZY_INIT_SUSPENDED = 0
+_SIGN_PASS = False   # inside calibrate_activations' first pass: observe signs, quantize nothing
 
 
 @contextlib.contextmanager
@@ -398,6 +400,17 @@ def _suspend_lazy_init() -> Iterator[None]:
         yield
     finally:
         _LAZY_INIT_SUSPENDED -= 1
+
+
+@contextlib.contextmanager
+def _sign_pass() -> Iterator[None]:
+    """Within this block activation quantizers only observe their inputs' signs (pass-through)."""
+    global _SIGN_PASS
+    _SIGN_PASS = True
+    try:
+        yield
+    finally:
+        _SIGN_PASS = False
 
 
 class LSQQuantizer(nn.Module):
@@ -571,6 +584,9 @@ class LSQQuantizer(nn.Module):
         self.mark_initialized(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _SIGN_PASS and not self.is_weight:
+            self._observe_sign(x)
+            return x
         if self._calib is not None:
             self._calibrate(x)
         elif not self._init_flag:
@@ -977,9 +993,12 @@ def calibrate_activations(qmodel: nn.Module, batches: Iterable[Any], *,
                           ) -> nn.Module:
     """Initialise every activation step from ``batches`` (tensors or (x, y) pairs).
 
-    Runs the model in eval mode without gradients (BN statistics untouched); each activation
-    quantizer's step becomes the mean of its per-batch :func:`init_step` estimates, and the
-    inputs of later layers see the already-quantized earlier ones. ``method`` overrides each
+    Runs the model in eval mode without gradients (BN statistics untouched). A first pass over
+    the batches with every activation quantizer passing its input through decides the signs
+    (``act_sign="auto"``: signed when more than NEG_TOLERANCE of the FP inputs are negative,
+    docs/method.md §2). In the second pass each activation quantizer's step becomes the mean of
+    its per-batch :func:`init_step` estimates, and the inputs of later layers see the
+    already-quantized earlier ones. ``method`` overrides each
     quantizer's init method ("lsq"/"mse"). Returns ``qmodel``.
     """
     acts = [m for m in qmodel.modules() if isinstance(m, LSQQuantizer) and not m.is_weight]
@@ -996,14 +1015,14 @@ def calibrate_activations(qmodel: nn.Module, batches: Iterable[Any], *,
             if method is not None:
                 q.init_method = method
         qmodel.eval()
-        n = 0
+        inputs = [_as_input(b) for b in itertools.islice(batches, max_batches)]
         with torch.no_grad():
-            for batch in batches:
-                if max_batches is not None and n >= max_batches:
-                    break
-                qmodel(_as_input(batch).to(device=p.device, dtype=p.dtype))
-                n += 1
-        if n == 0:
+            with _sign_pass():  # signs from the FP inputs: no cascade of earlier quantization
+                for x in inputs:
+                    qmodel(x.to(device=p.device, dtype=p.dtype))
+            for x in inputs:
+                qmodel(x.to(device=p.device, dtype=p.dtype))
+        if not inputs:
             raise ValueError("calibrate_activations: no batches given; pass a list of input "
                              "tensors or (x, y) pairs")
     finally:

