@@ -6,7 +6,8 @@ takes ``title`` and ``subtitle``; put the data label and profile in the subtitle
 names its data (``reporting.describe_data``). Figures stay readable in greyscale: series differ
 by marker, line style or hatch, and heat-map cells carry their number. Save with
 :func:`savefig`, which writes ``<stem>.png`` (200 dpi) and ``<stem>.pdf`` (TrueType fonts, no
-creation date, so the bytes are stable across reruns) atomically and closes the figure.
+creation date, so the bytes are stable across reruns) atomically, displays it inline when run in
+a Jupyter kernel, and closes the figure.
 
     >>> from hmqat import plotting, reporting
     >>> label = reporting.describe_data("cifar10", train.source)            # doctest: +SKIP
@@ -31,6 +32,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from hmqat.hessian import _in_notebook
 from hmqat.reporting import temporary_path
 
 __all__ = [
@@ -85,11 +87,15 @@ def use_style() -> Iterator[None]:
 
 
 def savefig(fig: Figure, stem: str | os.PathLike, *, formats: Sequence[str] = ("png", "pdf"),
-            dpi: int = PNG_DPI) -> list[Path]:
+            dpi: int = PNG_DPI, show: bool | None = None) -> list[Path]:
     """Write ``fig`` to ``<stem>.png`` and ``<stem>.pdf`` atomically (temporary file in the same
-    folder, then ``os.replace``; DESIGN.md §6) and close it. The PDF has no creation date and
-    TrueType fonts, so rebuilding and saving the same figure gives the same bytes. An unknown
-    format raises before anything is written and leaves the figure open."""
+    folder, then ``os.replace``; docs/design.md), show it inline, and close it. The PDF has no
+    creation date and TrueType fonts, so rebuilding and saving the same figure gives the same
+    bytes. An unknown format raises before anything is written and leaves the figure open.
+
+    ``show``: display the figure in the cell's output before closing it (an ``image/png``
+    output in an executed notebook, in JupyterLab and on GitHub); None = when running inside a
+    Jupyter kernel. Closing a figure that was never displayed would leave the cell without it."""
     stem = Path(stem)
     unknown = [f for f in formats if f not in ("png", "pdf", "svg")]
     if unknown:
@@ -110,6 +116,9 @@ def savefig(fig: Figure, stem: str | os.PathLike, *, formats: Sequence[str] = ("
                     tmp.unlink(missing_ok=True)
                     raise
                 written.append(path)
+        if show or (show is None and _in_notebook()):
+            from IPython.display import display
+            display(fig)
     finally:
         plt.close(fig)
     return written

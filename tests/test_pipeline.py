@@ -45,6 +45,17 @@ def test_every_notebook_ran_and_artifacts_are_well_formed(smoke_run):
     assert "synthetic data" in (root / "README.md").read_text()
 
 
+def test_executed_notebooks_show_their_figures(smoke_run):
+    """Every plotting.savefig call leaves an image/png output in its executed notebook."""
+    root, _ = smoke_run
+    for nb in pipeline.NOTEBOOKS:
+        source = (ROOT / "notebooks" / f"{nb}.py").read_text()
+        executed = json.loads((root / "executed" / f"{nb}.ipynb").read_text())
+        images = sum("image/png" in out.get("data", {}) for cell in executed["cells"]
+                     for out in cell.get("outputs", []))
+        assert images >= source.count("plotting.savefig("), nb
+
+
 def test_rerun_skips_unchanged_steps(smoke_run):
     root, _ = smoke_run
     steps = pipeline.run_pipeline("smoke", results_root=root.parent)

@@ -334,3 +334,19 @@ def test_training_curves_lines_per_config_and_missing_metric():
     plt.close(fig)
     with pytest.raises(PlotError, match="history 'W4' has no 'val_loss' values; its keys are"):
         P.plot_training_curves(histories(), "val_loss")
+
+
+def test_savefig_displays_inline_in_a_kernel_before_closing(tmp_path, monkeypatch):
+    """In a Jupyter kernel the figure goes to the cell output (image/png) before it is closed."""
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display",
+                        lambda fig: shown.append(plt.fignum_exists(fig.number)))
+    monkeypatch.setattr(P, "_in_notebook", lambda: True)
+    P.savefig(P.plot_accuracy_size(accuracy_frame(), fp32_top1=91.5), tmp_path / "a")
+    assert shown == [True]                 # displayed while still open
+    monkeypatch.setattr(P, "_in_notebook", lambda: False)
+    fig = P.plot_accuracy_size(accuracy_frame(), fp32_top1=91.5)
+    P.savefig(fig, tmp_path / "b")
+    assert shown == [True] and not plt.fignum_exists(fig.number)   # scripts: saved, closed
