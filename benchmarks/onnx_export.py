@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> None:
             info = onnx_export.export_onnx(qm, Path(tmp) / "m.onnx", calib[0][0][:1])
             export_s = time.perf_counter() - t0
             res = onnx_export.check_onnx(qm, Path(tmp) / "m.onnx", batches)
-        rows.append({"model": name, "avg_bits": sum(cfg.values()) / len(cfg),
+        n_w = {n: m.weight.numel() for n, m in quant.quantized_layers(qm).items()}
+        avg_bits = sum(n_w[n] * b for n, b in cfg.items()) / sum(n_w.values())
+        rows.append({"model": name, "avg_bits": avg_bits,
                      "int4_weights": info["weights"]["int4"],
                      "int8_weights": info["weights"]["int8"],
                      "onnx_kb": info["bytes"] / 1024, "export_s": export_s, **res})
@@ -91,8 +93,10 @@ def main(argv: list[str] | None = None) -> None:
              f"# onnxruntime {__import__('onnxruntime').__version__} (CPU, 1 thread), onnx "
              f"{__import__('onnx').__version__}, torch {torch.__version__}, "
              f"{platform.machine()}; written by benchmarks/onnx_export.py",
+             "# w bits: parameter-weighted mean weight bits; INT4/INT8 w: weight tensors stored "
+             "in that ONNX type; agree %: test images with the same argmax in both",
              ""]
-    hdr = (f"{'model':14s} {'avg bits':>8s} {'INT4 w':>6s} {'INT8 w':>6s} {'KB':>6s} "
+    hdr = (f"{'model':14s} {'w bits':>8s} {'INT4 w':>6s} {'INT8 w':>6s} {'KB':>6s} "
            f"{'agree %':>8s} {'max |dlogit|':>12s} {'mean |dlogit|':>13s} {'top1 torch':>10s} "
            f"{'top1 onnx':>9s}")
     lines.append(hdr)

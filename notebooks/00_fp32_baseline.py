@@ -1,3 +1,18 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 00 · The FP32 baseline
 #
@@ -43,6 +58,7 @@ study = Study(results_dir, profile=profile, arch=arch, dataset=dataset, seed=see
               batch_size=batch_size, n_synthetic=n_synthetic, pretrained=pretrained)
 print(study.subtitle())
 print(f"train {len(study.data('train'))} images, test {len(study.data('test'))} images")
+print(f"data from: {study.data('train').source}")  # HMQAT_DATA_DIR, or torchvision's download
 
 # %% [markdown]
 # ## 1. The pretrained model, as published
