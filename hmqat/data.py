@@ -33,6 +33,7 @@ __all__ = [
     "TensorImages",
     "TensorLoader",
     "calibration_batches",
+    "default_workers",
     "imagenet_loaders",
     "load_cifar10",
     "holdout_indices",
@@ -448,15 +449,28 @@ def calibration_batches(ds: TensorImages, n_samples: int = 2048, batch_size: int
 # --------------------------------------------------------------------------------------------
 # ImageNet (ImageFolder root)
 # --------------------------------------------------------------------------------------------
+def default_workers(cap: int = 8) -> int:
+    """DataLoader worker processes: the CPUs this process may use, at most ``cap``."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS / Windows
+        n = os.cpu_count() or 1
+    return max(0, min(cap, n))
+
+
 def imagenet_loaders(root: str | os.PathLike | None = None, *, batch_size: int = 256,
-                     workers: int = 8, image_size: int = 224, distributed: bool = False,
-                     seed: int = 0, num_classes: int | None = 1000,
+                     workers: int | None = None, image_size: int = 224,
+                     distributed: bool = False, seed: int = 0, num_classes: int | None = 1000,
                      device: str | torch.device = "cpu"):
     """(train_loader, val_loader) for an ImageNet-style ImageFolder root (``train/``, ``val/``).
 
     Standard torchvision transforms: RandomResizedCrop+flip for training, Resize(256/224·size)
     + CenterCrop for validation. With ``distributed=True`` a DistributedSampler shards training.
+    ``workers``: None = :func:`default_workers` (the usable CPUs, at most 8). The training loader
+    drops its last incomplete batch only when there is at least one full batch, so a folder with
+    fewer images than ``batch_size`` still gives one (smaller) batch instead of none.
     """
+    workers = default_workers() if workers is None else workers
     import torchvision.transforms as T
     from torch.utils.data import DataLoader, DistributedSampler
     from torchvision.datasets import ImageFolder
@@ -480,7 +494,8 @@ def imagenet_loaders(root: str | os.PathLike | None = None, *, batch_size: int =
     sampler = DistributedSampler(train_ds, seed=seed) if distributed else None
     g = torch.Generator().manual_seed(seed)
     train = DataLoader(train_ds, batch_size, shuffle=sampler is None, sampler=sampler,
-                       num_workers=workers, pin_memory=pin, drop_last=True, generator=g,
+                       num_workers=workers, pin_memory=pin,
+                       drop_last=len(train_ds) >= batch_size, generator=g,
                        persistent_workers=workers > 0)
     val = DataLoader(val_ds, batch_size, shuffle=False, num_workers=workers, pin_memory=pin)
     return train, val
