@@ -30,7 +30,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
 
 from hmqat.hessian import _in_notebook
 from hmqat.reporting import temporary_path
@@ -160,11 +160,35 @@ def _scale_for(values: np.ndarray, *, log_span: float = 1.0) -> tuple[str, dict[
     return "symlog", {"linthresh": float(pos.min()) if pos.size else 1.0}
 
 
+def _symlog_ticks(values: np.ndarray, linthresh: float, max_per_side: int = 3) -> list[float]:
+    """0 and ±powers of ten outside the linear region (≥ 10·linthresh), at most
+    ``max_per_side`` per sign (every k-th decade): a symlog axis otherwise labels −t, 0 and t
+    with t = linthresh, which print on top of each other."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    top = float(np.abs(v).max()) if v.size else linthresh
+    lo = math.floor(math.log10(linthresh)) + 1
+    hi = max(lo, math.ceil(math.log10(max(top, linthresh))))
+    decades = list(range(lo, hi + 1))
+    stride = max(1, math.ceil(len(decades) / max_per_side))
+    mags = [10.0 ** d for d in decades[::-1][::stride]]
+    ticks = [0.0]
+    if (v > 0).any():
+        ticks += mags
+    if (v < 0).any():
+        ticks += [-m for m in mags]
+    return sorted(ticks)
+
+
 def _set_scale(ax: plt.Axes, axis: str, values: np.ndarray, *, log_span: float = 1.0) -> str:
     scale, kw = _scale_for(values, log_span=log_span)
     if scale == "log":
         kw = {"nonpositive": "clip"}
     (ax.set_xscale if axis == "x" else ax.set_yscale)(scale, **kw)
+    if scale == "symlog":
+        target = ax.xaxis if axis == "x" else ax.yaxis
+        target.set_major_locator(FixedLocator(_symlog_ticks(values, kw["linthresh"])))
+        target.set_minor_locator(NullLocator())
     return scale
 
 
@@ -338,10 +362,13 @@ def plot_layer_traces(traces: pd.DataFrame, *,
 def plot_omega_validation(df: pd.DataFrame, *, x: str = "omega", y: str = "loss_increase",
                           hue: str = "variant", spearman: Mapping[str, float] | None = None,
                           title: str | None = "Ω vs measured loss increase",
-                          subtitle: str | None = None, ncols: int = 3) -> Figure:
+                          subtitle: str | None = None, ncols: int = 3,
+                          xlabel: str = "Σ Ω of the config (predicted)",
+                          ylabel: str = "measured loss increase") -> Figure:
     """One scatter panel per ``hue`` value (order of appearance), log-log where the values are
-    positive (symlog otherwise), Spearman ρ in each panel title. ``spearman`` gives ρ per
-    variant; without it ρ is computed with ``scipy.stats.spearmanr``."""
+    positive (symlog otherwise, labelled at 0 and a few powers of ten), Spearman ρ in each panel
+    title. ``spearman`` gives ρ per variant; without it ρ is computed with
+    ``scipy.stats.spearmanr``."""
     from scipy.stats import spearmanr
 
     _require(df, [x, y, hue], "df")
@@ -367,10 +394,10 @@ def plot_omega_validation(df: pd.DataFrame, *, x: str = "omega", y: str = "loss_
                 rho = float(spearmanr(sub[x], sub[y]).statistic) if len(sub) > 1 else float("nan")
             ax.set_title(f"{variant}: ρ = {rho:.2f}", fontsize="small")
             _set_scale(ax, "x", sub[x].to_numpy(float))
-            ax.set_xlabel(x)
+            ax.set_xlabel(xlabel)
         _set_scale(axes.flat[0], "y", df[y].to_numpy(float))
         for ax in axes[:, 0]:
-            ax.set_ylabel(y)
+            ax.set_ylabel(ylabel)
         for ax in list(axes.flat)[len(variants):]:
             ax.set_visible(False)
         _titles(fig, title, subtitle)
@@ -618,10 +645,13 @@ def plot_ablation(df: pd.DataFrame, *, x: str = "variant", y: str = "top1",
 def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]],
                          metric: str | Sequence[str] = "val_top1", *, x: str = "epoch",
                          title: str | None = "Training curves",
-                         subtitle: str | None = None) -> Figure:
+                         subtitle: str | None = None,
+                         start: Mapping[str, Mapping[str, float]] | None = None) -> Figure:
     """One line per config (distinct colour, marker and line style) of ``metric`` against
     ``x`` (the record's ``epoch``, else its position), from ``hmqat.train.fit`` histories.
-    A list of metrics gives one panel each. Records without the metric are skipped."""
+    A list of metrics gives one panel each. Records without the metric are skipped.
+    ``start``: {config: {metric: value}} drawn at epoch 0, before training (e.g. the published
+    model's accuracy, so a fine-tune's first-epoch jump is visible)."""
     metrics = [metric] if isinstance(metric, str) else list(metric)
     if not histories:
         raise PlotError("histories is empty; pass {config label: fit() history}")
@@ -636,6 +666,8 @@ def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]],
         for ax, m in zip(axes[0], metrics):
             for i, (label, hist) in enumerate(histories.items()):
                 pts = [(rec.get(x, j + 1), rec[m]) for j, rec in enumerate(hist) if m in rec]
+                if start and m in start.get(label, {}):
+                    pts.insert(0, (0, start[label][m]))
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, label=label, color=f"C{i % 10}", markersize=3.5, linewidth=1.1,
                         markevery=max(1, len(xs) // 12), **_style(i))

@@ -89,7 +89,7 @@ print(f"after fine-tuning: top-1 {after['top1']:.2f} %, loss {after['loss']:.4f}
 layers = models.quantizable_layers(model)
 n_total = sum(p.numel() for p in model.parameters())
 study.save_json("fp32.json", {
-    "arch": arch, "data_label": study.data_label, "profile": profile,
+    "arch": arch, "data_label": study.data_label, "profile": profile, "pretrained": pretrained,
     "pretrained_top1": before["top1"], "pretrained_loss": before["loss"],
     "top1": after["top1"], "loss": after["loss"], "history": history, "wall_s": wall,
     "n_params": n_total, "n_quantizable_weights": sum(l.n_params for l in layers),
@@ -97,7 +97,8 @@ study.save_json("fp32.json", {
 })
 with plotting.use_style():
     fig = plotting.plot_training_curves({"FP32 fine-tune": history}, metric="val_top1",
-                                        title="FP32 fine-tuning", subtitle=study.subtitle())
+                                        title="FP32 fine-tuning", subtitle=study.subtitle(),
+                                        start={"FP32 fine-tune": {"val_top1": before["top1"]}})
     plotting.savefig(fig, study.figures / "fp32_finetune")
 
 # %% [markdown]

@@ -1,3 +1,18 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 05 · Report
 #
@@ -77,7 +92,7 @@ text = f"""# hmqat results — {profile} profile
 reconstruction of HMQAT; they are not the paper's numbers (the paper reports ResNet18/ImageNet:
 10.34x smaller at 99.81 % of FP32 top-1, a target we quote, not a result we reproduced here).
 
-FP32 reference: published {arch} weights, {fp32['pretrained_top1']:.2f} % top-1 on this test split
+FP32 reference: {'published' if fp32.get('pretrained', True) else 'randomly initialised (no pretrained weights in this profile)'} {arch} weights, {fp32['pretrained_top1']:.2f} % top-1 on this test split
 before fine-tuning, **{fp32['top1']:.2f} %** after fine-tuning on its training split.
 
 ## Headline
