@@ -105,6 +105,11 @@ with plotting.use_style():
 # ## Exercises
 # 1. Evaluate the published weights on the *original* CIFAR-10 (unset `HMQAT_DATA_DIR`) and on the
 #    JPEG mirror. Where do the 10 points go? Which classes suffer most?
+#    *Hint:* compute top-1 per class with `torch.bincount` over labels and correct predictions.
 # 2. Fine-tune for 1, 3 and 10 epochs. How much of the gap does each epoch close?
+#    *Hint:* `fp32_epochs` and `max_steps_per_epoch` are parameters; compare with the `before` line.
 # 3. Why must the FP32 reference be fine-tuned on the *same* data as the quantized models before
 #    "% of FP32 top-1" means anything?
+#    *Hint:* what would "% of FP32" credit to quantization if the reference never saw the JPEG images?
+#
+# Worked solutions: [`solutions/00_fp32_baseline_solutions.ipynb`](solutions/00_fp32_baseline_solutions.ipynb) (and its paired `.py`).

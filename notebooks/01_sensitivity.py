@@ -1,3 +1,18 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 01 · Which layers are sensitive? Hessian traces and the Ω table
 #
@@ -133,7 +148,12 @@ with plotting.use_style():
 # ## Exercises
 # 1. Run the estimator with `trace_tol=0.2` and `0.02`. How do the error bars and wall time scale
 #    with the number of probes? (Standard error ∝ 1/√probes.)
+#    *Hint:* look at `probes`, `rel_se` and `attrs["wall_s"]` of the two frames; a 10× smaller SE needs ~100× the probes.
 # 2. Which layers have the largest average trace, and which the largest Ω at 2 bits? Why do the two
 #    rankings differ?
+#    *Hint:* Ω_i(b) = T̄_i·‖Q_b(W_i) − W_i‖²: which factor grows with the number of weights?
 # 3. Replace the calibration subset by 128 images. Is the Spearman ρ of the `joint` variant still
 #    higher than `size_only`'s?
+#    *Hint:* `calib_samples` is a parameter; with 32 configs, how wide is a Spearman ρ's confidence interval?
+#
+# Worked solutions: [`solutions/01_sensitivity_solutions.ipynb`](solutions/01_sensitivity_solutions.ipynb) (and its paired `.py`).

@@ -153,7 +153,12 @@ print(f"{packed.name}: {packed.stat().st_size / 1024:.1f} KB on disk vs "
 # ## Exercises
 # 1. Train the mixed configuration with `policy="none"` (first and last layer quantized too).
 #    How much accuracy do those two small layers cost at 2–3 bits?
+#    *Hint:* pass `policy="none"` to `train.qat` and set the first and last layers' bits yourself.
 # 2. Compare `step_lr = qat_lr` with `step_lr = qat_lr / 10`. What happens to the learned steps?
+#    *Hint:* compare each layer's weight step after QAT with its MSE initialisation (`weight_quantizer.step`).
 # 3. The study's recipe already distils from the FP32 model. Rerun one budget with
 #    `recipe={"distill": False}`. How much top-1 does distillation buy here, and why does it
 #    help most when QAT is short?
+#    *Hint:* `transitions.make_callbacks({"distill": False})` gives plain cross-entropy; one seed only screens.
+#
+# Worked solutions: [`solutions/03_qat_solutions.ipynb`](solutions/03_qat_solutions.ipynb) (and its paired `.py`).

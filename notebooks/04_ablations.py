@@ -1,3 +1,18 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 04 · Ablations: what does each piece buy?
 #
@@ -88,7 +103,12 @@ plotting.savefig(fig, study.figures / "ablation")
 # ## Exercises
 # 1. Which transition variant helps most at ~10× compression? Does the ranking hold with more
 #    epochs (`ablation_epochs=3`)?
+#    *Hint:* every row here has n = 1: what does a ranking from one seed support?
 # 2. Look at the fraction of oscillating weights per layer (`osc_frac`). Which layers oscillate most,
 #    and do they have few weights per channel or few bits?
+#    *Hint:* `osc_frac` in the table is over all weights; the per-layer split is in the tracker's `log`.
 # 3. The random allocation's spread over seeds tells you how much any allocation matters at this
 #    size. Is the Hessian-guided allocation outside that spread?
+#    *Hint:* compare the Hessian-guided top-1 with the random rows' mean ± std; is it a paired comparison?
+#
+# Worked solutions: [`solutions/04_ablations_solutions.ipynb`](solutions/04_ablations_solutions.ipynb) (and its paired `.py`).

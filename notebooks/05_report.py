@@ -131,5 +131,9 @@ print(text[:1500])
 # %% [markdown]
 # ## Exercises
 # 1. Add a column "BOPs compression" (FP32 BOPs = MACs·32·32) to the headline table.
+#    *Hint:* FP32 BOPs = MACs·32·32 with MACs from `models.quantizable_layers`.
 # 2. Which uniform baseline is the fairest comparison for the mixed configuration, by size and by
 #    BOPs? Do both comparisons tell the same story?
+#    *Hint:* find, for each mixed row, the uniform row nearest in size and the one nearest in BOPs.
+#
+# Worked solutions: [`solutions/05_report_solutions.ipynb`](solutions/05_report_solutions.ipynb) (and its paired `.py`).
