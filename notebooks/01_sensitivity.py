@@ -74,6 +74,30 @@ model = study.fp32_model()
 print(study.subtitle())
 
 # %% [markdown]
+# ### From scratch: one Hutchinson probe
+# Before the library call, Eq. H1 by hand for the last layer. Draw a Rademacher vector $v$, get
+# $Hv$ by differentiating the gradient once more, and form $v^\top H v$. One probe is an unbiased
+# but noisy estimate of $\mathrm{Tr}(H)$, on one batch. `layer_traces` averages many probes over
+# every calibration batch and reports their standard error. Compare this number with the last
+# row of the table below, which shows $\bar T = \mathrm{Tr}/n$.
+
+# %%
+import torch
+
+name = models.quantizable_layers(model)[-1].name
+w = model.get_submodule(name).weight
+x0, y0 = data.calibration_batches(study.data("train"), n_samples=64, batch_size=64, seed=seed,
+                                  device=study.dev)[0]
+model.eval()
+loss = torch.nn.functional.cross_entropy(model(x0), y0)
+(g,) = torch.autograd.grad(loss, w, create_graph=True)          # ∇_w L, kept differentiable
+v = torch.randint(0, 2, w.shape, generator=torch.Generator().manual_seed(seed)).to(w) * 2 - 1
+(hv,) = torch.autograd.grad(g, w, grad_outputs=v)               # H v by double backprop
+probe = float((v * hv).sum())
+print(f"{name}: one probe vᵀHv = {probe:.4g}, i.e. T̄ ≈ {probe / w.numel():.4g} "
+      f"({w.numel()} weights, 64 images)")
+
+# %% [markdown]
 # ## 1. Per-layer average traces with error bars
 # The calibration set is a seeded random subset of the *training* split. Results are cached on
 # disk, keyed by a hash of the weights, the data, the seed and the settings.

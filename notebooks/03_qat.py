@@ -75,6 +75,26 @@ n_params = search.model_inputs(fp32)["n_params"]
 print(study.subtitle(), "| recipe:", the_recipe.describe())
 
 # %% [markdown]
+# ### From scratch: quantize one tensor
+# Eq. Q for one layer's weights at 3 bits. Take one step $s_c$ per output channel (the study's MSE
+# init), compute the integer codes $c = \mathrm{clamp}(\mathrm{round}(W/s), -4, 3)$, and
+# dequantize to $c\cdot s$. That is all the fake quantizer does in the forward pass. QAT then
+# learns $W$ and $s$ through it with the straight-through estimator.
+
+# %%
+import torch
+
+w = fp32.get_submodule("layer1.0.conv1").weight.detach()
+b = 3
+s = quant.init_step(w, b, method=init).view(-1, 1, 1, 1)        # [C_out, 1, 1, 1]
+codes = torch.clamp(torch.round(w / s), -2 ** (b - 1), 2 ** (b - 1) - 1)
+by_hand = codes * s
+same = torch.equal(by_hand, quant.quantize_weight(w, b, method=init))
+print(f"codes used: {sorted(codes.unique().int().tolist())}; "
+      f"‖Q(W) − W‖² = {float((by_hand - w).pow(2).sum()):.4f}; "
+      f"equal to hmqat.quant.quantize_weight: {same}")
+
+# %% [markdown]
 # ## 1. The runs
 # Mixed precision at each budget (activations at `a_bits`), and uniform W/A baselines. Every run
 # checkpoints each epoch, so an interrupted notebook resumes where it stopped.

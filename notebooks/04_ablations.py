@@ -100,6 +100,39 @@ fig = plotting.plot_ablation(table, title="Ablations at equal size", subtitle=st
 plotting.savefig(fig, study.figures / "ablation")
 
 # %% [markdown]
+# ## What these results say
+# The cell below reads this run's own table: the best transition variant against plain LSQ, and
+# the Hessian-guided allocation against the spread of random allocations of the same size.
+
+# %%
+trans = summary[summary["group"] == "transition"].set_index("variant")["top1"]
+alloc = summary[summary["group"] == "allocation"].set_index("variant")
+best = trans.drop("lsq").idxmax()
+print(f"transition: best variant {best} {trans[best]:.2f} % vs lsq {trans['lsq']:.2f} % "
+      f"({trans[best] - trans['lsq']:+.2f} points); variants below lsq: "
+      f"{', '.join(v for v in trans.index if trans[v] < trans['lsq']) or 'none'}")
+rnd = alloc.loc["random"]
+hess = alloc.loc["hmqat-joint", "top1"]
+print(f"allocation: Hessian-guided {hess:.2f} % vs random {rnd['top1']:.2f} ± "
+      f"{rnd['top1_std']:.2f} % over {int(rnd['n'])} seeds "
+      f"({(hess - rnd['top1']) / rnd['top1_std']:+.1f} random-std)")
+
+# %% [markdown]
+# **What they cannot show.**
+# * Every row except `random` is **one training seed**. A difference of a few tenths of a point
+#   is within seed-to-seed noise (the random rows' std is a rough yardstick), so these rows
+#   screen ideas and do not decide between them. A claim needs ≥ 3 seeds and a paired 95 % CI
+#   (`hmqat.stats.paired_difference`).
+# * The runs are **short**: `ablation_epochs` × `max_steps_per_epoch` steps. Remedies that act
+#   late in training, such as precision transitions, oscillation dampening and freezing, may
+#   rank differently after full QAT. A variant that loses here has not been shown to lose in
+#   general.
+# * One architecture (ResNet-20), one data set and one budget (~`ablation_compression`×). The
+#   allocation gap may shrink at milder budgets, where uniform already does well.
+# * `osc_frac` is a share over all weights; it does not say which layers oscillate or whether
+#   the oscillations cost accuracy.
+
+# %% [markdown]
 # ## Exercises
 # 1. Which transition variant helps most at ~10× compression? Does the ranking hold with more
 #    epochs (`ablation_epochs=3`)?
