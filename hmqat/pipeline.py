@@ -113,6 +113,8 @@ class _Echo:
             if line.strip() and line != self.last:
                 self.out.write(self.prefix + line + "\n")
                 self.last = line
+        if lines:
+            self.out.flush()
         return len(text)
 
     def flush(self) -> None:

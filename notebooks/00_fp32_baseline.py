@@ -16,6 +16,13 @@
 # %% [markdown]
 # # 00 · The FP32 baseline
 #
+# > - **You will:** evaluate a published checkpoint on the data in use; fine-tune it with
+# >   `hmqat.train`; see why the FP32 reference must be trained on the same data as the quantized
+# >   models.
+# > - **Prerequisites:** PyTorch training loops (SGD, cross-entropy, BatchNorm in train/eval
+# >   mode).
+# > - **Run time with the lab defaults:** RUNTIME_00_fp32_baseline.
+#
 # Every number in this study is relative to a full-precision (FP32) model: HMQAT's headline claim
 # is "10.34× smaller while keeping 99.81 % of the FP32 top-1" (ResNet18/ImageNet). So the first
 # step is to get that reference right.

@@ -16,6 +16,13 @@
 # %% [markdown]
 # # 01 · Which layers are sensitive? Hessian traces and the Ω table
 #
+# > - **You will:** estimate per-layer Hessian traces with Hutchinson's method and read their
+# >   standard errors; turn traces into the sensitivity Ω_i(b); test whether Ω predicts the damage
+# >   of real quantization (Spearman ρ).
+# > - **Prerequisites:** notebook 00 (the fine-tuned FP32 model); gradients and the chain rule;
+# >   the trace of a matrix.
+# > - **Run time with the lab defaults:** RUNTIME_01_sensitivity.
+#
 # Quantizing layer $i$ to $b$ bits perturbs its weights by $\Delta W_i = Q_b(W_i) - W_i$. Near a
 # trained minimum the gradient is small, so a second-order Taylor expansion of the loss gives
 #

@@ -16,6 +16,11 @@
 # %% [markdown]
 # # 02 · Bit allocation: the exact Pareto frontier
 #
+# > - **You will:** compute the exact size–Ω Pareto frontier and pick budgets from it; compare it
+# >   with greedy, HAWQ-V3's ILP, random and uniform allocation.
+# > - **Prerequisites:** notebook 01 (the Ω table); what a Pareto frontier is; model size in bits.
+# > - **Run time with the lab defaults:** RUNTIME_02_bit_allocation.
+#
 # Given the table $\Omega_i(b)$ from notebook 01, choosing bits is an optimisation problem:
 #
 # $$\min_{b_1..b_L} \sum_i \Omega_i(b_i) \quad \text{s.t.} \quad \sum_i n_i b_i \le \text{budget}.$$

@@ -16,6 +16,13 @@
 # %% [markdown]
 # # 03 · Quantization-aware training at the chosen budgets
 #
+# > - **You will:** write the LSQ fake quantizer (Eq. Q) by hand for one tensor; train quantized
+# >   models with LSQ and distillation at the chosen budgets; compare mixed and uniform precision
+# >   at equal size; export a real low-bit file.
+# > - **Prerequisites:** notebooks 00 and 02; the straight-through estimator; knowledge
+# >   distillation.
+# > - **Run time with the lab defaults:** RUNTIME_03_qat.
+#
 # Post-training quantization to ~3 bits destroys accuracy; **quantization-aware training** (QAT)
 # recovers it by training *through* the quantizer. We use LSQ (Esser et al. 2020):
 #

@@ -16,6 +16,12 @@
 # %% [markdown]
 # # 04 · Ablations: what does each piece buy?
 #
+# > - **You will:** measure what each piece of the method buys (transitions, oscillation remedies,
+# >   distillation, the Ω variants, the allocation itself) at equal size; read one-seed results
+# >   for what they can and cannot show.
+# > - **Prerequisites:** notebooks 01–03; oscillations in QAT (Nagel et al. 2022).
+# > - **Run time with the lab defaults:** RUNTIME_04_ablations.
+#
 # HMQAT's abstract names "quantization **transition** aware fine-tuning of scale factor" but its
 # text is not public. "Transition" has two defensible readings, and we implement both as switches
 # (docs/method.md):

@@ -16,6 +16,11 @@
 # %% [markdown]
 # # 05 · Report
 #
+# > - **You will:** assemble the headline table and the report; compare configurations by size and
+# >   by BOPs.
+# > - **Prerequisites:** notebooks 00–04 (their results files).
+# > - **Run time with the lab defaults:** RUNTIME_05_report.
+#
 # This notebook gathers what notebooks 00–04 wrote into the headline table and a README for
 # `results/<profile>/`. Every number here is **ours**: a reconstruction of HMQAT (Huang et al.,
 # *Neural Networks* 182:106910, 2025) from its abstract and the prior work it builds on. The paper's
