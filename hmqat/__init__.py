@@ -13,6 +13,7 @@ One module per concept (DESIGN.md §3):
     transitions   transition-aware fine-tuning: precision transitions, oscillations, distillation
     ablation      the ablation runner of notebook 04
     export        bit-packed low-bit files (save_packed / load_packed)
+    onnx_export   ONNX with QuantizeLinear/DequantizeLinear, checked in onnxruntime (extra "onnx")
     distributed   torchrun / DDP helpers and the multi-GPU command line
     plotting, reporting, pipeline   figures, tables, manifest; the papermill driver
 

@@ -185,17 +185,21 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_input: torch
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     x = example_input.detach().float().cpu()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # the legacy exporter's deprecation notice
-        torch.onnx.export(model.cpu(), (x,), str(tmp), dynamo=False, opset_version=_EXPORT_OPSET,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                          do_constant_folding=False)
-    proto = onnx.load(str(tmp))
-    weights = _narrow_weights(proto)
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # the legacy exporter's deprecation notice
+            torch.onnx.export(model.cpu(), (x,), str(tmp), dynamo=False,
+                              opset_version=_EXPORT_OPSET, input_names=["input"],
+                              output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                              do_constant_folding=False)
+        proto = onnx.load(str(tmp))
+        weights = _narrow_weights(proto)
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     nodes: dict[str, int] = {}
     for n in proto.graph.node:
         nodes[n.op_type] = nodes.get(n.op_type, 0) + 1
