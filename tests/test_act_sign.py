@@ -16,6 +16,7 @@ from torch import nn
 
 from hmqat import export, quant
 from hmqat.models import create_model
+from hmqat.quant import LSQQuantizer
 
 
 def _batches(shape: tuple[int, ...], n: int = 2, seed: int = 0) -> list[torch.Tensor]:
@@ -106,3 +107,13 @@ def test_sign_survives_state_dict_and_packed_export(tmp_path) -> None:
     back = export.load_packed(tmp_path / "m.hmq", model)
     with torch.no_grad():
         assert torch.equal(back(batches[0]), qm.eval()(batches[0]))
+
+
+def test_refresh_quantizers_adopts_a_broadcast_sign() -> None:
+    """DDP's constructor overwrites buffers in place; refresh_quantizers re-reads the sign."""
+    from hmqat import distributed as hdist
+
+    q = LSQQuantizer(4, signed=False, auto_sign=True)
+    q.is_signed.fill_(True)                      # what a broadcast from rank 0 would do
+    hdist.refresh_quantizers(q)
+    assert q.signed and (q.qn, q.qp) == (-8, 7)
