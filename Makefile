@@ -40,9 +40,17 @@ test: $(STAMP)
 bench: $(STAMP)
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
+# The kernels run in notebooks/: resolve the data/weights/cache folders against this folder, as
+# `make reproduce` does, so the README's relative `export HMQAT_DATA_DIR=../shared/...` works.
+LAB_VARS := HMQAT_DATA_DIR HMQAT_WEIGHTS_DIR HMQAT_CACHE_DIR
+LAB_ENV  := $(foreach v,$(LAB_VARS),$(if $($(v)),$(v)=$(abspath $($(v)))))
+
 lab: $(STAMP)
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (hmqat)"
-	HMQAT_HEADLESS= $(BIN)/jupyter lab notebooks/
+	@$(foreach v,$(LAB_VARS),echo "$(v)=$(if $($(v)),$(abspath $($(v))),(unset))";)
+	@$(if $(HMQAT_DATA_DIR),,echo "HMQAT_DATA_DIR is unset: notebook 00 downloads CIFAR-10 with torchvision (needs internet)";)
+	@echo "lab runs write to results/lab/ (git-ignored)"
+	HMQAT_HEADLESS= $(LAB_ENV) $(BIN)/jupyter lab notebooks/
 
 clean:
 	rm -rf results/smoke .pytest_cache

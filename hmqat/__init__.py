@@ -9,6 +9,7 @@ infrastructure
     models        CIFAR ResNet-20/32/44/56, torchvision ResNets, sha256-checked weights
     distributed   low-level torch.distributed / DDP helpers
     stats         paired seeded comparisons, bootstrap intervals
+    locking       the exclusive lock on a results folder
 the method
     quant         LSQ quantizers, quantize_model(model, bit_config), size/BOPs accounting
     hessian       layer_traces(): per-layer Hutchinson traces with standard errors
@@ -17,6 +18,7 @@ the method
     train         evaluate, FP32 fine-tuning and the QAT loop (checkpoints, resume, hooks)
     transitions   transition-aware fine-tuning: precision transitions, oscillations, distillation
     bn, export    BatchNorm re-estimation; bit-packed low-bit files (save_packed / load_packed)
+    onnx_export   ONNX with QuantizeLinear/DequantizeLinear, checked in onnxruntime (extra "onnx")
 the study (hmqat.study)
     pipeline      Study (paths, data, earlier results) and the papermill driver
     runs          qat_run(): the one trained QAT run of notebooks 03/04 and the command line

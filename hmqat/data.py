@@ -42,6 +42,7 @@ __all__ = [
     "TensorImages",
     "TensorLoader",
     "calibration_batches",
+    "default_workers",
     "imagenet_loaders",
     "load_cifar10",
     "holdout_indices",
@@ -103,10 +104,31 @@ def _expected(root: Path | None) -> str:
             f"such a folder, or unset it to download CIFAR-10 with torchvision.")
 
 
-def _find_layout(root: Path) -> tuple[str, Path]:
-    """Return ("torchvision" | "imagefolder", folder) for a CIFAR root, or raise DatasetError."""
+def _is_network_error(exc: BaseException) -> bool:
+    """True when ``exc`` (or its cause chain) is a failed connection or name resolution."""
+    import socket
+    import urllib.error
+
+    while exc is not None:
+        if isinstance(exc, (urllib.error.URLError, socket.gaierror, ConnectionError,
+                            TimeoutError)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _find_layout(root: Path, given: str | os.PathLike | None = None) -> tuple[str, Path]:
+    """Return ("torchvision" | "imagefolder", folder) for a CIFAR root, or raise DatasetError.
+    ``given``: the path as the user wrote it (a relative one is named in the error)."""
     if not root.exists():
-        raise DatasetError(f"dataset folder {root} does not exist. {_expected(root)}")
+        rel = ""
+        if given is not None and not Path(given).expanduser().is_absolute():
+            rel = (f" The path {str(given)!r} is relative and was resolved against the current "
+                   f"folder {Path.cwd()} (notebooks run in notebooks/): use an absolute path, "
+                   "e.g. export HMQAT_DATA_DIR=$PWD/../shared/data/cifar10-jpeg from the "
+                   "repository root, or start them with `make lab` / `make reproduce`, which "
+                   "resolve it.")
+        raise DatasetError(f"dataset folder {root} does not exist.{rel} {_expected(root)}")
     for base in (root, root / "cifar10", root / "cifar-10"):
         if (base / "cifar-10-batches-py").is_dir():
             return "torchvision", base
@@ -228,6 +250,15 @@ def _load_torchvision_split(base: Path | None, split: str) -> TensorImages:
     try:
         tv = torchvision.datasets.CIFAR10(str(folder), train=(split == "train"), download=download)
     except Exception as exc:  # download or integrity failures
+        if download and _is_network_error(exc):
+            raise DatasetError(
+                f"HMQAT_DATA_DIR is not set and CIFAR-10 is not in {folder}, so torchvision "
+                f"tried to download it, and this machine has no internet ({exc}). Set "
+                "HMQAT_DATA_DIR to an absolute path of a local copy, e.g. `export "
+                "HMQAT_DATA_DIR=$PWD/../shared/data/cifar10-jpeg` from the repository root "
+                "(notebooks run in notebooks/, so a relative path would point elsewhere); the "
+                "folder holds cifar-10-batches-py/ or an ImageFolder tree train/<class>/*, "
+                "test/<class>/*.") from None
         raise DatasetError(f"could not load CIFAR-10 from torchvision into {folder} ({exc}). "
                            f"{_expected(base)}") from exc
     images = torch.from_numpy(tv.data).permute(0, 3, 1, 2).contiguous()
@@ -242,7 +273,7 @@ def load_cifar10(root: str | os.PathLike | None = None, split: str = "train") ->
     root = root if root is not None else os.environ.get("HMQAT_DATA_DIR") or None
     if root is None:
         return _load_torchvision_split(None, split)
-    layout, base = _find_layout(Path(root).resolve())
+    layout, base = _find_layout(Path(root).expanduser().resolve(), root)
     if layout == "torchvision":
         return _load_torchvision_split(base, split)
     return _load_imagefolder_split(base, split, num_classes=10)
@@ -467,15 +498,28 @@ def calibration_batches(ds: TensorImages, n_samples: int = 2048, batch_size: int
 # --------------------------------------------------------------------------------------------
 # ImageNet (ImageFolder root)
 # --------------------------------------------------------------------------------------------
+def default_workers(cap: int = 8) -> int:
+    """DataLoader worker processes: the CPUs this process may use, at most ``cap``."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS / Windows
+        n = os.cpu_count() or 1
+    return max(0, min(cap, n))
+
+
 def imagenet_loaders(root: str | os.PathLike | None = None, *, batch_size: int = 256,
-                     workers: int = 8, image_size: int = 224, distributed: bool = False,
-                     seed: int = 0, num_classes: int | None = 1000,
+                     workers: int | None = None, image_size: int = 224,
+                     distributed: bool = False, seed: int = 0, num_classes: int | None = 1000,
                      device: str | torch.device = "cpu"):
     """(train_loader, val_loader) for an ImageNet-style ImageFolder root (``train/``, ``val/``).
 
     Standard torchvision transforms: RandomResizedCrop+flip for training, Resize(256/224·size)
     + CenterCrop for validation. With ``distributed=True`` a DistributedSampler shards training.
+    ``workers``: None = :func:`default_workers` (the usable CPUs, at most 8). The training loader
+    drops its last incomplete batch only when there is at least one full batch, so a folder with
+    fewer images than ``batch_size`` still gives one (smaller) batch instead of none.
     """
+    workers = default_workers() if workers is None else workers
     root = Path(root or os.environ.get("HMQAT_DATA_DIR") or "")
     val_name = "val" if (root / "val").is_dir() else "test"
     if not (root / "train").is_dir() or not (root / val_name).is_dir():
@@ -495,7 +539,8 @@ def imagenet_loaders(root: str | os.PathLike | None = None, *, batch_size: int =
     sampler = DistributedSampler(train_ds, seed=seed) if distributed else None
     g = torch.Generator().manual_seed(seed)
     train = DataLoader(train_ds, batch_size, shuffle=sampler is None, sampler=sampler,
-                       num_workers=workers, pin_memory=pin, drop_last=True, generator=g,
+                       num_workers=workers, pin_memory=pin,
+                       drop_last=len(train_ds) >= batch_size, generator=g,
                        persistent_workers=workers > 0)
     val = DataLoader(val_ds, batch_size, shuffle=False, num_workers=workers, pin_memory=pin)
     return train, val

@@ -216,18 +216,22 @@ def _quantizers(model: nn.Module) -> list[nn.Module]:
 def refresh_quantizers(model: nn.Module) -> None:
     """Re-read each quantizer's python-side mirrors from its buffers.
 
-    ``LSQQuantizer`` keeps python copies of its ``initialized`` and ``bit_width`` buffers (no
-    device sync per forward). A broadcast that overwrites the buffers -- DDP's constructor, or
-    :func:`sync_quantizers` -- must be followed by this call.
+    ``LSQQuantizer`` keeps python copies of its ``initialized``, ``bit_width`` and ``is_signed``
+    buffers (no device sync per forward). A broadcast that overwrites the buffers -- DDP's
+    constructor, or :func:`sync_quantizers` -- must be followed by this call (so every rank also
+    uses rank 0's calibrated activation signs).
     """
     for q in _quantizers(model):
         q.mark_initialized(bool(q.initialized))
         if int(q.bit_width) != q.bits:
             q.bits = int(q.bit_width)
+        if bool(q.is_signed) != q.signed:
+            q._set_signed(bool(q.is_signed))
 
 
 def sync_quantizers(model: nn.Module, src: int = 0) -> None:
-    """Broadcast every quantizer's step, ``initialized`` and ``bit_width`` from rank ``src``.
+    """Broadcast every quantizer's step, ``initialized``, ``bit_width`` and ``is_signed`` from
+    rank ``src``.
 
     Needed after a step was (re)initialised lazily from a rank's own batch during training
     (e.g. ``set_bits(reinit="mse")`` without data): without it the ranks' steps would drift
@@ -237,7 +241,7 @@ def sync_quantizers(model: nn.Module, src: int = 0) -> None:
         return
     with torch.no_grad():
         for q in _quantizers(model):
-            for t in (q.step.data, q.initialized, q.bit_width):
+            for t in (q.step.data, q.initialized, q.bit_width, q.is_signed):
                 dist.broadcast(t, src)
     refresh_quantizers(model)
 

@@ -19,8 +19,8 @@ File format (version 2, all integers little-endian)::
 The JSON holds ``format``, ``version``, ``arch`` and ``num_classes`` (for
 hmqat.models.create_model; inferred for its ResNets, else the ``arch`` argument or null),
 ``model_class``, ``torch``, ``model_size_mb`` (HAWQ-V3, hmqat.quant.model_size_mb),
-``layers`` ({name: {kind, w_bits, per_channel, weight_shape, a_bits, a_signed, init}}) and
-``sections`` (list of {name, codec, shape, offset, nbytes, ...}) with two codecs:
+``layers`` ({name: {kind, w_bits, per_channel, weight_shape, a_bits, a_signed, a_auto_sign,
+init}}) and ``sections`` (list of {name, codec, shape, offset, nbytes, ...}) with two codecs:
 
 * ``packed`` — a quantized weight as integer codes c = round(clamp(W/s, Q_N, Q_P)), stored as
   offset codes u = c − Q_N ∈ [0, 2^b − 1], b bits each, LSB first, in one little-endian bit
@@ -29,8 +29,8 @@ hmqat.models.create_model; inferred for its ResNets, else the ``arch`` argument 
 * ``raw`` — every other state_dict entry (LSQ steps, biases, BN affine and running statistics,
   num_batches_tracked) as its bytes in C order; field ``dtype`` (e.g. "torch.float32").
 
-The quantizers' ``initialized`` flags and ``bit_width`` buffers are not stored as sections (saving
-requires every quantizer initialised; the bits are in ``layers``).
+The quantizers' ``initialized``, ``is_signed`` and ``bit_width`` buffers are not stored as
+sections (saving requires every quantizer initialised; bits and signs are in ``layers``).
 Payload = Σ ceil(n_i·b_i/8) + 4·(other parameters) + BN running statistics, i.e. the
 HAWQ-V3 size (which counts parameters only) plus the BN buffers plus < 1 byte per layer.
 """
@@ -171,9 +171,10 @@ def save_packed(qmodel: nn.Module, path: str | os.PathLike, *, arch: str | None 
                              "per_channel": wq.per_channel, "weight_shape": list(layer.weight.shape),
                              "a_bits": None if aq is None else aq.bits,
                              "a_signed": False if aq is None else aq.signed,
+                             "a_auto_sign": False if aq is None else aq.auto_sign,
                              "init": wq.init_method}
     for key, t in state.items():
-        if key in weight_keys or key.endswith((".initialized", ".bit_width")):
+        if key in weight_keys or key.endswith((".initialized", ".bit_width", ".is_signed")):
             continue
         add({"name": key, "codec": "raw", "dtype": str(t.dtype), "shape": list(t.shape)},
             _tensor_bytes(t))
@@ -319,7 +320,7 @@ def load_packed(path: str | os.PathLike,
                              f"missing from or has another shape in {type(tmpl).__name__}; pass "
                              "the architecture the file was saved from")
         specs[name] = LayerSpec(spec["w_bits"], spec["a_bits"], spec["a_signed"],
-                                spec["per_channel"], spec["init"])
+                                spec["per_channel"], spec["init"], spec.get("a_auto_sign", False))
     extra = [n for n, m in names.items() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in specs]
     if extra:
         raise ValueError(f"load_packed: layer {extra[0]!r} of {type(tmpl).__name__} is not in the "
@@ -348,7 +349,7 @@ def load_packed(path: str | os.PathLike,
         w = torch.from_numpy(codes).to(step.dtype).reshape(sec["shape"])
         state[sec["name"]] = w * quant.step_view(step, w, layer.weight_quantizer.per_channel)
     missing, unexpected = qmodel.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith((".initialized", ".bit_width"))]
+    missing = [k for k in missing if not k.endswith((".initialized", ".bit_width", ".is_signed"))]
     if missing or unexpected:
         raise ValueError(f"load_packed: the file does not fit {type(tmpl).__name__}: missing "
                          f"{missing[:5]}, unexpected {unexpected[:5]}")

@@ -39,6 +39,12 @@ Measured choices (pretrained ResNet-20, CIFAR-10 JPEG mirror, 2-core shared CPU,
   (SE ∝ 1/sqrt(samples)), so few sweeps are needed and the overshoot is small.
 * Sequential stopping on an estimated SE has the usual small selection effect; the estimate
   matches exact block traces on small nets (tests/test_hessian.py).
+* Activations without a second derivative in autograd (``nn.Hardsigmoid``: aten has no
+  derivative for ``hardsigmoid_backward``; MobileNetV3's and other squeeze-excitation blocks use
+  it) are swapped, for the measurement only, for ``relu6(x + 3) / 6``: the same values, and the
+  same Hessian (a piecewise-linear function has second derivative 0 between its kinks) — see
+  :func:`twice_differentiable`. Any other op without a double backward raises one HessianError
+  naming the op and the fix.
 
     >>> from hmqat import data, hessian, models
     >>> model = models.create_model("resnet20", pretrained=True)
@@ -56,6 +62,7 @@ import math
 import numbers
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +89,7 @@ __all__ = [
     "layer_traces",
     "rademacher",
     "select_layers",
+    "twice_differentiable",
 ]
 
 log = logging.getLogger(__name__)
@@ -272,6 +280,65 @@ def measurement_mode(model: nn.Module, params: Sequence[nn.Parameter],
         for p, flag in flags:
             p.requires_grad_(flag)
         model.to(home)
+
+
+class _Hardsigmoid2(nn.Module):
+    """nn.Hardsigmoid's values as relu6(x + 3) / 6, built from ops that have a double backward."""
+
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.relu6(x + 3.0) / 6.0
+
+
+# module type -> factory of a twice-differentiable module with the same values
+_TWICE_DIFFERENTIABLE: dict[type[nn.Module], Callable[[nn.Module], nn.Module]] = {
+    nn.Hardsigmoid: lambda m: _Hardsigmoid2(m.inplace),
+}
+
+
+@contextlib.contextmanager
+def twice_differentiable(model: nn.Module) -> Iterator[list[str]]:
+    """Swap modules whose backward has no derivative (nn.Hardsigmoid) for equal-valued ones that
+    have it, warn once naming them, and put the originals back on exit (also after an error).
+    Yields the swapped module names. Hessian-vector products need the double backward (Eq. H1)."""
+    swapped: list[tuple[nn.Module, str, nn.Module, str]] = []
+    for name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            make = _TWICE_DIFFERENTIABLE.get(type(child))
+            if make is not None:
+                full = f"{name}.{child_name}" if name else child_name
+                swapped.append((parent, child_name, child, full))
+    try:
+        for parent, child_name, child, _ in swapped:
+            setattr(parent, child_name, _TWICE_DIFFERENTIABLE[type(child)](child))
+        if swapped:
+            names = [s[3] for s in swapped]
+            warnings.warn(f"layer_traces: {len(names)} nn.Hardsigmoid module(s) (e.g. "
+                          f"{names[0]!r}) have no second derivative in autograd; measuring with "
+                          "the equal-valued relu6(x + 3) / 6 in their place (the model is "
+                          "restored afterwards)", stacklevel=4)
+        yield [s[3] for s in swapped]
+    finally:
+        for parent, child_name, child, _ in swapped:
+            setattr(parent, child_name, child)
+
+
+def _no_double_backward(exc: RuntimeError) -> HessianError | None:
+    """A HessianError naming the op and the fix when ``exc`` is autograd's missing double
+    backward ("derivative for aten::X is not implemented"), else None."""
+    msg = str(exc)
+    if "derivative for" not in msg or "not implemented" not in msg:
+        return None
+    op = msg.split("derivative for", 1)[1].split("is not implemented", 1)[0].strip()
+    return HessianError(
+        f"layer_traces: the model uses an op without a second derivative ({op}), so Hessian-"
+        "vector products cannot pass through it. Replace the module or functional call that "
+        "produces it by an equal-valued twice-differentiable expression for the measurement "
+        "(as hessian.twice_differentiable does for nn.Hardsigmoid: relu6(x + 3) / 6), or pass "
+        "layers= with only layers that come after it in the forward pass")
 
 
 # --------------------------------------------------------------------------------------------
@@ -638,10 +705,16 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
     modules = dict(model.named_modules())
     params = [modules[i.name].weight for i in infos]
     t0 = time.perf_counter()
-    with measurement_mode(model, params, device):
-        samples, info = _estimate(model, criterion, chunks, infos, params, tol=tol,
-                                  max_probes=max_probes, min_probes=r_min, probe=probe, seed=seed,
-                                  device=device, progress=progress)
+    with measurement_mode(model, params, device), twice_differentiable(model):
+        try:
+            samples, info = _estimate(model, criterion, chunks, infos, params, tol=tol,
+                                      max_probes=max_probes, min_probes=r_min, probe=probe,
+                                      seed=seed, device=device, progress=progress)
+        except RuntimeError as exc:
+            err = _no_double_backward(exc)
+            if err is None:
+                raise
+            raise err from exc
     wall_s, hvps = _reduce_stats(time.perf_counter() - t0, info["hvps"])
     df = _frame(infos, samples, len(chunks))
     df.attrs.update({

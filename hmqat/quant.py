@@ -4,7 +4,8 @@ Implements docs/design.md §3 "Quantizer (LSQ, Esser et al. 2020)" and "Size, co
 
     q(x) = s · clamp(round(x/s), Q_N, Q_P)                                         (Eq. Q)
     weights: signed symmetric,  Q_N = -2^(b-1), Q_P = 2^(b-1)-1, per output channel by default
-    activations (inputs of quantized layers, after ReLU): unsigned, [0, 2^b-1], per tensor
+    activations (inputs of quantized layers): unsigned [0, 2^b-1] when calibration sees no more
+    than 1 % negative inputs (after ReLU/ReLU6), else signed like the weights; per tensor
     ∂q/∂x = 1 if Q_N < x/s < Q_P else 0                       (straight-through estimator, STE)
     ∂q/∂s = round(x/s) - x/s if Q_N < x/s < Q_P, Q_N if x/s <= Q_N, Q_P if x/s >= Q_P
                                                                (LSQ step gradient), scaled by
@@ -32,7 +33,11 @@ Choices (docs/method.md §2 gives the reasons):
 
 * The first layer's input (the normalised image, signed) gets a SIGNED per-tensor LSQ quantizer:
   8 bit under policy ``first_last_8`` (so BOPs count it at 8 bit), ``a_bits`` under ``none``.
-  All other quantized layers get an unsigned per-tensor quantizer at ``a_bits``.
+  All other quantized layers get a per-tensor quantizer at ``a_bits`` whose sign is decided from
+  the data it is initialised on (``act_sign="auto"``, docs/method.md §2): unsigned if at most
+  1 % of its inputs are negative (every input after a ReLU), signed otherwise (inputs after a
+  residual add without ReLU, GELU/SiLU/Hardswish, LayerNorm). ``act_sign="unsigned"`` forces the
+  post-ReLU assumption and warns when it would clamp more than 1 % of a layer's inputs to 0.
 * Activation steps are initialised lazily from the first batch seen in *training* mode, or by
   :func:`calibrate_activations`. In eval mode an uninitialised activation quantizer passes its
   input through unquantized and warns once (a zero probe input, as ``quantizable_layers`` uses,
@@ -53,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import math
 import numbers
@@ -71,39 +77,42 @@ from .models import LayerInfo, quantizable_layers
 from .runtime import atomic_write_bytes
 
 __all__ = [
-    "DEFAULT_INPUT_SIZE",
-    "POLICIES",
-    "SUPPORTED_BITS",
-    "BitConfigError",
-    "LSQQuantizer",
-    "LayerSpec",
-    "MIN_STEP",
-    "QConv2d",
-    "QLinear",
     "act_bits_config",
     "act_bits_of",
     "act_qrange",
+    "as_input",
     "bit_config_of",
+    "BitConfigError",
     "bops",
+    "build_quantized",
     "calibrate_activations",
+    "clamped_negative_fraction",
     "compression_ratio",
+    "DEFAULT_INPUT_SIZE",
     "fixed_layers",
     "fp32_size_mb",
     "get_backend",
     "init_step",
     "is_quantized",
+    "LayerSpec",
     "load_config",
+    "LSQQuantizer",
+    "MIN_STEP",
     "model_size_mb",
-    "build_quantized",
+    "POLICIES",
+    "QConv2d",
+    "QLinear",
     "quantize_model",
-    "quantizer_steps",
     "quantize_weight",
     "quantized_layers",
     "quantizer_parameters",
+    "quantizer_steps",
+    "replace_module",
     "save_config",
     "set_backend",
     "set_bit_config",
     "step_view",
+    "SUPPORTED_BITS",
     "uniform_config",
     "validate_bit_config",
     "weight_parameters",
@@ -114,6 +123,8 @@ SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
 POLICIES: tuple[str, ...] = ("first_last_8", "none")
 INIT_METHODS: tuple[str, ...] = ("lsq", "mse")
 REINIT_METHODS: tuple[str, ...] = ("range", "mse", "lsq")
+ACT_SIGNS: tuple[str, ...] = ("auto", "unsigned", "signed")
+NEG_TOLERANCE = 0.01      # an unsigned activation quantizer may clamp at most this share to 0
 BACKENDS: tuple[str, ...] = ("eager", "compile")
 MB = 2 ** 20
 _MSE_GRID = 100          # candidates α = 1/100 … 100/100 of max|x|/Q_P
@@ -383,6 +394,7 @@ class _LSQFunction(torch.autograd.Function):
 # Quantizer module
 # --------------------------------------------------------------------------------------------
 _LAZY_INIT_SUSPENDED = 0
+_SIGN_PASS = False   # inside calibrate_activations' first pass: observe signs, quantize nothing
 
 
 @contextlib.contextmanager
@@ -396,6 +408,17 @@ def _suspend_lazy_init() -> Iterator[None]:
         _LAZY_INIT_SUSPENDED -= 1
 
 
+@contextlib.contextmanager
+def _sign_pass() -> Iterator[None]:
+    """Within this block activation quantizers only observe their inputs' signs (pass-through)."""
+    global _SIGN_PASS
+    _SIGN_PASS = True
+    try:
+        yield
+    finally:
+        _SIGN_PASS = False
+
+
 class LSQQuantizer(nn.Module):
     """LSQ fake quantizer (docs/design.md §3, Eq. Q) with a learned step ``step``.
 
@@ -405,19 +428,23 @@ class LSQQuantizer(nn.Module):
         per_channel: one step per slice of dim 0 (``channels`` of them) instead of one.
         channels: number of steps when ``per_channel``.
         init: step init method, "lsq" or "mse" (see :func:`init_step`).
+        auto_sign: (activations) decide ``signed`` from the data the step is initialised on:
+            signed when more than NEG_TOLERANCE of those inputs are negative. Without it an
+            unsigned quantizer only warns when it would clamp that many inputs to 0.
         is_weight: weight quantizers (re)initialise lazily in any mode; activation quantizers only
             in training mode or inside :func:`calibrate_activations`.
 
-    State dict: ``step`` [C] or [1] (Parameter), ``initialized`` (bool) and ``bit_width``
-    (uint8) buffers. Loading a state dict adopts its bit width, so a checkpoint taken after a
-    precision transition restores the bits that belong to its steps.
+    State dict: ``step`` [C] or [1] (Parameter), ``initialized``, ``is_signed`` (bool) and
+    ``bit_width`` (uint8) buffers. Loading a state dict adopts its bit width and sign, so a
+    checkpoint taken after a precision transition restores the bits that belong to its steps.
     """
 
     def __init__(self, bits: int, *, signed: bool, per_channel: bool = False, channels: int = 1,
-                 init: str = "lsq", is_weight: bool = False,
+                 init: str = "lsq", is_weight: bool = False, auto_sign: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         self.signed = bool(signed)
+        self.auto_sign = bool(auto_sign) and not is_weight
         self.per_channel = bool(per_channel)
         self.init_method = _check_choice(init, INIT_METHODS, "init method")
         self.is_weight = bool(is_weight)
@@ -425,11 +452,13 @@ class LSQQuantizer(nn.Module):
         self.step = nn.Parameter(torch.ones(n, device=device, dtype=dtype))
         self.register_buffer("initialized", torch.tensor(False, device=device))
         self.register_buffer("bit_width", torch.tensor(0, dtype=torch.uint8, device=device))
+        self.register_buffer("is_signed", torch.tensor(self.signed, device=device))
         self._init_flag = False  # python mirror of `initialized` (no device sync per forward)
         self.bits = bits         # property: validates, sets bit_width and the kernel bounds
         self._pending_init: str | None = None
         self._calib: list[torch.Tensor] | None = None
         self._warned = False
+        self._warned_clamp = False
 
     # -- ranges --------------------------------------------------------------------------------
     @property
@@ -472,6 +501,7 @@ class LSQQuantizer(nn.Module):
     def initialize(self, x: torch.Tensor, method: str | None = None) -> None:
         """Set the step from data ``x`` with :func:`init_step` (in place: optimizers keep it).
         ``method`` defaults to a pending set_bits re-init method, else ``init_method``."""
+        self._observe_sign(x)
         s = init_step(x, self.bits, signed=self.signed, per_channel=self.per_channel,
                       method=method or self._pending_init or self.init_method)
         with torch.no_grad():
@@ -483,8 +513,11 @@ class LSQQuantizer(nn.Module):
         # state dicts written before the bit_width buffer existed keep the current bits
         # (the same back-compat device BatchNorm uses for num_batches_tracked)
         state_dict.setdefault(prefix + "bit_width", self.bit_width.detach().clone())
+        state_dict.setdefault(prefix + "is_signed", self.is_signed.detach().clone())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._init_flag = bool(self.initialized)
+        if bool(self.is_signed) != self.signed:
+            self._set_signed(bool(self.is_signed))
         if int(self.bit_width) != self._bits:
             self.bits = int(self.bit_width)
 
@@ -518,17 +551,48 @@ class LSQQuantizer(nn.Module):
             n = x[0].numel() if x.dim() > 1 else x.numel()
         return 1.0 / math.sqrt(max(n, 1) * self.qp)
 
+    def _set_signed(self, signed: bool) -> None:
+        self.signed = bool(signed)
+        self.is_signed.fill_(self.signed)
+        self._bounds = self._make_bounds()
+
+    def _observe_sign(self, x: torch.Tensor) -> bool:
+        """Check the share of negative inputs ``x`` against NEG_TOLERANCE (docs/method.md §2).
+
+        An ``auto_sign`` quantizer that is unsigned becomes signed (returns True: earlier
+        unsigned step estimates are void); a fixed unsigned one warns once that it clamps them.
+        """
+        if self.is_weight or self.signed:
+            return False
+        frac = float((x.detach() < 0).float().mean()) if x.numel() else 0.0
+        if frac <= NEG_TOLERANCE:
+            return False
+        if self.auto_sign:
+            self._set_signed(True)
+            return True
+        if not self._warned_clamp:
+            warnings.warn(f"LSQQuantizer: unsigned activation quantizer clamps {frac:.1%} of its "
+                          "inputs (negative values) to 0; quantize with act_sign='auto' (the "
+                          "default) so this layer gets a signed range")
+            self._warned_clamp = True
+        return False
+
     def _calibrate(self, x: torch.Tensor) -> None:
         """Accumulate per-batch init estimates; the step is their running mean."""
+        assert self._calib is not None
+        if self._observe_sign(x):
+            self._calib.clear()  # the estimates so far were for the unsigned range
         est = init_step(x, self.bits, signed=self.signed, per_channel=self.per_channel,
                         method=self.init_method)
-        assert self._calib is not None
         self._calib.append(est)
         with torch.no_grad():
             self.step.copy_(torch.stack(self._calib).mean(0).reshape(self.step.shape))
         self.mark_initialized(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _SIGN_PASS and not self.is_weight:
+            self._observe_sign(x)
+            return x
         if self._calib is not None:
             self._calibrate(x)
         elif not self._init_flag:
@@ -552,7 +616,8 @@ class LSQQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "per_channel" if self.per_channel else "per_tensor"
-        return (f"bits={self.bits}, signed={self.signed}, {kind}, steps={self.step.numel()}, "
+        auto = ", auto_sign" if self.auto_sign else ""
+        return (f"bits={self.bits}, signed={self.signed}{auto}, {kind}, steps={self.step.numel()}, "
                 f"init={self.init_method}")
 
 
@@ -568,6 +633,7 @@ class LayerSpec:
     a_signed: bool = False
     per_channel: bool = True
     init: str = "lsq"
+    a_auto_sign: bool = False
 
 
 class _QuantMixin:
@@ -595,7 +661,8 @@ class _QuantMixin:
         if spec.a_bits is not None:
             self.act_quantizer = LSQQuantizer(spec.a_bits, signed=spec.a_signed,
                                               per_channel=False, init=spec.init,
-                                              device=w.device, dtype=w.dtype)
+                                              auto_sign=spec.a_auto_sign, device=w.device,
+                                              dtype=w.dtype)
 
     @property
     def w_bits(self) -> int:
@@ -825,7 +892,7 @@ def load_config(path: str | os.PathLike) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------
 # Model conversion
 # --------------------------------------------------------------------------------------------
-def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -842,19 +909,23 @@ def build_quantized(model: nn.Module, specs: Mapping[str, LayerSpec]) -> nn.Modu
             new = QLinear.from_float(mod, spec)
         else:  # pragma: no cover - names come from quantizable_layers
             raise BitConfigError(f"layer {name!r} is {type(mod).__name__}, not Conv2d/Linear")
-        _replace_module(qmodel, name, new)
+        replace_module(qmodel, name, new)
     return qmodel
 
 
 def quantize_model(model: nn.Module, bit_config: Mapping[str, int], *, a_bits: int | None = 4,
                    policy: str = "first_last_8", per_channel: bool = True, init: str = "lsq",
+                   act_sign: str = "auto",
                    input_size: InputSize = DEFAULT_INPUT_SIZE) -> nn.Module:
     """A NEW model (deep copy; ``model`` untouched) with every Conv2d/Linear replaced by
     QConv2d/QLinear at the config's weight bits (docs/design.md §3). BatchNorm and all other modules are
     kept as they are (forward hooks on the replaced layers are not carried over).
 
     Input activations: the first layer's input (the image, signed) gets a signed quantizer (8 bit
-    under first_last_8, else a_bits); every other layer an unsigned one at ``a_bits``.
+    under first_last_8, else a_bits); every other layer one at ``a_bits`` whose sign follows
+    ``act_sign``: "auto" decides from the calibration / first training batch (signed when more
+    than NEG_TOLERANCE = 1 % of its inputs are negative, docs/method.md §2), "unsigned" assumes
+    post-ReLU inputs (and warns when that clamps more than 1 %), "signed" makes all signed.
     ``a_bits=None`` quantizes weights only. Weight steps are initialised now (``init``);
     activation steps on the first training batch or by :func:`calibrate_activations`.
     ``input_size``: the probe input that finds the layers' forward order.
@@ -863,13 +934,15 @@ def quantize_model(model: nn.Module, bit_config: Mapping[str, int], *, a_bits: i
         raise BitConfigError("quantize_model: the model is already quantized (has QConv2d/"
                              "QLinear); pass the FP32 model, or use set_bit_config to change bits")
     _check_choice(init, INIT_METHODS, "init")
+    _check_choice(act_sign, ACT_SIGNS, "act_sign")
     _check_policy(policy)
     names = [info.name for info in _layers(model, input_size)]
     _raise_errors(_config_errors(names, bit_config, _fixed_from(names, policy), policy,
                                  type(model).__name__))
     abits = _act_bits_from(names, a_bits, policy)
-    specs = {name: LayerSpec(int(bit_config[name]), abits[name], a_signed=(i == 0),
-                             per_channel=per_channel, init=init)
+    specs = {name: LayerSpec(int(bit_config[name]), abits[name],
+                             a_signed=(i == 0 or act_sign == "signed"), per_channel=per_channel,
+                             init=init, a_auto_sign=(i > 0 and act_sign == "auto"))
              for i, name in enumerate(names)}
     return build_quantized(model, specs)
 
@@ -900,14 +973,15 @@ def _forward_order(qmodel: nn.Module) -> list[str]:
     quantize_model builds it) first and the last linear last; no forward pass needed."""
     layers = quantized_layers(qmodel)
     names = list(layers)
-    first = [n for n, m in layers.items() if m.act_quantizer is not None and m.act_quantizer.signed]
+    first = [n for n, m in layers.items() if m.act_quantizer is not None
+             and m.act_quantizer.signed and not m.act_quantizer.auto_sign]
     if len(first) == 1:
         names.remove(first[0])
         names.insert(0, first[0])
     return names
 
 
-def _as_input(batch: Any) -> torch.Tensor:
+def as_input(batch: Any) -> torch.Tensor:
     if isinstance(batch, torch.Tensor):
         return batch
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
@@ -921,9 +995,12 @@ def calibrate_activations(qmodel: nn.Module, batches: Iterable[Any], *,
                           ) -> nn.Module:
     """Initialise every activation step from ``batches`` (tensors or (x, y) pairs).
 
-    Runs the model in eval mode without gradients (BN statistics untouched); each activation
-    quantizer's step becomes the mean of its per-batch :func:`init_step` estimates, and the
-    inputs of later layers see the already-quantized earlier ones. ``method`` overrides each
+    Runs the model in eval mode without gradients (BN statistics untouched). A first pass over
+    the batches with every activation quantizer passing its input through decides the signs
+    (``act_sign="auto"``: signed when more than NEG_TOLERANCE of the FP inputs are negative,
+    docs/method.md §2). In the second pass each activation quantizer's step becomes the mean of
+    its per-batch :func:`init_step` estimates, and the inputs of later layers see the
+    already-quantized earlier ones. ``method`` overrides each
     quantizer's init method ("lsq"/"mse"). Returns ``qmodel``.
     """
     acts = [m for m in qmodel.modules() if isinstance(m, LSQQuantizer) and not m.is_weight]
@@ -940,14 +1017,14 @@ def calibrate_activations(qmodel: nn.Module, batches: Iterable[Any], *,
             if method is not None:
                 q.init_method = method
         qmodel.eval()
-        n = 0
+        inputs = [as_input(b) for b in itertools.islice(batches, max_batches)]
         with torch.no_grad():
-            for batch in batches:
-                if max_batches is not None and n >= max_batches:
-                    break
-                qmodel(_as_input(batch).to(device=p.device, dtype=p.dtype))
-                n += 1
-        if n == 0:
+            with _sign_pass():  # signs from the FP inputs: no cascade of earlier quantization
+                for x in inputs:
+                    qmodel(x.to(device=p.device, dtype=p.dtype))
+            for x in inputs:
+                qmodel(x.to(device=p.device, dtype=p.dtype))
+        if not inputs:
             raise ValueError("calibrate_activations: no batches given; pass a list of input "
                              "tensors or (x, y) pairs")
     finally:
@@ -956,6 +1033,35 @@ def calibrate_activations(qmodel: nn.Module, batches: Iterable[Any], *,
             q.init_method = m
         qmodel.train(was_training)
     return qmodel
+
+
+def clamped_negative_fraction(qmodel: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
+    """{layer: share of its inputs that its activation quantizer clamps to 0 because they are
+    negative and the quantizer is unsigned} over ``batches`` (eval mode, no gradients); 0.0 for
+    signed quantizers. The check behind ``act_sign="auto"`` (docs/method.md §2)."""
+    layers = {n: m for n, m in quantized_layers(qmodel).items() if m.act_quantizer is not None}
+    counts = {n: [0, 0] for n in layers}
+
+    def hook(name: str) -> Callable:
+        def record(mod: LSQQuantizer, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0]
+            counts[name][0] += 0 if mod.signed else int((x < 0).sum())
+            counts[name][1] += x.numel()
+        return record
+
+    handles = [m.act_quantizer.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    p = next(qmodel.parameters())
+    was_training = qmodel.training
+    try:
+        qmodel.eval()
+        with torch.no_grad():
+            for batch in batches:
+                qmodel(as_input(batch).to(device=p.device, dtype=p.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        qmodel.train(was_training)
+    return {n: c[0] / max(c[1], 1) for n, c in counts.items()}
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ __all__ = [
     "git",
     "hash_state_dict",
     "hash_tensor",
+    "in_notebook",
     "load_checkpoint",
     "manifest",
     "model_fingerprint",
@@ -187,7 +188,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 # --------------------------------------------------------------------------------------------
 # Progress
 # --------------------------------------------------------------------------------------------
-def _in_notebook() -> bool:
+def in_notebook() -> bool:
     """True inside a Jupyter kernel (where tqdm.auto would draw a widget)."""
     ipython = sys.modules.get("IPython")
     get = getattr(ipython, "get_ipython", None)
@@ -200,7 +201,7 @@ def progress(iterable: Iterable | None = None, **kw: Any) -> Any:
     notebook widget only in an interactive notebook, so executed notebooks keep a few plain
     lines and no widget. ``kw`` goes to tqdm (``total``, ``desc``, ``unit``, ``disable``...)."""
     headless = bool(os.environ.get("HMQAT_HEADLESS"))
-    if headless or not _in_notebook():
+    if headless or not in_notebook():
         kw.setdefault("ascii", True)
         kw.setdefault("mininterval",
                       float(os.environ.get("TQDM_MININTERVAL", 30)) if headless else 1.0)

@@ -1,5 +1,28 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 00 · The FP32 baseline
+#
+# > - **You will:** evaluate a published checkpoint on the data in use; fine-tune it with
+# >   `hmqat.train`; see why the FP32 reference must be trained on the same data as the quantized
+# >   models.
+# > - **Prerequisites:** PyTorch training loops (SGD, cross-entropy, BatchNorm in train/eval
+# >   mode).
+# > - **Run time with the lab defaults:** 4.2 min measured on this project's shared 2-core CPU
+# >   (load average 10–17), kernel start included.
 #
 # Every number in this study is relative to a full-precision (FP32) model: HMQAT's headline claim
 # is "10.34× smaller while keeping 99.81 % of the FP32 top-1" (ResNet18/ImageNet). So the first
@@ -43,6 +66,7 @@ from hmqat.study.pipeline import Study
 study = Study.from_params(globals())
 print(study.subtitle())
 print(f"train {len(study.data('train'))} images, test {len(study.data('test'))} images")
+print(f"data from: {study.data('train').source}")  # HMQAT_DATA_DIR, or torchvision's download
 
 # %% [markdown]
 # ## 1. The pretrained model, as published
@@ -73,7 +97,7 @@ print(f"after fine-tuning: top-1 {after['top1']:.2f} %, loss {after['loss']:.4f}
 layers = models.quantizable_layers(model)
 n_total = sum(p.numel() for p in model.parameters())
 study.save_json("fp32.json", {
-    "arch": arch, "data_label": study.data_label, "profile": profile,
+    "arch": arch, "data_label": study.data_label, "profile": profile, "pretrained": pretrained,
     "pretrained_top1": before["top1"], "pretrained_loss": before["loss"],
     "top1": after["top1"], "loss": after["loss"], "history": history, "wall_s": wall,
     "n_params": n_total, "n_quantizable_weights": sum(l.n_params for l in layers),
@@ -81,13 +105,19 @@ study.save_json("fp32.json", {
 })
 with plotting.use_style():
     fig = plotting.plot_training_curves({"FP32 fine-tune": history}, metric="val_top1",
-                                        title="FP32 fine-tuning", subtitle=study.subtitle())
+                                        title="FP32 fine-tuning", subtitle=study.subtitle(),
+                                        start={"FP32 fine-tune": {"val_top1": before["top1"]}})
     plotting.savefig(fig, study.figures / "fp32_finetune")
 
 # %% [markdown]
 # ## Exercises
 # 1. Evaluate the published weights on the *original* CIFAR-10 (unset `HMQAT_DATA_DIR`) and on the
 #    JPEG mirror. Where do the 10 points go? Which classes suffer most?
+#    *Hint:* compute top-1 per class with `torch.bincount` over labels and correct predictions.
 # 2. Fine-tune for 1, 3 and 10 epochs. How much of the gap does each epoch close?
+#    *Hint:* `fp32_epochs` and `max_steps_per_epoch` are parameters; compare with the `before` line.
 # 3. Why must the FP32 reference be fine-tuned on the *same* data as the quantized models before
 #    "% of FP32 top-1" means anything?
+#    *Hint:* what would "% of FP32" credit to quantization if the reference never saw the JPEG images?
+#
+# Worked solutions: [`solutions/00_fp32_baseline_solutions.ipynb`](solutions/00_fp32_baseline_solutions.ipynb) (and its paired `.py`).

@@ -1,5 +1,28 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 01 · Which layers are sensitive? Hessian traces and the Ω table
+#
+# > - **You will:** estimate per-layer Hessian traces with Hutchinson's method and read their
+# >   standard errors; turn traces into the sensitivity Ω_i(b); test whether Ω predicts the damage
+# >   of real quantization (Spearman ρ).
+# > - **Prerequisites:** notebook 00 (the fine-tuned FP32 model); gradients and the chain rule;
+# >   the trace of a matrix.
+# > - **Run time with the lab defaults:** 6.2 min measured on this project's shared 2-core CPU
+# >   (load average 10–17), kernel start included.
 #
 # Quantizing layer $i$ to $b$ bits perturbs its weights by $\Delta W_i = Q_b(W_i) - W_i$. Near a
 # trained minimum the gradient is small, so a second-order Taylor expansion of the loss gives
@@ -57,6 +80,30 @@ from hmqat.study.pipeline import Study
 study = Study.from_params(globals())
 model = study.fp32_model()
 print(study.subtitle())
+
+# %% [markdown]
+# ### From scratch: one Hutchinson probe
+# Before the library call, Eq. H1 by hand for the last layer. Draw a Rademacher vector $v$, get
+# $Hv$ by differentiating the gradient once more, and form $v^\top H v$. One probe is an unbiased
+# but noisy estimate of $\mathrm{Tr}(H)$, on one batch. `layer_traces` averages many probes over
+# every calibration batch and reports their standard error. Compare this number with the last
+# row of the table below, which shows $\bar T = \mathrm{Tr}/n$.
+
+# %%
+import torch
+
+name = models.quantizable_layers(model)[-1].name
+w = model.get_submodule(name).weight
+x0, y0 = data.calibration_batches(study.data("train"), n_samples=64, batch_size=64, seed=seed,
+                                  device=study.dev)[0]
+model.eval()
+loss = torch.nn.functional.cross_entropy(model(x0), y0)
+(g,) = torch.autograd.grad(loss, w, create_graph=True)          # ∇_w L, kept differentiable
+v = torch.randint(0, 2, w.shape, generator=torch.Generator().manual_seed(seed)).to(w) * 2 - 1
+(hv,) = torch.autograd.grad(g, w, grad_outputs=v)               # H v by double backprop
+probe = float((v * hv).sum())
+print(f"{name}: one probe vᵀHv = {probe:.4g}, i.e. T̄ ≈ {probe / w.numel():.4g} "
+      f"({w.numel()} weights, 64 images)")
 
 # %% [markdown]
 # ## 1. Per-layer average traces with error bars
@@ -134,7 +181,12 @@ with plotting.use_style():
 # ## Exercises
 # 1. Run the estimator with `trace_tol=0.2` and `0.02`. How do the error bars and wall time scale
 #    with the number of probes? (Standard error ∝ 1/√probes.)
+#    *Hint:* look at `probes`, `rel_se` and `attrs["wall_s"]` of the two frames; a 10× smaller SE needs ~100× the probes.
 # 2. Which layers have the largest average trace, and which the largest Ω at 2 bits? Why do the two
 #    rankings differ?
+#    *Hint:* Ω_i(b) = T̄_i·‖Q_b(W_i) − W_i‖²: which factor grows with the number of weights?
 # 3. Replace the calibration subset by 128 images. Is the Spearman ρ of the `joint` variant still
 #    higher than `size_only`'s?
+#    *Hint:* `calib_samples` is a parameter; with 32 configs, how wide is a Spearman ρ's confidence interval?
+#
+# Worked solutions: [`solutions/01_sensitivity_solutions.ipynb`](solutions/01_sensitivity_solutions.ipynb) (and its paired `.py`).

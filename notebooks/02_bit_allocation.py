@@ -1,5 +1,26 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 02 · Bit allocation: the exact Pareto frontier
+#
+# > - **You will:** compute the exact size–Ω Pareto frontier and pick budgets from it; compare it
+# >   with greedy, HAWQ-V3's ILP, random and uniform allocation.
+# > - **Prerequisites:** notebook 01 (the Ω table); what a Pareto frontier is; model size in bits.
+# > - **Run time with the lab defaults:** 0.4 min measured on this project's shared 2-core CPU
+# >   (load average 10–17), kernel start included.
 #
 # Given the table $\Omega_i(b)$ from notebook 01, choosing bits is an optimisation problem:
 #
@@ -148,7 +169,12 @@ runtime.atomic_write_text(study.path("data", "frontier.csv"),
 # ## Exercises
 # 1. Change the candidate bits to `[4, 8]` (HAWQ-V3's set). What is the smallest model the frontier
 #    reaches now, and why can it not reach 10× compression?
+#    *Hint:* the first/last layers stay at 8 bits and FP32 parameters stay FP32: what is the best case at 4 bits?
 # 2. Use `cost="bops"` in `pareto_frontier`. Which layers get more bits under a BOPs budget than
 #    under a size budget, and why (hint: MACs per weight differ across stages)?
+#    *Hint:* MACs per weight = output pixels of the layer: 32², 16² or 8² in ResNet-20's three stages.
 # 3. Time `search.ilp_select` for 20 budgets against one `pareto_frontier` call plus 20
 #    `search.select` calls.
+#    *Hint:* `time.perf_counter` around both; `benchmarks/search.py` does it carefully.
+#
+# Worked solutions: [`solutions/02_bit_allocation_solutions.ipynb`](solutions/02_bit_allocation_solutions.ipynb) (and its paired `.py`).

@@ -1,5 +1,27 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 04 · Ablations: what does each piece buy?
+#
+# > - **You will:** measure what each piece of the method buys (transitions, oscillation remedies,
+# >   distillation, the Ω variants, the allocation itself) at equal size; read one-seed results
+# >   for what they can and cannot show.
+# > - **Prerequisites:** notebooks 01–03; oscillations in QAT (Nagel et al. 2022).
+# > - **Run time with the lab defaults:** 14.2 min measured on this project's shared 2-core CPU
+# >   (load average 10–17), kernel start included.
 #
 # HMQAT's abstract names "quantization **transition** aware fine-tuning of scale factor" but its
 # text is not public. "Transition" has two defensible readings, and we implement both as switches
@@ -86,10 +108,48 @@ fig = plotting.plot_ablation(table, title="Ablations at equal size", subtitle=st
 plotting.savefig(fig, study.figures / "ablation")
 
 # %% [markdown]
+# ## What these results say
+# The cell below reads this run's own table: the best transition variant against plain LSQ, and
+# the Hessian-guided allocation against the spread of random allocations of the same size.
+
+# %%
+trans = summary[summary["group"] == "transition"].set_index("variant")["top1"]
+alloc = summary[summary["group"] == "allocation"].set_index("variant")
+best = trans.drop("lsq").idxmax()
+print(f"transition: best variant {best} {trans[best]:.2f} % vs lsq {trans['lsq']:.2f} % "
+      f"({trans[best] - trans['lsq']:+.2f} points); variants below lsq: "
+      f"{', '.join(v for v in trans.index if trans[v] < trans['lsq']) or 'none'}")
+rnd = alloc.loc["random"]
+hess = alloc.loc["hmqat-joint", "top1"]
+print(f"allocation: Hessian-guided {hess:.2f} % vs random {rnd['top1']:.2f} ± "
+      f"{rnd['top1_std']:.2f} % over {int(rnd['n'])} seeds "
+      f"({(hess - rnd['top1']) / rnd['top1_std']:+.1f} random-std)")
+
+# %% [markdown]
+# **What they cannot show.**
+# * Every row except `random` is **one training seed**. A difference of a few tenths of a point
+#   is within seed-to-seed noise (the random rows' std is a rough yardstick), so these rows
+#   screen ideas and do not decide between them. A claim needs ≥ 3 seeds and a paired 95 % CI
+#   (`hmqat.stats.paired_difference`).
+# * The runs are **short**: `ablation_epochs` × `max_steps_per_epoch` steps. Remedies that act
+#   late in training, such as precision transitions, oscillation dampening and freezing, may
+#   rank differently after full QAT. A variant that loses here has not been shown to lose in
+#   general.
+# * One architecture (ResNet-20), one data set and one budget (~`ablation_compression`×). The
+#   allocation gap may shrink at milder budgets, where uniform already does well.
+# * `osc_frac` is a share over all weights; it does not say which layers oscillate or whether
+#   the oscillations cost accuracy.
+
+# %% [markdown]
 # ## Exercises
 # 1. Which transition variant helps most at ~10× compression? Does the ranking hold with more
 #    epochs (`ablation_epochs=3`)?
+#    *Hint:* every row here has n = 1: what does a ranking from one seed support?
 # 2. Look at the fraction of oscillating weights per layer (`osc_frac`). Which layers oscillate most,
 #    and do they have few weights per channel or few bits?
+#    *Hint:* `osc_frac` in the table is over all weights; the per-layer split is in the tracker's `log`.
 # 3. The random allocation's spread over seeds tells you how much any allocation matters at this
 #    size. Is the Hessian-guided allocation outside that spread?
+#    *Hint:* compare the Hessian-guided top-1 with the random rows' mean ± std; is it a paired comparison?
+#
+# Worked solutions: [`solutions/04_ablations_solutions.ipynb`](solutions/04_ablations_solutions.ipynb) (and its paired `.py`).

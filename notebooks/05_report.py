@@ -1,5 +1,26 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 05 · Report
+#
+# > - **You will:** assemble the headline table and the report; compare configurations by size and
+# >   by BOPs.
+# > - **Prerequisites:** notebooks 00–04 (their results files).
+# > - **Run time with the lab defaults:** 0.2 min measured on this project's shared 2-core CPU
+# >   (load average 10–17), kernel start included.
 #
 # This notebook gathers what notebooks 00–04 wrote into the headline table and a README for
 # `results/<profile>/`. Every number here is **ours**: a reconstruction of HMQAT (Huang et al.,
@@ -76,7 +97,7 @@ text = f"""# hmqat results — {profile} profile
 reconstruction of HMQAT; they are not the paper's numbers (the paper reports ResNet18/ImageNet:
 10.34x smaller at 99.81 % of FP32 top-1, a target we quote, not a result we reproduced here).
 
-FP32 reference: published {arch} weights, {fp32['pretrained_top1']:.2f} % top-1 on this test split
+FP32 reference: {'published' if fp32.get('pretrained', True) else 'randomly initialised (no pretrained weights in this profile)'} {arch} weights, {fp32['pretrained_top1']:.2f} % top-1 on this test split
 before fine-tuning, **{fp32['top1']:.2f} %** after fine-tuning on its training split.
 
 ## Headline
@@ -115,5 +136,9 @@ print(text[:1500])
 # %% [markdown]
 # ## Exercises
 # 1. Add a column "BOPs compression" (FP32 BOPs = MACs·32·32) to the headline table.
+#    *Hint:* FP32 BOPs = MACs·32·32 with MACs from `models.quantizable_layers`.
 # 2. Which uniform baseline is the fairest comparison for the mixed configuration, by size and by
 #    BOPs? Do both comparisons tell the same story?
+#    *Hint:* find, for each mixed row, the uniform row nearest in size and the one nearest in BOPs.
+#
+# Worked solutions: [`solutions/05_report_solutions.ipynb`](solutions/05_report_solutions.ipynb) (and its paired `.py`).

@@ -209,3 +209,28 @@ def test_write_synthetic_imagefolder_leaves_the_warning_filters_alone(tmp_path):
     data.write_synthetic_imagefolder(tmp_path, num_classes=2, per_class=1, splits=("train",))
     assert list(warnings.filters) == before
     assert len(list((tmp_path / "train").rglob("*.png"))) == 2
+
+
+def test_relative_data_dir_error_names_the_fix(tmp_path, monkeypatch):
+    """A relative HMQAT_DATA_DIR read from notebooks/ (the kernel's folder) points elsewhere."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HMQAT_DATA_DIR", "../shared/data/cifar10-jpeg")
+    with pytest.raises(data.DatasetError, match=r"is relative and was resolved against the "
+                       r"current folder .*use an absolute path.*make lab"):
+        data.load_cifar10(split="test")
+
+
+def test_offline_download_error_names_the_fix(tmp_path, monkeypatch):
+    """No HMQAT_DATA_DIR and no internet: one DatasetError saying so, not a raw URLError."""
+    import urllib.error
+
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(data.DatasetError, match=r"no internet.*Set HMQAT_DATA_DIR to an "
+                       r"absolute path") as info:
+        data.load_cifar10(split="test")
+    assert info.value.__cause__ is None

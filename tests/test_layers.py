@@ -20,7 +20,8 @@ LAYERS: dict[str, int] = {
     "study.plotting": 2, "study.cli": 2, "study.runs": 2, "study.params": 2,
 }
 #: Optional heavy dependencies that may be imported inside a function (only when used).
-OPTIONAL = {"pulp", "pyhessian", "onnx", "onnxruntime", "fcntl"}  # fcntl: absent on Windows
+OPTIONAL = {"pulp", "pyhessian", "onnx", "onnxruntime", "IPython",
+            "fcntl"}  # fcntl: absent on Windows; IPython: the notebooks extra
 
 
 def _module_name(path: Path) -> str:

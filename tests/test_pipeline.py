@@ -45,13 +45,38 @@ def test_every_notebook_ran_and_artifacts_are_well_formed(smoke_run):
     assert "synthetic data" in (root / "README.md").read_text()
 
 
+def test_executed_notebooks_show_their_figures(smoke_run):
+    """Every plotting.savefig call leaves an image/png output in its executed notebook."""
+    root, _ = smoke_run
+    for nb in pipeline.NOTEBOOKS:
+        source = (ROOT / "notebooks" / f"{nb}.py").read_text()
+        executed = json.loads((root / "executed" / f"{nb}.ipynb").read_text())
+        images = sum("image/png" in out.get("data", {}) for cell in executed["cells"]
+                     for out in cell.get("outputs", []))
+        assert images >= source.count("plotting.savefig("), nb
+
+
 def test_rerun_skips_unchanged_steps(smoke_run):
     root, _ = smoke_run
     steps = pipeline.run_pipeline("smoke", results_root=root.parent)
     assert all(s["status"].startswith("skipped") for s in steps.values())
 
 
-def test_failing_notebook_names_its_executed_copy(tmp_path):
+def test_echo_prefixes_lines_and_progress_refreshes():
+    import io
+
+    out = io.StringIO()
+    echo = pipeline._Echo("03_qat", out)
+    echo.write("epoch 1/2:   0%|          | 0/2\repoch 1/2:  50%|#####     | 1/2")
+    echo.write("\r          \r\nepoch=1 train_loss=2.3 val_top1=10.5\n\n")
+    echo.write("epoch=1 train_loss=2.3 val_top1=10.5\npartial")
+    assert out.getvalue().splitlines() == [
+        "[hmqat] 03_qat | epoch 1/2:   0%|          | 0/2",
+        "[hmqat] 03_qat | epoch 1/2:  50%|#####     | 1/2",
+        "[hmqat] 03_qat | epoch=1 train_loss=2.3 val_top1=10.5"]
+
+
+def test_failing_notebook_names_its_executed_copy(tmp_path, capfd):
     nbs = tmp_path / "notebooks"
     shutil.copytree(ROOT / "notebooks", nbs)
     nb = json.loads((nbs / "00_fp32_baseline.ipynb").read_text())
@@ -62,6 +87,9 @@ def test_failing_notebook_names_its_executed_copy(tmp_path):
                        r"RuntimeError: boom in cell(.|\n)*executed copy.*00_fp32_baseline.ipynb"):
         pipeline.run_pipeline("smoke", results_root=tmp_path / "r", notebooks_dir=nbs,
                               only=["00_fp32_baseline"])
+    console = capfd.readouterr()
+    assert "IPKernelApp" not in console.out + console.err          # quiet kernel transport
+    assert "[hmqat] 00_fp32_baseline | epoch=" in console.out      # each run's lines echoed
 
 
 def test_unknown_profile_and_notebook(tmp_path):

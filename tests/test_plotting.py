@@ -334,3 +334,47 @@ def test_training_curves_lines_per_config_and_missing_metric():
     plt.close(fig)
     with pytest.raises(PlotError, match="history 'W4' has no 'val_loss' values; its keys are"):
         P.plot_training_curves(histories(), "val_loss")
+
+
+def test_savefig_displays_inline_in_a_kernel_before_closing(tmp_path, monkeypatch):
+    """In a Jupyter kernel the figure goes to the cell output (image/png) before it is closed."""
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display",
+                        lambda fig: shown.append(plt.fignum_exists(fig.number)))
+    monkeypatch.setattr(P, "_in_notebook", lambda: True)
+    P.savefig(P.plot_accuracy_size(accuracy_frame(), fp32_top1=91.5), tmp_path / "a")
+    assert shown == [True]                 # displayed while still open
+    monkeypatch.setattr(P, "_in_notebook", lambda: False)
+    fig = P.plot_accuracy_size(accuracy_frame(), fp32_top1=91.5)
+    P.savefig(fig, tmp_path / "b")
+    assert shown == [True] and not plt.fignum_exists(fig.number)   # scripts: saved, closed
+
+
+def _overlaps(labels) -> bool:
+    boxes = [t.get_window_extent() for t in labels if t.get_text()]
+    return any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_omega_validation_symlog_labels_do_not_collide_and_axes_are_named():
+    rng = np.random.default_rng(0)
+    n = 32
+    df = pd.DataFrame({"variant": ["joint"] * n, "omega": 10 ** rng.uniform(-6, 1, n),
+                       "loss_increase": np.r_[-1e-5, 0.0, 10 ** rng.uniform(-5, 0.5, n - 2)]})
+    fig = P.plot_omega_validation(df, spearman={"joint": 0.7})
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "symlog"
+    assert not _overlaps(ax.get_yticklabels()) and len(ax.get_yticks()) <= 7
+    assert ax.get_xlabel() == "Σ Ω of the config (predicted)"
+    assert ax.get_ylabel() == "measured loss increase"
+    plt.close(fig)
+
+
+def test_training_curves_start_point_at_epoch_zero():
+    hist = [{"epoch": 1, "val_top1": 87.0}, {"epoch": 2, "val_top1": 87.5}]
+    fig = P.plot_training_curves({"ft": hist}, start={"ft": {"val_top1": 81.0}})
+    xs, ys = fig.axes[0].lines[0].get_data()
+    assert list(xs) == [0, 1, 2] and list(ys) == [81.0, 87.0, 87.5]
+    plt.close(fig)

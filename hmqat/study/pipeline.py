@@ -109,10 +109,44 @@ def _step_digest(nb_path: Path, params: dict[str, Any], upstream: str, sources: 
 # --------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------
+class _Echo:
+    """A file-like sink for one notebook's stdout or stderr stream (papermill's ``stdout_file``):
+    each non-blank line or progress-bar refresh (tqdm separates them with carriage returns) goes
+    to ``out`` as ``[hmqat] <notebook> | <text>``; an immediately repeated line is dropped."""
+
+    def __init__(self, name: str, out: Any) -> None:
+        self.prefix, self.out, self.buf, self.last = f"[hmqat] {name} | ", out, "", None
+
+    def write(self, text: str) -> int:
+        self.buf += text
+        *lines, self.buf = self.buf.replace("\r", "\n").split("\n")
+        for line in (ln.rstrip() for ln in lines):
+            if line.strip() and line != self.last:
+                self.out.write(self.prefix + line + "\n")
+                self.last = line
+        if lines:
+            self.out.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+# The kernel's own log (ipykernel's "running over TCP without encryption" warning, and the
+# "KeyboardInterrupt caught in kernel" error it logs when shut down) is not about the notebook.
+_KERNEL_ARGS = ["--IPKernelApp.log_level=CRITICAL"]
+
+
 def _run_notebook(nb_in: Path, nb_out: Path, params: dict[str, Any], timeout: int | None) -> None:
+    """Execute one notebook with papermill, echoing its printed lines (each run's epoch and
+    top-1 lines, labelled progress bars, warnings) prefixed with its name."""
+    name = nb_in.stem
     try:
         pm.execute_notebook(str(nb_in), str(nb_out), parameters=params, kernel_name="python3",
-                            cwd=str(nb_in.parent), progress_bar=False, log_output=True,
+                            cwd=str(nb_in.parent), progress_bar=False, log_output=False,
+                            stdout_file=_Echo(name, sys.stdout),
+                            stderr_file=_Echo(name, sys.stderr),
+                            extra_arguments=_KERNEL_ARGS,
                             execution_timeout=timeout, start_timeout=180)
     except pm.PapermillExecutionError as exc:
         raise PipelineError(

@@ -6,7 +6,8 @@ takes ``title`` and ``subtitle``; put the data label and profile in the subtitle
 names its data (``reporting.describe_data``). Figures stay readable in greyscale: series differ
 by marker, line style or hatch, and heat-map cells carry their number. Save with
 :func:`savefig`, which writes ``<stem>.png`` (200 dpi) and ``<stem>.pdf`` (TrueType fonts, no
-creation date, so the bytes are stable across reruns) atomically and closes the figure.
+creation date, so the bytes are stable across reruns) atomically, displays it inline when run in
+a Jupyter kernel, and closes the figure.
 
     >>> from hmqat.study import plotting, reporting
     >>> label = reporting.describe_data("cifar10", train.source)            # doctest: +SKIP
@@ -30,10 +31,10 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
 from scipy.stats import spearmanr
 
-from ..runtime import atomic_write_bytes
+from ..runtime import atomic_write_bytes, in_notebook
 
 __all__ = [
     "HATCHES",
@@ -87,11 +88,15 @@ def use_style() -> Iterator[None]:
 
 
 def savefig(fig: Figure, stem: str | os.PathLike, *, formats: Sequence[str] = ("png", "pdf"),
-            dpi: int = PNG_DPI) -> list[Path]:
+            dpi: int = PNG_DPI, show: bool | None = None) -> list[Path]:
     """Write ``fig`` to ``<stem>.png`` and ``<stem>.pdf`` atomically (temporary file in the same
-    folder, then ``os.replace``; docs/design.md §4) and close it. The PDF has no creation date and
-    TrueType fonts, so rebuilding and saving the same figure gives the same bytes. An unknown
-    format raises before anything is written and leaves the figure open."""
+    folder, then ``os.replace``; docs/design.md §4), show it inline, and close it. The PDF has no
+    creation date and TrueType fonts, so rebuilding and saving the same figure gives the same
+    bytes. An unknown format raises before anything is written and leaves the figure open.
+
+    ``show``: display the figure in the cell's output before closing it (an ``image/png``
+    output in an executed notebook, in JupyterLab and on GitHub); None = when running inside a
+    Jupyter kernel. Closing a figure that was never displayed would leave the cell without it."""
     stem = Path(stem)
     unknown = [f for f in formats if f not in ("png", "pdf", "svg")]
     if unknown:
@@ -107,6 +112,9 @@ def savefig(fig: Figure, stem: str | os.PathLike, *, formats: Sequence[str] = ("
                             bbox_inches="tight", pad_inches=0.03)
                 written.append(atomic_write_bytes(stem.with_name(f"{stem.name}.{fmt}"),
                                                   buf.getvalue()))
+        if show or (show is None and in_notebook()):
+            from IPython.display import display
+            display(fig)
     finally:
         plt.close(fig)
     return written
@@ -148,11 +156,35 @@ def _scale_for(values: np.ndarray, *, log_span: float = 1.0) -> tuple[str, dict[
     return "symlog", {"linthresh": float(pos.min()) if pos.size else 1.0}
 
 
+def _symlog_ticks(values: np.ndarray, linthresh: float, max_per_side: int = 3) -> list[float]:
+    """0 and ±powers of ten outside the linear region (≥ 10·linthresh), at most
+    ``max_per_side`` per sign (every k-th decade): a symlog axis otherwise labels −t, 0 and t
+    with t = linthresh, which print on top of each other."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    top = float(np.abs(v).max()) if v.size else linthresh
+    lo = math.floor(math.log10(linthresh)) + 1
+    hi = max(lo, math.ceil(math.log10(max(top, linthresh))))
+    decades = list(range(lo, hi + 1))
+    stride = max(1, math.ceil(len(decades) / max_per_side))
+    mags = [10.0 ** d for d in decades[::-1][::stride]]
+    ticks = [0.0]
+    if (v > 0).any():
+        ticks += mags
+    if (v < 0).any():
+        ticks += [-m for m in mags]
+    return sorted(ticks)
+
+
 def _set_scale(ax: plt.Axes, axis: str, values: np.ndarray, *, log_span: float = 1.0) -> str:
     scale, kw = _scale_for(values, log_span=log_span)
     if scale == "log":
         kw = {"nonpositive": "clip"}
     (ax.set_xscale if axis == "x" else ax.set_yscale)(scale, **kw)
+    if scale == "symlog":
+        target = ax.xaxis if axis == "x" else ax.yaxis
+        target.set_major_locator(FixedLocator(_symlog_ticks(values, kw["linthresh"])))
+        target.set_minor_locator(NullLocator())
     return scale
 
 
@@ -326,10 +358,13 @@ def plot_layer_traces(traces: pd.DataFrame, *,
 def plot_omega_validation(df: pd.DataFrame, *, x: str = "omega", y: str = "loss_increase",
                           hue: str = "variant", spearman: Mapping[str, float] | None = None,
                           title: str | None = "Ω vs measured loss increase",
-                          subtitle: str | None = None, ncols: int = 3) -> Figure:
+                          subtitle: str | None = None, ncols: int = 3,
+                          xlabel: str = "Σ Ω of the config (predicted)",
+                          ylabel: str = "measured loss increase") -> Figure:
     """One scatter panel per ``hue`` value (order of appearance), log-log where the values are
-    positive (symlog otherwise), Spearman ρ in each panel title. ``spearman`` gives ρ per
-    variant; without it ρ is computed with ``scipy.stats.spearmanr``."""
+    positive (symlog otherwise, labelled at 0 and a few powers of ten), Spearman ρ in each panel
+    title. ``spearman`` gives ρ per variant; without it ρ is computed with
+    ``scipy.stats.spearmanr``."""
     _require(df, [x, y, hue], "df")
     variants = list(dict.fromkeys(df[hue].astype(str)))
     if spearman is not None:
@@ -353,10 +388,10 @@ def plot_omega_validation(df: pd.DataFrame, *, x: str = "omega", y: str = "loss_
                 rho = float(spearmanr(sub[x], sub[y]).statistic) if len(sub) > 1 else float("nan")
             ax.set_title(f"{variant}: ρ = {rho:.2f}", fontsize="small")
             _set_scale(ax, "x", sub[x].to_numpy(float))
-            ax.set_xlabel(x)
+            ax.set_xlabel(xlabel)
         _set_scale(axes.flat[0], "y", df[y].to_numpy(float))
         for ax in axes[:, 0]:
-            ax.set_ylabel(y)
+            ax.set_ylabel(ylabel)
         for ax in list(axes.flat)[len(variants):]:
             ax.set_visible(False)
         _titles(fig, title, subtitle)
@@ -604,10 +639,13 @@ def plot_ablation(df: pd.DataFrame, *, x: str = "variant", y: str = "top1",
 def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]],
                          metric: str | Sequence[str] = "val_top1", *, x: str = "epoch",
                          title: str | None = "Training curves",
-                         subtitle: str | None = None) -> Figure:
+                         subtitle: str | None = None,
+                         start: Mapping[str, Mapping[str, float]] | None = None) -> Figure:
     """One line per config (distinct colour, marker and line style) of ``metric`` against
     ``x`` (the record's ``epoch``, else its position), from ``hmqat.train.fit`` histories.
-    A list of metrics gives one panel each. Records without the metric are skipped."""
+    A list of metrics gives one panel each. Records without the metric are skipped.
+    ``start``: {config: {metric: value}} drawn at epoch 0, before training (e.g. the published
+    model's accuracy, so a fine-tune's first-epoch jump is visible)."""
     metrics = [metric] if isinstance(metric, str) else list(metric)
     if not histories:
         raise PlotError("histories is empty; pass {config label: fit() history}")
@@ -622,6 +660,8 @@ def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]],
         for ax, m in zip(axes[0], metrics):
             for i, (label, hist) in enumerate(histories.items()):
                 pts = [(rec.get(x, j + 1), rec[m]) for j, rec in enumerate(hist) if m in rec]
+                if start and m in start.get(label, {}):
+                    pts.insert(0, (0, start[label][m]))
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, label=label, color=f"C{i % 10}", markersize=3.5, linewidth=1.1,
                         markevery=max(1, len(xs) // 12), **_style(i))
