@@ -15,7 +15,7 @@ PKG = Path(__file__).resolve().parent.parent / "hmqat"
 LAYERS: dict[str, int] = {
     "runtime": 0, "locking": 0, "data": 0, "models": 0, "distributed": 0, "stats": 0,
     "quant": 1, "bn": 1, "hessian": 1, "sensitivity": 1, "search": 1, "train": 1,
-    "transitions": 1, "export": 1,
+    "transitions": 1, "export": 1, "onnx_export": 1,
     "study": 2, "study.pipeline": 2, "study.ablation": 2, "study.reporting": 2,
     "study.plotting": 2, "study.cli": 2, "study.runs": 2, "study.params": 2,
 }
