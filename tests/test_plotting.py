@@ -343,10 +343,10 @@ def test_savefig_displays_inline_in_a_kernel_before_closing(tmp_path, monkeypatc
     shown = []
     monkeypatch.setattr(IPython.display, "display",
                         lambda fig: shown.append(plt.fignum_exists(fig.number)))
-    monkeypatch.setattr(P, "_in_notebook", lambda: True)
+    monkeypatch.setattr(P, "in_notebook", lambda: True)
     P.savefig(P.plot_accuracy_size(accuracy_frame(), fp32_top1=91.5), tmp_path / "a")
     assert shown == [True]                 # displayed while still open
-    monkeypatch.setattr(P, "_in_notebook", lambda: False)
+    monkeypatch.setattr(P, "in_notebook", lambda: False)
     fig = P.plot_accuracy_size(accuracy_frame(), fp32_top1=91.5)
     P.savefig(fig, tmp_path / "b")
     assert shown == [True] and not plt.fignum_exists(fig.number)   # scripts: saved, closed
