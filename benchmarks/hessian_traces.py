@@ -335,7 +335,8 @@ def fair_comparison(model: nn.Module, batches, names: list[str], tols: list[floa
 
 
 def decision_section(model: nn.Module, batches, budgets: list[float], seed: int,
-                     dev: torch.device, fair: dict, tols: list[float], max_probes: int) -> None:
+                     dev: torch.device, fair: dict, tols: list[float], max_probes: int,
+                     pick_tol: float | None = None) -> None:
     """(e): decision-based stopping vs the fair reference; its picks vs tol 0.05's."""
     from hmqat import search, sensitivity
 
@@ -359,20 +360,29 @@ def decision_section(model: nn.Module, batches, budgets: list[float], seed: int,
         f"{df['rel_se'].max():.3f}")
     say(f"decision_ratio: {t_dec / t_ref:.4f}  (time(e) / fair reference median at tol {tol0}; "
         f"goal <= 0.1)")
-    if 0.05 in fair:
-        for k, ref_df in enumerate(fair[0.05]["frames"]):
+    frames05 = fair[0.05]["frames"] if 0.05 in fair else []
+    if not frames05 and pick_tol:
+        df05 = hessian.layer_traces(model, batches, tol=pick_tol, seed=seed + 555,
+                                    progress=False, device=dev, max_probes=max_probes * 8)
+        say(f"hmqat alone at tol {pick_tol} (for the pick comparison; no reference run at this "
+            f"tol): {df05.attrs['wall_s']:.1f} s, {df05.attrs['hvps']} HVPs, converged="
+            f"{df05.attrs['converged']}")
+        frames05 = [df05]
+    if frames05:
+        for k, ref_df in enumerate(frames05):
             p05 = sensitivity._picks(qerr, ref_df.loc[qerr.index, "avg_trace"].to_numpy(float),
                                      inp, budgets, bits)
             same = [a == b for a, b in zip(picks_dec, p05)]
-            say(f"picks equal to hmqat tol-0.05 traces (repeat {k}) at {budgets}: {same}")
+            say(f"picks equal to hmqat tol-0.05 traces (run {k}) at {budgets}: {same}")
             stable, info = sensitivity.decision_is_stable(
                 qerr, ref_df.loc[qerr.index, "avg_trace"].to_numpy(float),
                 ref_df.loc[qerr.index, "avg_trace_se"].to_numpy(float), inp, budgets,
                 bits=bits, z=1.0, seed=seed)
-            say(f"tol-0.05 picks (repeat {k}) unchanged by every ±1 SE perturbation tried: "
+            say(f"tol-0.05 picks (run {k}) unchanged by every ±1 SE perturbation tried: "
                 f"{stable} ({info['n_checked']} tried; first change: {info['changed_by']})")
     else:
-        say("tol 0.05 was not run in this process: the pick comparison needs --tols with 0.05")
+        say("tol 0.05 was not run in this process: the pick comparison needs --tols with 0.05 "
+            "or --pick-tol 0.05")
 
 
 def main() -> None:
@@ -391,6 +401,9 @@ def main() -> None:
                     help="interleaved repeats per --tols entry (one number: the same for all)")
     ap.add_argument("--budgets", type=float, nargs="+", default=[6.0, 10.34, 14.0],
                     help="compressions at which the decision rule (e) must keep its pick")
+    ap.add_argument("--pick-tol", type=float, default=0.05,
+                    help="when 0.05 is not in --tols: run hmqat alone at this tol for the "
+                         "decision rule's pick comparison (0 skips)")
     ap.add_argument("--max-probes", type=int, default=100,
                     help="cap of (a') rounds per batch (hmqat: 8x this per 16-image stratum)")
     ap.add_argument("--skip-old", action="store_true",
@@ -445,7 +458,8 @@ def main() -> None:
     for t in tols[1:]:
         say(f"fair_ratio_tol{t}: {np.median(fair[t]['ratios']):.4f}  (median over "
             f"{len(fair[t]['ratios'])} repeats)")
-    decision_section(model, batches, args.budgets, args.seed, dev, fair, tols, args.max_probes)
+    decision_section(model, batches, args.budgets, args.seed, dev, fair, tols, args.max_probes,
+                     args.pick_tol)
     if args.skip_old:
         say(f"\n(old sections (a) extrapolated shared-probe reference, (c), (d) skipped: "
             f"--skip-old)\ntotal benchmark wall {time.perf_counter() - t_start:.0f} s; load "

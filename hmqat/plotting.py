@@ -655,15 +655,24 @@ def _identity_line(ax: plt.Axes, values: np.ndarray) -> None:
         ax.plot([lo, hi], [lo, hi], color="0.4", lw=0.8, ls="--", zorder=0, label="y = x")
 
 
-def _loglog_scatter(ax: plt.Axes, x: np.ndarray, y: np.ndarray, i: int, label: str) -> int:
-    """Scatter the points with x, y > 0 on log axes; returns how many were left out."""
-    ok = (x > 0) & (y > 0) & np.isfinite(x) & np.isfinite(y)
+def _loglog_scatter(ax: plt.Axes, x: np.ndarray, y: np.ndarray, i: int, label: str,
+                    log: bool = True) -> int:
+    """Scatter the points with x, y > 0 on log axes (``log``; every point on linear axes when
+    the panel has no positive pair); returns how many were left out."""
+    ok = np.isfinite(x) & np.isfinite(y)
+    if log:
+        ok &= (x > 0) & (y > 0)
     palette = sns.color_palette("colorblind", 10)
     ax.scatter(x[ok], y[ok], s=14, marker=MARKERS[i % len(MARKERS)], color=palette[i % 10],
                edgecolor="0.15", linewidth=0.3, alpha=0.85, label=label)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    if log:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
     return int((~ok).sum())
+
+
+def _any_positive_pair(x: np.ndarray, y: np.ndarray) -> bool:
+    return bool(((x > 0) & (y > 0) & np.isfinite(x) & np.isfinite(y)).any())
 
 
 def plot_single_layer(df: pd.DataFrame, *,
@@ -680,9 +689,10 @@ def plot_single_layer(df: pd.DataFrame, *,
         y = df["measured"].to_numpy(float)
         for ax, p in zip(axes.flat, predictors):
             dropped = 0
+            log = _any_positive_pair(df[p].to_numpy(float), y)
             for i, (b, sub) in enumerate(df.groupby("bits", sort=True)):
                 dropped += _loglog_scatter(ax, sub[p].to_numpy(float),
-                                           sub["measured"].to_numpy(float), i, f"{b} bit")
+                                           sub["measured"].to_numpy(float), i, f"{b} bit", log)
             _identity_line(ax, np.concatenate([df[p].to_numpy(float), y]))
             ax.set_xlabel(p)
             ax.set_title(f"{p}" + (f" ({dropped} pts ≤ 0 not shown)" if dropped else ""),
@@ -702,11 +712,13 @@ def plot_noise_check(df: pd.DataFrame, *,
     with use_style():
         fig, ax = plt.subplots(figsize=_size(3.6, 3.0))
         x, y = df["predicted"].to_numpy(float), df["measured"].to_numpy(float)
-        ok = (x > 0) & (y > 0)
-        ax.errorbar(x[ok], y[ok], xerr=df["predicted_se"].to_numpy(float)[ok], fmt=MARKERS[0],
-                    ms=4, lw=0.8, mec="0.15", mew=0.3)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+        log = _any_positive_pair(x, y)
+        ok = (x > 0) & (y > 0) if log else np.isfinite(x) & np.isfinite(y)
+        ax.errorbar(x[ok], y[ok], xerr=np.abs(df["predicted_se"].to_numpy(float)[ok]),
+                    fmt=MARKERS[0], ms=4, lw=0.8, mec="0.15", mew=0.3)
+        if log:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
         _identity_line(ax, np.concatenate([x, y]))
         ax.set_xlabel("½ σ² Tr(H_ii) (Hutchinson)")
         ax.set_ylabel("measured ΔL (antithetic)")
@@ -724,9 +736,11 @@ def plot_additivity(df: pd.DataFrame, *,
     _require(df, ["measured", "sum_single", "n_2bit"], "df")
     with use_style():
         fig, ax = plt.subplots(figsize=_size(3.6, 3.0))
+        log = _any_positive_pair(df["sum_single"].to_numpy(float),
+                                 df["measured"].to_numpy(float))
         for i, (k, sub) in enumerate(df.groupby("n_2bit", sort=True)):
             _loglog_scatter(ax, sub["sum_single"].to_numpy(float),
-                            sub["measured"].to_numpy(float), i, f"{k}× 2-bit")
+                            sub["measured"].to_numpy(float), i, f"{k}× 2-bit", log)
         _identity_line(ax, np.concatenate([df["sum_single"].to_numpy(float),
                                            df["measured"].to_numpy(float)]))
         ax.set_xlabel("Σ single-layer ΔL")

@@ -1155,6 +1155,7 @@ def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathL
               frontier_compressions: Sequence[float] = (6.0, 10.34, 14.0),
               frontier_random: int = 20, variability_sets: int = 3, variability_tol: float = 0.1,
               seed: int = 0, eval_batch: int = 500, progress: bool = True,
+              channels_last: bool = True,
               report: Callable[[dict[str, pd.DataFrame]], None] | None = None
               ) -> dict[str, pd.DataFrame]:
     """Run the experiments of docs/method.md §3 in ``stages`` (cheapest first), on calibration
@@ -1176,6 +1177,9 @@ def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathL
     calib = hdata.calibration_batches(train_ds, n_samples=calib_samples, batch_size=calib_batch,
                                       seed=seed, device=dev)
     val = list(hdata.make_loader(val_ds, batch_size=eval_batch, device=dev))
+    if channels_last:   # same float32 math, ~1.5x faster convolutions on CPU (measured)
+        model.to(memory_format=torch.channels_last)
+        val = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in val]
     fixed = quant.fixed_layers(model, policy)
     res: dict[str, pd.DataFrame] = {}
 
@@ -1197,10 +1201,18 @@ def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathL
                                   seed=seed, cache_dir=root / "cache", progress=progress)
     if "traces" in stages and not done("traces"):
         save("traces", traces.reset_index())
-    omegas = {v: omega_table(model, traces, bits, variant=v, seed=seed, method=method,
-                             batches=calib) for v in VARIANTS} \
-        if {"omegas", "fixed_size", "frontier"} & set(stages) else {}
-    if "omegas" in stages and not done("omegas"):
+    omegas: dict[str, pd.DataFrame] = {}
+    if {"omegas", "fixed_size", "frontier"} & set(stages):
+        if done("omegas"):   # the tables of an earlier run of the same stage
+            for v, sub in res["omegas"].groupby("variant", sort=False):
+                om = sub.pivot(index="layer", columns="bits", values="omega")
+                om = om.loc[list(dict.fromkeys(sub["layer"]))]
+                om.columns = [int(c) for c in om.columns]
+                omegas[v] = om
+        else:
+            omegas = {v: omega_table(model, traces, bits, variant=v, seed=seed, method=method,
+                                     batches=calib) for v in VARIANTS}
+    if "omegas" in stages and "omegas" not in res:
         long = pd.concat([om.stack().rename("omega").reset_index().assign(variant=v)
                           for v, om in omegas.items()])
         long.columns = ["layer", "bits", "omega", "variant"]
