@@ -336,7 +336,7 @@ def fair_comparison(model: nn.Module, batches, names: list[str], tols: list[floa
 
 def decision_section(model: nn.Module, batches, budgets: list[float], seed: int,
                      dev: torch.device, fair: dict, tols: list[float], max_probes: int,
-                     pick_tol: float | None = None) -> None:
+                     pick_tol: float | None = None, fair_file: Path | None = None) -> None:
     """(e): decision-based stopping vs the fair reference; its picks vs tol 0.05's."""
     from hmqat import search, sensitivity
 
@@ -351,15 +351,16 @@ def decision_section(model: nn.Module, batches, budgets: list[float], seed: int,
     picks_dec = sensitivity._picks(qerr, df.loc[qerr.index, "avg_trace"].to_numpy(float), inp,
                                    budgets, bits)
     tol0 = tols[0]
-    t_ref = float(np.median(fair[tol0]["ref"]))
+    t_ref = float(np.median(fair[tol0]["ref"])) if tol0 in fair else None
     say(f"\n## (e) decision-based stopping (budgets {budgets}x, joint Ω, bits {list(bits)}, "
         f"±1.96 SE, {2 * len(qerr) + 32} perturbations per check)")
     say(f"stopped by the rule: {df.attrs['stopped_by_rule']} after {df.attrs['sweeps']} sweeps, "
         f"{df.attrs['hvps']} HVPs, {t_dec:.1f} s (checks: "
         f"{[(h['probes'], h['stable']) for h in rule.history]}); max rel_se "
         f"{df['rel_se'].max():.3f}")
-    say(f"decision_ratio: {t_dec / t_ref:.4f}  (time(e) / fair reference median at tol {tol0}; "
-        f"goal <= 0.1)")
+    if t_ref is not None:
+        say(f"decision_ratio: {t_dec / t_ref:.4f}  (time(e) / fair reference median at tol "
+            f"{tol0}; goal <= 0.1)")
     frames05 = fair[0.05]["frames"] if 0.05 in fair else []
     if not frames05 and pick_tol:
         df05 = hessian.layer_traces(model, batches, tol=pick_tol, seed=seed + 555,
@@ -373,16 +374,27 @@ def decision_section(model: nn.Module, batches, budgets: list[float], seed: int,
             p05 = sensitivity._picks(qerr, ref_df.loc[qerr.index, "avg_trace"].to_numpy(float),
                                      inp, budgets, bits)
             same = [a == b for a, b in zip(picks_dec, p05)]
-            say(f"picks equal to hmqat tol-0.05 traces (run {k}) at {budgets}: {same}")
+            say(f"picks equal to hmqat tol-{pick_tol or 0.05} traces (run {k}) at {budgets}: "
+                f"{same}")
             stable, info = sensitivity.decision_is_stable(
                 qerr, ref_df.loc[qerr.index, "avg_trace"].to_numpy(float),
                 ref_df.loc[qerr.index, "avg_trace_se"].to_numpy(float), inp, budgets,
                 bits=bits, z=1.0, seed=seed)
-            say(f"tol-0.05 picks (run {k}) unchanged by every ±1 SE perturbation tried: "
+            say(f"tol-{pick_tol or 0.05} picks (run {k}) unchanged by every ±1 SE perturbation tried: "
                 f"{stable} ({info['n_checked']} tried; first change: {info['changed_by']})")
+        say(f"time(e) / time(hmqat, tol {pick_tol or 0.05}, same process): "
+            f"{t_dec / frames05[0].attrs['wall_s']:.4f}")
     else:
         say("tol 0.05 was not run in this process: the pick comparison needs --tols with 0.05 "
             "or --pick-tol 0.05")
+    if t_ref is None and fair_file is not None and fair_file.exists():
+        refs = [float(line.split("reference")[1].split()[0]) for line in
+                fair_file.read_text().splitlines()
+                if line.startswith(f"tol {tol0}: repeat") and " reference " in line]
+        if refs:
+            say(f"decision_ratio: {t_dec / float(np.median(refs)):.4f}  (time(e) / median fair "
+                f"reference time at tol {tol0} read from {fair_file.name}, run concurrently on "
+                f"the same machine; goal <= 0.1)")
 
 
 def main() -> None:
@@ -406,6 +418,12 @@ def main() -> None:
                          "decision rule's pick comparison (0 skips)")
     ap.add_argument("--max-probes", type=int, default=100,
                     help="cap of (a') rounds per batch (hmqat: 8x this per 16-image stratum)")
+    ap.add_argument("--sections", nargs="+", default=["fair", "decision", "old"],
+                    choices=["fair", "decision", "old"],
+                    help="what to run (several processes can share the work; see --fair-file)")
+    ap.add_argument("--fair-file", type=Path, default=None,
+                    help="with --sections decision but not fair: the output file of a concurrent "
+                         "fair run, whose reference times give decision_ratio")
     ap.add_argument("--skip-old", action="store_true",
                     help="skip the old sections (a) extrapolated, (c) pyhessian and (d) levers")
     ap.add_argument("--pyhessian-probes", type=int, default=3,
@@ -448,18 +466,24 @@ def main() -> None:
     reps = args.repeats * len(tols) if len(args.repeats) == 1 else args.repeats
     if len(reps) != len(tols):
         ap.error(f"--repeats needs one number or one per --tols entry ({len(tols)})")
-    say("\n## (a') FAIR reference (per-layer probes, batch "
-        f"{args.batch_size}, kept first-order graph per batch, per-layer stopping, stratified SE) "
-        "vs (b) hmqat layer_traces defaults; both run to convergence, interleaved")
-    fair = fair_comparison(model, batches, names, tols, reps, args.seed, dev, args.max_probes)
-    r0 = fair[tols[0]]["ratios"]
-    say(f"\nfair_ratio: {np.median(r0):.4f}  (median over {len(r0)} interleaved repeats of "
-        f"time(b)/time(a') at tol {tols[0]}; goal <= 0.25)")
-    for t in tols[1:]:
-        say(f"fair_ratio_tol{t}: {np.median(fair[t]['ratios']):.4f}  (median over "
-            f"{len(fair[t]['ratios'])} repeats)")
-    decision_section(model, batches, args.budgets, args.seed, dev, fair, tols, args.max_probes,
-                     args.pick_tol)
+    fair: dict = {}
+    if "fair" in args.sections:
+        say("\n## (a') FAIR reference (per-layer probes, batch "
+            f"{args.batch_size}, kept first-order graph per batch, per-layer stopping, stratified "
+            "SE) vs (b) hmqat layer_traces defaults; both run to convergence, interleaved")
+        fair = fair_comparison(model, batches, names, tols, reps, args.seed, dev,
+                               args.max_probes)
+        r0 = fair[tols[0]]["ratios"]
+        say(f"\nfair_ratio: {np.median(r0):.4f}  (median over {len(r0)} interleaved repeats of "
+            f"time(b)/time(a') at tol {tols[0]}; goal <= 0.25)")
+        for t in tols[1:]:
+            say(f"fair_ratio_tol{t}: {np.median(fair[t]['ratios']):.4f}  (median over "
+                f"{len(fair[t]['ratios'])} repeats)")
+    if "decision" in args.sections:
+        decision_section(model, batches, args.budgets, args.seed, dev, fair, tols,
+                         args.max_probes, args.pick_tol, args.fair_file)
+    if "old" not in args.sections:
+        args.skip_old = True
     if args.skip_old:
         say(f"\n(old sections (a) extrapolated shared-probe reference, (c), (d) skipped: "
             f"--skip-old)\ntotal benchmark wall {time.perf_counter() - t_start:.0f} s; load "

@@ -826,18 +826,19 @@ def ptq_evaluate(model: nn.Module, config: Mapping[str, int],
                  calib_batches: list[tuple[torch.Tensor, torch.Tensor]],
                  eval_batches: list[tuple[torch.Tensor, torch.Tensor]], *, a_bits: int | None = 4,
                  policy: str = "first_last_8", init: str = "lsq", per_channel: bool = True,
-                 bn_images: int | None = None) -> tuple[float, float]:
+                 bn_images: int | None = None, calib_max_batches: int | None = 2
+                 ) -> tuple[float, float]:
     """(loss, top-1 %) on ``eval_batches`` of ``model`` quantized post-training as QAT starts
     (docs/method.md §3 "Experiment 4"): quant.quantize_model (weights at ``config``, inputs at
-    ``a_bits``), activation steps from ``calib_batches``, BatchNorm re-estimated on them
-    (hmqat.bn.reestimate_bn), activation steps re-calibrated for the new statistics."""
+    ``a_bits``), activation steps from the first ``calib_max_batches`` calibration batches (2,
+    as train.quantize_and_fit does), then BatchNorm re-estimated on all ``calib_batches``
+    (hmqat.bn.reestimate_bn) with the quantizers active."""
     from .bn import reestimate_bn
 
     q = quant.quantize_model(model, config, a_bits=a_bits, policy=policy, init=init,
                              per_channel=per_channel)
-    quant.calibrate_activations(q, calib_batches)
+    quant.calibrate_activations(q, calib_batches, max_batches=calib_max_batches)
     reestimate_bn(q, calib_batches, max_images=bn_images)
-    quant.calibrate_activations(q, calib_batches)
     return _eval_mode_loss(q, eval_batches)
 
 
@@ -872,15 +873,22 @@ def _config_columns(model_inputs: Mapping[str, Any], cfg: Mapping[str, int]) -> 
 def fixed_size_validation(model: nn.Module, omegas: Mapping[str, pd.DataFrame],
                           configs: Sequence[Mapping[str, int]], cache: PTQCache, *,
                           a_bits: int | None = 4, policy: str = "first_last_8",
-                          progress: bool = True) -> pd.DataFrame:
+                          progress: bool = True,
+                          checkpoint: str | os.PathLike | None = None) -> pd.DataFrame:
     """Evaluate ``configs`` post-training (:class:`PTQCache`) and attach Σ_i Ω_i(b_i) of every
     variant (docs/method.md §3 "Experiment 4"). One row per config: config_id, loss,
     loss_increase, top1, top1_drop, size_mb, compression, avg_bits, n_2bit, omega_<variant>...,
-    config (JSON)."""
+    config (JSON). ``checkpoint``: a CSV rewritten after every config; rows already in it (same
+    config) are not evaluated again."""
     from . import search
+    from .reporting import atomic_write_text
 
     inp = search.model_inputs(model, a_bits=a_bits, policy=policy)
     base_loss, base_top1 = cache.fp32
+    if checkpoint is not None and Path(checkpoint).exists():
+        for _, r in pd.read_csv(checkpoint).iterrows():
+            cache.memo.setdefault(json.dumps(json.loads(r["config"]), sort_keys=True),
+                                  (float(r["loss"]), float(r["top1"])))
     rows = []
     bar = _progress(progress, "fixed-size validation", len(configs), unit="config")
     try:
@@ -892,6 +900,9 @@ def fixed_size_validation(model: nn.Module, omegas: Mapping[str, pd.DataFrame],
                 row[f"omega_{v}"] = float(sum(om.at[k, b] for k, b in cfg.items()))
             row["config"] = json.dumps(dict(cfg))
             rows.append(row)
+            if checkpoint is not None:
+                atomic_write_text(checkpoint, pd.DataFrame(rows).to_csv(index=False,
+                                                                         lineterminator="\n"))
             bar.update(1)
     finally:
         bar.close()
@@ -915,15 +926,21 @@ def kendall_table(per_config: pd.DataFrame, predictors: Sequence[str], *,
     def tau(x: np.ndarray, idx: np.ndarray) -> float:
         return float(stats.kendalltau(x[idx], y[idx]).statistic)
 
+    def boot(fn: Callable[[np.ndarray], float]) -> tuple[float, float, float]:
+        """bootstrap_ci; NaN bounds when (almost) every resample has a constant column."""
+        try:
+            return bootstrap_ci(fn, len(y), n_boot=n_boot, seed=seed)
+        except IndexError:
+            return fn(np.arange(len(y))), float("nan"), float("nan")
+
     rows = []
     for p in predictors:
         x = cols[p]
-        t, lo, hi = bootstrap_ci(lambda idx: tau(x, idx), len(y), n_boot=n_boot, seed=seed)
+        t, lo, hi = boot(lambda idx, x=x: tau(x, idx))
         row = {"predictor": p, "kendall_tau": t, "tau_low": lo, "tau_high": hi,
                "n_configs": len(y)}
         if p != reference:
-            d, dlo, dhi = bootstrap_ci(lambda idx: tau(ref, idx) - tau(x, idx), len(y),
-                                       n_boot=n_boot, seed=seed)
+            d, dlo, dhi = boot(lambda idx, x=x: tau(ref, idx) - tau(x, idx))
             row.update({"ref_minus_tau": d, "diff_low": dlo, "diff_high": dhi})
         else:
             row.update({"ref_minus_tau": float("nan"), "diff_low": float("nan"),
@@ -982,19 +999,38 @@ def ptq_frontier(model: nn.Module, omegas: Mapping[str, pd.DataFrame],
     return df
 
 
+def with_fixed_size_randoms(front: pd.DataFrame, fixed: pd.DataFrame,
+                            compression: float) -> pd.DataFrame:
+    """``front`` plus the fixed-size configs (:func:`fixed_size_validation` rows, all within
+    ±1 % of ``compression``) as its "random" rows at that compression, unless it has some."""
+    has = (front["kind"] == "random") & np.isclose(front["target_compression"], compression)
+    if has.any() or fixed.empty:
+        return front
+    extra = pd.DataFrame({"target_compression": compression, "kind": "random",
+                          "name": fixed["config_id"].astype(str), "size_mb": fixed["size_mb"],
+                          "compression_actual": fixed["compression"],
+                          "avg_bits": fixed["avg_bits"], "n_2bit": fixed["n_2bit"],
+                          "loss": fixed["loss"], "top1": fixed["top1"],
+                          "config": fixed["config"]})
+    return pd.concat([front, extra], ignore_index=True)
+
+
 def frontier_summary(front: pd.DataFrame) -> pd.DataFrame:
     """Per (target compression, variant): the pick's top-1, the random configs' median and
     [min, max], and the pick's percentile among them (share of random configs it beats)."""
     rows = []
     for r, sub in front.groupby("target_compression", sort=True):
         rnd = sub[sub["kind"] == "random"]["top1"].to_numpy(float)
+        nan = float("nan")
         for _, pick in sub[sub["kind"] == "pick"].iterrows():
             rows.append({"target_compression": r, "variant": pick["name"],
                          "top1": pick["top1"], "compression_actual": pick["compression_actual"],
-                         "n_2bit": pick["n_2bit"], "random_median": float(np.median(rnd)),
-                         "random_min": float(rnd.min()), "random_max": float(rnd.max()),
-                         "beats_random_pct": float(100 * np.mean(pick["top1"] > rnd)),
-                         "n_random": len(rnd)})
+                         "n_2bit": pick["n_2bit"],
+                         "random_median": float(np.median(rnd)) if len(rnd) else nan,
+                         "random_min": float(rnd.min()) if len(rnd) else nan,
+                         "random_max": float(rnd.max()) if len(rnd) else nan,
+                         "beats_random_pct": float(100 * np.mean(pick["top1"] > rnd))
+                         if len(rnd) else nan, "n_random": len(rnd)})
     return pd.DataFrame(rows)
 
 
@@ -1235,7 +1271,8 @@ def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathL
                                      bits=bits, policy=policy, a_bits=a_bits, seed=seed)
     if "fixed_size" in stages and not done("fixed_size"):
         per = fixed_size_validation(model, omegas, configs, cache, a_bits=a_bits, policy=policy,
-                                    progress=progress)
+                                    progress=progress,
+                                    checkpoint=_csv(root, "fixed_size_partial"))
         save("fixed_size", per)
     if "fixed_size" in res and "kendall" not in res:
         preds = [f"omega_{v}" for v in VARIANTS] + ["n_2bit", "avg_bits"]
@@ -1251,6 +1288,12 @@ def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathL
                              random_configs={target_compression: configs}, seed=seed,
                              progress=progress)
         save("frontier", front)
+    if "frontier" in res:
+        fs = res.get("fixed_size")
+        if fs is None and _csv(root, "fixed_size_partial").exists():
+            fs = pd.read_csv(_csv(root, "fixed_size_partial"))
+        if fs is not None:
+            res["frontier"] = with_fixed_size_randoms(res["frontier"], fs, target_compression)
     if "variability" in stages and not done("variability_picks"):
         n_sets = variability_sets
         pool = hdata.calibration_subset(train_ds, min(len(train_ds), n_sets * calib_samples),
