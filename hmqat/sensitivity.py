@@ -563,18 +563,36 @@ def _loglog_slope(pred: np.ndarray, meas: np.ndarray) -> tuple[float, int]:
 def prediction_summary(df: pd.DataFrame, predictors: Sequence[str],
                        measured: str = "measured") -> pd.DataFrame:
     """Per predictor: Spearman ρ (all rows), log-log slope and median measured/predicted ratio
-    (rows where both are > 0). A slope of 1 and ratio 1 mean the prediction holds in scale."""
+    (rows where both are > 0), each with a percentile bootstrap 95 % CI over the rows
+    (hmqat.stats.bootstrap_ci). A slope of 1 and ratio 1 mean the prediction holds in scale."""
+    from .stats import bootstrap_ci
+
     out = []
     meas = df[measured].to_numpy(float)
     for p in predictors:
         pred = df[p].to_numpy(float)
-        slope, n_pos = _loglog_slope(pred, meas)
-        ok = (pred > 0) & (meas > 0)
-        out.append({"predictor": p, "spearman_rho": float(stats.spearmanr(pred, meas).statistic),
-                    "loglog_slope": slope,
-                    "median_ratio": float(np.median(meas[ok] / pred[ok])) if ok.any()
-                    else float("nan"),
-                    "n": len(df), "n_positive": n_pos})
+
+        def rho(idx: np.ndarray, pred: np.ndarray = pred) -> float:
+            return float(stats.spearmanr(pred[idx], meas[idx]).statistic)
+
+        def slope(idx: np.ndarray, pred: np.ndarray = pred) -> float:
+            return _loglog_slope(pred[idx], meas[idx])[0]
+
+        def ratio(idx: np.ndarray, pred: np.ndarray = pred) -> float:
+            ok = (pred[idx] > 0) & (meas[idx] > 0)
+            return float(np.median(meas[idx][ok] / pred[idx][ok])) if ok.any() else float("nan")
+
+        row: dict[str, Any] = {"predictor": p}
+        for name, fn in (("spearman_rho", rho), ("loglog_slope", slope),
+                         ("median_ratio", ratio)):
+            try:
+                row[name], row[f"{name}_low"], row[f"{name}_high"] = bootstrap_ci(
+                    fn, len(df), n_boot=1000)
+            except (IndexError, ValueError):
+                row[name], row[f"{name}_low"], row[f"{name}_high"] = (
+                    fn(np.arange(len(df))), float("nan"), float("nan"))
+        row.update({"n": len(df), "n_positive": _loglog_slope(pred, meas)[1]})
+        out.append(row)
     return pd.DataFrame(out)
 
 
@@ -635,7 +653,8 @@ def single_layer_study(model: nn.Module, traces_df: pd.DataFrame,
 def noise_study(model: nn.Module, traces_df: pd.DataFrame,
                 eval_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
                 matched_bits: int = 4, n_pairs: int = 2, seed: int = 0, per_channel: bool = True,
-                method: str = "lsq", progress: bool = True) -> pd.DataFrame:
+                method: str = "lsq", layers: Sequence[str] | None = None,
+                progress: bool = True) -> pd.DataFrame:
     """Matched isotropic noise (docs/method.md §3 "Experiment 2"): on one layer at a time add
     ε ~ N(0, σ² I) with n_i σ² = ||Q_b(W_i) − W_i||² at ``matched_bits``, and compare the
     antithetic mean ΔL = ½[L(W+ε) + L(W−ε)] − L(W) (first-order term cancels exactly) with
@@ -646,8 +665,9 @@ def noise_study(model: nn.Module, traces_df: pd.DataFrame,
     """
     evalb = _check_batches(eval_batches)
     weights = _layer_weights(model, (1,) + tuple(evalb[0][0].shape[1:]))
-    names = list(weights)
-    t_avg = _avg_traces(traces_df, names)
+    t_all = dict(zip(weights, _avg_traces(traces_df, list(weights))))
+    names = list(layers) if layers is not None else list(weights)
+    t_avg = [t_all[n] for n in names]
     t_se = traces_df.loc[names, "avg_trace_se"].to_numpy(float)
     base_loss, _ = _eval_mode_loss(model, evalb)
     gen = torch.Generator().manual_seed(seed)
@@ -956,7 +976,8 @@ def ptq_frontier(model: nn.Module, omegas: Mapping[str, pd.DataFrame],
                  bits: Sequence[int] = DEFAULT_BITS, n_random: int = 20,
                  a_bits: int | None = 4, policy: str = "first_last_8",
                  random_configs: Mapping[float, Sequence[Mapping[str, int]]] | None = None,
-                 seed: int = 0, progress: bool = True) -> pd.DataFrame:
+                 seed: int = 0, progress: bool = True,
+                 checkpoint: str | os.PathLike | None = None) -> pd.DataFrame:
     """PTQ frontier curves (docs/method.md §3 "Experiment 6"): for each target compression the
     top-1 (post-training, ``cache``'s quantizers) of every variant's Pareto pick
     (search.model_frontier + search.select) against ``n_random`` random configs of the same
@@ -991,6 +1012,10 @@ def ptq_frontier(model: nn.Module, omegas: Mapping[str, pd.DataFrame],
                          "size_mb": c["size_mb"], "compression_actual": c["compression"],
                          "avg_bits": c["avg_bits"], "n_2bit": c["n_2bit"], "loss": loss,
                          "top1": top1, "config": json.dumps(cfg)})
+            if checkpoint is not None:   # rows so far, so a stopped run keeps what it measured
+                from .reporting import atomic_write_text
+                atomic_write_text(checkpoint, pd.DataFrame(rows).to_csv(index=False,
+                                                                         lineterminator="\n"))
             bar.update(1)
     finally:
         bar.close()
@@ -1186,12 +1211,13 @@ def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathL
               a_bits: int | None = 4, policy: str = "first_last_8", method: str = "lsq",
               calib_samples: int = 512, calib_batch: int = 128, trace_tol: float = 0.05,
               trace_max_probes: int = 64, single_bits: Sequence[int] = (2, 3, 4),
-              noise_pairs: int = 1, additivity_configs: int = 16, fixed_configs: int = 64,
+              noise_pairs: int = 1, noise_every: int = 1, additivity_configs: int = 16,
+              fixed_configs: int = 64,
               target_compression: float = 10.34,
               frontier_compressions: Sequence[float] = (6.0, 10.34, 14.0),
               frontier_random: int = 20, variability_sets: int = 3, variability_tol: float = 0.1,
               seed: int = 0, eval_batch: int = 500, progress: bool = True,
-              channels_last: bool = True,
+              channels_last: bool = True, fixed_reverse: bool = False,
               report: Callable[[dict[str, pd.DataFrame]], None] | None = None
               ) -> dict[str, pd.DataFrame]:
     """Run the experiments of docs/method.md §3 in ``stages`` (cheapest first), on calibration
@@ -1258,7 +1284,8 @@ def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathL
                                                 method=method, progress=progress))
     if "noise" in stages and not done("noise"):
         save("noise", noise_study(model, traces, val, n_pairs=noise_pairs, seed=seed,
-                                  method=method, progress=progress))
+                                  method=method, progress=progress,
+                                  layers=list(traces.index)[::noise_every]))
     if "additivity" in stages and "single_layer" in res and not done("additivity"):
         save("additivity", additivity_study(model, res["single_layer"], val,
                                             n_configs=additivity_configs, exclude=fixed,
@@ -1270,10 +1297,19 @@ def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathL
         configs = fixed_size_configs(model, fixed_configs, compression=target_compression,
                                      bits=bits, policy=policy, a_bits=a_bits, seed=seed)
     if "fixed_size" in stages and not done("fixed_size"):
-        per = fixed_size_validation(model, omegas, configs, cache, a_bits=a_bits, policy=policy,
-                                    progress=progress,
-                                    checkpoint=_csv(root, "fixed_size_partial"))
-        save("fixed_size", per)
+        if fixed_reverse:   # a second process working from the other end (merge_fixed_size)
+            fixed_size_validation(model, omegas, configs[::-1], cache, a_bits=a_bits,
+                                  policy=policy, progress=progress,
+                                  checkpoint=_csv(root, "fixed_size_partial_rev"))
+        else:
+            per = fixed_size_validation(model, omegas, configs, cache, a_bits=a_bits,
+                                        policy=policy, progress=progress,
+                                        checkpoint=_csv(root, "fixed_size_partial"))
+            save("fixed_size", per)
+    if "fixed_size" not in res and "fixed_size" in stages:
+        merged = merge_fixed_size(root, configs)
+        if merged is not None:
+            res["fixed_size"] = merged
     if "fixed_size" in res and "kendall" not in res:
         preds = [f"omega_{v}" for v in VARIANTS] + ["n_2bit", "avg_bits"]
         res["kendall"] = kendall_table(res["fixed_size"], preds, seed=seed)
@@ -1286,7 +1322,7 @@ def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathL
         front = ptq_frontier(model, omegas, frontier_compressions, cache, bits=bits,
                              n_random=frontier_random, a_bits=a_bits, policy=policy,
                              random_configs={target_compression: configs}, seed=seed,
-                             progress=progress)
+                             progress=progress, checkpoint=_csv(root, "frontier_partial"))
         save("frontier", front)
     if "frontier" in res:
         fs = res.get("fixed_size")
@@ -1318,15 +1354,40 @@ def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathL
     return res
 
 
+def merge_fixed_size(root: str | os.PathLike, configs: Sequence[Mapping[str, int]]
+                     ) -> pd.DataFrame | None:
+    """The fixed-size rows evaluated so far by the forward and the reverse process (their
+    checkpoint CSVs under root/data/sensitivity), one row per config of ``configs`` that either
+    finished, config_id = its index in ``configs``; None when neither has a row."""
+    parts = [pd.read_csv(p) for p in (_csv(Path(root), "fixed_size_partial"),
+                                      _csv(Path(root), "fixed_size_partial_rev")) if p.exists()]
+    if not parts:
+        return None
+    allrows = pd.concat(parts, ignore_index=True)
+    allrows["key"] = [json.dumps(json.loads(c), sort_keys=True) for c in allrows["config"]]
+    allrows = allrows.drop_duplicates("key")
+    order = {json.dumps(dict(c), sort_keys=True): i for i, c in enumerate(configs)}
+    allrows["config_id"] = allrows["key"].map(order)
+    allrows = allrows.dropna(subset=["config_id"]).astype({"config_id": int})
+    return allrows.drop(columns="key").sort_values("config_id").reset_index(drop=True)
+
+
 def study_tables(res: Mapping[str, pd.DataFrame]) -> dict[str, tuple[pd.DataFrame, str]]:
     """The summary tables of the study ({stem: (frame, caption)}) from :func:`run_study`'s
     results; only the parts present are built."""
     out: dict[str, tuple[pd.DataFrame, str]] = {}
     if "single_layer" in res:
         sl = res["single_layer"]
-        t = prediction_summary(sl, ["pred_trace", "pred_quad", "pred_taylor", "grad_dot"])
+        preds = ["pred_trace", "pred_quad", "pred_taylor", "grad_dot"]
+        parts = [prediction_summary(sl, preds).assign(bits="all")]
+        parts += [prediction_summary(sub, preds[:2]).assign(bits=str(b))
+                  for b, sub in sl.groupby("bits", sort=True)]
+        t = pd.concat(parts, ignore_index=True)
+        t = t[["bits"] + [c for c in t.columns if c != "bits"]]
         out["single_layer_summary"] = (t, f"One layer at a time ({len(sl)} layer x bits cells, "
-                                          f"weights only): measured loss increase vs predictions")
+                                          f"weights only): measured loss increase vs predictions "
+                                          f"(per bit width: ranks layers at equal bits), "
+                                          f"bootstrap 95 % CIs over cells")
     if "noise" in res:
         nz = res["noise"]
         t = prediction_summary(nz, ["predicted"])
