@@ -13,7 +13,23 @@ hmqat, and copied; CUDA is synchronised before every clock read); a short GPU ch
 
 Measured side by side in one process, on the same calibration batches (estimand: the Hessian
 of the mean loss over them, BN in eval mode):
-  (a) reference: one Rademacher probe over all layers at a time; for each probe, every batch gets
+  (a') FAIR reference (the headline, ``fair_ratio``): per-layer probes as HAWQ-V2 and MQBench's
+      ``hessian_per_layer`` compute them: the calibration batches of --batch-size (128) images,
+      one first-order graph (create_graph) kept per batch, one Rademacher vector per active
+      layer per batch and round (drawn independently per batch), one HVP per layer restricted
+      to that layer; the same stratified estimator and SE as hmqat (Eq. H4 of hmqat.hessian),
+      and per-layer stopping: a layer stops being probed once its rel. SE <= tol (checked after
+      every round, >= 2 rounds). Run to convergence, NOT extrapolated. --repeats repeats,
+      interleaved with (b) in one process (alternating which runs first), for every --tols.
+      ``fair_ratio`` = median over repeats of time(b)/time(a') at the first tol; the paired
+      ratios of every repeat are printed.
+  (e) decision-based stopping (docs/method.md §3): hmqat with ``stop_rule=
+      sensitivity.decision_stop_rule(model, --budgets)``: probing stops once no perturbation of
+      the traces within ±1.96 SE changes the joint-Ω Pareto pick at any requested budget. Its
+      time against the fair reference at the first tol, and whether its picks equal those of
+      hmqat's traces at tol 0.05 (run in this process when 0.05 is in --tols). Also: whether the
+      tol-0.05 picks move when the traces move by ±1 SE.
+  (a) the OLD shared-probe reference (kept as a labelled second row; not the headline): one Rademacher probe over all layers at a time; for each probe, every batch gets
       a fresh forward, a backward with create_graph and a second backward (double backward), and
       the per-batch HVPs are summed weighted by batch size (PyHessian's dataloader mode). Its SE is
       over probes. Running it to 5 % takes hours, so it runs --ref-probes probes and the time to
@@ -67,10 +83,16 @@ from hmqat.runtime import atomic_write_text, resolve_device
 LINES: list[str] = []
 
 
+OUT: list[Path] = []
+
+
 def say(text: str = "") -> None:
-    """Print and keep the line for the output file."""
+    """Print and keep the line for the output file (rewritten atomically after every line, so
+    a run stopped early keeps what it measured)."""
     print(text, flush=True)
     LINES.append(text)
+    if OUT:
+        atomic_write_text(OUT[0], "\n".join(LINES) + "\n")
 
 
 def sync(device: torch.device) -> None:
@@ -223,6 +245,157 @@ def micro_batch_need(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: 
     return out
 
 
+def fair_reference(model: nn.Module, batches, names: list[str], tol: float, seed: int,
+                   dev: torch.device, max_rounds: int = 100) -> dict:
+    """(a') per-layer probes at the calibration batch size, run to convergence: per round, every
+    batch gets a forward + create_graph backward and one fresh Rademacher HVP per active layer
+    (restricted to that layer); the stratified mean/SE of Eq. H4; a layer stops once its
+    rel. SE <= tol (after >= 2 rounds). Returns mean, se, rounds per layer, wall s, HVPs."""
+    modules = dict(model.named_modules())
+    params = [modules[n].weight for n in names]
+    crit = nn.CrossEntropyLoss()
+    sizes = np.array([x.shape[0] for x, _ in batches], dtype=np.float64)
+    w = sizes / sizes.sum()
+    gen = torch.Generator().manual_seed(seed)
+    vals = [[[] for _ in batches] for _ in names]           # vals[layer][batch] -> probe values
+    active = list(range(len(names)))
+    rounds = np.zeros(len(names), dtype=int)
+    hvps = 0
+    mean = np.zeros(len(names))
+    se = np.full(len(names), np.inf)
+    t0 = clock(dev)
+    with hessian.measurement_mode(model, params, dev):
+        for r in range(max_rounds):
+            if not active:
+                break
+            for b, (x, y) in enumerate(batches):
+                x, y = x.to(dev), y.to(dev)
+                g = torch.autograd.grad(crit(model(x), y), [params[i] for i in active],
+                                        create_graph=True)
+                for gi, i in zip(g, active):
+                    v = hessian.rademacher(params[i].shape, gen, dev)
+                    hv = torch.autograd.grad(gi, params[i], grad_outputs=v, retain_graph=True)[0]
+                    vals[i][b].append(float(torch.vdot(hv.reshape(-1), v.reshape(-1))))
+                    hvps += 1
+                del g
+            for i in active:
+                rounds[i] += 1
+                arr = [np.asarray(v) for v in vals[i]]
+                mean[i] = sum(wb * a.mean() for wb, a in zip(w, arr))
+                if rounds[i] >= 2:
+                    se[i] = math.sqrt(sum(wb * wb * a.var(ddof=1) / len(a)
+                                          for wb, a in zip(w, arr)))
+            active = [i for i in active if not (rounds[i] >= 2 and se[i] <= tol * abs(mean[i]))]
+    return {"mean": mean.copy(), "se": se.copy(), "rounds": rounds.copy(),
+            "wall_s": clock(dev) - t0, "hvps": hvps, "converged": not active}
+
+
+def fair_comparison(model: nn.Module, batches, names: list[str], tols: list[float],
+                    repeats: list[int], seed: int, dev: torch.device, max_probes: int) -> dict:
+    """(a') vs (b), interleaved repeat by repeat (the order alternates) at every tol; prints one
+    line per run and returns {tol: {"hmqat": [...], "ref": [...], "frames": [...]}}."""
+    out = {}
+    for tol, reps in zip(tols, repeats):
+        runs = {"hmqat": [], "ref": [], "frames": [], "ref_runs": []}
+        for k in range(reps):
+            order = ("hmqat", "ref") if k % 2 == 0 else ("ref", "hmqat")
+            for which in order:
+                if which == "hmqat":
+                    # max_probes per 16-image stratum = 8x the reference's rounds per batch of 128
+                    df = hessian.layer_traces(model, batches, tol=tol, seed=seed + 10 * k,
+                                              progress=False, device=dev,
+                                              max_probes=max_probes * 8)
+                    runs["hmqat"].append(df.attrs["wall_s"])
+                    runs["frames"].append(df)
+                    say(f"tol {tol}: repeat {k} hmqat      {df.attrs['wall_s']:7.1f} s, "
+                        f"{df.attrs['hvps']} HVPs, converged={df.attrs['converged']}, "
+                        f"max rel_se {df['rel_se'].max():.4f}")
+                else:
+                    ref = fair_reference(model, batches, names, tol, seed + 10 * k + 5, dev,
+                                         max_rounds=max_probes)
+                    runs["ref"].append(ref["wall_s"])
+                    runs["ref_runs"].append(ref)
+                    rel = ref["se"] / np.abs(ref["mean"])
+                    say(f"tol {tol}: repeat {k} reference  {ref['wall_s']:7.1f} s, "
+                        f"{ref['hvps']} HVPs, converged={ref['converged']}, max rel_se "
+                        f"{np.max(rel):.4f}, rounds per layer {ref['rounds'].min()}-"
+                        f"{ref['rounds'].max()}")
+        ratios = np.array(runs["hmqat"]) / np.array(runs["ref"])
+        runs["ratios"] = ratios
+        df, ref = runs["frames"][0], runs["ref_runs"][0]
+        z = (ref["mean"] - df["trace"].to_numpy()) / np.sqrt(
+            ref["se"] ** 2 + (df["avg_trace_se"] * df["n_params"]).to_numpy() ** 2)
+        say(f"tol {tol}: time(b)/time(a') per repeat {np.round(ratios, 3).tolist()}, median "
+            f"{np.median(ratios):.3f}; hmqat median {np.median(runs['hmqat']):.1f} s, reference "
+            f"median {np.median(runs['ref']):.1f} s; per-layer agreement (repeat 0) |z| median "
+            f"{np.median(np.abs(z)):.2f}, max {np.abs(z).max():.2f}")
+        out[tol] = runs
+    return out
+
+
+def decision_section(model: nn.Module, batches, budgets: list[float], seed: int,
+                     dev: torch.device, fair: dict, tols: list[float], max_probes: int,
+                     pick_tol: float | None = None, fair_file: Path | None = None) -> None:
+    """(e): decision-based stopping vs the fair reference; its picks vs tol 0.05's."""
+    from hmqat import search, sensitivity
+
+    bits = (2, 3, 4, 5, 6, 8)
+    rule = sensitivity.decision_stop_rule(model, budgets, bits=bits, a_bits=4,
+                                          policy="first_last_8", method="mse", seed=seed)
+    df = hessian.layer_traces(model, batches, tol=0.05, seed=seed + 777, progress=False,
+                              device=dev, max_probes=max_probes * 8, stop_rule=rule)
+    t_dec = df.attrs["wall_s"]
+    qerr = sensitivity.omega_table(model, None, bits, variant="qerr_only", method="mse")
+    inp = search.model_inputs(model, a_bits=4, policy="first_last_8")
+    picks_dec = sensitivity._picks(qerr, df.loc[qerr.index, "avg_trace"].to_numpy(float), inp,
+                                   budgets, bits)
+    tol0 = tols[0]
+    t_ref = float(np.median(fair[tol0]["ref"])) if tol0 in fair else None
+    say(f"\n## (e) decision-based stopping (budgets {budgets}x, joint Ω, bits {list(bits)}, "
+        f"±1.96 SE, {2 * len(qerr) + 32} perturbations per check)")
+    say(f"stopped by the rule: {df.attrs['stopped_by_rule']} after {df.attrs['sweeps']} sweeps, "
+        f"{df.attrs['hvps']} HVPs, {t_dec:.1f} s (checks: "
+        f"{[(h['probes'], h['stable']) for h in rule.history]}); max rel_se "
+        f"{df['rel_se'].max():.3f}")
+    if t_ref is not None:
+        say(f"decision_ratio: {t_dec / t_ref:.4f}  (time(e) / fair reference median at tol "
+            f"{tol0}; goal <= 0.1)")
+    frames05 = fair[0.05]["frames"] if 0.05 in fair else []
+    if not frames05 and pick_tol:
+        df05 = hessian.layer_traces(model, batches, tol=pick_tol, seed=seed + 555,
+                                    progress=False, device=dev, max_probes=max_probes * 8)
+        say(f"hmqat alone at tol {pick_tol} (for the pick comparison; no reference run at this "
+            f"tol): {df05.attrs['wall_s']:.1f} s, {df05.attrs['hvps']} HVPs, converged="
+            f"{df05.attrs['converged']}")
+        frames05 = [df05]
+    if frames05:
+        for k, ref_df in enumerate(frames05):
+            p05 = sensitivity._picks(qerr, ref_df.loc[qerr.index, "avg_trace"].to_numpy(float),
+                                     inp, budgets, bits)
+            same = [a == b for a, b in zip(picks_dec, p05)]
+            say(f"picks equal to hmqat tol-{pick_tol or 0.05} traces (run {k}) at {budgets}: "
+                f"{same}")
+            stable, info = sensitivity.decision_is_stable(
+                qerr, ref_df.loc[qerr.index, "avg_trace"].to_numpy(float),
+                ref_df.loc[qerr.index, "avg_trace_se"].to_numpy(float), inp, budgets,
+                bits=bits, z=1.0, seed=seed)
+            say(f"tol-{pick_tol or 0.05} picks (run {k}) unchanged by every ±1 SE perturbation tried: "
+                f"{stable} ({info['n_checked']} tried; first change: {info['changed_by']})")
+        say(f"time(e) / time(hmqat, tol {pick_tol or 0.05}, same process): "
+            f"{t_dec / frames05[0].attrs['wall_s']:.4f}")
+    else:
+        say("tol 0.05 was not run in this process: the pick comparison needs --tols with 0.05 "
+            "or --pick-tol 0.05")
+    if t_ref is None and fair_file is not None and fair_file.exists():
+        refs = [float(line.split("reference")[1].split()[0]) for line in
+                fair_file.read_text().splitlines()
+                if line.startswith(f"tol {tol0}: repeat") and " reference " in line]
+        if refs:
+            say(f"decision_ratio: {t_dec / float(np.median(refs)):.4f}  (time(e) / median fair "
+                f"reference time at tol {tol0} read from {fair_file.name}, run concurrently on "
+                f"the same machine; goal <= 0.1)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n-samples", type=int, default=None, help="calibration images "
@@ -230,7 +403,28 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--tol", type=float, default=None,
                     help="target relative SE (default 0.05; 0.2 for the synthetic smoke run)")
-    ap.add_argument("--ref-probes", type=int, default=5)
+    ap.add_argument("--ref-probes", type=int, default=5,
+                    help="probes of the OLD shared-probe reference (a); 0 skips it")
+    ap.add_argument("--tols", type=float, nargs="+", default=None,
+                    help="tolerances of the fair comparison (a') vs (b); the first gives "
+                         "fair_ratio (default: --tol)")
+    ap.add_argument("--repeats", type=int, nargs="+", default=[3],
+                    help="interleaved repeats per --tols entry (one number: the same for all)")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[6.0, 10.34, 14.0],
+                    help="compressions at which the decision rule (e) must keep its pick")
+    ap.add_argument("--pick-tol", type=float, default=0.05,
+                    help="when 0.05 is not in --tols: run hmqat alone at this tol for the "
+                         "decision rule's pick comparison (0 skips)")
+    ap.add_argument("--max-probes", type=int, default=100,
+                    help="cap of (a') rounds per batch (hmqat: 8x this per 16-image stratum)")
+    ap.add_argument("--sections", nargs="+", default=["fair", "decision", "old"],
+                    choices=["fair", "decision", "old"],
+                    help="what to run (several processes can share the work; see --fair-file)")
+    ap.add_argument("--fair-file", type=Path, default=None,
+                    help="with --sections decision but not fair: the output file of a concurrent "
+                         "fair run, whose reference times give decision_ratio")
+    ap.add_argument("--skip-old", action="store_true",
+                    help="skip the old sections (a) extrapolated, (c) pyhessian and (d) levers")
     ap.add_argument("--pyhessian-probes", type=int, default=3,
                     help="probes per batch (0 skips (c); it is skipped too when pyhessian is "
                          "not installed)")
@@ -250,6 +444,7 @@ def main() -> None:
                          f"(torch {torch.__version__}); use --device cpu or a CUDA build of torch")
     t_start = time.perf_counter()
     pd.set_option("display.width", 160)
+    OUT.append(args.out)
 
     model, batches, label = setup(args.n_samples, args.batch_size, args.seed)
     if args.tol is None:
@@ -265,9 +460,42 @@ def main() -> None:
     else:
         say("device: cpu")
 
-    # (b) hmqat, to convergence
-    df = hessian.layer_traces(model, batches, tol=args.tol, seed=args.seed, progress=False,
-                              device=dev)
+    # (a') vs (b): the fair comparison, interleaved repeats, run to convergence
+    tols = args.tols or [args.tol]
+    reps = args.repeats * len(tols) if len(args.repeats) == 1 else args.repeats
+    if len(reps) != len(tols):
+        ap.error(f"--repeats needs one number or one per --tols entry ({len(tols)})")
+    fair: dict = {}
+    if "fair" in args.sections:
+        say("\n## (a') FAIR reference (per-layer probes, batch "
+            f"{args.batch_size}, kept first-order graph per batch, per-layer stopping, stratified "
+            "SE) vs (b) hmqat layer_traces defaults; both run to convergence, interleaved")
+        fair = fair_comparison(model, batches, names, tols, reps, args.seed, dev,
+                               args.max_probes)
+        r0 = fair[tols[0]]["ratios"]
+        say(f"\nfair_ratio: {np.median(r0):.4f}  (median over {len(r0)} interleaved repeats of "
+            f"time(b)/time(a') at tol {tols[0]}; goal <= 0.25)")
+        for t in tols[1:]:
+            say(f"fair_ratio_tol{t}: {np.median(fair[t]['ratios']):.4f}  (median over "
+                f"{len(fair[t]['ratios'])} repeats)")
+    if "decision" in args.sections:
+        decision_section(model, batches, args.budgets, args.seed, dev, fair, tols,
+                         args.max_probes, args.pick_tol, args.fair_file)
+    if "old" not in args.sections:
+        args.skip_old = True
+    if args.skip_old:
+        say(f"\n(old sections (a) extrapolated shared-probe reference, (c), (d) skipped: "
+            f"--skip-old)\ntotal benchmark wall {time.perf_counter() - t_start:.0f} s; load "
+            f"average at end {os.getloadavg()[0]:.2f}")
+        atomic_write_text(args.out, "\n".join(LINES) + "\n")
+        print(f"wrote {args.out}")
+        return
+
+    # (b) hmqat, to convergence (the first fair-comparison run at --tol when there is one)
+    df = next((f for f in fair.get(args.tol, {}).get("frames", [])), None)
+    if df is None:
+        df = hessian.layer_traces(model, batches, tol=args.tol, seed=args.seed, progress=False,
+                                  device=dev)
     t_hmqat = df.attrs["wall_s"]
     say("\n## (b) hmqat layer_traces (defaults: probe='layer', micro_batch='auto' -> "
         f"{df.attrs['micro_batch']}, stratified, adaptive)")
@@ -282,8 +510,9 @@ def main() -> None:
     mean, se = X.mean(0), X.std(0, ddof=1) / math.sqrt(len(X))
     rel = se / np.abs(mean)
     need, t_need, (t_lo, t_hi) = extrapolate(rel, len(X), args.tol, t_ref / len(X))
-    say("\n## (a) reference (PyHessian-style: one probe at a time, fresh double backward per "
-        "batch)")
+    say("\n## (a) OLD reference, second row only (PyHessian-style: one SHARED whole-model probe "
+        "at a time, fresh double backward per batch, EXTRAPOLATED; not a fair per-layer "
+        "reference)")
     say(f"{len(X)} probes = {ref_hvps} HVPs in {t_ref:.1f} s ({t_ref / ref_hvps:.2f} s per HVP at "
         f"batch {args.batch_size}, {t_ref / len(X):.1f} s per probe)")
     worst = int(np.argmax(rel))
@@ -297,9 +526,9 @@ def main() -> None:
     say(f"per-layer agreement with (b): |z| median {np.median(np.abs(z)):.2f}, max "
         f"{np.abs(z).max():.2f} ({names[int(np.argmax(np.abs(z)))]}); "
         f"{int((np.abs(z) > 2).sum())}/{len(z)} layers beyond 2 sigma")
-    say(f"\n## ratio (b)/(a) at equal error (every layer <= {args.tol:.0%} rel. SE): "
-        f"{t_hmqat / t_need:.4f}x  (90 % interval {t_hmqat / t_hi:.4f}-{t_hmqat / t_lo:.4f}x; "
-        f"goal <= 0.25x)")
+    say(f"\nold_shared_probe_ratio (b)/(a) at equal error (every layer <= {args.tol:.0%} rel. "
+        f"SE, (a) extrapolated): {t_hmqat / t_need:.4f}x  (90 % interval "
+        f"{t_hmqat / t_hi:.4f}-{t_hmqat / t_lo:.4f}x)")
 
     # (c) pyhessian whole-model trace over the same weights
     tot, tot_se = df["trace"].sum(), math.sqrt(((df["avg_trace_se"] * df["n_params"]) ** 2).sum())

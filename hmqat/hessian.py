@@ -544,12 +544,17 @@ def _generators(names: Sequence[str], n_batches: int, seed: int) -> list[list[to
 
 def _estimate(model: nn.Module, criterion: Callable, chunks: list[tuple[torch.Tensor, torch.Tensor]],
               infos: list[LayerInfo], params: list[nn.Parameter], *, tol: float, max_probes: int,
-              min_probes: int, probe: str, seed: int, device: torch.device, progress: bool
+              min_probes: int, probe: str, seed: int, device: torch.device, progress: bool,
+              stop_rule: Callable[[pd.DataFrame], bool] | None = None
               ) -> tuple[_Samples, dict[str, Any]]:
     """Sweeps over the batches until every layer's relative SE <= tol or max_probes (Eq. H4).
     Under torch.distributed each rank probes its strata (:func:`_owned_strata`) and the sweep's
     values are shared (:func:`_share_sweep`) before the stopping rule; the progress bar is rank
-    0's. The returned HVP count is this rank's."""
+    0's. The returned HVP count is this rank's.
+
+    ``stop_rule`` (decision-based stopping, docs/method.md §3): called with the current frame
+    after every sweep once every SE is defined; True stops probing. With a rule, a sweep at most
+    doubles a layer's probes, so the rule is consulted before the tol schedule's big jump."""
     sizes = np.array([x.shape[0] for x, _ in chunks], dtype=np.float64)
     samples = _Samples(sizes / sizes.sum(), len(infos))
     gens = _generators([i.name for i in infos], len(chunks), seed)
@@ -557,6 +562,7 @@ def _estimate(model: nn.Module, criterion: Callable, chunks: list[tuple[torch.Te
     owned = _owned_strata(len(chunks))
     progress = progress and hdist.is_main()
     hvps = sweeps = 0
+    stopped_by_rule = False
     while plan:
         groups = [[i] for i in sorted(plan)] if probe == "layer" else [sorted(plan)]
         if probe == "joint":   # one shared HVP: every active layer gets the largest plan
@@ -573,10 +579,16 @@ def _estimate(model: nn.Module, criterion: Callable, chunks: list[tuple[torch.Te
             rel, r = _rel_se(mean, se), samples.probes()
             todo = np.flatnonzero((rel > tol) & (r < max_probes))
             plan = dict(zip(todo.tolist(), _plan(rel[todo], r[todo], tol, max_probes).tolist()))
+            if stop_rule is not None and plan:
+                if np.isfinite(se).all() and stop_rule(_frame(infos, samples, len(chunks))):
+                    stopped_by_rule = True
+                    plan = {}
+                else:
+                    plan = {i: min(k, int(r[i])) for i, k in plan.items()}
             bar.set_postfix(max_rel_se=f"{np.nanmax(rel):.3f}", left=len(plan), refresh=False)
         finally:
             bar.close()
-    return samples, {"hvps": hvps, "sweeps": sweeps}
+    return samples, {"hvps": hvps, "sweeps": sweeps, "stopped_by_rule": stopped_by_rule}
 
 
 def _frame(infos: list[LayerInfo], samples: _Samples, n_batches: int) -> pd.DataFrame:
@@ -603,7 +615,8 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
                  device: str | torch.device | None = None,
                  criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                  cache_dir: str | os.PathLike | None = None, progress: bool = True,
-                 probe: str = "layer", micro_batch: int | str | None = "auto") -> pd.DataFrame:
+                 probe: str = "layer", micro_batch: int | str | None = "auto",
+                 stop_rule: Callable[[pd.DataFrame], bool] | None = None) -> pd.DataFrame:
     """Per-layer Hessian traces Tr(H_ii) and average traces T̄_i (docs/design.md §3, Eqs. H1–H4).
 
     Under ``torchrun`` (an initialised torch.distributed group of N > 1 processes) the work is
@@ -661,6 +674,11 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
             docs/design.md §3's form); see the module docstring for the measurements behind the default.
         micro_batch: split batches into chunks of this many samples ("auto": 16 on CPU, the
             caller's batches elsewhere; None: never split). Does not change the estimand.
+        stop_rule: decision-based stopping (docs/method.md §3), e.g.
+            ``sensitivity.decision_stop_rule(model, [10.34])``: called with the current frame
+            after every sweep; True stops probing before ``tol`` is reached (``attrs
+            ["stopped_by_rule"]``). Sweeps then at most double each layer's probes. Disables
+            the cache.
 
     Returns:
         DataFrame indexed by layer (forward order): n_params, trace, avg_trace, avg_trace_se,
@@ -689,6 +707,8 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
                 "min_probes": r_min, "seed": seed, "probe": probe, "micro_batch": mb,
                 "criterion": _describe(criterion), "version": VERSION}
     key = path = None
+    if stop_rule is not None:
+        cache_dir = None          # the result depends on the rule, which is not hashable
     if cache_dir is not None or hdist.is_distributed():
         fingerprint = cache_key(model, batches, settings)
         _check_same_inputs(fingerprint)
@@ -709,7 +729,8 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
         try:
             samples, info = _estimate(model, criterion, chunks, infos, params, tol=tol,
                                       max_probes=max_probes, min_probes=r_min, probe=probe,
-                                      seed=seed, device=device, progress=progress)
+                                      seed=seed, device=device, progress=progress,
+                                      stop_rule=stop_rule)
         except RuntimeError as exc:
             err = _no_double_backward(exc)
             if err is None:
@@ -723,6 +744,7 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
         "max_probes": max_probes, "min_probes": r_min, "probe": probe, "micro_batch": mb,
         "n_batches": len(chunks), "n_samples": int(sum(x.shape[0] for x, _ in batches)),
         "hvps": hvps, "sweeps": info["sweeps"], "device": str(device),
+        "stopped_by_rule": info["stopped_by_rule"],
         "world_size": hdist.world_size(), "version": VERSION})
     if path is not None:
         if hdist.is_main():

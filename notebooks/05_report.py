@@ -90,7 +90,7 @@ steps = manifest.get("steps", {})
 timing = "\n".join(f"| {k} | {v.get('status', '')} | {v.get('wall_s', float('nan')) / 60:.1f} | "
                    f"{v.get('compute_wall_s', float('nan')) / 60:.1f} |" for k, v in steps.items())
 figs = sorted(p.stem for p in study.figures.glob("*.png"))
-spearman = study.tables / "omega_spearman.md"
+spearman = study.tables / "sensitivity_kendall_fixed_size.md"   # docs/method.md §3
 text = f"""# hmqat results — {profile} profile
 
 **Data: {study.data_label}. Model: {arch}.** These are this repository's own measurements from a
@@ -110,7 +110,7 @@ before fine-tuning, **{fp32['top1']:.2f} %** after fine-tuning on its training s
 
 {spearman.read_text() if spearman.exists() else '(not run)'}
 
-![omega validation](figures/omega_validation.png)
+![PTQ frontier](figures/sensitivity_frontier.png)
 
 ## Ablations
 

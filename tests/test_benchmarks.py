@@ -58,14 +58,19 @@ def test_hessian_benchmark_runs_on_the_given_device(tmp_path: Path) -> None:
         [sys.executable, str(ROOT / "benchmarks" / "hessian_traces.py"), "--device", "cpu",
          "--n-samples", "32", "--batch-size", "32", "--tol", "0.5", "--ref-probes", "2",
          "--pyhessian-probes", "0", "--joint-probes", "2", "--lever-samples", "0",
-         "--out", str(out)],
+         "--repeats", "2", "--budgets", "10.34", "--max-probes", "2", "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     text = out.read_text()
-    for needle in ("device: cpu", "## (b) hmqat layer_traces", "## (a) reference",
-                   "## ratio (b)/(a)", "pyhessian: skipped (--pyhessian-probes 0)",
-                   "probe='joint'", "graph reuse at batch 32"):
+    for needle in ("device: cpu", "## (b) hmqat layer_traces", "## (a) OLD reference",
+                   "old_shared_probe_ratio", "pyhessian: skipped (--pyhessian-probes 0)",
+                   "probe='joint'", "graph reuse at batch 32", "## (a') FAIR reference",
+                   "tol 0.5: repeat 1 reference", "## (e) decision-based stopping"):
         assert needle in text, needle
+    fair = [line for line in text.splitlines() if line.startswith("fair_ratio: ")]
+    assert len(fair) == 1 and float(fair[0].split()[1]) > 0
+    dec = [line for line in text.splitlines() if line.startswith("decision_ratio: ")]
+    assert len(dec) == 1 and float(dec[0].split()[1]) > 0
     # all 20 ResNet-20 layers are in the hmqat table
     assert sum(line.split()[0].endswith(("conv1", "conv2", "linear"))
                for line in text.splitlines() if line.strip()) >= 20

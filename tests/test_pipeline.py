@@ -25,12 +25,14 @@ def test_every_notebook_ran_and_artifacts_are_well_formed(smoke_run):
     for nb in pipeline.NOTEBOOKS:
         executed = json.loads((root / "executed" / f"{nb}.ipynb").read_text())
         assert executed["metadata"]["papermill"]["exception"] in (None, False)
-    for fig in ("fp32_finetune", "layer_traces", "omega_validation", "pareto_frontier",
-                "bit_allocation", "accuracy_size", "ablation"):
+    for fig in ("fp32_finetune", "layer_traces", "sensitivity_kendall", "sensitivity_frontier",
+                "sensitivity_single_layer", "pareto_frontier", "bit_allocation", "accuracy_size",
+                "ablation"):
         png, pdf = root / "figures" / f"{fig}.png", root / "figures" / f"{fig}.pdf"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", fig
         assert pdf.read_bytes()[:4] == b"%PDF", fig
-    for table in ("headline", "ablation", "omega_spearman", "layer_traces", "search_comparison"):
+    for table in ("headline", "ablation", "sensitivity_kendall_fixed_size", "layer_traces",
+                  "search_comparison"):
         for ext in ("csv", "md", "tex"):
             text = (root / "tables" / f"{table}.{ext}").read_text()
             assert "synthetic" in text and "smoke" in text, (table, ext)

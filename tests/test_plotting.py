@@ -378,3 +378,32 @@ def test_training_curves_start_point_at_epoch_zero():
     xs, ys = fig.axes[0].lines[0].get_data()
     assert list(xs) == [0, 1, 2] and list(ys) == [81.0, 87.0, 87.5]
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# sensitivity experiments (docs/method.md §3.1)
+# --------------------------------------------------------------------------------------------
+def test_sensitivity_figures_draw_and_count_undrawable_points(tmp_path):
+    rng = np.random.default_rng(0)
+    single = pd.DataFrame({"bits": [2, 3, 4] * 4, "measured": [-0.01] + list(rng.random(11)),
+                           "pred_trace": rng.random(12), "pred_quad": rng.random(12),
+                           "pred_taylor": rng.random(12)})
+    fig = P.plot_single_layer(single, subtitle="synthetic")
+    assert len(fig.axes) == 3 and "1 pts ≤ 0 not shown" in fig.axes[0].get_title()
+    noise = pd.DataFrame({"measured": rng.random(5), "predicted": rng.random(5),
+                          "predicted_se": 0.1 * rng.random(5)})
+    add = pd.DataFrame({"measured": rng.random(6), "sum_single": rng.random(6),
+                        "n_2bit": [0, 0, 1, 1, 2, 2]})
+    kendall = pd.DataFrame({"predictor": ["omega_joint", "n_2bit"], "kendall_tau": [0.5, 0.2],
+                            "tau_low": [0.3, 0.0], "tau_high": [0.7, 0.4]})
+    front = pd.DataFrame({"target_compression": [6.0] * 4 + [10.0] * 4,
+                          "kind": ["pick", "random", "random", "random"] * 2,
+                          "name": ["joint", "0", "1", "2"] * 2, "top1": rng.random(8) * 90})
+    figs = [P.plot_noise_check(noise), P.plot_additivity(add), P.plot_kendall(kendall),
+            P.plot_ptq_frontier(front)]
+    assert [t.get_text() for t in figs[2].axes[0].get_yticklabels()] == ["n_2bit", "joint"]
+    for i, f in enumerate([fig] + figs):
+        paths = P.savefig(f, tmp_path / f"f{i}")
+        assert paths[0].read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(PlotError, match=r"lacks column\(s\) \['sum_single'\]"):
+        P.plot_additivity(add.drop(columns="sum_single"))

@@ -43,10 +43,15 @@ __all__ = [
     "PlotError",
     "plot_ablation",
     "plot_accuracy_size",
+    "plot_additivity",
     "plot_bit_heatmap",
     "plot_frontier",
+    "plot_kendall",
     "plot_layer_traces",
+    "plot_noise_check",
     "plot_omega_validation",
+    "plot_ptq_frontier",
+    "plot_single_layer",
     "plot_training_curves",
     "savefig",
     "use_style",
@@ -673,3 +678,160 @@ def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]],
         _titles(fig, title, subtitle)
     return fig
 
+
+
+# --------------------------------------------------------------------------------------------
+# 1b. Does sensitivity tell apart from size? (hmqat.sensitivity experiments, docs/method.md §3)
+# --------------------------------------------------------------------------------------------
+def _identity_line(ax: plt.Axes, values: np.ndarray) -> None:
+    v = values[np.isfinite(values) & (values > 0)]
+    if len(v):
+        lo, hi = v.min(), v.max()
+        ax.plot([lo, hi], [lo, hi], color="0.4", lw=0.8, ls="--", zorder=0, label="y = x")
+
+
+def _loglog_scatter(ax: plt.Axes, x: np.ndarray, y: np.ndarray, i: int, label: str,
+                    log: bool = True) -> int:
+    """Scatter the points with x, y > 0 on log axes (``log``; every point on linear axes when
+    the panel has no positive pair); returns how many were left out."""
+    ok = np.isfinite(x) & np.isfinite(y)
+    if log:
+        ok &= (x > 0) & (y > 0)
+    palette = sns.color_palette("colorblind", 10)
+    ax.scatter(x[ok], y[ok], s=14, marker=MARKERS[i % len(MARKERS)], color=palette[i % 10],
+               edgecolor="0.15", linewidth=0.3, alpha=0.85, label=label)
+    if log:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    return int((~ok).sum())
+
+
+def _any_positive_pair(x: np.ndarray, y: np.ndarray) -> bool:
+    return bool(((x > 0) & (y > 0) & np.isfinite(x) & np.isfinite(y)).any())
+
+
+def plot_single_layer(df: pd.DataFrame, *,
+                      predictors: Sequence[str] = ("pred_trace", "pred_quad", "pred_taylor"),
+                      title: str | None = "One layer at a time: measured vs predicted ΔL",
+                      subtitle: str | None = None) -> Figure:
+    """One log-log panel per predictor: measured loss increase (y) against the prediction (x),
+    markers by bit width, y = x dashed; points with a non-positive value are counted in the
+    panel title (they cannot be drawn on log axes)."""
+    _require(df, ["measured", "bits", *predictors], "df")
+    with use_style():
+        fig, axes = plt.subplots(1, len(predictors), squeeze=False, sharey=True,
+                                 figsize=_size(2.3 * len(predictors) + 0.4, 2.8))
+        y = df["measured"].to_numpy(float)
+        for ax, p in zip(axes.flat, predictors):
+            dropped = 0
+            log = _any_positive_pair(df[p].to_numpy(float), y)
+            for i, (b, sub) in enumerate(df.groupby("bits", sort=True)):
+                dropped += _loglog_scatter(ax, sub[p].to_numpy(float),
+                                           sub["measured"].to_numpy(float), i, f"{b} bit", log)
+            _identity_line(ax, np.concatenate([df[p].to_numpy(float), y]))
+            ax.set_xlabel(p)
+            ax.set_title(f"{p}" + (f" ({dropped} pts ≤ 0 not shown)" if dropped else ""),
+                         fontsize="small")
+        axes.flat[0].set_ylabel("measured ΔL")
+        axes.flat[0].legend(fontsize="x-small", frameon=False)
+        _titles(fig, title, subtitle)
+    return fig
+
+
+def plot_noise_check(df: pd.DataFrame, *,
+                     title: str | None = "Matched isotropic noise: ΔL vs ½σ²Tr(H_ii)",
+                     subtitle: str | None = None) -> Figure:
+    """Measured antithetic ΔL per layer against ½σ²·Tr(H_ii), with the trace's SE as x error
+    bars, log-log, y = x dashed."""
+    _require(df, ["measured", "predicted", "predicted_se"], "df")
+    with use_style():
+        fig, ax = plt.subplots(figsize=_size(3.6, 3.0))
+        x, y = df["predicted"].to_numpy(float), df["measured"].to_numpy(float)
+        log = _any_positive_pair(x, y)
+        ok = (x > 0) & (y > 0) if log else np.isfinite(x) & np.isfinite(y)
+        ax.errorbar(x[ok], y[ok], xerr=np.abs(df["predicted_se"].to_numpy(float)[ok]),
+                    fmt=MARKERS[0], ms=4, lw=0.8, mec="0.15", mew=0.3)
+        if log:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        _identity_line(ax, np.concatenate([x, y]))
+        ax.set_xlabel("½ σ² Tr(H_ii) (Hutchinson)")
+        ax.set_ylabel("measured ΔL (antithetic)")
+        if (~ok).any():
+            ax.set_title(f"{int((~ok).sum())} layer(s) with ΔL ≤ 0 not shown", fontsize="small")
+        _titles(fig, title, subtitle)
+    return fig
+
+
+def plot_additivity(df: pd.DataFrame, *,
+                    title: str | None = "Additivity: config ΔL vs Σ single-layer ΔL",
+                    subtitle: str | None = None) -> Figure:
+    """Measured ΔL of each config against the sum of its single-layer ΔL, log-log, marker by
+    the number of 2-bit layers."""
+    _require(df, ["measured", "sum_single", "n_2bit"], "df")
+    with use_style():
+        fig, ax = plt.subplots(figsize=_size(3.6, 3.0))
+        log = _any_positive_pair(df["sum_single"].to_numpy(float),
+                                 df["measured"].to_numpy(float))
+        for i, (k, sub) in enumerate(df.groupby("n_2bit", sort=True)):
+            _loglog_scatter(ax, sub["sum_single"].to_numpy(float),
+                            sub["measured"].to_numpy(float), i, f"{k}× 2-bit", log)
+        _identity_line(ax, np.concatenate([df["sum_single"].to_numpy(float),
+                                           df["measured"].to_numpy(float)]))
+        ax.set_xlabel("Σ single-layer ΔL")
+        ax.set_ylabel("measured ΔL")
+        ax.legend(fontsize="x-small", frameon=False)
+        _titles(fig, title, subtitle)
+    return fig
+
+
+def plot_kendall(df: pd.DataFrame, *,
+                 title: str | None = "Kendall τ at fixed size (bootstrap 95 % CI)",
+                 subtitle: str | None = None) -> Figure:
+    """τ per predictor with its CI as a horizontal error bar, sorted by τ."""
+    _require(df, ["predictor", "kendall_tau", "tau_low", "tau_high"], "df")
+    d = df.sort_values("kendall_tau")
+    with use_style():
+        fig, ax = plt.subplots(figsize=_size(4.2, 0.28 * len(d) + 1.2))
+        yy = np.arange(len(d))
+        t = d["kendall_tau"].to_numpy(float)
+        ax.errorbar(t, yy, xerr=[t - d["tau_low"].to_numpy(float),
+                                 d["tau_high"].to_numpy(float) - t],
+                    fmt="o", ms=4, lw=0.9, color="0.2")
+        ax.axvline(0, color="0.6", lw=0.7, ls=":")
+        ax.set_yticks(yy, [str(p).removeprefix("omega_") for p in d["predictor"]])
+        ax.set_xlabel("Kendall τ (ΣΩ vs PTQ loss increase)")
+        _titles(fig, title, subtitle)
+    return fig
+
+
+def plot_ptq_frontier(df: pd.DataFrame, *,
+                      title: str | None = "PTQ top-1: Pareto picks vs random configs of the "
+                                          "same size",
+                      subtitle: str | None = None) -> Figure:
+    """Top-1 against the target compression: the random configs as a grey strip (median line),
+    each variant's pick as its own marker (slightly offset so ties stay visible)."""
+    _require(df, ["target_compression", "kind", "name", "top1"], "df")
+    with use_style():
+        fig, ax = plt.subplots(figsize=_size(6.0, 3.6))
+        rnd = df[df["kind"] == "random"]
+        targets = sorted(df["target_compression"].unique())
+        ax.scatter(rnd["target_compression"], rnd["top1"], s=8, color="0.65", alpha=0.7,
+                   label="random, same size", zorder=1)
+        med = rnd.groupby("target_compression")["top1"].median()
+        ax.plot(med.index, med.to_numpy(), color="0.45", lw=1, ls="--", label="random median")
+        picks = df[df["kind"] == "pick"]
+        names = list(dict.fromkeys(picks["name"]))
+        span = (max(targets) - min(targets)) if len(targets) > 1 else 1.0
+        palette = sns.color_palette("colorblind", len(names))
+        for i, v in enumerate(names):
+            sub = picks[picks["name"] == v].sort_values("target_compression")
+            off = (i - (len(names) - 1) / 2) * 0.012 * span
+            ax.plot(sub["target_compression"] + off, sub["top1"], marker=MARKERS[i % 10],
+                    ls=LINESTYLES[i % len(LINESTYLES)], lw=0.8, ms=5, color=palette[i],
+                    mec="0.15", mew=0.3, label=v, zorder=3)
+        ax.set_xlabel("target compression (×)")
+        ax.set_ylabel("top-1 (%)")
+        ax.legend(fontsize="x-small", frameon=False, ncol=2)
+        _titles(fig, title, subtitle)
+    return fig

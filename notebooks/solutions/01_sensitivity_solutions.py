@@ -90,7 +90,7 @@ ranks.sort_values("trace rank").head(8)
 # Fewer images make the traces noisier *and* a biased sample of the data. Recompute the Ω
 # variants on `small_calib` images and validate them against the measured damage of random
 # post-training configs, as notebook 01 does. Read the answer off the table: compare `joint`
-# with `size_only`. With 32 configs the Spearman ρ's have wide confidence intervals (±0.2 or
+# with `qerr_only` (the quantization error alone; formerly `size_only`). With 32 configs the Spearman ρ's have wide confidence intervals (±0.2 or
 # so); a difference smaller than that is not evidence either way.
 
 # %%
@@ -98,7 +98,7 @@ small = data.calibration_batches(train_ds, n_samples=small_calib, batch_size=128
 tr = hessian.layer_traces(model, small, tol=tols[0], max_probes=max_probes, seed=seed,
                           progress=False)
 omegas = {v: sensitivity.omega_table(model, tr, variant=v, method="mse")
-          for v in ("joint", "size_only")}
+          for v in ("joint", "qerr_only")}
 val_ds = data.load_dataset(dataset, "val", n_synthetic=n_synthetic, seed=seed, val_size=val_size)
 evals = data.calibration_batches(val_ds, n_samples=min(1000, len(val_ds)), batch_size=250,
                                  seed=seed)

@@ -1,0 +1,285 @@
+"""The sensitivity study of notebook 01 (docs/method.md §3.1–§3.3): runs the discrimination
+experiments of :mod:`hmqat.sensitivity` stage by stage (cheapest first, each stage's frame kept
+as a CSV so a rerun resumes), and writes their tables and figures.
+
+    >>> from hmqat.study import sensitivity_study
+    >>> res = sensitivity_study.run_study(model, train_ds, val_ds, "results/quick")  # +SKIP
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .. import data as hdata
+from .. import hessian, quant, runtime
+from ..sensitivity import (DEFAULT_BITS, VARIANTS, PTQCache, SensitivityError,
+                           additivity_study, calibration_variability, fixed_size_configs,
+                           fixed_size_validation, frontier_summary, kendall_table, noise_study,
+                           omega_table, prediction_summary, ptq_frontier, single_layer_study,
+                           with_fixed_size_randoms)
+from ..stats import bootstrap_ci
+from . import plotting
+from .reporting import write_table
+
+
+# --------------------------------------------------------------------------------------------
+# The whole study (notebook 01 and the quick-profile run call this) and its report
+# --------------------------------------------------------------------------------------------
+STUDY_STAGES = ("traces", "omegas", "single_layer", "noise", "additivity", "fixed_size",
+                "frontier", "variability")
+
+
+def _csv(root: Path, name: str) -> Path:
+    """Where :func:`run_study` keeps a stage's raw frame: root/data/sensitivity/<name>.csv."""
+    return root / "data" / "sensitivity" / f"{name}.csv"
+
+
+def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathLike, *,
+              stages: Sequence[str] = STUDY_STAGES, bits: Sequence[int] = DEFAULT_BITS,
+              a_bits: int | None = 4, policy: str = "first_last_8", method: str = "lsq",
+              calib_samples: int = 512, calib_batch: int = 128, trace_tol: float = 0.05,
+              trace_max_probes: int = 64, single_bits: Sequence[int] = (2, 3, 4),
+              noise_pairs: int = 1, noise_every: int = 1, additivity_configs: int = 16,
+              fixed_configs: int = 64,
+              target_compression: float = 10.34,
+              frontier_compressions: Sequence[float] = (6.0, 10.34, 14.0),
+              frontier_random: int = 20, variability_sets: int = 3, variability_tol: float = 0.1,
+              seed: int = 0, eval_batch: int = 500, progress: bool = True,
+              channels_last: bool = True, fixed_reverse: bool = False,
+              report: Callable[[dict[str, pd.DataFrame]], None] | None = None
+              ) -> dict[str, pd.DataFrame]:
+    """Run the experiments of docs/method.md §3 in ``stages`` (cheapest first), on calibration
+    images from ``train_ds`` and every measured loss/accuracy on all of ``val_ds``.
+
+    A stage whose CSV already exists under ``root/data`` is read back instead of recomputed
+    (resume); ``report(results)`` (e.g. a partial of :func:`write_study_report`) is called after
+    every stage so finished parts are on disk early. Returns {name: frame}.
+    """
+    unknown = [s for s in stages if s not in STUDY_STAGES]
+    if unknown:
+        raise SensitivityError(f"unknown stage(s) {unknown}; use some of {STUDY_STAGES}")
+    root = Path(root)
+    (root / "data" / "sensitivity").mkdir(parents=True, exist_ok=True)
+    dev = next(model.parameters()).device
+    calib = hdata.calibration_batches(train_ds, n_samples=calib_samples, batch_size=calib_batch,
+                                      seed=seed, device=dev)
+    val = list(hdata.make_loader(val_ds, batch_size=eval_batch, device=dev))
+    if channels_last:   # same float32 math, ~1.5x faster convolutions on CPU (measured)
+        model.to(memory_format=torch.channels_last)
+        val = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in val]
+    fixed = quant.fixed_layers(model, policy)
+    res: dict[str, pd.DataFrame] = {}
+
+    def done(name: str) -> bool:
+        p = _csv(root, name)
+        if p.exists():
+            res[name] = pd.read_csv(p)
+            return True
+        return False
+
+    def save(name: str, df: pd.DataFrame) -> None:
+        res[name] = df
+        runtime.atomic_write_text(_csv(root, name), df.to_csv(index=False, lineterminator="\n"))
+        if report is not None:
+            report(res)
+
+    traces = hessian.layer_traces(model, calib, tol=trace_tol, max_probes=trace_max_probes,
+                                  seed=seed, cache_dir=root / "cache", progress=progress)
+    if "traces" in stages and not done("traces"):
+        save("traces", traces.reset_index())
+    omegas: dict[str, pd.DataFrame] = {}
+    if {"omegas", "fixed_size", "frontier"} & set(stages):
+        if done("omegas"):   # the tables of an earlier run of the same stage
+            for v, sub in res["omegas"].groupby("variant", sort=False):
+                om = sub.pivot(index="layer", columns="bits", values="omega")
+                om = om.loc[list(dict.fromkeys(sub["layer"]))]
+                om.columns = [int(c) for c in om.columns]
+                omegas[v] = om
+        else:
+            omegas = {v: omega_table(model, traces, bits, variant=v, seed=seed, method=method,
+                                     batches=calib) for v in VARIANTS}
+    if "omegas" in stages and "omegas" not in res:
+        long = pd.concat([om.stack().rename("omega").reset_index().assign(variant=v)
+                          for v, om in omegas.items()])
+        long.columns = ["layer", "bits", "omega", "variant"]
+        save("omegas", long)
+    if "single_layer" in stages and not done("single_layer"):
+        save("single_layer", single_layer_study(model, traces, calib, val, bits=single_bits,
+                                                method=method, progress=progress))
+    if "noise" in stages and not done("noise"):
+        save("noise", noise_study(model, traces, val, n_pairs=noise_pairs, seed=seed,
+                                  method=method, progress=progress,
+                                  layers=list(traces.index)[::noise_every]))
+    if "additivity" in stages and "single_layer" in res and not done("additivity"):
+        save("additivity", additivity_study(model, res["single_layer"], val,
+                                            n_configs=additivity_configs, exclude=fixed,
+                                            seed=seed, method=method, progress=progress))
+    cache = None
+    configs: list[dict[str, int]] = []
+    if {"fixed_size", "frontier"} & set(stages):
+        cache = PTQCache(model, calib, val, a_bits=a_bits, policy=policy, init=method)
+        configs = fixed_size_configs(model, fixed_configs, compression=target_compression,
+                                     bits=bits, policy=policy, a_bits=a_bits, seed=seed)
+    if "fixed_size" in stages and not done("fixed_size"):
+        if fixed_reverse:   # a second process working from the other end (merge_fixed_size)
+            fixed_size_validation(model, omegas, configs[::-1], cache, a_bits=a_bits,
+                                  policy=policy, progress=progress,
+                                  checkpoint=_csv(root, "fixed_size_partial_rev"))
+        else:
+            per = fixed_size_validation(model, omegas, configs, cache, a_bits=a_bits,
+                                        policy=policy, progress=progress,
+                                        checkpoint=_csv(root, "fixed_size_partial"))
+            save("fixed_size", per)
+    if "fixed_size" not in res and "fixed_size" in stages:
+        merged = merge_fixed_size(root, configs)
+        if merged is not None:
+            res["fixed_size"] = merged
+    if "fixed_size" in res and "kendall" not in res:
+        preds = [f"omega_{v}" for v in VARIANTS] + ["n_2bit", "avg_bits"]
+        res["kendall"] = kendall_table(res["fixed_size"], preds, seed=seed)
+    if "frontier" in stages and not done("frontier"):
+        if "fixed_size" in res:   # the target-size random configs are the fixed-size ones
+            for cfg in res["fixed_size"]["config"]:
+                cache.memo.setdefault(json.dumps(json.loads(cfg), sort_keys=True),
+                                      tuple(res["fixed_size"].set_index("config")
+                                            .loc[cfg, ["loss", "top1"]]))
+        front = ptq_frontier(model, omegas, frontier_compressions, cache, bits=bits,
+                             n_random=frontier_random, a_bits=a_bits, policy=policy,
+                             random_configs={target_compression: configs}, seed=seed,
+                             progress=progress, checkpoint=_csv(root, "frontier_partial"))
+        save("frontier", front)
+    if "frontier" in res:
+        fs = res.get("fixed_size")
+        if fs is None and _csv(root, "fixed_size_partial").exists():
+            fs = pd.read_csv(_csv(root, "fixed_size_partial"))
+        if fs is not None:
+            res["frontier"] = with_fixed_size_randoms(res["frontier"], fs, target_compression)
+    if "variability" in stages and not done("variability_picks"):
+        n_sets = variability_sets
+        pool = hdata.calibration_subset(train_ds, min(len(train_ds), n_sets * calib_samples),
+                                        seed=seed + 1000)
+        idx = torch.arange(len(pool))
+        sets = [list(hdata.make_loader(pool.subset(idx[k::n_sets]), batch_size=calib_batch,
+                                       device=dev)) for k in range(n_sets)]
+        per_layer, picks = calibration_variability(
+            model, sets, tol=variability_tol, max_probes=trace_max_probes, seed=seed,
+            compressions=[target_compression], bits=bits, a_bits=a_bits, policy=policy,
+            method=method, cache_dir=root / "cache", progress=progress)
+        res["variability_layers"] = per_layer
+        save("variability_picks", picks)
+        runtime.atomic_write_text(_csv(root, "variability_layers"),
+                          per_layer.to_csv(index=False, lineterminator="\n"))
+    if "variability_picks" in res and "variability_layers" not in res \
+            and _csv(root, "variability_layers").exists():
+        res["variability_layers"] = pd.read_csv(_csv(root, "variability_layers"))
+    if report is not None:
+        report(res)
+    return res
+
+
+def merge_fixed_size(root: str | os.PathLike, configs: Sequence[Mapping[str, int]]
+                     ) -> pd.DataFrame | None:
+    """The fixed-size rows evaluated so far by the forward and the reverse process (their
+    checkpoint CSVs under root/data/sensitivity), one row per config of ``configs`` that either
+    finished, config_id = its index in ``configs``; None when neither has a row."""
+    parts = [pd.read_csv(p) for p in (_csv(Path(root), "fixed_size_partial"),
+                                      _csv(Path(root), "fixed_size_partial_rev")) if p.exists()]
+    if not parts:
+        return None
+    allrows = pd.concat(parts, ignore_index=True)
+    allrows["key"] = [json.dumps(json.loads(c), sort_keys=True) for c in allrows["config"]]
+    allrows = allrows.drop_duplicates("key")
+    order = {json.dumps(dict(c), sort_keys=True): i for i, c in enumerate(configs)}
+    allrows["config_id"] = allrows["key"].map(order)
+    allrows = allrows.dropna(subset=["config_id"]).astype({"config_id": int})
+    return allrows.drop(columns="key").sort_values("config_id").reset_index(drop=True)
+
+
+def study_tables(res: Mapping[str, pd.DataFrame]) -> dict[str, tuple[pd.DataFrame, str]]:
+    """The summary tables of the study ({stem: (frame, caption)}) from :func:`run_study`'s
+    results; only the parts present are built."""
+    out: dict[str, tuple[pd.DataFrame, str]] = {}
+    if "single_layer" in res:
+        sl = res["single_layer"]
+        preds = ["pred_trace", "pred_quad", "pred_taylor", "grad_dot"]
+        parts = [prediction_summary(sl, preds).assign(bits="all")]
+        parts += [prediction_summary(sub, preds[:2]).assign(bits=str(b))
+                  for b, sub in sl.groupby("bits", sort=True)]
+        t = pd.concat(parts, ignore_index=True)
+        t = t[["bits"] + [c for c in t.columns if c != "bits"]]
+        out["single_layer_summary"] = (t, f"One layer at a time ({len(sl)} layer x bits cells, "
+                                          f"weights only): measured loss increase vs predictions "
+                                          f"(per bit width: ranks layers at equal bits), "
+                                          f"bootstrap 95 % CIs over cells")
+    if "noise" in res:
+        nz = res["noise"]
+        t = prediction_summary(nz, ["predicted"])
+        t["median_ratio_ci"] = str(_median_ci(nz["ratio"].to_numpy(float)))
+        out["noise_summary"] = (t, "Matched isotropic noise on one layer: antithetic loss "
+                                   "increase vs 1/2 sigma^2 Tr(H_ii)")
+    if "additivity" in res:
+        out["additivity_summary"] = (prediction_summary(res["additivity"], ["sum_single"]),
+                                     "Additivity: a config's loss increase vs the sum of its "
+                                     "single-layer increases")
+    if "kendall" in res:
+        n = int(res["kendall"]["n_configs"].iloc[0])
+        out["kendall_fixed_size"] = (res["kendall"], f"Kendall tau of predictor vs PTQ loss "
+                                     f"increase over {n} configs within 1 % of the target size "
+                                     f"(4-bit activations, BN re-estimated); bootstrap 95 % CIs; "
+                                     f"ref_minus_tau = tau(joint) - tau(predictor), paired")
+    if "frontier" in res:
+        out["ptq_frontier_summary"] = (frontier_summary(res["frontier"]),
+                                       "PTQ frontier: each variant's Pareto pick vs random "
+                                       "configs of the same size (4-bit activations, BN "
+                                       "re-estimated, no QAT)")
+    if "variability_layers" in res:
+        out["trace_variability"] = (res["variability_layers"],
+                                    "Average traces on disjoint calibration sets: between-set "
+                                    "SD vs the stratified within-set SE")
+    if "variability_picks" in res:
+        out["trace_variability_picks"] = (res["variability_picks"].drop(columns="config"),
+                                          "Joint-Omega pick per disjoint calibration set")
+    return out
+
+
+def _median_ci(x: np.ndarray) -> tuple[float, float, float]:
+    """Median of x with a bootstrap 95 % CI (hmqat.stats.bootstrap_ci), rounded to 3 digits."""
+    x = x[np.isfinite(x)]
+    if len(x) < 2:
+        return (float("nan"),) * 3
+    m, lo, hi = bootstrap_ci(lambda idx: float(np.median(x[idx])), len(x))
+    return round(m, 3), round(lo, 3), round(hi, 3)
+
+
+def write_study_report(res: Mapping[str, pd.DataFrame], root: str | os.PathLike, *,
+                       data_label: str, profile: str, split_label: str) -> list[Path]:
+    """Write the study's tables (root/tables, via reporting.write_table) and figures
+    (root/figures, via the hmqat.plotting functions) for the parts of ``res`` present.
+    ``data_label`` and ``split_label`` go into every table header and figure subtitle."""
+    root = Path(root)
+    label = f"{data_label}; {split_label}"
+    written: list[Path] = []
+    for stem, (df, caption) in study_tables(res).items():
+        written += list(write_table(df, root / "tables" / f"sensitivity_{stem}", caption=caption,
+                                    data_label=label, profile=profile,
+                                    float_format="{:.3g}").values())
+    sub = f"{data_label}, {profile} profile; {split_label}"
+    figs = {
+        "single_layer": lambda: plotting.plot_single_layer(res["single_layer"], subtitle=sub),
+        "noise": lambda: plotting.plot_noise_check(res["noise"], subtitle=sub),
+        "additivity": lambda: plotting.plot_additivity(res["additivity"], subtitle=sub),
+        "kendall": lambda: plotting.plot_kendall(res["kendall"], subtitle=sub),
+        "frontier": lambda: plotting.plot_ptq_frontier(res["frontier"], subtitle=sub),
+    }
+    for name, make in figs.items():
+        if name in res:
+            written += plotting.savefig(make(), root / "figures" / f"sensitivity_{name}")
+    return written
