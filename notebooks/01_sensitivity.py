@@ -1,3 +1,18 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 01 · Which layers are sensitive? Hessian traces and the Ω table
 #
@@ -35,6 +50,7 @@ arch = "resnet20"
 dataset = "cifar10"
 n_synthetic = 0
 seed = 0
+val_size = 0
 device = "auto"
 batch_size = 128
 bits = [2, 3, 4, 5, 6, 8]
@@ -103,10 +119,13 @@ omegas["joint"]
 
 # %% [markdown]
 # ## 3. Does Ω predict the damage? (HAWQ-V2 claims it; we measure it)
+# Measured on the **validation hold-out** from the training images (`val_size`, docs/method.md
+# §8), never on the test split: which Ω variant to trust is a choice.
 
 # %%
 t0 = time.perf_counter()
-held_out = data.calibration_batches(study.data("test"), n_samples=val_samples, batch_size=500,
+scored = study.data("val") if val_size > 0 else study.data("test")  # imagenet: no hold-out
+held_out = data.calibration_batches(scored, n_samples=min(val_samples, len(scored)), batch_size=500,
                                     seed=seed + 1, device=study.dev)
 fixed = quant.fixed_layers(model, policy)
 per_config, summary = sensitivity.validate_omega(model, omegas, held_out, n_configs=val_configs,

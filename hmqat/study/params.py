@@ -135,7 +135,9 @@ COMMON: dict[str, Key] = {
     "dataset": Key(choice(("cifar10", "synthetic", "imagenet")), "dataset"),
     "n_synthetic": Key(integer(0), "synthetic training images (dataset: synthetic)"),
     "pretrained": Key(boolean, "start from the published weights"),
-    "seed": Key(integer(0), "global seed"),
+    "seed": Key(integer(0), "global seed (also the validation hold-out's seed)"),
+    "val_size": Key(integer(0), "training images held out as the validation split (0: none; "
+                    "docs/method.md §8)"),
     "device": Key(device, "torch device"),
     "batch_size": Key(integer(1), "training batch size"),
     "bits": Key(list_of(bit_width), "candidate weight bit widths"),
@@ -170,6 +172,8 @@ NOTEBOOK_KEYS: dict[str, dict[str, Key]] = {
         "step_lr": Key(optional(number(0)), "quantizer step learning rate"),
         "qat_wd": Key(number(0), "QAT weight decay"),
         "uniform_baselines": Key(list_of(bit_pair, min_len=0), "uniform [w, a] baselines"),
+        "seeds": Key(list_of(integer(0)), "training seeds of every headline run (>= 3 for a "
+                     "comparison with a CI, docs/method.md §8)"),
         "recipe": Key(recipe, "transition/oscillation/distillation recipe"),
         "max_steps_per_epoch": _MAX_STEPS,
     },
