@@ -269,9 +269,11 @@ def headline_table(rows: pd.DataFrame, fp32_top1: float) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------
 # Seeded runs: mean ± std per config and paired differences with a CI (docs/method.md §8)
 # --------------------------------------------------------------------------------------------
+#: Per-column number formats for :func:`seeded_headline`'s table (pass as ``float_format``).
 SEEDED_FORMATS: dict[str, Formatter] = {
-    **HEADLINE_FORMATS, "test top-1": "{:.2f}", "± std": "{:.2f}", "val top-1": "{:.2f}",
-    "seeds": "{:.0f}",
+    "avg bits": "{:.2f}", "size MB": "{:.3f}", "compression": "{:.1f}×", "BOPs (G)": "{:.2f}",
+    "test top-1": "{:.2f}", "± std": "{:.2f}", "seeds": "{:.0f}", "% of FP32": "{:.1f}",
+    "val top-1": "{:.2f}",
 }
 
 
