@@ -1,5 +1,6 @@
 """The smoke profile end to end through papermill, on synthetic data (no ../shared)."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -128,9 +129,11 @@ def test_manifest_is_complete_relative_and_finite(smoke_run):
         assert step["wall_s"] >= 0 and step["compute_wall_s"] >= step["wall_s"], name
         assert step["attempts"] == 1, name
         assert step["parameters"]["results_dir"] == "."
-    for nb in pipeline.NOTEBOOKS:                  # the executed copies hold no absolute path
+    for nb in pipeline.NOTEBOOKS:   # the executed copies name the results folder relatively
         executed = (root / "executed" / f"{nb}.ipynb").read_text()
-        assert str(root) not in executed, nb
+        before = {executed[m.start() - 1] for m in re.finditer(re.escape(str(root)), executed)}
+        assert before <= {"."}, nb                 # only as the tail of "../../…"
+        assert str(ROOT) not in executed, nb
     assert "nan" not in (root / "README.md").read_text().split("## Wall time")[1]
 
 
@@ -142,6 +145,9 @@ def test_smoke_run_scores_on_validation_and_reads_test_once(smoke_run):
     runs = pd.DataFrame(json.loads((root / "data" / "qat_results.json").read_text()))
     assert runs[["val_top1", "test_top1"]].notna().all().all()
     assert set(runs["seed"]) == set(pipeline.load_params("smoke")["notebooks"]["03_qat"]["seeds"])
+    pairs = pd.read_csv(root / "tables" / "paired_comparisons.csv", comment="#")
+    assert list(pairs["b"]) == ["uniform W4A4"] and pairs["equal_size"].all()
+    assert "a screen, not a result" in (root / "README.md").read_text()   # one seed: no claim
 
 
 def test_study_val_split_is_disjoint_seeded_and_train_excludes_it(tmp_path):

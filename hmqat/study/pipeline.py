@@ -38,7 +38,7 @@ from ..data import TensorImages
 from ..distributed import is_distributed
 from ..models import create_model
 from ..locking import LockError, results_lock
-from ..runtime import (CheckpointError, atomic_write_json, load_checkpoint, manifest, read_json,
+from ..runtime import (CheckpointError, atomic_write_json, atomic_write_text, load_checkpoint, manifest, read_json,
                        resolve_device, seed_everything)
 from .reporting import describe_data, update_manifest
 from . import params
@@ -110,12 +110,28 @@ def _step_digest(nb_path: Path, params: dict[str, Any], upstream: str, sources: 
 # --------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------
+def _relative_paths(nb_in: Path, nb_out: Path) -> None:
+    """Papermill records the absolute input/output paths in the executed copy's metadata;
+    replace them by ``notebooks/<name>`` and ``executed/<name>`` (committed files hold no
+    absolute path of the build machine, docs/method.md §8)."""
+    if not nb_out.exists():
+        return
+    nb = json.loads(nb_out.read_text(encoding="utf-8"))
+    meta = nb.get("metadata", {}).get("papermill")
+    if isinstance(meta, dict):
+        meta["input_path"] = f"notebooks/{nb_in.name}"
+        meta["output_path"] = f"executed/{nb_out.name}"
+        atomic_write_text(nb_out, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+
+
 def _run_notebook(nb_in: Path, nb_out: Path, params: dict[str, Any], timeout: int | None) -> None:
     try:
         pm.execute_notebook(str(nb_in), str(nb_out), parameters=params, kernel_name="python3",
                             cwd=str(nb_in.parent), progress_bar=False, log_output=True,
                             execution_timeout=timeout, start_timeout=180)
+        _relative_paths(nb_in, nb_out)
     except pm.PapermillExecutionError as exc:
+        _relative_paths(nb_in, nb_out)
         raise PipelineError(
             f"notebook {nb_in.name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
             f"  executed copy (inspect it, fix, then rerun; finished steps are skipped): "
