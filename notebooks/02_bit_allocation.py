@@ -102,7 +102,14 @@ for r in target_compressions:
 for b in match_uniform_bits:
     uni = quant.uniform_config(model, b, policy=policy)
     size = quant.model_size_mb(model, uni, a_bits=a_bits)
-    picks[f"HMQAT =W{b}A{a_bits} size"] = search.select_at_size(frontier, size)
+    row = search.select_at_size(frontier, size)
+    if all(row["config"].get(k, v) == v for k, v in uni.items()):
+        # e.g. at uniform W2's size with first/last at 8 bits nothing can go below 2 bits, so the
+        # only config of that size is the uniform one: there is no mixed-vs-uniform comparison
+        print(f"at uniform W{b}A{a_bits}'s size ({size:.4f} MB) the frontier pick IS uniform "
+              f"W{b}: no mixed configuration of that size exists; no equal-size pick")
+        continue
+    picks[f"HMQAT =W{b}A{a_bits} size"] = row
 picked = pd.DataFrame([{"label": k, **{c: v[c] for c in ("size_mb", "compression", "bops",
                                                             "avg_bits", "omega")}}
                        for k, v in picks.items()])
