@@ -125,7 +125,7 @@ def test_manifest_is_complete_relative_and_finite(smoke_run):
             assert not value.startswith("/") and str(root) not in value, (path, value)
             assert ":\\" not in value, (path, value)
     for name, step in manifest["steps"].items():   # what 05_report's timing table reads
-        assert step["status"] == "ran", name
+        assert step["status"] in ("ran", "skipped (unchanged)"), name   # a skip keeps the rest
         assert step["wall_s"] >= 0 and step["compute_wall_s"] >= step["wall_s"], name
         assert step["attempts"] == 1, name
         assert step["parameters"]["results_dir"] == "."
@@ -172,6 +172,8 @@ def test_study_val_split_is_disjoint_seeded_and_train_excludes_it(tmp_path):
     assert rows(va) == rows(b.data("val"))               # same seed, same hold-out
     assert a.data_key["val_size"] == 20 and a.data_key["eval_split"] == "val"
     assert a.data_key != make(0, val_size=0).data_key    # another split, another run identity
+    assert a.data_key != make(1).data_key                # another hold-out seed, too
+    assert "val_size" not in make(0, val_size=0).data_key   # = the torchrun CLI's key
     with pytest.raises(pipeline.PipelineError, match="val_size"):
         make(0, val_size=0).data("val")
 

@@ -497,10 +497,13 @@ class Study:
     def data_key(self) -> dict[str, Any]:
         """The data identity of this study's QAT runs (:func:`hmqat.study.runs.data_key`): the
         training split, the split runs are scored on while training (``val`` when held out,
-        else ``test``), the hold-out's size and seed, and the batch size."""
-        scored = "val" if self.val_size > 0 else "test"
-        key = data_key(self.data("train"), self.data(scored), batch_size=self.batch_size)
-        return {**key, "eval_split": scored, "val_size": self.val_size, "val_seed": self.seed}
+        else ``test``) and the batch size; with a hold-out also its size and seed. Without one
+        the key is :func:`~hmqat.study.runs.data_key` of (train, test), the same key the
+        torchrun command line (:mod:`hmqat.study.cli`) computes, so its runs are found here."""
+        if self.val_size <= 0:
+            return data_key(self.data("train"), self.data("test"), batch_size=self.batch_size)
+        key = data_key(self.data("train"), self.data("val"), batch_size=self.batch_size)
+        return {**key, "eval_split": "val", "val_size": self.val_size, "val_seed": self.seed}
 
     @property
     def qat_dir(self) -> Path:
