@@ -54,6 +54,7 @@ __all__ = [
     "Problem",
     "pareto_frontier",
     "select",
+    "select_at_size",
     "evaluate_config",
     "brute_force_frontier",
     "ilp_select",
@@ -861,6 +862,23 @@ def select(frontier: Frontier, *, max_mb: float | None = None,
         raise InfeasibleBudgetError(_smallest_msg(kind, value, first["size_mb"],
                                                   first["compression"], first.get("bops")))
     return frontier.row(n_ok - 1)
+
+
+def select_at_size(frontier: Frontier, size_mb: float, *, rel_tol: float = 0.01) -> pd.Series:
+    """Lowest-Ω frontier point of (almost) exactly ``size_mb``: :func:`select` with
+    ``max_mb=size_mb``, checked to lie within ``rel_tol`` (default ±1 %) of the target, so an
+    "equal size" comparison is one (docs/method.md §8). A frontier with no point that close
+    raises :class:`InfeasibleBudgetError` naming the gap and the fix."""
+    if not (math.isfinite(size_mb) and size_mb > 0):
+        raise SearchError(f"size_mb must be a positive size in MB, got {size_mb!r}")
+    row = select(frontier, max_mb=size_mb)
+    gap = float(row["size_mb"]) / size_mb - 1.0
+    if abs(gap) > rel_tol:
+        raise InfeasibleBudgetError(
+            f"the frontier point nearest below {size_mb:.5f} MB is {float(row['size_mb']):.5f} MB "
+            f"({100 * gap:+.2f} %), outside ±{100 * rel_tol:g} %; add bit widths (bits) or "
+            f"compare at another size")
+    return row
 
 
 def _allocation(p: _Problem, bits_row: np.ndarray, method: str) -> Allocation:

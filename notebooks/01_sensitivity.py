@@ -64,6 +64,7 @@ arch = "resnet20"
 dataset = "cifar10"
 n_synthetic = 0
 seed = 0
+val_size = 0
 device = "auto"
 batch_size = 128
 bits = [2, 3, 4, 5, 6, 8]
@@ -74,7 +75,6 @@ calib_batch = 256
 trace_tol = 0.1
 trace_max_probes = 32
 a_bits = 4
-val_size = 5000
 fp32_checkpoint = ""
 single_bits = [2, 3, 4]
 noise_pairs = 1
@@ -88,6 +88,8 @@ variability_tol = 0.1
 
 # %%
 import functools
+
+from IPython.display import display
 
 from hmqat import data, hessian, models, runtime, sensitivity
 from hmqat.study import plotting, reporting, sensitivity_study
@@ -133,13 +135,8 @@ print(f"{name}: one probe vᵀHv = {probe:.4g}, i.e. T̄ ≈ {probe / w.numel():
 # Results are cached on disk, keyed by a hash of the weights, the data, the seed and the settings.
 
 # %%
-if val_size > 0:
-    train_ds = data.load_dataset(dataset, "train", val_size=val_size, n_synthetic=n_synthetic,
-                                 seed=seed)
-    val_ds = data.load_dataset(dataset, "val", val_size=val_size, n_synthetic=n_synthetic,
-                               seed=seed)
-else:
-    train_ds, val_ds = study.data("train"), None
+train_ds = study.data("train")                       # train minus the hold-out
+val_ds = study.data("val") if val_size > 0 else None
 calib = data.calibration_batches(train_ds, n_samples=calib_samples, batch_size=calib_batch,
                                  seed=seed, device=study.dev)
 traces = hessian.layer_traces(model, calib, tol=trace_tol, max_probes=trace_max_probes, seed=seed,

@@ -51,6 +51,7 @@ arch = "resnet20"
 dataset = "cifar10"
 n_synthetic = 0
 seed = 0
+val_size = 0
 device = "auto"
 batch_size = 128
 bits = [2, 3, 4, 5, 6, 8]
@@ -79,10 +80,13 @@ cfg = train.TrainConfig(epochs=ablation_epochs, lr=qat_lr, step_lr=step_lr, weig
 
 # %% [markdown]
 # ## Run every variant (each run is checkpointed and skipped once finished)
+# Ablations are choices, so every row is scored on the **validation hold-out** (`val_size`,
+# docs/method.md §8), never on the test split; `top1` below is that validation top-1 (optimistic
+# in absolute terms, fine for ranking).
 
 # %%
 table = ablation.run_ablations(
-    fp32, study.train_loader(), study.test_loader(), cfg, omegas, acct["n_params"],
+    fp32, study.train_loader(), study.val_loader() if val_size > 0 else study.test_loader(), cfg, omegas, acct["n_params"],
     run_dir=study.path("checkpoints", "ablation"), min_compression=ablation_compression,
     primary="joint", bits=bits, random_seeds=random_seeds, fixed=acct["fixed"],
     other_params=acct["other_params"], fp32_params=acct["fp32_params"], a_bits=a_bits,
@@ -94,7 +98,9 @@ steps = len(study.train_loader())                 # optimizer steps per full epo
 if max_steps_per_epoch:
     steps = min(steps, max_steps_per_epoch)
 reporting.write_table(summary, study.tables / "ablation",
-                      caption=f"Ablations at ~{ablation_compression:g}x compression: same seed, "
+                      caption=f"Ablations at ~{ablation_compression:g}x compression, top1 = "
+                              f"{'validation hold-out' if val_size > 0 else 'test'} top-1 "
+                              f"(ranking only): same seed, "
                               f"{ablation_epochs} QAT epoch(s) of {steps} steps at batch "
                               f"{batch_size} each; random allocation over {len(random_seeds)} "
                               f"seeds (mean, std); osc_frac = share of weights whose flip "

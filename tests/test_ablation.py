@@ -1,7 +1,9 @@
 """The ablation runner of notebook 04 on a tiny synthetic setup."""
 import json
+import re
 
 import pandas as pd
+
 import pytest
 import torch
 import torch.nn as nn
@@ -147,3 +149,18 @@ def test_summary_and_bad_inputs(setup, tmp_path):
     s = ablation.summarize(table)
     assert s.top1.tolist() == [55.0, 70.0] and s.n.tolist() == [2, 1]
     assert s.top1_std.iloc[0] == pytest.approx(7.0710678) and pd.isna(s.top1_std.iloc[1])
+
+
+def test_allocation_specs_keep_only_equal_size_rows(setup, capsys):
+    """Every allocation row lies within ±1 % of the budget's size (docs/method.md §8); one
+    farther away (here uniform, whose nearest width is far from the budget) is left out with a
+    printed line naming its size."""
+    fp32, tr, te, cfg, omegas, n_params, budget = setup
+    specs = ablation.allocation_specs(omegas, n_params, max_mb=budget, random_seeds=(0,))
+    assert re.search(r"allocation 'uniform' is \d\.\d+ MB, [-+]\d+\.\d % from the .* budget "
+                     r"\(outside ±1 %\): left out", capsys.readouterr().out)
+    size = specs[0].info["planned_mb"]
+    assert all(abs(s.info["planned_mb"] / size - 1) <= 0.01 for s in specs)
+    loose = ablation.allocation_specs(omegas, n_params, max_mb=budget, random_seeds=(0,),
+                                      size_tol=10.0)
+    assert len(loose) > len(specs) and {s.variant for s in loose} >= {"uniform", "greedy"}

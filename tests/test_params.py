@@ -145,3 +145,26 @@ def test_second_run_on_a_locked_profile_stops_naming_the_holder(tmp_path):
         holder.wait()
     with results_lock(results) as lock:                       # the stale .lock blocks nothing
         assert lock.read_text().strip() == str(os.getpid())
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c["common"].update(val_size=-1), r"common\.val_size = -1 .*integer >= 0"),
+    (lambda c: c["common"].pop("val_size"), r"section common does not set \['val_size'\]"),
+    (lambda c: c["notebooks"]["03_qat"].update(seeds=[]), r"03_qat\.seeds = \[\]"),
+    (lambda c: c["notebooks"]["03_qat"].update(seeds=[0, "1"]), r"03_qat\.seeds"),
+])
+def test_val_size_and_seeds_are_checked(tmp_path, edit, match):
+    d = _profile(tmp_path, _edited(edit))
+    with pytest.raises(params.ParamsError, match=match):
+        params.read_profile(d / "smoke.yaml")
+
+
+def test_quick_and_paper_hold_out_5000_and_run_three_seeds():
+    for profile in ("quick", "paper"):
+        cfg = params.read_profile(ROOT / "params" / f"{profile}.yaml")
+        assert cfg["common"]["val_size"] == 5000
+        assert len(cfg["notebooks"]["03_qat"]["seeds"]) >= 3
+    quick = params.read_profile(ROOT / "params" / "quick.yaml")["notebooks"]
+    assert 13.11 in quick["02_bit_allocation"]["target_compressions"]      # the HAWQ anchor
+    assert [2, 4] in quick["03_qat"]["uniform_baselines"]
+    assert {2, 3} <= set(quick["02_bit_allocation"]["match_uniform_bits"])

@@ -1,5 +1,6 @@
 """The smoke profile end to end through papermill, on synthetic data (no ../shared)."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def test_every_notebook_ran_and_artifacts_are_well_formed(smoke_run):
         assert executed["metadata"]["papermill"]["exception"] in (None, False)
     for fig in ("fp32_finetune", "layer_traces", "sensitivity_kendall", "sensitivity_frontier",
                 "sensitivity_single_layer", "pareto_frontier", "bit_allocation", "accuracy_size",
-                "ablation"):
+                "accuracy_bops", "ablation"):
         png, pdf = root / "figures" / f"{fig}.png", root / "figures" / f"{fig}.pdf"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", fig
         assert pdf.read_bytes()[:4] == b"%PDF", fig
@@ -37,7 +38,8 @@ def test_every_notebook_ran_and_artifacts_are_well_formed(smoke_run):
             text = (root / "tables" / f"{table}.{ext}").read_text()
             assert "synthetic" in text and "smoke" in text, (table, ext)
     headline = pd.read_csv(root / "tables" / "headline.csv", comment="#")
-    assert len(headline) >= 4 and headline["top-1"].between(0, 100).all()
+    assert len(headline) >= 4 and headline["test top-1"].between(0, 100).all()
+    assert {"BOPs (G)", "size MB", "± std", "seeds", "val top-1"} <= set(headline.columns)
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["git_sha"] is None or len(manifest["git_sha"]) == 40
     assert "torch" in manifest and set(manifest["steps"]) == set(pipeline.NOTEBOOKS)
@@ -126,3 +128,96 @@ def test_study_from_params_takes_the_declared_fields(tmp_path):
     assert study.pretrained is True and study.root == tmp_path / "r"   # undeclared: default
     with pytest.raises(pipeline.PipelineError, match="needs results_dir"):
         pipeline.Study.from_params({"profile": "smoke"})
+
+
+def _walk(obj, path=""):
+    """(path, value) of every leaf of a JSON object."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _walk(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _walk(v, f"{path}[{i}]")
+    else:
+        yield path, obj
+
+
+def test_manifest_is_complete_relative_and_finite(smoke_run):
+    """Provenance written by code only (docs/method.md §8): the manifest has no NaN, no
+    absolute path, the profile's seed, and every field notebook 05's report reads."""
+    root, _ = smoke_run
+    text = (root / "manifest.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    manifest = json.loads(text)
+    assert manifest["seed"] == pipeline.load_params("smoke")["common"]["seed"]
+    for path, value in _walk(manifest):
+        if isinstance(value, str):
+            assert not value.startswith("/") and str(root) not in value, (path, value)
+            assert ":\\" not in value, (path, value)
+    for name, step in manifest["steps"].items():   # what 05_report's timing table reads
+        assert step["status"] in ("ran", "skipped (unchanged)"), name   # a skip keeps the rest
+        assert step["wall_s"] >= 0 and step["compute_wall_s"] >= step["wall_s"], name
+        assert step["attempts"] == 1, name
+        assert step["parameters"]["results_dir"] == "."
+    for nb in pipeline.NOTEBOOKS:   # the executed copies name the results folder relatively
+        executed = (root / "executed" / f"{nb}.ipynb").read_text()
+        before = {executed[m.start() - 1] for m in re.finditer(re.escape(str(root)), executed)}
+        assert before <= {"."}, nb                 # only as the tail of "../../…"
+        assert str(ROOT) not in executed, nb
+    assert "nan" not in (root / "README.md").read_text().split("## Wall time")[1]
+
+
+def test_smoke_run_scores_on_validation_and_reads_test_once(smoke_run):
+    root, _ = smoke_run
+    fp32 = json.loads((root / "data" / "fp32.json").read_text())
+    assert fp32["val_size"] == pipeline.load_params("smoke")["common"]["val_size"] > 0
+    assert 0 <= fp32["val_top1"] <= 100 and 0 <= fp32["test_top1"] <= 100
+    runs = pd.DataFrame(json.loads((root / "data" / "qat_results.json").read_text()))
+    assert runs[["val_top1", "test_top1"]].notna().all().all()
+    assert set(runs["seed"]) == set(pipeline.load_params("smoke")["notebooks"]["03_qat"]["seeds"])
+    picks = json.loads((root / "data" / "configs.json").read_text())
+    equal_size = [k for k in picks if k.startswith("HMQAT =W")]
+    readme = (root / "README.md").read_text()
+    if equal_size:       # one seed: the sentence says it is a screen, not a result
+        pairs = pd.read_csv(root / "tables" / "paired_comparisons.csv", comment="#")
+        assert list(pairs["a"]) == equal_size and pairs["equal_size"].all()
+        assert "a screen, not a result" in readme
+    else:                # 02 found that the only config of that size is the uniform one
+        executed = (root / "executed" / "02_bit_allocation.ipynb").read_text()
+        assert "no equal-size pick" in executed and "no equal-size pair" in readme
+
+
+def test_study_val_split_is_disjoint_seeded_and_train_excludes_it(tmp_path):
+    def make(seed, val_size=20):
+        return pipeline.Study(str(tmp_path / f"r{seed}-{val_size}"), profile="smoke",
+                              dataset="synthetic", n_synthetic=128, val_size=val_size,
+                              seed=seed, device="cpu")
+    a, b = make(0), make(0)
+    tr, va = a.data("train"), a.data("val")
+    assert len(tr) + len(va) == 128 and len(va) == 20
+
+    def rows(ds):
+        return {tuple(x.flatten()[:64].tolist()) for x in ds.images}
+    assert not rows(tr) & rows(va)                       # disjoint
+    assert rows(va) == rows(b.data("val"))               # same seed, same hold-out
+    assert a.data_key["val_size"] == 20 and a.data_key["eval_split"] == "val"
+    assert a.data_key != make(0, val_size=0).data_key    # another split, another run identity
+    assert a.data_key != make(1).data_key                # another hold-out seed, too
+    assert "val_size" not in make(0, val_size=0).data_key   # = the torchrun CLI's key
+    with pytest.raises(pipeline.PipelineError, match="val_size"):
+        make(0, val_size=0).data("val")
+
+
+def test_attempts_count_an_interrupted_attempt(tmp_path):
+    """A step killed mid-run leaves its measured time; the next run adds it to compute_wall_s."""
+    path = tmp_path / "step.attempts.json"
+    path.write_text(json.dumps({"earlier_s": [5.0], "current": {"elapsed_s": 12.5}}))
+    with pipeline._Attempts(path, beat_s=0.01) as attempt:
+        pass
+    assert attempt.earlier == [5.0, 12.5] and attempt.elapsed >= 0
+    assert not path.exists()                      # a finished step leaves no attempt behind
+    with pytest.raises(RuntimeError):
+        with pipeline._Attempts(path, beat_s=0.01):
+            raise RuntimeError("boom")
+    left = json.loads(path.read_text())
+    assert left["earlier_s"] == [] and left["current"]["elapsed_s"] >= 0

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from hmqat.runtime import read_json
+from hmqat.study import reporting
 from hmqat.study.reporting import (
     HEADLINE_COLUMNS,
     HEADLINE_FORMATS,
@@ -41,12 +42,13 @@ def test_describe_data_finds_jpeg_provenance_up_to_two_parents(tmp_path):
         assert describe_data("cifar10", str(source)) == "CIFAR-10 (JPEG q75 mirror)"
     deeper = root / "cifar10" / "test" / "airplane"
     deeper.mkdir()
-    assert describe_data("cifar10", str(deeper)) == f"cifar10 ({deeper})"   # three levels: no
+    # three levels: no; the label names the folder only, never an absolute path
+    assert describe_data("cifar10", str(deeper)) == "cifar10 (ImageFolder airplane)"
 
 
 def test_describe_data_provenance_without_jpeg_falls_back(tmp_path):
     (tmp_path / "PROVENANCE.md").write_text("PNG files")
-    assert describe_data("cifar10", str(tmp_path)) == f"cifar10 ({tmp_path})"
+    assert describe_data("cifar10", str(tmp_path)) == f"cifar10 (ImageFolder {tmp_path.name})"
 
 
 @pytest.mark.parametrize("dataset,source,label", [
@@ -54,7 +56,7 @@ def test_describe_data_provenance_without_jpeg_falls_back(tmp_path):
     ("synthetic", "synthetic(n=512,seed=0)", "synthetic data (smoke test)"),
     ("cifar10", "synthetic(n=64,seed=1)", "synthetic data (smoke test)"),
     ("imagenet", "/data/imagenet/train", "ImageNet (ImageFolder)"),
-    ("cifar10", "/no/such/dir", "cifar10 (/no/such/dir)"),
+    ("cifar10", "/no/such/dir", "cifar10 (ImageFolder dir)"),
     ("svhn", "", "svhn"),
 ])
 def test_describe_data_cases(dataset, source, label):
@@ -197,3 +199,54 @@ def test_headline_table_through_write_table(tmp_path):
     assert r"\% of FP32" in paths["tex"].read_text(encoding="utf-8")
     pd.testing.assert_frame_equal(read_table(tmp_path / "headline"), out)
     assert os.listdir(tmp_path) and all(not n.endswith(".tmp") for n in os.listdir(tmp_path))
+
+
+def _seeded_runs():
+    rows = []
+    for seed, (m, u, w2m, w2u) in enumerate([(90.0, 89.0, 80.0, 78.0), (91.0, 89.8, 81.0, 80.5),
+                                              (89.5, 88.7, 79.0, 77.0)]):
+        rows += [
+            {"label": "HMQAT =W3A4 size", "seed": seed, "avg_bits": 3.0, "size_mb": 0.0995,
+             "compression": 10.3, "bops": 6.7e8, "test_top1": m, "val_top1": m + 5},
+            {"label": "uniform W3A4", "seed": seed, "avg_bits": 3.0, "size_mb": 0.1000,
+             "compression": 10.2, "bops": 5.1e8, "test_top1": u, "val_top1": u + 5},
+            {"label": "HMQAT =W2A4 size", "seed": seed, "avg_bits": 2.0, "size_mb": 0.0700,
+             "compression": 14.0, "bops": 3.6e8, "test_top1": w2m, "val_top1": w2m + 5},
+            {"label": "uniform W2A4", "seed": seed, "avg_bits": 2.0, "size_mb": 0.0701,
+             "compression": 14.1, "bops": 3.4e8, "test_top1": w2u, "val_top1": w2u + 5},
+        ]
+    return pd.DataFrame(rows)
+
+
+def test_seeded_headline_mean_std_and_bops_next_to_size():
+    runs = _seeded_runs()
+    table = reporting.seeded_headline(runs, fp32_top1=92.0)
+    row = table.set_index("config").loc["uniform W3A4"]
+    assert row["test top-1"] == pytest.approx((89.0 + 89.8 + 88.7) / 3)
+    assert row["± std"] == pytest.approx(np.std([89.0, 89.8, 88.7], ddof=1))
+    assert row["seeds"] == 3 and row["BOPs (G)"] == pytest.approx(0.51)
+    assert row["% of FP32"] == pytest.approx(100 * row["test top-1"] / 92.0)
+    assert row["val top-1"] == pytest.approx(row["test top-1"] + 5)
+    assert list(table["size MB"]) == sorted(table["size MB"], reverse=True)
+    with pytest.raises(reporting.ReportingError, match="test_top1"):
+        reporting.seeded_headline(runs.drop(columns="test_top1"), 92.0)
+
+
+def test_paired_comparisons_match_a_hand_computed_t_interval():
+    runs = _seeded_runs()
+    pairs = reporting.equal_size_pairs(list(runs["label"]))
+    assert pairs == [("HMQAT =W3A4 size", "uniform W3A4"), ("HMQAT =W2A4 size", "uniform W2A4")]
+    table = reporting.paired_comparisons(runs, pairs).set_index("a")
+    d = np.array([1.0, 1.2, 0.8])                 # mixed − uniform at W3A4 size, per seed
+    half = 4.302652729911275 * d.std(ddof=1) / np.sqrt(3)   # t(0.975, 2) by hand
+    row = table.loc["HMQAT =W3A4 size"]
+    assert row["diff"] == pytest.approx(1.0) and row["seeds"] == 3
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((1.0 - half, 1.0 + half))
+    assert bool(row["significant"]) and bool(row["equal_size"])
+    assert row["size gap %"] == pytest.approx(-0.5) and row["BOPs ratio"] == pytest.approx(6.7 / 5.1)
+    assert "95 % CI" in reporting.describe_comparison({**row.to_dict(), "a": row.name})
+    one = reporting.paired_comparisons(runs[runs.seed == 0], pairs).iloc[0]
+    assert np.isnan(one["ci_low"]) and not one["significant"]
+    assert "a screen, not a result" in reporting.describe_comparison(one)
+    with pytest.raises(reporting.ReportingError, match="no runs labelled"):
+        reporting.paired_comparisons(runs, [("HMQAT =W4A4 size", "uniform W4A4")])

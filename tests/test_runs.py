@@ -108,3 +108,21 @@ def test_bops_at_the_study_input_size_agree_with_configs_json(tmp_path):
     assert run.record["bops"] == pytest.approx(planned.bops, rel=1e-12)
     at_32 = quant.bops(run.model, input_size=(1, 3, 32, 32))
     assert run.record["bops"] / at_32 == pytest.approx(49.0, rel=0.01)
+
+
+def test_test_loader_is_read_once_into_test_top1_under_its_own_identity(setup, tmp_path):
+    """qat_run(test_loader=): the eval loader (the validation hold-out in the study) gives
+    top1, the test split is evaluated once after training into test_top1 (docs/method.md §8);
+    a run that reads the test split is a different record from one that does not, and it
+    resumes from result.json like any other."""
+    fp32, tr, te, cfg, config = setup
+    test = data.make_loader(data.synthetic_cifar(24, seed=7), 8)
+    plain = _run(setup, tmp_path)
+    with_test = _run(setup, tmp_path, test_loader=test)
+    assert with_test.run_id != plain.run_id and "test_top1" not in plain.record
+    expected = train.evaluate(with_test.model, test)
+    assert with_test.record["test_top1"] == expected["top1"]
+    assert with_test.record["n_test"] == 24 and with_test.record["n_val"] == 16
+    again = _run(setup, tmp_path, test_loader=test)
+    assert again.cached and again.run_id == with_test.run_id
+    assert again.record["test_top1"] == with_test.record["test_top1"]

@@ -603,3 +603,20 @@ def test_problem_validates_before_any_search():
         prob.greedy()
     with pytest.raises(search.SearchError, match="n must be >= 1"):
         prob.random_points(n=0)
+
+
+def test_select_at_size_is_within_one_percent_of_the_uniform_size():
+    """The equal-size picker (docs/method.md §8): at uniform W3's and W2's size the pick lies
+    within ±1 % of the target, and a target the frontier cannot reach that closely is refused."""
+    omega, n_params, _ = resnet20_problem()
+    front = pareto_frontier(omega, n_params)
+    for b in (2, 3):
+        uniform = search.evaluate_config({layer: b for layer in omega.index}, omega, n_params)
+        row = search.select_at_size(front, uniform.size_mb)
+        assert abs(row["size_mb"] / uniform.size_mb - 1) <= 0.01
+        assert row["size_mb"] <= uniform.size_mb and row["omega"] <= uniform.omega
+    smallest = float(front.points["size_mb"].iloc[0])
+    with pytest.raises(search.InfeasibleBudgetError):
+        search.select_at_size(front, smallest * 0.5)
+    with pytest.raises(search.SearchError, match="positive"):
+        search.select_at_size(front, float("nan"))

@@ -171,7 +171,8 @@ def allocation_specs(omegas: Mapping[str, pd.DataFrame], n_params: Mapping[str, 
                      methods: Sequence[str] = ALLOCATION_METHODS,
                      fixed: Mapping[str, int] | None = None,
                      tied: Sequence[Sequence[str]] | None = None, other_params: int = 0,
-                     fp32_params: int | None = None, train_seed: int = 0) -> list[RunSpec]:
+                     fp32_params: int | None = None, train_seed: int = 0,
+                     size_tol: float = 0.01) -> list[RunSpec]:
     """Specs of the allocation group, all at equal model size (docs/design.md §3 "Search").
 
     One :class:`hmqat.search.Problem` per Ω table. The ``primary`` table's exact frontier picks the
@@ -181,6 +182,10 @@ def allocation_specs(omegas: Mapping[str, pd.DataFrame], n_params: Mapping[str, 
     PuLP/CBC), the last four on the primary table. ``omega`` of each spec is its ΣΩ under the
     primary table. ``info`` keeps the search method, search_ms and the planned size. ``recipe``
     defaults to ``Recipe(osc_track=True)`` (plain LSQ, oscillations logged).
+
+    Equal size means within ``size_tol`` (±1 %) of S (docs/method.md §8): an allocation farther
+    away (``uniform`` when no uniform width lands near S, e.g. W2 at 14.1× against 10.35×; a
+    ``greedy`` that stops short) is left out, with a printed line naming its size.
     """
     if not omegas:
         raise AblationError("omegas is empty; pass {variant: Ω table}, e.g. "
@@ -224,6 +229,14 @@ def allocation_specs(omegas: Mapping[str, pd.DataFrame], n_params: Mapping[str, 
                            "planned_mb": float(alloc.size_mb)}))
     specs = []
     for variant, seed, config, info in picks:
+        gap = info["planned_mb"] / size - 1.0
+        if abs(gap) > size_tol:
+            # printed, not warned: a warning's text carries this file's absolute path into
+            # the committed executed notebook
+            print(f"[ablation] allocation {variant!r} is {info['planned_mb']:.5f} MB, "
+                  f"{100 * gap:+.1f} % from the {size:.5f} MB budget (outside "
+                  f"±{100 * size_tol:g} %): left out of the equal-size comparison", flush=True)
+            continue
         omega = ref.evaluate(config).omega
         specs.append(RunSpec("allocation", variant, seed, config, recipe, int(train_seed),
                              float(omega), info))

@@ -80,6 +80,10 @@ def choice(options: tuple[str, ...]) -> Check:
     return check
 
 
+def text(v: Any) -> str | None:
+    return None if isinstance(v, str) else "a string"
+
+
 def boolean(v: Any) -> str | None:
     return None if isinstance(v, bool) else "true or false"
 
@@ -135,7 +139,9 @@ COMMON: dict[str, Key] = {
     "dataset": Key(choice(("cifar10", "synthetic", "imagenet")), "dataset"),
     "n_synthetic": Key(integer(0), "synthetic training images (dataset: synthetic)"),
     "pretrained": Key(boolean, "start from the published weights"),
-    "seed": Key(integer(0), "global seed"),
+    "seed": Key(integer(0), "global seed (also the validation hold-out's seed)"),
+    "val_size": Key(integer(0), "training images held out as the validation split (0: none; "
+                    "docs/method.md §8)"),
     "device": Key(device, "torch device"),
     "batch_size": Key(integer(1), "training batch size"),
     "bits": Key(list_of(bit_width), "candidate weight bit widths"),
@@ -156,8 +162,16 @@ NOTEBOOK_KEYS: dict[str, dict[str, Key]] = {
         "calib_batch": Key(integer(1), "Hessian batch size"),
         "trace_tol": Key(number(0, strict=True), "relative tolerance of the trace estimate"),
         "trace_max_probes": Key(integer(1), "most Hutchinson probes"),
-        "val_configs": Key(integer(1), "random configs for the Ω validation"),
-        "val_samples": Key(integer(1), "images for the Ω validation"),
+        "fp32_checkpoint": Key(text, "FP32 checkpoint to analyse ('' = notebook 00's)"),
+        "single_bits": Key(list_of(bit_width), "widths of the one-layer-at-a-time check"),
+        "noise_pairs": Key(integer(1), "antithetic noise pairs per layer"),
+        "additivity_configs": Key(integer(1), "configs of the additivity check"),
+        "fixed_configs": Key(integer(1), "fixed-size configs of the Kendall check"),
+        "target_compression": Key(number(1, strict=True), "size of the fixed-size configs"),
+        "frontier_compressions": Key(list_of(number(1, strict=True)), "PTQ frontier budgets"),
+        "frontier_random": Key(integer(0), "random configs per PTQ frontier budget"),
+        "variability_sets": Key(integer(0), "disjoint calibration sets for trace variability"),
+        "variability_tol": Key(number(0, strict=True), "trace tolerance of those sets"),
     },
     "02_bit_allocation": {
         "target_compressions": Key(list_of(number(1, strict=True)), "compression targets"),
@@ -170,6 +184,8 @@ NOTEBOOK_KEYS: dict[str, dict[str, Key]] = {
         "step_lr": Key(optional(number(0)), "quantizer step learning rate"),
         "qat_wd": Key(number(0), "QAT weight decay"),
         "uniform_baselines": Key(list_of(bit_pair, min_len=0), "uniform [w, a] baselines"),
+        "seeds": Key(list_of(integer(0)), "training seeds of every headline run (>= 3 for a "
+                     "comparison with a CI, docs/method.md §8)"),
         "recipe": Key(recipe, "transition/oscillation/distillation recipe"),
         "max_steps_per_epoch": _MAX_STEPS,
     },

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -37,7 +38,7 @@ from ..data import TensorImages
 from ..distributed import is_distributed
 from ..models import create_model
 from ..locking import LockError, results_lock
-from ..runtime import (CheckpointError, atomic_write_json, load_checkpoint, manifest,
+from ..runtime import (CheckpointError, atomic_write_json, atomic_write_text, load_checkpoint, manifest, read_json,
                        resolve_device, seed_everything)
 from .reporting import describe_data, update_manifest
 from . import params
@@ -137,6 +138,20 @@ class _Echo:
 _KERNEL_ARGS = ["--IPKernelApp.log_level=CRITICAL"]
 
 
+def _relative_paths(nb_in: Path, nb_out: Path) -> None:
+    """Papermill records the absolute input/output paths in the executed copy's metadata;
+    replace them by ``notebooks/<name>`` and ``executed/<name>`` (committed files hold no
+    absolute path of the build machine, docs/method.md §8)."""
+    if not nb_out.exists():
+        return
+    nb = json.loads(nb_out.read_text(encoding="utf-8"))
+    meta = nb.get("metadata", {}).get("papermill")
+    if isinstance(meta, dict):
+        meta["input_path"] = f"notebooks/{nb_in.name}"
+        meta["output_path"] = f"executed/{nb_out.name}"
+        atomic_write_text(nb_out, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+
+
 def _run_notebook(nb_in: Path, nb_out: Path, params: dict[str, Any], timeout: int | None) -> None:
     """Execute one notebook with papermill, echoing its printed lines (each run's epoch and
     top-1 lines, labelled progress bars, warnings) prefixed with its name."""
@@ -148,7 +163,9 @@ def _run_notebook(nb_in: Path, nb_out: Path, params: dict[str, Any], timeout: in
                             stderr_file=_Echo(name, sys.stderr),
                             extra_arguments=_KERNEL_ARGS,
                             execution_timeout=timeout, start_timeout=180)
+        _relative_paths(nb_in, nb_out)
     except pm.PapermillExecutionError as exc:
+        _relative_paths(nb_in, nb_out)
         raise PipelineError(
             f"notebook {nb_in.name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
             f"  executed copy (inspect it, fix, then rerun; finished steps are skipped): "
@@ -178,7 +195,8 @@ def run_pipeline(profile: str = "quick", *, only: Sequence[str] | None = None,
     total = time.perf_counter()
     try:
         with results_lock(results_dir):
-            _run_steps(plan, results_dir, profile, force, timeout)
+            _run_steps(plan, results_dir, profile, force, timeout,
+                       seed=int(cfg.get("common", {}).get("seed", 0)))
     except LockError as exc:
         raise PipelineError(str(exc)) from None
     manifest_path = results_dir / "manifest.json"
@@ -204,17 +222,26 @@ def _plan(cfg: dict[str, Any], profile: str, only: Sequence[str] | None, nb_dir:
         if not nb_in.exists():
             raise PipelineError(f"missing notebook {nb_in}")
         declared = list(pm.inspect_notebook(str(nb_in)).keys())
-        plan.append((name, nb_in, notebook_parameters(cfg, name, declared, results_dir, profile)))
+        # relative to the kernel's working directory (the notebook's folder): the executed
+        # copies that get committed then hold no absolute path of the build machine
+        rel = Path(os.path.relpath(results_dir.resolve(), nb_in.parent.resolve()))
+        plan.append((name, nb_in, notebook_parameters(cfg, name, declared, rel, profile)))
     return plan
 
 
 def _run_steps(plan: list[tuple[str, Path, dict[str, Any]]], results_dir: Path, profile: str,
-               force: bool, timeout: int | None) -> None:
-    """Run (or skip, when unchanged) each planned step; stamps and manifest after each."""
+               force: bool, timeout: int | None, *, seed: int = 0) -> None:
+    """Run (or skip, when unchanged) each planned step; stamps and manifest after each.
+
+    The manifest's top-level ``seed`` is the profile's; each step records ``wall_s`` (this
+    pass), ``compute_wall_s`` (this pass plus the measured time of earlier attempts that were
+    interrupted or failed, :class:`_Attempts`) and ``attempts``; the parameters are recorded
+    with ``results_dir`` relative to the manifest (``.``), so no absolute path is committed."""
     (results_dir / "executed").mkdir(parents=True, exist_ok=True)
     sources = _sources_digest()
     env = {k: os.environ.get(k, "") for k in ("HMQAT_DATA_DIR", "HMQAT_WEIGHTS_DIR")}
     manifest_path = results_dir / "manifest.json"
+    _set_top_level(manifest_path, seed=seed)
     upstream = ""
     for name, nb_in, step_params in plan:
         digest = _step_digest(nb_in, step_params, upstream, sources, env)
@@ -226,15 +253,82 @@ def _run_steps(plan: list[tuple[str, Path, dict[str, Any]]], results_dir: Path, 
             print(f"[hmqat] {name}: unchanged since its last run, skipped", flush=True)
             update_manifest(manifest_path, name, status="skipped (unchanged)")
             continue
-        print(f"[hmqat] {name}: running ({profile} profile) -> {nb_out}", flush=True)
-        t0 = time.perf_counter()
-        _run_notebook(nb_in, nb_out, step_params, timeout)
-        wall = time.perf_counter() - t0
-        atomic_write_json(stamp, {"digest": digest, "wall_s": wall})
+        print(f"[hmqat] {name}: running ({profile} profile) -> executed/{nb_out.name}",
+              flush=True)
+        with _Attempts(results_dir / ".stamps" / f"{name}.attempts.json") as attempt:
+            _run_notebook(nb_in, nb_out, step_params, timeout)
+        wall, earlier = attempt.elapsed, attempt.earlier
+        atomic_write_json(stamp, {"digest": digest, "wall_s": wall,
+                                  "compute_wall_s": wall + sum(earlier)})
         update_manifest(manifest_path, name, status="ran", wall_s=round(wall, 1),
-                        parameters=step_params, executed=str(nb_out.relative_to(results_dir)),
-                        **_code_version())
-        print(f"[hmqat] {name}: done in {wall / 60:.1f} min", flush=True)
+                        compute_wall_s=round(wall + sum(earlier), 1),
+                        attempts=1 + len(earlier),
+                        parameters={**step_params, "results_dir": "."},
+                        executed=str(nb_out.relative_to(results_dir)), **_code_version())
+        print(f"[hmqat] {name}: done in {wall / 60:.1f} min"
+              + (f" ({(wall + sum(earlier)) / 60:.1f} min with {len(earlier)} earlier "
+                 "interrupted attempt(s))" if earlier else ""), flush=True)
+
+
+class _Attempts:
+    """Measured time of one step across attempts (docs/method.md §8, provenance).
+
+    On entry the file ``.stamps/<step>.attempts.json`` is read: an attempt recorded there that
+    never finished (killed, crashed, failed) moves its measured ``elapsed_s`` to ``earlier``.
+    While the step runs, a daemon thread rewrites the current attempt's ``elapsed_s`` every
+    ``beat_s`` seconds, so a ``kill -9`` loses at most that much. On success the file is removed
+    (its time is in the manifest); on failure this attempt stays recorded for the next run."""
+
+    def __init__(self, path: Path, beat_s: float = 10.0):
+        self.path, self.beat_s = path, beat_s
+        self.earlier: list[float] = []
+        self.elapsed = 0.0
+        self._stop = threading.Event()
+
+    def _write(self) -> None:
+        self.elapsed = time.perf_counter() - self._t0
+        atomic_write_json(self.path, {"earlier_s": self.earlier,
+                                      "current": {"elapsed_s": round(self.elapsed, 1)}})
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.beat_s):
+            self._write()
+
+    def __enter__(self) -> "_Attempts":
+        if self.path.exists():
+            try:
+                old = read_json(self.path)
+                self.earlier = [float(x) for x in old.get("earlier_s", [])]
+                if old.get("current"):
+                    self.earlier.append(float(old["current"].get("elapsed_s", 0.0)))
+            except (ValueError, TypeError, AttributeError, OSError):
+                print(f"[hmqat] warning: {self.path} unreadable; earlier attempts not counted",
+                      flush=True)
+        self._t0 = time.perf_counter()
+        self._write()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._write()
+        if exc_type is None:
+            self.path.unlink(missing_ok=True)
+
+
+def _set_top_level(manifest_path: Path, *, seed: int) -> None:
+    """Create the manifest (provenance of :func:`hmqat.runtime.manifest`) or update its
+    top-level ``seed``; hand-written fields of an older manifest that no code writes are
+    dropped, so the report reads only what the pipeline measured."""
+    data = read_json(manifest_path) if manifest_path.exists() else manifest(seed=seed)
+    for stale in ("timing_note",):
+        data.pop(stale, None)
+    for step in data.get("steps", {}).values():
+        step.pop("compute_note", None)
+    data["seed"] = seed
+    atomic_write_json(manifest_path, data)
 
 
 def _code_version() -> dict[str, Any]:
@@ -304,6 +398,7 @@ class Study:
     arch: str = "resnet20"
     dataset: str = "cifar10"
     seed: int = 0
+    val_size: int = 0                 # training images held out as "val" (docs/method.md §8)
     device: str = "auto"
     batch_size: int = 128
     n_synthetic: int = 512
@@ -344,16 +439,32 @@ class Study:
 
     # data ----------------------------------------------------------------------------------
     def data(self, split: str):
-        """The split as :class:`hmqat.data.TensorImages` (cached in the process)."""
+        """The split as :class:`hmqat.data.TensorImages` (cached in the process).
+
+        ``train`` is the training images minus the ``val`` hold-out (``val_size`` images, seeded
+        by ``seed``, class-stratified: :func:`hmqat.data.split_train_val`); every choice and
+        intermediate score uses ``val``, the ``test`` split is read once per final run
+        (docs/method.md §8)."""
+        if split not in ("train", "val", "test"):
+            raise PipelineError(f"unknown split {split!r}; use 'train', 'val' or 'test'")
+        if split == "val" and self.val_size <= 0:
+            raise PipelineError(f"the {self.profile} profile holds out no validation split "
+                                "(val_size: 0); set common.val_size in params/"
+                                f"{self.profile}.yaml, e.g. val_size: 5000")
         key = f"data:{split}"
         if key not in self._cache:
             if self.dataset == "imagenet":
+                if self.val_size > 0:
+                    raise PipelineError("val_size > 0 is not supported for ImageNet (its "
+                                        "validation split is the test split here); set "
+                                        "common.val_size: 0 in the imagenet profile")
                 train, val = self._imagenet()
                 folder = (train if split == "train" else val).dataset
                 self._cache[key] = _ImageFolderSplit(folder, self.image_size)
             else:
                 self._cache[key] = data.load_dataset(self.dataset, split,
-                                                     n_synthetic=self.n_synthetic, seed=self.seed)
+                                                     n_synthetic=self.n_synthetic, seed=self.seed,
+                                                     val_size=self.val_size, val_seed=self.seed)
         return self._cache[key]
 
     def _imagenet(self):
@@ -386,6 +497,11 @@ class Study:
                                 seed=self.seed if seed is None else seed, drop_last=True,
                                 device=self.dev)
 
+    def val_loader(self):
+        """The validation hold-out (``data("val")``), in order: for every choice and every
+        intermediate score (docs/method.md §8)."""
+        return data.make_loader(self.data("val"), 500, device=self.dev)
+
     def test_loader(self):
         if self.dataset == "imagenet":
             return self._imagenet()[1]
@@ -413,8 +529,15 @@ class Study:
 
     @property
     def data_key(self) -> dict[str, Any]:
-        """The data identity of this study's QAT runs (:func:`hmqat.study.runs.data_key`)."""
-        return data_key(self.data("train"), self.data("test"), batch_size=self.batch_size)
+        """The data identity of this study's QAT runs (:func:`hmqat.study.runs.data_key`): the
+        training split, the split runs are scored on while training (``val`` when held out,
+        else ``test``) and the batch size; with a hold-out also its size and seed. Without one
+        the key is :func:`~hmqat.study.runs.data_key` of (train, test), the same key the
+        torchrun command line (:mod:`hmqat.study.cli`) computes, so its runs are found here."""
+        if self.val_size <= 0:
+            return data_key(self.data("train"), self.data("test"), batch_size=self.batch_size)
+        key = data_key(self.data("train"), self.data("val"), batch_size=self.batch_size)
+        return {**key, "eval_split": "val", "val_size": self.val_size, "val_seed": self.seed}
 
     @property
     def qat_dir(self) -> Path:

@@ -516,15 +516,17 @@ def plot_bit_heatmap(configs: Mapping[str, Mapping[str, int]], layers: Sequence[
 # --------------------------------------------------------------------------------------------
 def plot_accuracy_size(df: pd.DataFrame, *, x: str = "size_mb", y: str = "top1",
                        kind_col: str = "kind", label_col: str = "label",
-                       fp32_top1: float | None = None,
+                       fp32_top1: float | None = None, yerr: str | None = None,
                        title: str | None = "Top-1 accuracy vs model size",
                        subtitle: str | None = None) -> Figure:
     """Top-1 vs size. Each ``kind`` whose name contains "uniform" is drawn as separate points
     with distinct markers and direct text labels (``label_col``); every other kind (e.g. the
     mixed-precision method) is a line with markers, its points annotated with their
     ``compression`` (when that column exists). FP32 is a dashed horizontal line. Labels are
-    placed clear of each other, the markers and the legend (:func:`_place_labels`)."""
-    _require(df, [x, y, kind_col], "df")
+    placed clear of each other, the markers and the legend (:func:`_place_labels`).
+    ``yerr``: a column of ± error (e.g. the std over seeds), drawn as error bars; ``x="bops"``
+    gives the accuracy-vs-compute figure (docs/method.md §8)."""
+    _require(df, [x, y, kind_col] + ([yerr] if yerr else []), "df")
     kinds = list(dict.fromkeys(df[kind_col].astype(str)))
     labels: list[tuple[str, list[tuple[float, float]], dict]] = []
     small: list[tuple[str, list[tuple[float, float]], dict]] = []
@@ -539,12 +541,18 @@ def plot_accuracy_size(df: pd.DataFrame, *, x: str = "size_mb", y: str = "top1",
                     label = kind if label is None or pd.isna(label) or label == "" else str(label)
                     ax.scatter(row[x], row[y], s=36, marker=MARKERS[(n_point + 1) % len(MARKERS)],
                                color="0.35", edgecolor="black", linewidth=0.5, zorder=4)
+                    if yerr:
+                        ax.errorbar(row[x], row[y], yerr=row[yerr], color="0.35",
+                                    linewidth=0.8, capsize=2, zorder=3)
                     labels.append((label, [(row[x], row[y])],
                                    {"fontsize": "x-small", "bbox": LABEL_BOX}))
                     n_point += 1
             else:
                 ax.plot(sub[x], sub[y], color=f"C{n_line}", markersize=4.5, linewidth=1.2,
                         label=kind, zorder=3, **_style(n_line))
+                if yerr:
+                    ax.errorbar(sub[x], sub[y], yerr=sub[yerr], color=f"C{n_line}",
+                                linestyle="none", linewidth=0.8, capsize=2, zorder=3)
                 if "compression" in sub.columns:
                     small += [(f"{row['compression']:.1f}×", [(row[x], row[y])],
                                {"fontsize": "xx-small", "color": f"C{n_line}",

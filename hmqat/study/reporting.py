@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from .. import stats
 from ..runtime import atomic_write_json, atomic_write_text, manifest, read_json
 
 __all__ = [
@@ -42,6 +43,10 @@ __all__ = [
     "describe_data",
     "format_numbers",
     "headline_table",
+    "describe_comparison",
+    "equal_size_pairs",
+    "paired_comparisons",
+    "seeded_headline",
     "read_table",
     "update_manifest",
     "write_table",
@@ -99,7 +104,8 @@ def describe_data(dataset: str, source: str) -> str:
         return "ImageNet (ImageFolder)"
     if source and _provenance_mentions_jpeg(source):
         return "CIFAR-10 (JPEG q75 mirror)"
-    return f"{dataset} ({source})" if source else dataset
+    # the folder's name only: a table names its data, never a build machine's absolute path
+    return f"{dataset} (ImageFolder {Path(source).name})" if source else dataset
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,3 +264,112 @@ def headline_table(rows: pd.DataFrame, fp32_top1: float) -> pd.DataFrame:
         "search ms": pd.Series(search, index=rows.index, dtype=float),
     })
     return out.sort_values("size MB", ascending=False, kind="stable").reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Seeded runs: mean ± std per config and paired differences with a CI (docs/method.md §8)
+# --------------------------------------------------------------------------------------------
+#: Per-column number formats for :func:`seeded_headline`'s table (pass as ``float_format``).
+SEEDED_FORMATS: dict[str, Formatter] = {
+    "avg bits": "{:.2f}", "size MB": "{:.3f}", "compression": "{:.1f}×", "BOPs (G)": "{:.2f}",
+    "test top-1": "{:.2f}", "± std": "{:.2f}", "seeds": "{:.0f}", "% of FP32": "{:.1f}",
+    "val top-1": "{:.2f}",
+}
+
+
+def _check_runs(runs: pd.DataFrame, value: str) -> None:
+    need = ["label", "seed", "avg_bits", "size_mb", "compression", "bops", value]
+    missing = [c for c in need if c not in runs.columns]
+    if missing:
+        raise ReportingError(f"seeded runs lack column(s) {missing}; one row per (label, seed) "
+                             f"with {need}")
+
+
+def seeded_headline(runs: pd.DataFrame, fp32_top1: float, *, value: str = "test_top1"
+                    ) -> pd.DataFrame:
+    """One row per config over its seeds: avg bits, size, compression, BOPs (G) next to size
+    (Eq. S, Eq. B; docs/design.md §3.1), the mean and std of ``value`` over seeds, the seed
+    count, ``% of FP32`` of the mean, and the mean validation top-1 when ``val_top1`` is a
+    column (a ranking score, optimistic in absolute terms: docs/method.md §8). Largest first."""
+    _check_runs(runs, value)
+    if not (isinstance(fp32_top1, (int, float)) and math.isfinite(fp32_top1) and fp32_top1 > 0):
+        raise ReportingError(f"fp32_top1 must be a positive accuracy in percent, got "
+                             f"{fp32_top1!r}")
+    summary = stats.seed_summary(runs, "label", value)
+    first = runs.groupby("label", sort=False)[["avg_bits", "size_mb", "compression",
+                                                "bops"]].first()
+    out = pd.DataFrame({
+        "config": summary["label"].astype(str),
+        "avg bits": first.loc[summary["label"], "avg_bits"].to_numpy(float),
+        "size MB": first.loc[summary["label"], "size_mb"].to_numpy(float),
+        "compression": first.loc[summary["label"], "compression"].to_numpy(float),
+        "BOPs (G)": first.loc[summary["label"], "bops"].to_numpy(float) / 1e9,
+        "test top-1": summary["mean"].to_numpy(float),
+        "± std": summary["std"].to_numpy(float),
+        "seeds": summary["seeds"].to_numpy(int),
+        "% of FP32": 100.0 * summary["mean"].to_numpy(float) / float(fp32_top1),
+    })
+    if "val_top1" in runs.columns:
+        out["val top-1"] = runs.groupby("label", sort=False)["val_top1"].mean().loc[
+            summary["label"]].to_numpy(float)
+    return out.sort_values("size MB", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def paired_comparisons(runs: pd.DataFrame, pairs: Sequence[tuple[str, str]], *,
+                       value: str = "test_top1", confidence: float = 0.95,
+                       size_tol: float = 0.01) -> pd.DataFrame:
+    """``a − b`` of ``value`` paired by seed, with a ``confidence`` t interval
+    (:func:`hmqat.stats.paired_difference`), for each ``(a, b)`` label pair. Columns: a, b,
+    seeds, size gap % and BOPs ratio of a to b, diff, ci_low, ci_high, significant (the CI
+    excludes 0), equal_size (|size gap| <= ``size_tol``). With fewer than 2 shared seeds the
+    difference is shown and the interval is NaN: one seed screens, it does not decide."""
+    _check_runs(runs, value)
+    rows = []
+    for a, b in pairs:
+        wide = runs[runs["label"].isin([a, b])].pivot_table(index="seed", columns="label",
+                                                             values=value, aggfunc="first")
+        if a not in wide.columns or b not in wide.columns:
+            raise ReportingError(f"paired comparison {a!r} vs {b!r}: no runs labelled "
+                                 f"{[x for x in (a, b) if x not in wide.columns]}; labels: "
+                                 f"{sorted(runs['label'].unique())}")
+        both = wide[[a, b]].dropna()
+        ra = runs[runs["label"] == a].iloc[0]
+        rb = runs[runs["label"] == b].iloc[0]
+        gap = float(ra["size_mb"]) / float(rb["size_mb"]) - 1.0
+        row = {"a": a, "b": b, "seeds": len(both), "size gap %": 100 * gap,
+               "BOPs ratio": float(ra["bops"]) / float(rb["bops"]),
+               "diff": float((both[a] - both[b]).mean()) if len(both) else math.nan,
+               "ci_low": math.nan, "ci_high": math.nan, "significant": False,
+               "equal_size": abs(gap) <= size_tol}
+        if len(both) >= 2:
+            d = stats.paired_difference(both[a], both[b], confidence)
+            row.update(diff=d.mean, ci_low=d.low, ci_high=d.high,
+                       significant=d.excludes_zero)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def equal_size_pairs(labels: Sequence[str]) -> list[tuple[str, str]]:
+    """``(mixed, uniform)`` label pairs at equal size: notebook 02's ``"HMQAT =W{w}A{a} size"``
+    pick with notebook 03's ``"uniform W{w}A{a}"`` run, for every such pair present."""
+    present = set(labels)
+    pairs = []
+    for label in dict.fromkeys(labels):
+        if label.startswith("HMQAT =W") and label.endswith(" size"):
+            uniform = "uniform " + label[len("HMQAT ="):-len(" size")]
+            if uniform in present:
+                pairs.append((label, uniform))
+    return pairs
+
+
+def describe_comparison(row: Mapping[str, Any]) -> str:
+    """One sentence for a :func:`paired_comparisons` row that says only what its interval
+    supports: with one seed "a screen, not a result"; else the CI and whether it excludes 0."""
+    head = (f"{row['a']} − {row['b']}: {row['diff']:+.2f} points test top-1 "
+            f"(size gap {row['size gap %']:+.2f} %, BOPs ×{row['BOPs ratio']:.2f})")
+    if int(row["seeds"]) < 2 or not math.isfinite(float(row["ci_low"])):
+        return head + f", {int(row['seeds'])} seed, no interval: a screen, not a result."
+    verdict = ("the interval excludes 0" if row["significant"]
+               else "the interval includes 0: no difference shown")
+    return (head + f", 95 % CI [{row['ci_low']:+.2f}, {row['ci_high']:+.2f}] over "
+                   f"{int(row['seeds'])} seeds; {verdict}.")

@@ -129,7 +129,7 @@ def qat_run(fp32_model: nn.Module, bit_config: Mapping[str, int], recipe: Recipe
             device: str | torch.device | None = None,
             input_size: tuple[int, ...] = (1, 3, 32, 32), data: Mapping[str, Any] | None = None,
             fp32_key: str | None = None, eval_each_epoch: bool = False,
-            keep_model: bool = False) -> QATRun:
+            keep_model: bool = False, test_loader: Iterable | None = None) -> QATRun:
     """Train (or resume, or read back) one QAT run of ``bit_config`` from ``fp32_model``.
 
     ``recipe``: a :class:`hmqat.transitions.Recipe` or its dict. ``input_size``: one input's
@@ -138,7 +138,10 @@ def qat_run(fp32_model: nn.Module, bit_config: Mapping[str, int], recipe: Recipe
     pass ``Study.data_key``). ``fp32_key``: the FP32 fingerprint when already computed.
     ``eval_each_epoch``: also evaluate ``eval_loader`` after every epoch (into the history).
     ``keep_model``: return the trained model even when the record is read back (the finished
-    checkpoint is then loaded through :func:`hmqat.train.qat`, which trains nothing). The
+    checkpoint is then loaded through :func:`hmqat.train.qat`, which trains nothing).
+    ``test_loader``: the test split, read once after training into ``test_top1``/``test_loss``
+    (``top1``/``loss`` are then the ``eval_loader`` split's, the validation hold-out in the
+    study; docs/method.md §8); a run with a test read has its own identity. The
     device is not part of the identity: a result computed on CPU is reused on GPU and back.
     """
     if isinstance(recipe, Mapping):
@@ -152,6 +155,10 @@ def qat_run(fp32_model: nn.Module, bit_config: Mapping[str, int], recipe: Recipe
     run_id, spec = run_identity(fp32_key or model_fingerprint(fp32_model), bit_config, recipe,
                                 cfg, data, a_bits=a_bits, policy=policy,
                                 per_channel=per_channel, init=init)
+    if test_loader is not None:   # a run that also reads the test split is another record
+        spec["final_test"] = True
+        run_id = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()
+                                ).hexdigest()[:16]
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
     folder = Path(run_dir) / run_id
     result_path = folder / "result.json"
@@ -171,8 +178,13 @@ def qat_run(fp32_model: nn.Module, bit_config: Mapping[str, int], recipe: Recipe
     t0 = time.perf_counter()
     shard, sharded = shard_eval_loader(eval_loader)   # under torchrun: each rank its share
     ev = train.evaluate(qmodel, shard, all_reduce=sharded)
+    if test_loader is not None:
+        shard, sharded = shard_eval_loader(test_loader)
+        test = train.evaluate(qmodel, shard, all_reduce=sharded)
     record = _record(run_id, digest, qmodel, history, ev, time.perf_counter() - t0, recipe,
                      callbacks, policy, input_size)
+    if test_loader is not None:
+        record.update(test_top1=test["top1"], test_loss=test["loss"], n_test=test["n"])
     if is_main():
         atomic_write_json(result_path, record)
     return QATRun(run_id, folder, {**record, "cached": False}, qmodel)
