@@ -35,7 +35,8 @@ import torch.nn as nn
 
 from . import quant, search, train
 from .reporting import atomic_write_json, read_json
-from .transitions import OscillationTracker, PrecisionTransition, Recipe, make_callbacks
+from .transitions import (BNReestimation, OscillationTracker, PrecisionTransition, Recipe,
+                          ladder_stages, make_callbacks)
 
 __all__ = [
     "ALLOCATION_METHODS",
@@ -54,20 +55,21 @@ __all__ = [
     "transition_specs",
 ]
 
-#: Recipe switches per transition-group variant; every other switch is off. Hyper-parameters
-#: come from the base recipe. The "lsq+…" variants add one remedy to plain LSQ; "all" is the
-#: three transition remedies together, "all+distill" adds FP32 distillation to them.
-TRANSITION_VARIANTS: dict[str, dict[str, bool]] = {
-    "lsq": {},
-    "lsq+transitions": {"transitions": True},
-    "lsq+dampen": {"osc_dampen": True},
-    "lsq+freeze": {"osc_freeze": True},
-    "lsq+distill": {"distill": True},
-    "all": {"transitions": True, "osc_dampen": True, "osc_freeze": True},
-    "all+distill": {"transitions": True, "osc_dampen": True, "osc_freeze": True,
-                    "distill": True},
+#: Recipe switches per transition-group variant, as (section, key) pairs; every other switch is
+#: off. Hyper-parameters come from the base recipe. The "lsq+…" variants add one remedy to plain
+#: LSQ; "all" is the three transition remedies together, "all+distill" adds FP32 distillation.
+TRANSITION_VARIANTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "lsq": (),
+    "lsq+transitions": (("transition", "enabled"),),
+    "lsq+dampen": (("oscillation", "dampen"),),
+    "lsq+freeze": (("oscillation", "freeze"),),
+    "lsq+distill": (("distillation", "enabled"),),
+    "all": (("transition", "enabled"), ("oscillation", "dampen"), ("oscillation", "freeze")),
+    "all+distill": (("transition", "enabled"), ("oscillation", "dampen"),
+                    ("oscillation", "freeze"), ("distillation", "enabled")),
 }
-_SWITCHES = ("transitions", "osc_dampen", "osc_freeze", "distill")
+_SWITCHES = (("transition", "enabled"), ("oscillation", "dampen"), ("oscillation", "freeze"),
+             ("distillation", "enabled"))
 #: Reference allocations of the allocation group (hmqat.search), besides one row per Ω variant.
 ALLOCATION_METHODS: tuple[str, ...] = ("uniform", "random", "greedy", "ilp")
 #: Columns of the tables, in order (the first eleven are the tidy core).
@@ -162,7 +164,8 @@ def train_run(fp32_model: nn.Module, bit_config: Mapping[str, int], recipe: Reci
         return record
     atomic_write_json(folder / "spec.json", spec)
     run_cfg = replace(cfg, checkpoint=str(folder / "checkpoint.pt"))
-    callbacks = make_callbacks(recipe, teacher=fp32_model)
+    callbacks = make_callbacks(recipe, teacher=fp32_model,
+                               batches=recipe_batches(recipe, train_loader, calib_batches))
     qmodel, history = train.qat(fp32_model, dict(bit_config), train_loader, None, run_cfg,
                                 a_bits=a_bits, policy=policy, per_channel=per_channel, init=init,
                                 calib_batches=calib_batches, callbacks=callbacks, device=device,
@@ -190,6 +193,8 @@ def train_run(fp32_model: nn.Module, bit_config: Mapping[str, int], recipe: Reci
         "history": history,
         "osc_log": tracker.log if tracker is not None else [],
         "transition_events": transition.events if transition is not None else [],
+        "transition_diagnostics": transition.diagnostics if transition is not None else [],
+        "bn_drift": next((c.log for c in callbacks if isinstance(c, BNReestimation)), []),
     }
     record["wall_s"] = record["train_s"] + eval_s
     atomic_write_json(result_path, record)
@@ -241,9 +246,9 @@ def transition_specs(bit_config: Mapping[str, int], *, base: Recipe | None = Non
                      variants: Sequence[str] | None = None, seeds: Sequence[int] = (0,),
                      omega: float = float("nan")) -> list[RunSpec]:
     """Specs (a)–(f) of the transition group: ``base`` with each variant's switches
-    (:data:`TRANSITION_VARIANTS`) and every other switch off. Default base: ``Recipe(osc_track=
-    True)``, so every row reports its oscillating fraction (tracking does not change training)."""
-    base = Recipe(osc_track=True) if base is None else base
+    (:data:`TRANSITION_VARIANTS`) and every other switch off. Default base: ``Recipe(oscillation=
+    {'track': True})``, so every row reports its oscillating fraction (tracking does not change training)."""
+    base = Recipe(oscillation={"track": True}) if base is None else base
     variants = list(TRANSITION_VARIANTS) if variants is None else list(variants)
     unknown = [v for v in variants if v not in TRANSITION_VARIANTS]
     if unknown:
@@ -254,8 +259,11 @@ def transition_specs(bit_config: Mapping[str, int], *, base: Recipe | None = Non
     specs = []
     for seed in seeds:
         for v in variants:
-            switches = {**{s: False for s in _SWITCHES}, **TRANSITION_VARIANTS[v]}
-            recipe = replace(base, **switches)
+            on = set(TRANSITION_VARIANTS[v])
+            changes: dict[str, dict[str, bool]] = {}
+            for section, key in _SWITCHES:
+                changes.setdefault(section, {})[key] = (section, key) in on
+            recipe = base.updated(changes)
             specs.append(RunSpec("transition", v, int(seed), dict(bit_config), recipe, int(seed),
                                  omega))
     return specs
@@ -284,7 +292,7 @@ def allocation_specs(omegas: Mapping[str, pd.DataFrame], n_params: Mapping[str, 
     widest uniform config ≤ S), ``random`` (one per seed), ``greedy`` and ``ilp`` (HAWQ-V3 ILP,
     PuLP/CBC), the last four on the primary table. ``omega`` of each spec is its ΣΩ under the
     primary table. ``info`` keeps the search method, search_ms and the planned size. ``recipe``
-    defaults to ``Recipe(osc_track=True)`` (plain LSQ, oscillations logged).
+    defaults to ``Recipe(oscillation={'track': True})`` (plain LSQ, oscillations logged).
     """
     if not omegas:
         raise AblationError("omegas is empty; pass {variant: Ω table}, e.g. "
@@ -296,7 +304,7 @@ def allocation_specs(omegas: Mapping[str, pd.DataFrame], n_params: Mapping[str, 
     if bad:
         raise AblationError(f"unknown allocation method(s) {bad}; choose from "
                             f"{list(ALLOCATION_METHODS)}")
-    recipe = Recipe(osc_track=True) if recipe is None else recipe
+    recipe = Recipe(oscillation={"track": True}) if recipe is None else recipe
     common = {"fixed": fixed, "tied": tied, "other_params": other_params,
               "fp32_params": fp32_params}
     budget = _budget_kw(max_mb, min_compression)
@@ -411,8 +419,8 @@ def run_ablations(fp32_model: nn.Module, train_loader: Any, val_loader: Iterable
     frontier pick at the budget, then the allocation group at that pick's size.
 
     ``base``: hyper-parameters of the transition group; ``recipe``: the one QAT recipe of the
-    allocation group. Both default to plain LSQ with oscillation tracking (``Recipe(osc_track=
-    True)``: logging only), so the HMQAT/LSQ run of both groups is one run, trained once.
+    allocation group. Both default to plain LSQ with oscillation tracking (``Recipe(oscillation=
+    {'track': True})``: logging only), so the HMQAT/LSQ run of both groups is one run, trained once.
     ``run_kw`` goes to :func:`train_run` (a_bits, policy, per_channel, init, device,
     calib_batches, input_size).
     """
@@ -446,3 +454,367 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
                 avg_bits=("avg_bits", "mean"), osc_frac=("osc_frac", "mean"))
     out["top1_std"] = out["top1_std"].where(out["n"] > 1, math.nan)
     return out.reset_index()
+
+
+# --------------------------------------------------------------------------------------------
+# The transition experiment (docs/method.md §5, §7): fixed precision transitions against plain
+# LSQ, on paired seeds, chosen on the validation split, reported once on the test split
+# --------------------------------------------------------------------------------------------
+def recipe_batches(recipe: Recipe, train_loader: Any,
+                   calib_batches: Iterable | None = None) -> list | None:
+    """The training batches a recipe's callbacks need (data re-init, BN re-estimation), or None.
+
+    ``calib_batches`` if given, else the first batches of ``train_loader``'s epoch 0 covering
+    max(bn.images, transition.calib_batches batches) images (the loader's epoch is reset by
+    :func:`hmqat.train.fit` before training, so the run sees the same data either way).
+    """
+    if not recipe.needs_batches:
+        return None
+    if calib_batches is not None:
+        return list(calib_batches)
+    if hasattr(train_loader, "set_epoch"):
+        train_loader.set_epoch(0)
+    need_batches = recipe.transition.calib_batches if recipe.transition.enabled else 0
+    out, seen = [], 0
+    for batch in train_loader:
+        if len(out) >= need_batches and seen >= recipe.bn.images:
+            break
+        out.append(batch)
+        seen += len(batch[0])
+    return out
+
+
+@dataclass(frozen=True)
+class TransitionArm:
+    """One arm of the transition experiment (docs/method.md §7).
+
+    ``reinit`` None is plain LSQ (no precision schedule); otherwise the schedule is
+    :func:`hmqat.transitions.ladder_stages` over ``ladder`` (e.g. ``(8, 4)``; ``()``: the target
+    from step 0), re-initialised by ``reinit`` ("range": Eq. T1, "data": Eq. T2), with a
+    ``scale_only_steps`` phase and a ``step_warmup`` (in steps) after every stage start.
+    ``bn_end``: BN re-estimation after the last step. ``step_lr_mult``: step_lr = lr ×
+    this (None: the TrainConfig's step_lr).
+    """
+
+    name: str
+    reinit: str | None = None
+    ladder: tuple[int, ...] = ()
+    scale_only_steps: int = 0
+    step_warmup: int = 0
+    bn_end: bool = False
+    step_lr_mult: float | None = None
+
+    def recipe(self, base: Recipe, total_steps: int, steps_at_target: int) -> Recipe:
+        """``base`` with this arm's transition and BN sections for a run of ``total_steps``."""
+        changes: dict[str, dict[str, Any]] = {"bn": {"at_end": self.bn_end}}
+        if self.reinit is not None:
+            changes["transition"] = {
+                "enabled": True, "unit": "step", "reinit": self.reinit, "fp32_exit": self.reinit,
+                "stages": ladder_stages(total_steps, steps_at_target, self.ladder),
+                "scale_only_steps": self.scale_only_steps, "step_warmup": self.step_warmup}
+        elif total_steps != steps_at_target:
+            raise AblationError(f"arm {self.name!r} has no precision schedule, so every step is "
+                                f"at the target; got steps_at_target={steps_at_target} != "
+                                f"total_steps={total_steps}")
+        return base.updated(changes)
+
+
+def screening_arms(scale_only_steps: int = 20, range_warmup: int = 4,
+                   step_lr_mult: float | None = None) -> list[TransitionArm]:
+    """The screening grid of issue 14: re-init {range (+warm-up), data + scale-only phase} ×
+    ladder {none, 8 → target, 8 → 4 → target}; "range" without a ladder is plain LSQ and is
+    not repeated. All share ``step_lr_mult``."""
+    arms = []
+    for ladder, tag in (((), "none"), ((8,), "8>T"), ((8, 4), "8>4>T")):
+        if ladder:
+            arms.append(TransitionArm(f"range/{tag}", "range", ladder, 0, range_warmup,
+                                      step_lr_mult=step_lr_mult))
+        arms.append(TransitionArm(f"data+so/{tag}", "data", ladder, scale_only_steps, 0,
+                                  step_lr_mult=step_lr_mult))
+    return arms
+
+
+def _steps_for(arm: TransitionArm, budget: str, steps: int, pre_steps: int) -> tuple[int, int]:
+    """(total steps, steps at target) of ``arm`` under budget "A" (equal total steps = ``steps``)
+    or "B" (``steps`` at the target width; the ladder's ``pre_steps`` come on top)."""
+    pre = pre_steps if arm.ladder else 0
+    if budget == "A":
+        return steps, steps - pre
+    if budget == "B":
+        return steps + pre, steps
+    raise AblationError(f"budget={budget!r}; use 'A' (equal total steps) or 'B' (equal steps at "
+                        f"the target width)")
+
+
+def run_transition_arm(arm: TransitionArm, seed: int, fp32_model: nn.Module, train_set: Any,
+                       val_loader: Iterable, cfg: train.TrainConfig,
+                       bit_config: Mapping[str, int], *, base: Recipe, total_steps: int,
+                       steps_at_target: int, run_dir: str | Path, batch_size: int = 128,
+                       test_loader: Iterable | None = None, **run_kw: Any) -> dict[str, Any]:
+    """Train (or read back) one arm on one seed and return its table row.
+
+    The run uses a training loader over ``train_set`` seeded with ``seed`` (data order and
+    augmentation), ``cfg`` with ``seed``, one epoch of ``total_steps`` steps and the arm's
+    step_lr, and is scored on ``val_loader`` (:func:`train_run`, cached in ``run_dir``). With
+    ``test_loader`` the trained model is rebuilt from the run's final checkpoint (its validation
+    top-1 must match the recorded one exactly) and scored once on it; that number is cached in
+    ``test.json`` next to ``result.json``.
+    """
+    from . import data as hdata
+
+    loader = hdata.make_loader(train_set, batch_size, train=True, seed=int(seed), drop_last=True)
+    if total_steps > len(loader):
+        raise AblationError(f"arm {arm.name!r} needs {total_steps} steps in one epoch but the "
+                            f"training split has {len(loader)} batches of {batch_size}; lower "
+                            f"steps/pre_steps")
+    step_lr = cfg.step_lr if arm.step_lr_mult is None else cfg.lr * arm.step_lr_mult
+    run_cfg = replace(cfg, seed=int(seed), epochs=1, max_steps_per_epoch=total_steps,
+                      step_lr=step_lr)
+    recipe = arm.recipe(base, total_steps, steps_at_target)
+    rec = train_run(fp32_model, bit_config, recipe, loader, val_loader, run_cfg, run_dir=run_dir,
+                    **run_kw)
+    row = {"arm": arm.name, "seed": int(seed), "total_steps": total_steps,
+           "steps_at_target": steps_at_target, "step_lr": step_lr, "val_top1": rec["top1"],
+           "val_loss": rec["loss"], "test_top1": math.nan, "wall_s": rec["wall_s"],
+           "recipe": recipe.describe(), "run_id": rec["run_id"]}
+    if test_loader is not None:
+        row["test_top1"] = _test_top1(Path(run_dir) / rec["run_id"], rec, fp32_model, bit_config,
+                                      val_loader, test_loader, run_kw)
+    row["record"] = rec
+    return row
+
+
+def _test_top1(folder: Path, rec: Mapping[str, Any], fp32_model: nn.Module,
+               bit_config: Mapping[str, int], val_loader: Iterable, test_loader: Iterable,
+               run_kw: Mapping[str, Any]) -> float:
+    """Top-1 of a finished run on the test split, from its final checkpoint (read once)."""
+    path = folder / "test.json"
+    if path.exists():
+        return float(read_json(path)["top1"])
+    ck = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=False)
+    qmodel = quant.quantize_model(fp32_model, dict(bit_config), a_bits=run_kw.get("a_bits", 4),
+                                  policy=run_kw.get("policy", "first_last_8"),
+                                  per_channel=run_kw.get("per_channel", True),
+                                  init=run_kw.get("init", "lsq"))
+    qmodel.load_state_dict(ck["model"])
+    qmodel.eval()
+    dev = run_kw.get("device")
+    if dev is not None:
+        qmodel.to(dev)
+    val = train.evaluate(qmodel, val_loader)["top1"]
+    if val != rec["top1"]:
+        raise AblationError(f"run {folder.name}: the checkpoint's validation top-1 {val} differs "
+                            f"from the recorded {rec['top1']}; the run folder is inconsistent, "
+                            f"delete it and retrain")
+    ev = train.evaluate(qmodel, test_loader)
+    atomic_write_json(path, {"top1": ev["top1"], "loss": ev["loss"], "n": ev["n"]})
+    return float(ev["top1"])
+
+
+def transition_diagnostics(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """The per-layer diagnostics of every run (step / MSE-optimal step, zero-code fraction,
+    error ratio at each transition, at the end of each scale-only phase and at the end; BN
+    drift), with the run's arm and seed; plus one ``kind="loss"`` row per transition (loss
+    before and at the first step of the new stage). Column ``source`` says which."""
+    frames = []
+    for r in rows:
+        rec = r["record"]
+        tags = {"arm": r["arm"], "seed": r["seed"], "run_id": r["run_id"]}
+        diag = pd.DataFrame(rec.get("transition_diagnostics", []))
+        if not diag.empty:
+            frames.append(diag.assign(**tags))
+        drift = pd.DataFrame(rec.get("bn_drift", []))
+        if not drift.empty:
+            frames.append(drift.assign(kind="bn", **tags))
+        ev = pd.DataFrame(rec.get("transition_events", []))
+        if not ev.empty:
+            frames.append(ev.assign(kind="loss", when="transition", **tags))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def worst_layer(diag: pd.DataFrame) -> str:
+    """The weight layer whose step the range rule (Eq. T1) carries furthest from the
+    MSE-optimal step at any transition (largest |log range_ratio|)."""
+    w = diag[(diag["kind"] == "weight") & (diag["when"] == "transition")].dropna(
+        subset=["range_ratio"])
+    if w.empty:
+        raise AblationError("no transition diagnostics to choose a layer from; run an arm with "
+                            "a ladder")
+    score = w.assign(score=w["range_ratio"].map(lambda v: abs(math.log(v))))
+    return str(score.sort_values("score", ascending=False)["layer"].iloc[0])
+
+
+def plot_transition_diagnostics(diag: pd.DataFrame, layer: str | None = None, *,
+                                title: str = "", subtitle: str = ""):
+    """Four panels for one layer (default :func:`worst_layer`) across the arms with a ladder:
+    step / MSE-optimal step (applied, and what Eq. T1 would carry), zero-code fraction, the
+    task-loss jump at each transition, and the BN mean drift at the end per BN layer."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    layer = worst_layer(diag) if layer is None else layer
+    w = diag[(diag["kind"] == "weight") & (diag["layer"] == layer)].copy()
+    w["point"] = w["when"] + "@" + w["step"].astype(int).astype(str)
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
+    sns.pointplot(data=w, x="point", y="step_ratio", hue="arm", ax=axes[0], errorbar=None,
+                  markers="o", linestyles="-")
+    carried = w.dropna(subset=["range_ratio"])
+    if not carried.empty:
+        axes[0].scatter(carried["point"], carried["range_ratio"], marker="x", color="k",
+                        label="carried by range (Eq. T1)", zorder=5)
+    axes[0].axhline(1.0, color="grey", lw=0.8)
+    axes[0].set(yscale="log", ylabel="step / MSE-optimal step", xlabel="",
+                title=f"{layer}: step vs Eq. T2 optimum")
+    axes[0].legend(fontsize=7)
+    sns.pointplot(data=w, x="point", y="zero_frac", hue="arm", ax=axes[1], errorbar=None,
+                  legend=False)
+    axes[1].set(ylabel="fraction of zero codes", xlabel="", title=f"{layer}: zero codes")
+    loss = diag[diag["kind"] == "loss"].copy()
+    if not loss.empty:
+        loss["jump"] = loss["loss_after"] - loss["loss_before"]
+        loss["stage_bits"] = loss["bits"].astype(str) + "@" + loss["step"].astype(int).astype(str)
+        sns.barplot(data=loss.dropna(subset=["jump"]), x="stage_bits", y="jump", hue="arm",
+                    ax=axes[2], errorbar=None)
+    axes[2].axhline(0.0, color="grey", lw=0.8)
+    axes[2].set(ylabel="task loss: first step at new width − step before", xlabel="stage",
+                title="loss jump at each transition")
+    bn = diag[(diag["kind"] == "bn") & (diag["when"] == "end")]
+    if not bn.empty:
+        sns.barplot(data=bn, x="layer", y="mean_shift", hue="arm", ax=axes[3], errorbar=None)
+        axes[3].tick_params(axis="x", rotation=90, labelsize=6)
+    axes[3].set(ylabel="|Δμ| / σ (running mean drift)", xlabel="",
+                title="BN drift fixed by the final re-estimation")
+    for ax in axes[:2]:
+        ax.tick_params(axis="x", rotation=45, labelsize=7)
+    fig.suptitle(title + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+_POOL_JOBS: list[tuple[Any, tuple, dict]] = []
+
+
+def _pool_call(index: int) -> Any:
+    """Run job ``index`` of :data:`_POOL_JOBS` in a forked worker (one torch thread)."""
+    torch.set_num_threads(1)
+    fn, args, kw = _POOL_JOBS[index]
+    return fn(*args, **kw)
+
+
+def _map_jobs(jobs: list[tuple[Any, tuple, dict]], workers: int) -> list[Any]:
+    """``[fn(*args, **kw) for fn, args, kw in jobs]``, in ``workers`` forked processes when
+    > 1 (fork: the jobs, closures included, are inherited, only their indices are pickled)."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [fn(*args, **kw) for fn, args, kw in jobs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    global _POOL_JOBS
+    _POOL_JOBS = jobs
+    try:
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("fork")) as ex:
+            return list(ex.map(_pool_call, range(len(jobs))))
+    finally:
+        _POOL_JOBS = []
+
+
+def transition_study(fp32_model: nn.Module, train_set: Any, val_loader: Iterable,
+                     test_loader: Iterable, cfg: train.TrainConfig,
+                     bit_config: Mapping[str, int], *, base: Recipe, run_dir: str | Path,
+                     steps: int, pre_steps: int, scale_only_steps: int, screen_seed: int = 0,
+                     seeds: Sequence[int] = (0, 1, 2), budgets: Sequence[str] = ("A",),
+                     batch_size: int = 128, workers: int = 1, log: Any = print,
+                     **run_kw: Any) -> dict[str, Any]:
+    """The whole experiment of issue 14, every choice made by code on the validation split.
+
+    1. **step_lr** (item 5): plain LSQ with step_lr = lr (LSQ) and with ``cfg.step_lr``
+       (lr/10 in the study) on ``screen_seed``; the better validation top-1 is kept for every
+       arm below.
+    2. **Screen** :func:`screening_arms` on ``screen_seed`` at budget A (``steps`` total each,
+       ladders spending ``pre_steps`` before the target); the best validation top-1 wins.
+    3. **BN** re-estimation on/off for plain LSQ and the winner, same seed.
+    4. **Decide** on ``seeds`` (paired): plain LSQ, plain LSQ + BN, the winner with the BN
+       choice that scored better in 3, under every budget in ``budgets`` (B: ``steps`` at the
+       target for the winner, plain LSQ at ``steps`` and at ``steps + pre_steps``). Each final
+       run is read once on ``test_loader``.
+
+    ``workers`` > 1 trains the independent runs of each phase in that many forked processes
+    (one torch thread each; results are identical, each run's numbers depend only on its spec).
+
+    Returns ``{"screen": DataFrame, "final": DataFrame, "paired": DataFrame, "choices": dict,
+    "diagnostics": DataFrame}``. ``paired`` holds the paired differences to plain LSQ
+    (:func:`hmqat.stats.paired_difference`) on validation and test top-1.
+    """
+    from . import stats
+
+    common = dict(fp32_model=fp32_model, train_set=train_set, val_loader=val_loader, cfg=cfg,
+                  bit_config=bit_config, base=base, run_dir=run_dir, batch_size=batch_size,
+                  **run_kw)
+
+    def run(arm: TransitionArm, seed: int, budget: str = "A", total: int | None = None,
+            test: bool = False) -> dict[str, Any]:
+        tot, at = _steps_for(arm, budget, steps, pre_steps)
+        if total is not None:          # plain-LSQ control given the ladder's extra steps
+            tot = at = total
+        row = run_transition_arm(arm, seed, total_steps=tot, steps_at_target=at,
+                                 test_loader=test_loader if test else None, **common)
+        row["budget"] = budget
+        log(f"  {arm.name:<16} seed {seed} budget {budget}: {tot} steps ({at} at target), "
+            f"val {row['val_top1']:.2f} %" + (f", test {row['test_top1']:.2f} %" if test else ""))
+        return row
+
+    def many(*jobs: tuple) -> list[dict[str, Any]]:
+        return _map_jobs([(run, job, {}) for job in jobs], workers)
+
+    lsq_lr = TransitionArm("lsq/step_lr=lr", step_lr_mult=1.0)
+    lsq_cfg = TransitionArm("lsq")
+    screen = many((lsq_cfg, screen_seed), (lsq_lr, screen_seed))
+    step_lr_mult = 1.0 if screen[1]["val_top1"] > screen[0]["val_top1"] else None
+    lsq = lsq_lr if step_lr_mult == 1.0 else lsq_cfg
+    arms = screening_arms(scale_only_steps, step_lr_mult=step_lr_mult)
+    screen += many(*[(a, screen_seed) for a in arms])
+    best_row = max(screen[2:], key=lambda r: r["val_top1"])
+    best = next(a for a in arms if a.name == best_row["arm"])
+    lsq_bn = replace(lsq, name=lsq.name + "+bn", bn_end=True)
+    best_bn = replace(best, name=best.name + "+bn", bn_end=True)
+    screen += many((lsq_bn, screen_seed), (best_bn, screen_seed))
+    by_name = {r["arm"]: r["val_top1"] for r in screen}
+    winner = best_bn if by_name[best_bn.name] > by_name[best.name] else best
+    choices = {"step_lr": "lr" if step_lr_mult == 1.0 else f"cfg ({cfg.step_lr:g})",
+               "best_arm": best.name, "final_arm": winner.name, "screen_seed": screen_seed}
+    log(f"choices (validation, seed {screen_seed}): {choices}")
+
+    jobs: list[tuple] = []
+    for budget in budgets:
+        for seed in seeds:
+            jobs += [(lsq, seed, budget, None, True), (lsq_bn, seed, budget, None, True),
+                     (winner, seed, budget, None, True)]
+            if budget == "B" and winner.ladder:
+                ctrl = replace(lsq, name=lsq.name + f" (+{pre_steps})")
+                jobs.append((ctrl, seed, budget, steps + pre_steps, True))
+    final = _map_jobs([(run, job, {}) for job in jobs], workers)  # seed-0 runs: cached
+    final_df = pd.DataFrame([{k: v for k, v in r.items() if k != "record"} for r in final])
+    paired = []
+    for budget, g in final_df.groupby("budget", sort=False):
+        ref = g[g["arm"] == lsq.name].set_index("seed")
+        for arm_name, a in g.groupby("arm", sort=False):
+            a = a.set_index("seed")
+            both = a.index.intersection(ref.index)
+            row = {"budget": budget, "arm": arm_name, "seeds": len(a),
+                   "total_steps": int(a["total_steps"].iloc[0]),
+                   "steps_at_target": int(a["steps_at_target"].iloc[0]),
+                   "val_mean": a["val_top1"].mean(), "test_mean": a["test_top1"].mean(),
+                   "test_std": a["test_top1"].std(ddof=1), "wall_s_mean": a["wall_s"].mean()}
+            for split in ("val", "test"):
+                if arm_name != lsq.name and len(both) >= 2:
+                    d = stats.paired_difference(a.loc[both, f"{split}_top1"],
+                                                ref.loc[both, f"{split}_top1"])
+                    row.update({f"{split}_diff": d.mean, f"{split}_ci_low": d.low,
+                                f"{split}_ci_high": d.high})
+                else:
+                    row.update({f"{split}_diff": math.nan, f"{split}_ci_low": math.nan,
+                                f"{split}_ci_high": math.nan})
+            paired.append(row)
+    screen_df = pd.DataFrame([{k: v for k, v in r.items() if k != "record"} for r in screen])
+    return {"screen": screen_df, "final": final_df, "paired": pd.DataFrame(paired),
+            "choices": choices, "diagnostics": transition_diagnostics(screen + final)}

@@ -290,7 +290,7 @@ def load_packed(path: str | os.PathLike,
         n = int(np.prod(sec["shape"]))
         codes = unpack_codes(payload[sec["offset"]:sec["offset"] + sec["nbytes"]], n, sec["bits"],
                              sec["qn"])
-        step = state[f"{layer_name}.weight_quantizer.step"].clamp_min(quant._MIN_STEP)
+        step = state[f"{layer_name}.weight_quantizer.step"].clamp_min(quant.MIN_STEP)
         w = torch.from_numpy(codes).to(step.dtype).reshape(sec["shape"])
         state[sec["name"]] = w * quant._step_view(step, w, layer.weight_quantizer.per_channel)
     missing, unexpected = qmodel.load_state_dict(state, strict=False)

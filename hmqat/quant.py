@@ -77,6 +77,7 @@ __all__ = [
     "BitConfigError",
     "LSQQuantizer",
     "LayerSpec",
+    "MIN_STEP",
     "QConv2d",
     "QLinear",
     "act_bits_config",
@@ -114,7 +115,7 @@ BACKENDS: tuple[str, ...] = ("eager", "compile")
 MB = 2 ** 20
 _MSE_GRID = 100          # candidates α = 1/100 … 100/100 of max|x|/Q_P
 _MSE_MAX_ELEMS = 2 ** 18  # activation MSE search subsamples to at most this many elements
-_MIN_STEP = 1e-8          # the step is clamped to this in the forward (guards s <= 0)
+MIN_STEP = 1e-8           # the step is clamped to this in the forward (guards s <= 0)
 
 
 class BitConfigError(ValueError):
@@ -167,7 +168,7 @@ def _fake_quant_ref(x: torch.Tensor, s: torch.Tensor, qn: int, qp: int) -> torch
 def _mse_step(x2d: torch.Tensor, qn: int, qp: int, signed: bool) -> torch.Tensor:
     """Grid search s = α·max|x|/Q_P, α ∈ {1..100}/100, minimising ||Q(x)-x||² per row of x2d."""
     amax = x2d.abs().amax(dim=1) if signed else x2d.clamp_min(0).amax(dim=1)
-    amax = amax.clamp_min(_MIN_STEP)
+    amax = amax.clamp_min(MIN_STEP)
     best_err = torch.full_like(amax, float("inf"))
     best = amax / qp
     for k in range(1, _MSE_GRID + 1):
@@ -198,7 +199,7 @@ def init_step(x: torch.Tensor, bits: int, *, signed: bool = True, per_channel: b
                 stride = -(-x2d.shape[1] // _MSE_MAX_ELEMS)
                 x2d = x2d[:, ::stride]
             s = _mse_step(x2d.float(), qn, qp, signed).to(x.dtype)
-        return s.clamp_min(_MIN_STEP)
+        return s.clamp_min(MIN_STEP)
 
 
 def quantize_weight(w: torch.Tensor, bits: int, *, per_channel: bool = True,
@@ -334,7 +335,7 @@ class _LSQFunction(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, step: torch.Tensor, qn: int, qp: int,
                 grad_scale: float, per_channel: bool, bounds: tuple[torch.Tensor, torch.Tensor]
                 ) -> torch.Tensor:
-        s = _step_view(step.clamp_min(_MIN_STEP), x, per_channel)
+        s = _step_view(step.clamp_min(MIN_STEP), x, per_channel)
         ctx.qn, ctx.qp, ctx.g, ctx.per_channel = qn, qp, grad_scale, per_channel
         out = None
         if _BACKEND == "compile" and x.numel() >= _COMPILE_MIN_NUMEL:
@@ -404,6 +405,11 @@ class LSQQuantizer(nn.Module):
         is_weight: weight quantizers (re)initialise lazily in any mode; activation quantizers only
             in training mode or inside :func:`calibrate_activations`.
 
+    ``enabled`` (attribute, default True): False makes the quantizer return its input unchanged
+    (FP32 pass-through; the step gets no gradient), as the FP32 stage of a precision schedule
+    needs (:mod:`hmqat.transitions`). It is run state, not in the state dict: the schedule that
+    switched it restores it on resume.
+
     State dict: ``step`` [C] or [1] (Parameter), ``initialized`` (bool) and ``bit_width``
     (uint8) buffers. Loading a state dict adopts its bit width, so a checkpoint taken after a
     precision transition restores the bits that belong to its steps.
@@ -426,6 +432,7 @@ class LSQQuantizer(nn.Module):
         self._pending_init: str | None = None
         self._calib: list[torch.Tensor] | None = None
         self._warned = False
+        self.enabled = True      # False: FP32 pass-through (a precision schedule's FP32 stage)
 
     # -- ranges --------------------------------------------------------------------------------
     @property
@@ -525,6 +532,8 @@ class LSQQuantizer(nn.Module):
         self.mark_initialized(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:     # FP32 pass-through: the input unchanged, the step gets no gradient
+            return x
         if self._calib is not None:
             self._calibrate(x)
         elif not self._init_flag:
@@ -540,16 +549,21 @@ class LSQQuantizer(nn.Module):
         return _LSQFunction.apply(x, self.step, self.qn, self.qp, self.grad_scale(x),
                                   self.per_channel, self._bounds)
 
+    def step_like(self, x: torch.Tensor) -> torch.Tensor:
+        """The detached step, clamped to :data:`MIN_STEP` as the forward does, broadcast
+        against ``x`` ([C, 1, ...] per channel, [1] per tensor)."""
+        return _step_view(self.step.detach().clamp_min(MIN_STEP), x, self.per_channel)
+
     @torch.no_grad()
     def int_repr(self, x: torch.Tensor, dtype: torch.dtype = torch.int32) -> torch.Tensor:
         """Integer codes round(clamp(x/s, Q_N, Q_P)) as ``dtype`` (export, oscillation tracking)."""
-        s = _step_view(self.step.clamp_min(_MIN_STEP), x, self.per_channel)
+        s = self.step_like(x)
         return torch.clamp(x / s, self.qn, self.qp).round_().to(dtype)
 
     def extra_repr(self) -> str:
         kind = "per_channel" if self.per_channel else "per_tensor"
         return (f"bits={self.bits}, signed={self.signed}, {kind}, steps={self.step.numel()}, "
-                f"init={self.init_method}")
+                f"init={self.init_method}" + ("" if self.enabled else ", disabled (FP32)"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -916,16 +930,21 @@ def _as_input(batch: Any) -> torch.Tensor:
 
 
 def calibrate_activations(qmodel: nn.Module, batches: Iterable[Any], *,
-                          max_batches: int | None = None, method: str | None = None
-                          ) -> nn.Module:
+                          max_batches: int | None = None, method: str | None = None,
+                          quantizers: Iterable[LSQQuantizer] | None = None) -> nn.Module:
     """Initialise every activation step from ``batches`` (tensors or (x, y) pairs).
 
     Runs the model in eval mode without gradients (BN statistics untouched); each activation
     quantizer's step becomes the mean of its per-batch :func:`init_step` estimates, and the
     inputs of later layers see the already-quantized earlier ones. ``method`` overrides each
-    quantizer's init method ("lsq"/"mse"). Returns ``qmodel``.
+    quantizer's init method ("lsq"/"mse"). ``quantizers`` restricts the calibration to these
+    activation quantizers of ``qmodel`` (the others keep their steps; a precision transition
+    re-initialises only the ones whose width changed). Returns ``qmodel``.
     """
     acts = [m for m in qmodel.modules() if isinstance(m, LSQQuantizer) and not m.is_weight]
+    if quantizers is not None:
+        wanted = {id(q) for q in quantizers}
+        acts = [q for q in acts if id(q) in wanted]
     if not acts:
         return qmodel
     if method is not None:
