@@ -538,7 +538,7 @@ class PrecisionTransition(Callback):
         self.applied = -1
         self.events: list[dict[str, Any]] = []
         self.diagnostics: list[dict[str, Any]] = []
-        self._last_loss = math.nan
+        self._last_loss: float | None = None     # task loss of the last step (None: none yet)
         self._starts: list[int] = []
         self._warmup_steps = 0
         self._total = 0
@@ -710,7 +710,7 @@ class PrecisionTransition(Callback):
                                         method="mse", quantizers=acts)
         self.events.append({"step": state.step, "epoch": state.epoch, "stage": k,
                             "bits": label, "changed": changed, "loss_before": self._last_loss,
-                            "loss_after": math.nan})
+                            "loss_after": None})
 
     def _snapshot(self, state: TrainState, when: str) -> None:
         """Diagnostics rows of every active weight quantizer now (end of a phase or of training)."""
@@ -754,7 +754,7 @@ class PrecisionTransition(Callback):
         self.applied = int(state["applied"])
         self.events = [dict(e) for e in state["events"]]
         self.diagnostics = [dict(d) for d in state["diagnostics"]]
-        self._last_loss = float(state["last_loss"])
+        self._last_loss = state["last_loss"]
 
 
 # --------------------------------------------------------------------------------------------

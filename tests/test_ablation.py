@@ -117,7 +117,8 @@ def test_summary_and_bad_inputs(setup, tmp_path):
     assert [(s.variant, s.seed) for s in specs] == [("lsq", 0), ("all", 0), ("lsq", 1),
                                                     ("all", 1)]
     r = specs[1].recipe
-    assert r.transitions and r.osc_freeze and r.osc_dampen and not r.distill and r.osc_track
+    assert r.transition.enabled and r.oscillation.freeze and r.oscillation.dampen
+    assert not r.distillation.enabled and r.oscillation.track
     with pytest.raises(ablation.AblationError, match=r"unknown transition variant\(s\) \['al'\]"):
         ablation.transition_specs({}, variants=["al"])
     with pytest.raises(ablation.AblationError, match="give exactly one size budget"):
@@ -139,7 +140,8 @@ def test_summary_and_bad_inputs(setup, tmp_path):
     with pytest.raises(ablation.AblationError, match="val_loader is None"):
         ablation.run_specs(specs, fp32, tr, None, cfg, run_dir=tmp_path)
     with pytest.raises(ablation.AblationError, match="recipe must be a hmqat.transitions.Recipe"):
-        ablation.train_run(fp32, {}, {"transitions": True}, tr, te, cfg, run_dir=tmp_path)
+        ablation.train_run(fp32, {}, {"transition": {"enabled": True}}, tr, te, cfg,
+                           run_dir=tmp_path)
     table = pd.DataFrame({"group": ["a", "a", "b"], "variant": ["r", "r", "u"],
                           "top1": [50.0, 60.0, 70.0], "size_mb": 1.0, "compression": 2.0,
                           "avg_bits": 4.0, "osc_frac": 0.1})
