@@ -554,8 +554,8 @@ def run_transition_arm(arm: TransitionArm, seed: int, fp32_model: nn.Module, tra
     """Train (or read back) one arm on one seed and return its table row.
 
     The run uses a training loader over ``train_set`` seeded with ``seed`` (data order and
-    augmentation), ``cfg`` with ``seed``, one epoch of ``total_steps`` steps and the arm's
-    step_lr, and is scored on ``val_loader`` (:func:`train_run`, cached in ``run_dir``). With
+    augmentation), ``cfg`` with ``seed``, ``total_steps`` steps in as few equal epochs as the
+    split allows, and the arm's step_lr, and is scored on ``val_loader`` (:func:`train_run`, cached in ``run_dir``). With
     ``test_loader`` the trained model is rebuilt from the run's final checkpoint (its validation
     top-1 must match the recorded one exactly) and scored once on it; that number is cached in
     ``test.json`` next to ``result.json``.
@@ -563,13 +563,14 @@ def run_transition_arm(arm: TransitionArm, seed: int, fp32_model: nn.Module, tra
     from . import data as hdata
 
     loader = hdata.make_loader(train_set, batch_size, train=True, seed=int(seed), drop_last=True)
-    if total_steps > len(loader):
-        raise AblationError(f"arm {arm.name!r} needs {total_steps} steps in one epoch but the "
-                            f"training split has {len(loader)} batches of {batch_size}; lower "
-                            f"steps/pre_steps")
+    epochs = -(-total_steps // len(loader))          # as few epochs as the steps need
+    if total_steps % epochs:
+        raise AblationError(f"arm {arm.name!r}: {total_steps} steps do not split into {epochs} "
+                            f"equal epochs of at most {len(loader)} batches of {batch_size}; "
+                            f"choose steps and pre_steps divisible by {epochs}")
     step_lr = cfg.step_lr if arm.step_lr_mult is None else cfg.lr * arm.step_lr_mult
-    run_cfg = replace(cfg, seed=int(seed), epochs=1, max_steps_per_epoch=total_steps,
-                      step_lr=step_lr)
+    run_cfg = replace(cfg, seed=int(seed), epochs=epochs,
+                      max_steps_per_epoch=total_steps // epochs, step_lr=step_lr)
     recipe = arm.recipe(base, total_steps, steps_at_target)
     rec = train_run(fp32_model, bit_config, recipe, loader, val_loader, run_cfg, run_dir=run_dir,
                     **run_kw)
@@ -591,16 +592,7 @@ def _test_top1(folder: Path, rec: Mapping[str, Any], fp32_model: nn.Module,
     path = folder / "test.json"
     if path.exists():
         return float(read_json(path)["top1"])
-    ck = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=False)
-    qmodel = quant.quantize_model(fp32_model, dict(bit_config), a_bits=run_kw.get("a_bits", 4),
-                                  policy=run_kw.get("policy", "first_last_8"),
-                                  per_channel=run_kw.get("per_channel", True),
-                                  init=run_kw.get("init", "lsq"))
-    qmodel.load_state_dict(ck["model"])
-    qmodel.eval()
-    dev = run_kw.get("device")
-    if dev is not None:
-        qmodel.to(dev)
+    qmodel = _final_model(folder, fp32_model, bit_config, run_kw)
     val = train.evaluate(qmodel, val_loader)["top1"]
     if val != rec["top1"]:
         raise AblationError(f"run {folder.name}: the checkpoint's validation top-1 {val} differs "
@@ -718,6 +710,63 @@ def _map_jobs(jobs: list[tuple[Any, tuple, dict]], workers: int) -> list[Any]:
         _POOL_JOBS = []
 
 
+def bn_reestimated(row: Mapping[str, Any], arm: TransitionArm, fp32_model: nn.Module,
+                   train_set: Any, val_loader: Iterable, bit_config: Mapping[str, int], *,
+                   base: Recipe, run_dir: str | Path, batch_size: int = 128,
+                   test_loader: Iterable | None = None, **run_kw: Any) -> dict[str, Any]:
+    """The row of ``arm`` + BN re-estimation at the end, from the finished run ``row`` of
+    ``arm`` without it.
+
+    BN re-estimation after the last step changes neither the weights nor the steps
+    (tests/test_transitions.py), so the "+bn" model is the finished run's final checkpoint with
+    its BatchNorm statistics re-estimated on exactly the batches the
+    :class:`hmqat.transitions.BNReestimation` callback would use (the first ``bn.images``
+    images of the seed's epoch 0). Scored on ``val_loader`` and, with ``test_loader``, once on
+    the test split; cached as ``bn.json`` in the run folder.
+    """
+    from . import data as hdata
+    from .transitions import reestimate_bn_with_drift
+
+    folder = Path(run_dir) / row["run_id"]
+    path = folder / "bn.json"
+    rec = read_json(path) if path.exists() else {}
+    if "val_top1" not in rec or (test_loader is not None and "test_top1" not in rec):
+        loader = hdata.make_loader(train_set, batch_size, train=True, seed=int(row["seed"]),
+                                   drop_last=True)
+        recipe = arm.recipe(base, row["total_steps"], row["steps_at_target"]).updated(
+            {"bn": {"at_end": True}})
+        qmodel = _final_model(folder, fp32_model, bit_config, run_kw)
+        t0 = time.perf_counter()
+        drift = reestimate_bn_with_drift(qmodel, recipe_batches(recipe, loader),
+                                         recipe.bn.images)
+        rec = {"val_top1": train.evaluate(qmodel, val_loader)["top1"],
+               "bn_drift": [{"step": row["total_steps"], "when": "end", **r} for r in drift],
+               "bn_s": time.perf_counter() - t0}
+        if test_loader is not None:
+            rec["test_top1"] = train.evaluate(qmodel, test_loader)["top1"]
+        atomic_write_json(path, rec)
+    out = {**{k: v for k, v in row.items() if k != "record"}, "arm": arm.name + "+bn",
+           "val_top1": rec["val_top1"], "val_loss": math.nan,
+           "test_top1": rec.get("test_top1", math.nan), "wall_s": row["wall_s"] + rec["bn_s"],
+           "recipe": row["recipe"] + " + BN re-est(end)"}
+    out["record"] = {**row["record"], "bn_drift": rec["bn_drift"]}
+    return out
+
+
+def _final_model(folder: Path, fp32_model: nn.Module, bit_config: Mapping[str, int],
+                 run_kw: Mapping[str, Any]) -> nn.Module:
+    """The trained model of a finished run, rebuilt from its final checkpoint (eval mode)."""
+    ck = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=False)
+    qmodel = quant.quantize_model(fp32_model, dict(bit_config), a_bits=run_kw.get("a_bits", 4),
+                                  policy=run_kw.get("policy", "first_last_8"),
+                                  per_channel=run_kw.get("per_channel", True),
+                                  init=run_kw.get("init", "lsq"))
+    qmodel.load_state_dict(ck["model"])
+    if run_kw.get("device") is not None:
+        qmodel.to(run_kw["device"])
+    return qmodel.eval()
+
+
 def transition_study(fp32_model: nn.Module, train_set: Any, val_loader: Iterable,
                      test_loader: Iterable, cfg: train.TrainConfig,
                      bit_config: Mapping[str, int], *, base: Recipe, run_dir: str | Path,
@@ -727,16 +776,17 @@ def transition_study(fp32_model: nn.Module, train_set: Any, val_loader: Iterable
                      **run_kw: Any) -> dict[str, Any]:
     """The whole experiment of issue 14, every choice made by code on the validation split.
 
-    1. **step_lr** (item 5): plain LSQ with step_lr = lr (LSQ) and with ``cfg.step_lr``
-       (lr/10 in the study) on ``screen_seed``; the better validation top-1 is kept for every
-       arm below.
-    2. **Screen** :func:`screening_arms` on ``screen_seed`` at budget A (``steps`` total each,
-       ladders spending ``pre_steps`` before the target); the best validation top-1 wins.
-    3. **BN** re-estimation on/off for plain LSQ and the winner, same seed.
-    4. **Decide** on ``seeds`` (paired): plain LSQ, plain LSQ + BN, the winner with the BN
-       choice that scored better in 3, under every budget in ``budgets`` (B: ``steps`` at the
-       target for the winner, plain LSQ at ``steps`` and at ``steps + pre_steps``). Each final
-       run is read once on ``test_loader``.
+    1. **Screen** on ``screen_seed`` at budget A (``steps`` total each; ladders spend
+       ``pre_steps`` above the target): plain LSQ with ``cfg.step_lr`` (lr/10 in the study)
+       and with step_lr = lr (LSQ's choice, item 5), and every :func:`screening_arms` arm at
+       ``cfg.step_lr``. The better plain-LSQ step_lr is kept for the final runs; the transition
+       arm with the best validation top-1 is "best".
+    2. **BN** re-estimation at the end on/off for plain LSQ and for best, same seed
+       (:func:`bn_reestimated`: no retraining needed); best keeps it if it scores higher.
+    3. **Decide** on ``seeds`` (paired): plain LSQ, plain LSQ + BN and the chosen arm (at the
+       chosen step_lr), under every budget in ``budgets`` (B: ``steps`` at the target for the
+       chosen arm; plain LSQ at ``steps`` and, as the control, at ``steps + pre_steps``).
+       Each final model is read once on ``test_loader``.
 
     ``workers`` > 1 trains the independent runs of each phase in that many forked processes
     (one torch thread each; results are identical, each run's numbers depend only on its spec).
@@ -750,49 +800,63 @@ def transition_study(fp32_model: nn.Module, train_set: Any, val_loader: Iterable
     common = dict(fp32_model=fp32_model, train_set=train_set, val_loader=val_loader, cfg=cfg,
                   bit_config=bit_config, base=base, run_dir=run_dir, batch_size=batch_size,
                   **run_kw)
+    bn_kw = dict(fp32_model=fp32_model, train_set=train_set, val_loader=val_loader,
+                 bit_config=bit_config, base=base, run_dir=run_dir, batch_size=batch_size,
+                 **run_kw)
 
     def run(arm: TransitionArm, seed: int, budget: str = "A", total: int | None = None,
-            test: bool = False) -> dict[str, Any]:
+            test: bool = False, bn: bool = False) -> list[dict[str, Any]]:
         tot, at = _steps_for(arm, budget, steps, pre_steps)
         if total is not None:          # plain-LSQ control given the ladder's extra steps
             tot = at = total
         row = run_transition_arm(arm, seed, total_steps=tot, steps_at_target=at,
                                  test_loader=test_loader if test else None, **common)
-        row["budget"] = budget
-        log(f"  {arm.name:<16} seed {seed} budget {budget}: {tot} steps ({at} at target), "
-            f"val {row['val_top1']:.2f} %" + (f", test {row['test_top1']:.2f} %" if test else ""))
-        return row
+        rows = [row]
+        if bn:
+            rows.append(bn_reestimated(row, arm, test_loader=test_loader if test else None,
+                                       **bn_kw))
+        for r in rows:
+            r["budget"] = budget
+            log(f"  {r['arm']:<18} seed {seed} budget {budget}: {tot} steps ({at} at target), "
+                f"val {r['val_top1']:.2f} %" + (f", test {r['test_top1']:.2f} %" if test else ""))
+        return rows
 
     def many(*jobs: tuple) -> list[dict[str, Any]]:
-        return _map_jobs([(run, job, {}) for job in jobs], workers)
+        return [r for rows in _map_jobs([(run, job, {}) for job in jobs], workers) for r in rows]
 
-    lsq_lr = TransitionArm("lsq/step_lr=lr", step_lr_mult=1.0)
     lsq_cfg = TransitionArm("lsq")
-    screen = many((lsq_cfg, screen_seed), (lsq_lr, screen_seed))
+    lsq_lr = TransitionArm("lsq/step_lr=lr", step_lr_mult=1.0)
+    arms = screening_arms(scale_only_steps)
+    screen = many(*[(a, screen_seed) for a in arms], (lsq_cfg, screen_seed),
+                  (lsq_lr, screen_seed))
+    screen = screen[-2:] + screen[:-2]            # plain LSQ first in the table
     step_lr_mult = 1.0 if screen[1]["val_top1"] > screen[0]["val_top1"] else None
-    lsq = lsq_lr if step_lr_mult == 1.0 else lsq_cfg
-    arms = screening_arms(scale_only_steps, step_lr_mult=step_lr_mult)
-    screen += many(*[(a, screen_seed) for a in arms])
     best_row = max(screen[2:], key=lambda r: r["val_top1"])
-    best = next(a for a in arms if a.name == best_row["arm"])
-    lsq_bn = replace(lsq, name=lsq.name + "+bn", bn_end=True)
-    best_bn = replace(best, name=best.name + "+bn", bn_end=True)
-    screen += many((lsq_bn, screen_seed), (best_bn, screen_seed))
+    best = replace(next(a for a in arms if a.name == best_row["arm"]),
+                   step_lr_mult=step_lr_mult)
+    lsq = lsq_lr if step_lr_mult == 1.0 else lsq_cfg
+    if step_lr_mult == 1.0:
+        best = replace(best, name=best.name + "/step_lr=lr")
+    bn_rows = many((lsq, screen_seed, "A", None, False, True),
+                   (best, screen_seed, "A", None, False, True))
+    screen += [r for r in bn_rows if r["arm"] not in {x["arm"] for x in screen}]
     by_name = {r["arm"]: r["val_top1"] for r in screen}
-    winner = best_bn if by_name[best_bn.name] > by_name[best.name] else best
+    use_bn = by_name[best.name + "+bn"] > by_name[best.name]
     choices = {"step_lr": "lr" if step_lr_mult == 1.0 else f"cfg ({cfg.step_lr:g})",
-               "best_arm": best.name, "final_arm": winner.name, "screen_seed": screen_seed}
+               "best_arm": best.name, "final_arm": best.name + ("+bn" if use_bn else ""),
+               "screen_seed": screen_seed}
     log(f"choices (validation, seed {screen_seed}): {choices}")
 
     jobs: list[tuple] = []
     for budget in budgets:
         for seed in seeds:
-            jobs += [(lsq, seed, budget, None, True), (lsq_bn, seed, budget, None, True),
-                     (winner, seed, budget, None, True)]
-            if budget == "B" and winner.ladder:
+            jobs += [(lsq, seed, budget, None, True, True), (best, seed, budget, None, True, use_bn)]
+            if budget == "B" and best.ladder:
                 ctrl = replace(lsq, name=lsq.name + f" (+{pre_steps})")
-                jobs.append((ctrl, seed, budget, steps + pre_steps, True))
-    final = _map_jobs([(run, job, {}) for job in jobs], workers)  # seed-0 runs: cached
+                jobs.append((ctrl, seed, budget, steps + pre_steps, True, False))
+    final = many(*jobs)
+    if use_bn:       # the chosen arm is best+bn; best without BN was only a screening row
+        final = [r for r in final if r["arm"] != best.name]
     final_df = pd.DataFrame([{k: v for k, v in r.items() if k != "record"} for r in final])
     paired = []
     for budget, g in final_df.groupby("budget", sort=False):
@@ -818,3 +882,77 @@ def transition_study(fp32_model: nn.Module, train_set: Any, val_loader: Iterable
     screen_df = pd.DataFrame([{k: v for k, v in r.items() if k != "record"} for r in screen])
     return {"screen": screen_df, "final": final_df, "paired": pd.DataFrame(paired),
             "choices": choices, "diagnostics": transition_diagnostics(screen + final)}
+
+
+def validation_fp32(study: Any, val_size: int, *, epochs: int, lr: float, weight_decay: float,
+                    max_steps_per_epoch: int | None = None) -> tuple[nn.Module, Any, Any]:
+    """(FP32 model, training split, validation split) for experiments that choose on a
+    validation hold-out: the FP32 model is fine-tuned (pretrained weights when the study has
+    them) on the training images MINUS a seeded, stratified hold-out of ``val_size`` images
+    (:func:`hmqat.data.load_dataset`), so the hold-out is unseen by every stage. Checkpointed as
+    ``checkpoints/fp32-<arch>-val<val_size>.pt`` (a finished run is read back)."""
+    from . import data as hdata
+
+    if not isinstance(val_size, int) or val_size <= 0:
+        raise AblationError(f"val_size={val_size!r}; hold out a positive number of training "
+                            f"images, e.g. 5000")
+    kw = dict(n_synthetic=study.n_synthetic, seed=study.seed, val_size=val_size)
+    train_set = hdata.load_dataset(study.dataset, "train", **kw)
+    val_set = hdata.load_dataset(study.dataset, "val", **kw)
+    cfg = train.TrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, seed=study.seed,
+                            max_steps_per_epoch=max_steps_per_epoch,
+                            checkpoint=str(study.path("checkpoints",
+                                                      f"fp32-{study.arch}-val{val_size}.pt")))
+    model, _ = train.finetune(study.arch, train_set, val_set, cfg, batch_size=study.batch_size,
+                              device=study.dev, pretrained=study.pretrained)
+    return model.eval(), train_set, val_set
+
+
+def write_transition_results(out: Mapping[str, Any], study: Any, *, point: str,
+                             settings: Mapping[str, Any], wall_s: float) -> dict[str, Path]:
+    """Write the experiment of :func:`transition_study` under the study's results folder:
+    ``data/transition_experiment.csv`` (every run: phase, budget, arm, seed, steps, val/test
+    top-1, wall time), ``data/transition_diagnostics.csv``, ``data/transition_experiment.json``
+    (choices, settings, wall time), ``tables/transition_experiment`` (paired differences to
+    plain LSQ with 95 % CIs), ``tables/transition_screen`` and
+    ``figures/transition_diagnostics``. Returns the paths."""
+    from . import plotting, reporting
+
+    screen = out["screen"].assign(phase="screen")
+    final = out["final"].assign(phase="final")
+    runs = pd.concat([screen, final], ignore_index=True)
+    paths: dict[str, Path] = {}
+    paths["runs"] = study.path("data", "transition_experiment.csv")
+    runs.to_csv(paths["runs"], index=False)
+    paths["diagnostics"] = study.path("data", "transition_diagnostics.csv")
+    out["diagnostics"].to_csv(paths["diagnostics"], index=False)
+    paths["json"] = study.path("data", "transition_experiment.json")
+    atomic_write_json(paths["json"], {"choices": dict(out["choices"]), "settings": dict(settings),
+                                      "point": point, "wall_s": wall_s,
+                                      "data": study.data_label, "profile": study.profile})
+    seeds = sorted(out["final"]["seed"].unique().tolist())
+    paired = out["paired"].copy()
+    hours = wall_s / 3600
+    reporting.write_table(
+        paired, study.tables / "transition_experiment",
+        caption=(f"Transition-aware fine-tuning vs plain LSQ at {point}: {study.arch}, seeds "
+                 f"{seeds} (paired), every arm trained from the same FP32 model on train minus "
+                 f"a {settings.get('val_size')}-image hold-out; choices on the hold-out (val_*), "
+                 f"test_* read once per final run; diff = arm - plain LSQ with 95 % paired-t "
+                 f"CI; budget A = equal total steps, B = equal steps at target; steps_at_target "
+                 f"per arm; wall_s_mean = mean train+eval seconds per run on "
+                 f"{settings.get('device', 'cpu')}; experiment wall time {hours:.2f} h"),
+        data_label=study.data_label, profile=study.profile)
+    reporting.write_table(
+        out["screen"].drop(columns=["test_top1"]), study.tables / "transition_screen",
+        caption=(f"Screening of transition arms at {point}, seed {out['choices']['screen_seed']}, "
+                 f"validation hold-out only (one seed: a ranking, not evidence); "
+                 f"choices: {out['choices']}"),
+        data_label=study.data_label, profile=study.profile)
+    diag = out["diagnostics"]
+    if not diag.empty and "range_ratio" in diag and diag["range_ratio"].notna().any():
+        fig = plot_transition_diagnostics(
+            diag, title=f"Precision-transition diagnostics at {point} (worst layer)",
+            subtitle=study.subtitle())
+        paths["figure"] = plotting.savefig(fig, study.figures / "transition_diagnostics")[0]
+    return paths

@@ -14,8 +14,8 @@
 # "transition aware fine-tuning of scale factor" (see notebook 04 and docs/method.md). The step's
 # gradient is scaled by $g = 1/\sqrt{N\,Q_P}$, and the steps get their own learning rate.
 #
-# The study's recipe (`recipe` parameter, `{distillation: {enabled: true}}` in params/quick.yaml) adds
-# **knowledge distillation** from the FP32 model: the loss is the cross-entropy plus
+# The study's recipe (`recipe` parameter, `{distillation: {enabled: true}}` in
+# params/quick.yaml) adds **knowledge distillation** from the FP32 model: the loss is the cross-entropy plus
 # $T^2\,\mathrm{KL}\big(\mathrm{softmax}(z_\text{FP32}/T)\,\|\,\mathrm{softmax}(z/T)\big)$ at $T = 4$. HMQAT's
 # abstract does not mention it; notebook 04's `lsq+distill` row shows what it buys.
 #
@@ -137,4 +137,5 @@ print(f"{packed.name}: {packed.stat().st_size / 1024:.1f} KB on disk vs "
 # 1. Train the mixed configuration with `policy="none"` (first and last layer quantized too).
 #    How much accuracy do those two small layers cost at 2–3 bits?
 # 2. Compare `step_lr = qat_lr` with `step_lr = qat_lr / 10`. What happens to the learned steps?
-# 3. Use `recipe={"distillation": {"enabled": True}}`. Why does distillation help most when QAT is short?
+# 3. Use `recipe={"distillation": {"enabled": True}}`. Why does distillation help most when QAT
+#    is short?
