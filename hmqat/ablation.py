@@ -246,8 +246,9 @@ def transition_specs(bit_config: Mapping[str, int], *, base: Recipe | None = Non
                      variants: Sequence[str] | None = None, seeds: Sequence[int] = (0,),
                      omega: float = float("nan")) -> list[RunSpec]:
     """Specs (a)–(f) of the transition group: ``base`` with each variant's switches
-    (:data:`TRANSITION_VARIANTS`) and every other switch off. Default base: ``Recipe(oscillation=
-    {'track': True})``, so every row reports its oscillating fraction (tracking does not change training)."""
+    (:data:`TRANSITION_VARIANTS`) and every other switch off. Default base:
+    ``Recipe(oscillation={'track': True})``, so every row reports its oscillating fraction
+    (tracking does not change training)."""
     base = Recipe(oscillation={"track": True}) if base is None else base
     variants = list(TRANSITION_VARIANTS) if variants is None else list(variants)
     unknown = [v for v in variants if v not in TRANSITION_VARIANTS]
@@ -555,7 +556,8 @@ def run_transition_arm(arm: TransitionArm, seed: int, fp32_model: nn.Module, tra
 
     The run uses a training loader over ``train_set`` seeded with ``seed`` (data order and
     augmentation), ``cfg`` with ``seed``, ``total_steps`` steps in as few equal epochs as the
-    split allows, and the arm's step_lr, and is scored on ``val_loader`` (:func:`train_run`, cached in ``run_dir``). With
+    split allows, and the arm's step_lr, and is scored on ``val_loader`` (:func:`train_run`,
+    cached in ``run_dir``). With
     ``test_loader`` the trained model is rebuilt from the run's final checkpoint (its validation
     top-1 must match the recorded one exactly) and scored once on it; that number is cached in
     ``test.json`` next to ``result.json``.
@@ -850,7 +852,8 @@ def transition_study(fp32_model: nn.Module, train_set: Any, val_loader: Iterable
     jobs: list[tuple] = []
     for budget in budgets:
         for seed in seeds:
-            jobs += [(lsq, seed, budget, None, True, True), (best, seed, budget, None, True, use_bn)]
+            jobs += [(lsq, seed, budget, None, True, True),
+                     (best, seed, budget, None, True, use_bn)]
             if budget == "B" and best.ladder:
                 ctrl = replace(lsq, name=lsq.name + f" (+{pre_steps})")
                 jobs.append((ctrl, seed, budget, steps + pre_steps, True, False))

@@ -822,7 +822,8 @@ class OscillationTracker(Callback):
     * ``dampen``: adds λ(t)·Σ_layers dampening_loss (every quantized layer), λ ramped from
       ``dampen_weight`` to ``dampen_weight_final`` from progress ``dampen_start`` on.
     * ``freeze``: in layers with bits <= ``freeze_max_bits``, a weight with f > threshold(t) is
-      frozen at round(EMA of its integer codes); the threshold is 0 (off) before ``freeze_start``, then
+      frozen at round(EMA of its integer codes); the threshold is 0 (off) before
+      ``freeze_start``, then
       anneals from ``freeze_threshold`` to ``freeze_threshold_final``. A frozen weight gets a
       zero gradient (tensor hook), zero momentum, and after every optimizer step is reset to
       s·k, so its integer code k never changes and the saved model alone reproduces it.
@@ -1215,8 +1216,8 @@ class Recipe:
             raise RecipeError(f"unknown recipe key(s) {sorted(unknown)}; use the sections "
                               f"{list(_SECTIONS)}, e.g. {{'transition': {{'enabled': true}}}}")
         if flat:
-            warnings.warn(f"flat recipe keys are deprecated; use the nested form ({', '.join(flat)})",
-                          DeprecationWarning, stacklevel=2)
+            warnings.warn(f"flat recipe keys are deprecated; use the nested form "
+                          f"({', '.join(flat)})", DeprecationWarning, stacklevel=2)
         return cls(**nested)
 
     def to_dict(self) -> dict[str, Any]:

@@ -48,7 +48,8 @@ transition_fp32_epochs = 3          # FP32 fine-tune on train minus the hold-out
 transition_fp32_lr = 0.01
 transition_fp32_wd = 0.0001
 transition_fp32_max_steps = None
-transition_recipe = {"distillation": {"enabled": True}}   # the study's QAT recipe (KD, T=4)
+# the study's QAT recipe (KD, T=4):
+transition_recipe = {"distillation": {"enabled": True}}
 transition_steps = 300              # total optimizer steps per run (budget A)
 transition_pre_steps = 50           # steps a ladder spends above the target width
 transition_scale_only = 20          # scale-only steps after every stage start
