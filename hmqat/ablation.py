@@ -640,39 +640,47 @@ def worst_layer(diag: pd.DataFrame) -> str:
 
 def plot_transition_diagnostics(diag: pd.DataFrame, layer: str | None = None, *,
                                 title: str = "", subtitle: str = ""):
-    """Four panels for one layer (default :func:`worst_layer`) across the arms with a ladder:
-    step / MSE-optimal step (applied, and what Eq. T1 would carry), zero-code fraction, the
-    task-loss jump at each transition, and the BN mean drift at the end per BN layer."""
+    """Four panels, on the screening (lowest) seed: for one layer (default :func:`worst_layer`)
+    the step / MSE-optimal step of every arm at each transition, scale-only-phase end and the
+    end of training (× what Eq. T1 would have carried) and its zero-code fraction; the task-loss
+    jump at each transition; the BN mean drift per BN layer removed by the final
+    re-estimation."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    layer = worst_layer(diag) if layer is None else layer
-    w = diag[(diag["kind"] == "weight") & (diag["layer"] == layer)].copy()
+    seed = diag["seed"].min()                   # the screening seed: every arm ran on it
+    runs = diag[(diag["seed"] == seed) & ~diag["arm"].str.endswith("+bn")]
+    layer = worst_layer(runs) if layer is None else layer
+    w = runs[(runs["kind"] == "weight") & (runs["layer"] == layer)].copy()
+    when_rank = {"transition": 0, "scale_only_end": 1, "end": 2}
     w["point"] = w["when"] + "@" + w["step"].astype(int).astype(str)
+    order = (w.assign(r=w["when"].map(when_rank)).sort_values(["step", "r"])["point"]
+             .drop_duplicates().tolist())
     fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
     sns.pointplot(data=w, x="point", y="step_ratio", hue="arm", ax=axes[0], errorbar=None,
-                  markers="o", linestyles="-")
+                  order=order)
     carried = w.dropna(subset=["range_ratio"])
     if not carried.empty:
-        axes[0].scatter(carried["point"], carried["range_ratio"], marker="x", color="k",
-                        label="carried by range (Eq. T1)", zorder=5)
+        axes[0].scatter([order.index(p) for p in carried["point"]], carried["range_ratio"],
+                        marker="x", color="k", label="carried by range (Eq. T1)", zorder=5)
     axes[0].axhline(1.0, color="grey", lw=0.8)
     axes[0].set(yscale="log", ylabel="step / MSE-optimal step", xlabel="",
                 title=f"{layer}: step vs Eq. T2 optimum")
     axes[0].legend(fontsize=7)
     sns.pointplot(data=w, x="point", y="zero_frac", hue="arm", ax=axes[1], errorbar=None,
-                  legend=False)
+                  order=order, legend=False)
     axes[1].set(ylabel="fraction of zero codes", xlabel="", title=f"{layer}: zero codes")
-    loss = diag[diag["kind"] == "loss"].copy()
+    loss = runs[runs["kind"] == "loss"].copy()
     if not loss.empty:
-        loss["jump"] = loss["loss_after"] - loss["loss_before"]
+        loss["jump"] = (pd.to_numeric(loss["loss_after"], errors="coerce")
+                        - pd.to_numeric(loss["loss_before"], errors="coerce"))
         loss["stage_bits"] = loss["bits"].astype(str) + "@" + loss["step"].astype(int).astype(str)
         sns.barplot(data=loss.dropna(subset=["jump"]), x="stage_bits", y="jump", hue="arm",
                     ax=axes[2], errorbar=None)
     axes[2].axhline(0.0, color="grey", lw=0.8)
-    axes[2].set(ylabel="task loss: first step at new width − step before", xlabel="stage",
+    axes[2].set(ylabel="task loss: step at new width − step before", xlabel="stage@step",
                 title="loss jump at each transition")
-    bn = diag[(diag["kind"] == "bn") & (diag["when"] == "end")]
+    bn = diag[(diag["kind"] == "bn") & (diag["when"] == "end") & (diag["seed"] == seed)]
     if not bn.empty:
         sns.barplot(data=bn, x="layer", y="mean_shift", hue="arm", ax=axes[3], errorbar=None)
         axes[3].tick_params(axis="x", rotation=90, labelsize=6)
@@ -681,7 +689,7 @@ def plot_transition_diagnostics(diag: pd.DataFrame, layer: str | None = None, *,
     for ax in axes[:2]:
         ax.tick_params(axis="x", rotation=45, labelsize=7)
     fig.suptitle(title + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     return fig
 
 
@@ -916,14 +924,15 @@ def write_transition_results(out: Mapping[str, Any], study: Any, *, point: str,
     """Write the experiment of :func:`transition_study` under the study's results folder:
     ``data/transition_experiment.csv`` (every run: phase, budget, arm, seed, steps, val/test
     top-1, wall time), ``data/transition_diagnostics.csv``, ``data/transition_experiment.json``
-    (choices, settings, wall time), ``tables/transition_experiment`` (paired differences to
-    plain LSQ with 95 % CIs), ``tables/transition_screen`` and
-    ``figures/transition_diagnostics``. Returns the paths."""
+    (choices, settings, this call's wall time and the sum over the trained runs),
+    ``tables/transition_experiment`` (paired differences to plain LSQ with 95 % CIs),
+    ``tables/transition_screen`` and ``figures/transition_diagnostics``. Returns the paths."""
     from . import plotting, reporting
 
     screen = out["screen"].assign(phase="screen")
     final = out["final"].assign(phase="final")
     runs = pd.concat([screen, final], ignore_index=True)
+    run_hours = runs.drop_duplicates("run_id")["wall_s"].sum() / 3600
     paths: dict[str, Path] = {}
     paths["runs"] = study.path("data", "transition_experiment.csv")
     runs.to_csv(paths["runs"], index=False)
@@ -931,11 +940,11 @@ def write_transition_results(out: Mapping[str, Any], study: Any, *, point: str,
     out["diagnostics"].to_csv(paths["diagnostics"], index=False)
     paths["json"] = study.path("data", "transition_experiment.json")
     atomic_write_json(paths["json"], {"choices": dict(out["choices"]), "settings": dict(settings),
-                                      "point": point, "wall_s": wall_s,
+                                      "point": point, "wall_s_this_call": wall_s,
+                                      "run_wall_s_sum": run_hours * 3600,
                                       "data": study.data_label, "profile": study.profile})
     seeds = sorted(out["final"]["seed"].unique().tolist())
     paired = out["paired"].copy()
-    hours = wall_s / 3600
     reporting.write_table(
         paired, study.tables / "transition_experiment",
         caption=(f"Transition-aware fine-tuning vs plain LSQ at {point}: {study.arch}, seeds "
@@ -944,7 +953,8 @@ def write_transition_results(out: Mapping[str, Any], study: Any, *, point: str,
                  f"test_* read once per final run; diff = arm - plain LSQ with 95 % paired-t "
                  f"CI; budget A = equal total steps, B = equal steps at target; steps_at_target "
                  f"per arm; wall_s_mean = mean train+eval seconds per run on "
-                 f"{settings.get('device', 'cpu')}; experiment wall time {hours:.2f} h"),
+                 f"{settings.get('device', 'cpu')} (runs share the machine); sum over all "
+                 f"{runs['run_id'].nunique()} trained runs {run_hours:.2f} h"),
         data_label=study.data_label, profile=study.profile)
     reporting.write_table(
         out["screen"].drop(columns=["test_top1"]), study.tables / "transition_screen",

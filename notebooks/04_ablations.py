@@ -28,6 +28,7 @@ profile = "lab"
 arch = "resnet20"
 dataset = "cifar10"
 n_synthetic = 0
+pretrained = True
 seed = 0
 device = "auto"
 batch_size = 128
@@ -62,7 +63,7 @@ from hmqat import ablation, plotting, reporting, search, train
 from hmqat.pipeline import Study
 
 study = Study(results_dir, profile=profile, arch=arch, dataset=dataset, seed=seed, device=device,
-              batch_size=batch_size, n_synthetic=n_synthetic)
+              batch_size=batch_size, n_synthetic=n_synthetic, pretrained=pretrained)
 fp32 = study.fp32_model()
 omegas = {v: study.omega(v) for v in ("joint", "trace_size", "trace", "size_only", "random")}
 acct = search.model_inputs(fp32, a_bits=a_bits, policy=policy)
