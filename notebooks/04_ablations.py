@@ -171,6 +171,20 @@ if transition_experiment:
         display(Image(filename=str(study.figures / "transition_diagnostics.png")))
 
 # %% [markdown]
+# **What the quick-profile data say** (docs/method.md §7.1 has the numbers). The range rule was
+# the main defect: at 8 → 2 bits it carries a step 2–3× the MSE-optimal one, 74–80 % of the
+# weights round to zero, and at step_lr = lr/10 the step never recovers within 300 steps. Data
+# re-init puts every step at the optimum and it stays there. On the screening seed every fixed
+# arm beat plain LSQ at the study's step_lr = lr/10, but letting the steps learn at lr (as LSQ
+# prescribes) helped plain LSQ more than any transition arm did (+0.84). The paired-seed table
+# shows the rest: on three paired seeds at step_lr = lr, the chosen arm (data re-init +
+# scale-only, 8 → 4 → target) is 0.31 points below plain LSQ on the test split (95 % CI
+# [−0.66, +0.04]) and BN re-estimation at the end costs 0.22 ([−0.45, +0.01]); neither reaches
+# the goal (+0.5, CI excluding 0), so both stay off by default. What this cannot say (one
+# operating point, under one epoch of QAT, one screening seed, arms screened at lr/10) is listed
+# in docs/method.md §7.1.
+
+# %% [markdown]
 # ## Exercises
 # 1. Which transition variant helps most at ~10× compression? Does the ranking hold with more
 #    epochs (`ablation_epochs=3`)?
