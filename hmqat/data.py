@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import socket
+import urllib.error
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,9 +108,6 @@ def _expected(root: Path | None) -> str:
 
 def _is_network_error(exc: BaseException) -> bool:
     """True when ``exc`` (or its cause chain) is a failed connection or name resolution."""
-    import socket
-    import urllib.error
-
     while exc is not None:
         if isinstance(exc, (urllib.error.URLError, socket.gaierror, ConnectionError,
                             TimeoutError)):

@@ -73,7 +73,7 @@ val_samples = 1000
 # %%
 import time
 
-from hmqat import data, hessian, quant, runtime, sensitivity
+from hmqat import data, hessian, models, quant, runtime, sensitivity
 from hmqat.study import plotting, reporting
 from hmqat.study.pipeline import Study
 
