@@ -434,6 +434,11 @@ class LSQQuantizer(nn.Module):
         is_weight: weight quantizers (re)initialise lazily in any mode; activation quantizers only
             in training mode or inside :func:`calibrate_activations`.
 
+    ``enabled`` (attribute, default True): False makes the quantizer return its input unchanged
+    (FP32 pass-through; the step gets no gradient), as the FP32 stage of a precision schedule
+    needs (:mod:`hmqat.transitions`). It is run state, not in the state dict: the schedule that
+    switched it restores it on resume.
+
     State dict: ``step`` [C] or [1] (Parameter), ``initialized``, ``is_signed`` (bool) and
     ``bit_width`` (uint8) buffers. Loading a state dict adopts its bit width and sign, so a
     checkpoint taken after a precision transition restores the bits that belong to its steps.
@@ -459,6 +464,7 @@ class LSQQuantizer(nn.Module):
         self._calib: list[torch.Tensor] | None = None
         self._warned = False
         self._warned_clamp = False
+        self.enabled = True      # False: FP32 pass-through (a precision schedule's FP32 stage)
 
     # -- ranges --------------------------------------------------------------------------------
     @property
@@ -590,8 +596,11 @@ class LSQQuantizer(nn.Module):
         self.mark_initialized(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:     # FP32 pass-through: the input unchanged, the step gets no gradient
+            return x
         if _SIGN_PASS and not self.is_weight:
-            self._observe_sign(x)
+            if self._calib is not None:  # only the quantizers being calibrated decide their sign
+                self._observe_sign(x)
             return x
         if self._calib is not None:
             self._calibrate(x)
@@ -608,17 +617,22 @@ class LSQQuantizer(nn.Module):
         return _LSQFunction.apply(x, self.step, self.qn, self.qp, self.grad_scale(x),
                                   self.per_channel, self._bounds)
 
+    def step_like(self, x: torch.Tensor) -> torch.Tensor:
+        """The detached step, clamped to :data:`MIN_STEP` as the forward does, broadcast
+        against ``x`` ([C, 1, ...] per channel, [1] per tensor)."""
+        return step_view(self.step.detach().clamp_min(MIN_STEP), x, self.per_channel)
+
     @torch.no_grad()
     def int_repr(self, x: torch.Tensor, dtype: torch.dtype = torch.int32) -> torch.Tensor:
         """Integer codes round(clamp(x/s, Q_N, Q_P)) as ``dtype`` (export, oscillation tracking)."""
-        s = step_view(self.step.clamp_min(MIN_STEP), x, self.per_channel)
+        s = self.step_like(x)
         return torch.clamp(x / s, self.qn, self.qp).round_().to(dtype)
 
     def extra_repr(self) -> str:
         kind = "per_channel" if self.per_channel else "per_tensor"
         auto = ", auto_sign" if self.auto_sign else ""
         return (f"bits={self.bits}, signed={self.signed}{auto}, {kind}, steps={self.step.numel()}, "
-                f"init={self.init_method}")
+                f"init={self.init_method}" + ("" if self.enabled else ", disabled (FP32)"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -991,8 +1005,8 @@ def as_input(batch: Any) -> torch.Tensor:
 
 
 def calibrate_activations(qmodel: nn.Module, batches: Iterable[Any], *,
-                          max_batches: int | None = None, method: str | None = None
-                          ) -> nn.Module:
+                          max_batches: int | None = None, method: str | None = None,
+                          quantizers: Iterable[LSQQuantizer] | None = None) -> nn.Module:
     """Initialise every activation step from ``batches`` (tensors or (x, y) pairs).
 
     Runs the model in eval mode without gradients (BN statistics untouched). A first pass over
@@ -1000,10 +1014,15 @@ def calibrate_activations(qmodel: nn.Module, batches: Iterable[Any], *,
     (``act_sign="auto"``: signed when more than NEG_TOLERANCE of the FP inputs are negative,
     docs/method.md §2). In the second pass each activation quantizer's step becomes the mean of
     its per-batch :func:`init_step` estimates, and the inputs of later layers see the
-    already-quantized earlier ones. ``method`` overrides each
-    quantizer's init method ("lsq"/"mse"). Returns ``qmodel``.
+    already-quantized earlier ones. ``method`` overrides each quantizer's init method
+    ("lsq"/"mse"). ``quantizers`` restricts the calibration (sign and step) to these activation
+    quantizers of ``qmodel`` (the others keep their signs and steps; a precision transition
+    re-initialises only the ones whose width changed). Returns ``qmodel``.
     """
     acts = [m for m in qmodel.modules() if isinstance(m, LSQQuantizer) and not m.is_weight]
+    if quantizers is not None:
+        wanted = {id(q) for q in quantizers}
+        acts = [q for q in acts if id(q) in wanted]
     if not acts:
         return qmodel
     if method is not None:

@@ -1,18 +1,28 @@
-"""Transition-aware fine-tuning: precision transitions, rounding oscillations, distillation.
+"""Transition-aware fine-tuning: precision transitions, rounding oscillations, distillation,
+BatchNorm re-estimation.
 
-docs/design.md §3 "Transition-aware fine-tuning of the scale factor" gives the abstract's phrase two
-readings; both are :class:`hmqat.train.Callback` s that plug into :func:`hmqat.train.qat`
-(docs/method.md explains each choice and its source):
+docs/method.md §5 gives the abstract's phrase "transition-aware fine-tuning of the scale factor"
+two readings; both are :class:`hmqat.train.Callback` s that plug into :func:`hmqat.train.qat`,
+each configured by its own validated dataclass, and :class:`Recipe` bundles the four:
 
-* **Precision transitions** (docs/design.md §1 reading T4, §3.5), :class:`PrecisionTransition`: every quantized
-  layer moves FP32 → 8 bit → its target bits over a schedule; at each change the step is
-  re-initialised so that the clipping range carries over,
+* **Precision transitions** (:class:`TransitionConfig`, :class:`PrecisionTransition`): every
+  quantized layer moves through a ladder of widths (FP32 → 8 bit → … → its target) over a
+  schedule. At each change the step is re-initialised, either by carrying the clipping range
 
       s_new = s_old · Q_P(old) / Q_P(new)                                            (Eq. T1)
 
-  or by an MSE-optimal re-init, and the step sizes' learning rate warms up linearly afterwards.
-* **Rounding transitions** (Nagel et al. 2022; docs/design.md §1 reading T3, §3.5),
-  :class:`OscillationTracker`: an oscillation is an integer change whose direction is opposite
+  or **from data** (``reinit="data"``): weights get the MSE-optimal step of their current values,
+
+      s* = argmin_s ‖ s·clamp(round(w/s), Q_N, Q_P) − w ‖²                           (Eq. T2)
+
+  (the grid search of :func:`hmqat.quant.init_step`), activations the mean MSE-optimal step over
+  ``calib_batches`` calibration batches. An optional **scale-only phase** follows every quantized
+  stage start: for ``scale_only_steps`` steps the weights are frozen (no gradient, no update)
+  while the steps and the BatchNorm affine parameters train. Optionally the step sizes' learning
+  rate warms up linearly after the phase. :func:`ladder_stages` writes a schedule in optimizer
+  steps whose number of steps at the target width is exact.
+* **Rounding transitions** (Nagel et al. 2022; :class:`OscillationConfig`,
+  :class:`OscillationTracker`): an oscillation is an integer change whose direction is opposite
   to the weight's previous change; its frequency is tracked with an EMA
 
       f_t = m · o_t + (1 − m) · f_{t−1}                                              (Eq. O1)
@@ -23,17 +33,20 @@ readings; both are :class:`hmqat.train.Callback` s that plug into :func:`hmqat.t
 
   and freezing: a weight whose f exceeds an annealed threshold is frozen to round(EMA of its
   integer) (Eq. O3).
-* **Distillation** from the FP32 model (optional), :class:`Distillation`:
+* **Distillation** from the FP32 model (:class:`DistillationConfig`, :class:`Distillation`):
 
       L_kd = w · T² · KL(softmax(z_t/T) ‖ softmax(z_s/T))                             (Eq. D)
 
-LSQ's own transition-aware step gradient (H1) is the quantizer itself (:mod:`hmqat.quant`), so
-"plain LSQ" is simply QAT without these callbacks. :class:`Recipe` bundles every switch and
-:func:`make_callbacks` turns it into callbacks:
+* **BatchNorm re-estimation** (:class:`BNConfig`; Nagel et al. 2022, :func:`hmqat.bn.reestimate_bn`)
+  after every transition and/or at the end of the run (:class:`BNReestimation`).
+
+LSQ's own transition-aware step gradient is the quantizer itself (:mod:`hmqat.quant`), so
+"plain LSQ" is QAT without these callbacks. :func:`make_callbacks` turns a recipe into callbacks:
 
     >>> from hmqat import train, transitions
-    >>> recipe = transitions.Recipe(transitions=True, osc_freeze=True)
-    >>> qmodel, hist = train.qat(fp32, config, train_loader, test_loader, cfg,
+    >>> recipe = transitions.Recipe.from_dict({"transition": {"enabled": True},
+    ...                                        "oscillation": {"freeze": True}})
+    >>> qmodel, hist = train.qat(fp32, config, train_loader, val_loader, cfg,
     ...                          callbacks=transitions.make_callbacks(recipe, teacher=fp32))
 """
 from __future__ import annotations
@@ -42,7 +55,8 @@ import bisect
 import copy
 import math
 import numbers
-from dataclasses import asdict, dataclass, fields
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
@@ -50,29 +64,36 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import bn as hbn
 from . import quant
 from .train import Callback, TrainState
 
 __all__ = [
     "AGGREGATIONS",
+    "BNConfig",
+    "BNReestimation",
     "DEFAULT_STAGES",
     "Distillation",
+    "DistillationConfig",
+    "OscillationConfig",
     "OscillationTracker",
     "PrecisionTransition",
     "Recipe",
     "RecipeError",
+    "TransitionConfig",
     "dampening_loss",
     "distillation_loss",
-    "is_passthrough",
+    "ladder_stages",
     "make_callbacks",
     "parse_stages",
     "ramp",
-    "set_passthrough",
+    "reestimate_bn_with_drift",
 ]
 
 SCHEDULES: tuple[str, ...] = ("cosine", "linear")
 AGGREGATIONS: tuple[str, ...] = ("sum", "mean", "kernel_mean")
-STAGE_UNITS: tuple[str, ...] = ("fraction", "epoch")
+STAGE_UNITS: tuple[str, ...] = ("fraction", "epoch", "step")
+REINIT: tuple[str, ...] = quant.REINIT_METHODS + ("data",)  # "data": Eq. T2 (from data)
 DEFAULT_STAGES: tuple[tuple[float, int | str], ...] = ((0.0, "fp32"), (0.1, 8), (0.3, "target"))
 _REUSED = ("{name} already ran a training from step 0; callbacks hold run state, so build new "
            "ones for every run (transitions.make_callbacks(recipe))")
@@ -89,16 +110,27 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def _choice(value: Any, choices: tuple[str, ...], what: str) -> str:
     if value not in choices:
         raise RecipeError(f"{what}={value!r} is not allowed; use one of {choices}")
     return value
 
 
+def _check_bools(obj: Any, section: str) -> None:
+    """Every field annotated ``bool`` of dataclass ``obj`` must hold a real bool."""
+    for f in fields(obj):
+        if f.type == "bool" and not isinstance(getattr(obj, f.name), bool):
+            raise RecipeError(f"{section}.{f.name}={getattr(obj, f.name)!r}; use true or false")
+
+
 def ramp(progress: float, start: float, final: float, *, begin: float = 0.0,
          kind: str = "cosine") -> float:
     """Annealed value at training ``progress`` ∈ [0, 1]: ``start`` until ``begin``, then
-    to ``final`` at progress 1 (docs/design.md §3, "λ ramped up" / annealed threshold).
+    to ``final`` at progress 1 (docs/method.md §5, "λ ramped up" / annealed threshold).
 
     cosine: v = final + (start − final)·(1 + cos πu)/2; linear: v = start + (final − start)·u,
     with u = (progress − begin)/(1 − begin) clipped to [0, 1] (Nagel et al.'s CosineTempDecay).
@@ -112,46 +144,9 @@ def ramp(progress: float, start: float, final: float, *, begin: float = 0.0,
     return float(final + (start - final) * 0.5 * (1.0 + math.cos(math.pi * u)))
 
 
-def _step_view(q: quant.LSQQuantizer, x: torch.Tensor) -> torch.Tensor:
-    """The detached, clamped step of ``q`` broadcast against ``x`` (as hmqat.quant does)."""
-    return quant.step_view(q.step.detach().clamp_min(quant.MIN_STEP), x, q.per_channel)
-
-
 # --------------------------------------------------------------------------------------------
-# FP32 pass-through of a quantizer (the "fp32" stage), without touching hmqat.quant
+# Precision schedules
 # --------------------------------------------------------------------------------------------
-_PASS_ATTR = "_hmqat_passthrough"
-
-
-def _passthrough_hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: Any
-                      ) -> torch.Tensor:
-    """Forward hook: return the quantizer's input unchanged (FP32; the step gets no gradient)."""
-    return inputs[0]
-
-
-def set_passthrough(quantizer: quant.LSQQuantizer, enabled: bool) -> None:
-    """Make ``quantizer`` return its input unchanged (FP32 stage) or quantize again.
-
-    Implemented as a removable forward hook that replaces the output with the input, so
-    :mod:`hmqat.quant` is untouched; the discarded fake-quant output gives the step no gradient.
-    """
-    handle = getattr(quantizer, _PASS_ATTR, None)
-    if enabled and handle is None:
-        setattr(quantizer, _PASS_ATTR, quantizer.register_forward_hook(_passthrough_hook))
-    elif not enabled and handle is not None:
-        handle.remove()
-        setattr(quantizer, _PASS_ATTR, None)
-
-
-def is_passthrough(quantizer: quant.LSQQuantizer) -> bool:
-    """True while ``quantizer`` is in FP32 pass-through (see :func:`set_passthrough`)."""
-    return getattr(quantizer, _PASS_ATTR, None) is not None
-
-
-# --------------------------------------------------------------------------------------------
-# Precision transitions (H4)
-# --------------------------------------------------------------------------------------------
-
 def _stage_bits(label: Any, index: int, last: int) -> int | str:
     if label == "fp32":
         if index != 0:
@@ -164,8 +159,7 @@ def _stage_bits(label: Any, index: int, last: int) -> int | str:
             raise RecipeError(f"stages[{index}] = 'target' must be the last stage; later stages "
                               f"would move layers away from their searched bits")
         return "target"
-    if isinstance(label, bool) or not isinstance(label, numbers.Integral) \
-            or int(label) not in quant.SUPPORTED_BITS:
+    if not _is_int(label) or int(label) not in quant.SUPPORTED_BITS:
         raise RecipeError(f"stages[{index}] bits = {label!r}; use 'fp32', 'target' or an int "
                           f"in {quant.SUPPORTED_BITS}")
     return int(label)
@@ -173,14 +167,15 @@ def _stage_bits(label: Any, index: int, last: int) -> int | str:
 
 def parse_stages(stages: Iterable[Sequence[Any]], unit: str = "fraction"
                  ) -> tuple[tuple[float | int, int | str], ...]:
-    """Validate a precision schedule ``[(at, bits), ...]`` (docs/design.md §3 "Precision transitions").
+    """Validate a precision schedule ``[(at, bits), ...]`` (docs/method.md §5).
 
-    ``at`` is a fraction of all training steps in [0, 1) (``unit="fraction"``) or an epoch
-    index (``unit="epoch"``); the first stage starts at 0 and ``at`` strictly increases. ``bits``
-    is ``"fp32"`` (first stage only), an int (an intermediate width, applied as
-    max(bits, target) so no layer goes below its target) or ``"target"`` (required, last).
+    ``at`` is a fraction of all training steps in [0, 1) (``unit="fraction"``), an epoch index
+    (``unit="epoch"``) or a global optimizer step (``unit="step"``, see :func:`ladder_stages`);
+    the first stage starts at 0 and ``at`` strictly increases. ``bits`` is ``"fp32"`` (first
+    stage only), an int (an intermediate width, applied as max(bits, target) so no layer goes
+    below its target) or ``"target"`` (required, last).
     """
-    _choice(unit, STAGE_UNITS, "stage_unit")
+    _choice(unit, STAGE_UNITS, "transition.unit")
     if isinstance(stages, (str, bytes)) or not isinstance(stages, Iterable):
         raise RecipeError(f"stages={stages!r}; give a list of (at, bits) pairs, e.g. "
                           f"[(0, 'fp32'), (0.1, 8), (0.3, 'target')]")
@@ -195,11 +190,11 @@ def parse_stages(stages: Iterable[Sequence[Any]], unit: str = "fraction"
         if not _is_number(at):
             raise RecipeError(f"stages[{i}] at = {at!r}; it must be a number")
         if unit == "fraction" and not 0.0 <= float(at) < 1.0:
-            raise RecipeError(f"stages[{i}] at = {at!r}; with stage_unit='fraction' it must be "
+            raise RecipeError(f"stages[{i}] at = {at!r}; with unit='fraction' it must be "
                               f"in [0, 1) (a fraction of all training steps)")
-        if unit == "epoch" and (float(at) < 0 or not float(at).is_integer()):
-            raise RecipeError(f"stages[{i}] at = {at!r}; with stage_unit='epoch' it must be an "
-                              f"epoch index >= 0")
+        if unit in ("epoch", "step") and (float(at) < 0 or not float(at).is_integer()):
+            raise RecipeError(f"stages[{i}] at = {at!r}; with unit={unit!r} it must be an "
+                              f"{unit} index >= 0")
         if i == 0 and float(at) != 0.0:
             raise RecipeError(f"stages[0] at = {at!r}; the first stage must start at 0")
         if out and float(at) <= float(out[-1][0]):
@@ -217,45 +212,337 @@ def parse_stages(stages: Iterable[Sequence[Any]], unit: str = "fraction"
     return tuple(out)
 
 
-class PrecisionTransition(Callback):
-    """Staged precision schedule FP32 → 8 bit → target (docs/design.md §3.5, reading T4).
+def ladder_stages(total_steps: int, steps_at_target: int, ladder: Sequence[int] = ()
+                  ) -> tuple[tuple[int, int | str], ...]:
+    """A schedule in optimizer steps (``unit="step"``) that trains exactly ``steps_at_target``
+    steps at the target width (docs/method.md §5, "ladders").
 
-    Args:
-        stages: ``[(at, bits), ...]``, see :func:`parse_stages`. Default
-            ``((0, "fp32"), (0.1, 8), (0.3, "target"))``.
-        unit: ``"fraction"`` (of all steps; stage k starts at step floor(at·total)) or
-            ``"epoch"`` (stage k starts at the first step of epoch ``at``).
-        reinit: step re-init at a change between two quantized widths: ``"range"`` (Eq. T1,
-            the clipping range s·Q_P carries over), ``"mse"`` or ``"lsq"`` (re-initialised from
-            the current weight; activations from the next training batch).
-        fp32_exit: step init when a layer leaves the FP32 stage (its weights have moved, so the
-            default re-initialises, ``"mse"``); ``"range"`` carries the range of the step set
-            when the model was quantized.
-        warmup: after every transition the "steps" param group's ``lr_mult`` rises linearly
-            (k+1)/(N+1), k = 0..N−1, then 1; N = warmup in ``unit`` (fraction of all steps or
-            epochs), rounded to steps. 0 disables it.
+    The ``total_steps − steps_at_target`` steps before the target are split evenly (floor)
+    over the rungs of ``ladder`` (decreasing widths, e.g. ``(8, 4)``; no FP32 rung: QAT starts
+    from a converged FP32 model). Each rung is applied as max(rung, target), so only layers
+    below a rung step down through it. ``ladder=()`` needs ``steps_at_target == total_steps``.
+
+        >>> ladder_stages(300, 250, (8, 4))
+        ((0, 8), (25, 4), (50, 'target'))
+    """
+    if not _is_int(total_steps) or total_steps < 1:
+        raise RecipeError(f"total_steps={total_steps!r}; it must be an int >= 1")
+    if not _is_int(steps_at_target) or not 1 <= steps_at_target <= total_steps:
+        raise RecipeError(f"steps_at_target={steps_at_target!r}; it must be an int in "
+                          f"[1, total_steps={total_steps}]")
+    rungs = list(ladder)
+    pre = total_steps - steps_at_target
+    if not rungs:
+        if pre:
+            raise RecipeError(f"ladder=() trains every step at the target, but steps_at_target="
+                              f"{steps_at_target} < total_steps={total_steps}; give a ladder, "
+                              f"e.g. (8,), or steps_at_target={total_steps}")
+        return ((0, "target"),)
+    if pre < len(rungs):
+        raise RecipeError(f"ladder {tuple(rungs)} needs >= {len(rungs)} steps before the target "
+                          f"(one per rung), but total_steps − steps_at_target = {pre}; lower "
+                          f"steps_at_target or raise total_steps")
+    starts = [i * pre // len(rungs) for i in range(len(rungs))]
+    return parse_stages([*zip(starts, rungs), (pre, "target")], "step")
+
+
+# --------------------------------------------------------------------------------------------
+# Configs (one per callback; Recipe bundles them)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TransitionConfig:
+    """Precision transitions (docs/method.md §5); see :class:`PrecisionTransition`.
+
+    Attributes:
+        enabled: build a :class:`PrecisionTransition` (make_callbacks).
+        stages: ``[(at, bits), ...]`` in ``unit`` (:func:`parse_stages`, :func:`ladder_stages`).
+        unit: ``"fraction"`` (of all steps), ``"epoch"`` or ``"step"`` (global step index).
+        reinit: step re-init at a change between two quantized widths: ``"range"`` (Eq. T1),
+            ``"data"`` (Eq. T2: weights MSE-optimal from their current values, activations from
+            ``calib_batches`` calibration batches), ``"mse"`` / ``"lsq"`` (weights from their
+            values, activations lazily from the next training batch).
+        fp32_exit: the same choice when a layer leaves the FP32 stage.
+        step_warmup: after every transition (and its scale-only phase) the "steps" group's
+            ``lr_mult`` rises linearly (k+1)/(N+1), k = 0..N−1; N = step_warmup in ``unit``,
+            rounded to steps. 0 disables it.
         activations: also move the input-activation quantizers (target = their a_bits).
-
-    The step optimizer momentum of a changed quantizer is reset (it belonged to another grid).
-    ``events`` lists the transitions applied; the state is checkpointed by :func:`train.fit`.
+        scale_only_steps: length of the scale-only phase after every quantized stage start
+            (step 0 included): weights frozen, steps and BN affine parameters train. 0: none.
+        scale_only_lr_mult: the "steps" group's ``lr_mult`` during the scale-only phase.
+        calib_batches: calibration batches for ``reinit="data"`` activation steps (>= 2).
     """
 
-    def __init__(self, stages: Iterable[Sequence[Any]] = DEFAULT_STAGES, *,
-                 unit: str = "fraction", reinit: str = "range", fp32_exit: str = "mse",
-                 warmup: float = 0.02, activations: bool = True):
-        self.stages = parse_stages(stages, unit)
-        self.unit = unit
-        self.reinit = _choice(reinit, quant.REINIT_METHODS, "reinit")
-        self.fp32_exit = _choice(fp32_exit, quant.REINIT_METHODS, "fp32_exit")
-        if not _is_number(warmup) or warmup < 0:
-            raise RecipeError(f"warmup={warmup!r}; it must be a number >= 0 (in {unit} units)")
-        self.warmup = float(warmup)
-        self.activations = bool(activations)
+    enabled: bool = False
+    stages: tuple = DEFAULT_STAGES
+    unit: str = "fraction"
+    reinit: str = "range"
+    fp32_exit: str = "mse"
+    step_warmup: float = 0.02
+    activations: bool = True
+    scale_only_steps: int = 0
+    scale_only_lr_mult: float = 1.0
+    calib_batches: int = 2
+
+    def __post_init__(self) -> None:
+        _check_bools(self, "transition")
+        object.__setattr__(self, "stages", parse_stages(self.stages, self.unit))
+        _choice(self.reinit, REINIT, "transition.reinit")
+        _choice(self.fp32_exit, REINIT, "transition.fp32_exit")
+        if not _is_number(self.step_warmup) or self.step_warmup < 0:
+            raise RecipeError(f"transition.step_warmup={self.step_warmup!r}; it must be >= 0 "
+                              f"(in transition.unit units)")
+        if not _is_int(self.scale_only_steps) or self.scale_only_steps < 0:
+            raise RecipeError(f"transition.scale_only_steps={self.scale_only_steps!r}; it must "
+                              f"be an int >= 0 (optimizer steps with frozen weights)")
+        if not _is_number(self.scale_only_lr_mult) or self.scale_only_lr_mult <= 0:
+            raise RecipeError(f"transition.scale_only_lr_mult={self.scale_only_lr_mult!r}; it "
+                              f"must be > 0 (a multiplier of the steps' learning rate)")
+        if not _is_int(self.calib_batches) or self.calib_batches < 2:
+            raise RecipeError(f"transition.calib_batches={self.calib_batches!r}; use an int "
+                              f">= 2 (activation steps from at least two batches)")
+
+    @property
+    def needs_batches(self) -> bool:
+        """True when the data re-init needs calibration batches."""
+        return "data" in (self.reinit, self.fp32_exit)
+
+
+@dataclass(frozen=True)
+class OscillationConfig:
+    """Oscillation tracking, dampening and freezing (Nagel et al. 2022; Eq. O1–O3).
+
+    ``track`` logs only; ``dampen`` adds Eq. O2 with λ ramped from ``dampen_weight`` to
+    ``dampen_weight_final`` from progress ``dampen_start``; ``freeze`` freezes weights whose
+    frequency exceeds a threshold annealed from ``freeze_threshold`` to
+    ``freeze_threshold_final`` from ``freeze_start``, in layers of <= ``freeze_max_bits`` bits.
+    ``momentum`` is m of Eq. O1; ``report_threshold`` (None: = momentum) defines osc_frac.
+    """
+
+    track: bool = False
+    dampen: bool = False
+    freeze: bool = False
+    momentum: float = 0.01
+    report_threshold: float | None = None
+    dampen_weight: float = 0.0
+    dampen_weight_final: float = 0.1
+    dampen_start: float = 0.25
+    dampen_schedule: str = "cosine"
+    dampen_aggregation: str = "kernel_mean"
+    freeze_threshold: float = 0.1
+    freeze_threshold_final: float = 0.03
+    freeze_start: float = 0.25
+    freeze_schedule: str = "cosine"
+    freeze_max_bits: int = 4
+
+    def __post_init__(self) -> None:
+        _check_bools(self, "oscillation")
+        m = self.momentum
+        if not _is_number(m) or not 0 < m < 1:
+            raise RecipeError(f"oscillation.momentum={m!r}; the EMA momentum m must be in "
+                              f"(0, 1), e.g. 0.01 (Nagel et al.)")
+        for key in ("dampen_weight", "dampen_weight_final"):
+            v = getattr(self, key)
+            if not _is_number(v) or v < 0:
+                raise RecipeError(f"oscillation.{key}={v!r}; λ must be a number >= 0")
+        for key in ("dampen_start", "freeze_start"):
+            v = getattr(self, key)
+            if not _is_number(v) or not 0 <= v < 1:
+                raise RecipeError(f"oscillation.{key}={v!r}; it is a fraction of training in "
+                                  f"[0, 1)")
+        _choice(self.dampen_schedule, SCHEDULES, "oscillation.dampen_schedule")
+        _choice(self.freeze_schedule, SCHEDULES, "oscillation.freeze_schedule")
+        _choice(self.dampen_aggregation, AGGREGATIONS, "oscillation.dampen_aggregation")
+        for key in ("freeze_threshold", "freeze_threshold_final"):
+            v = getattr(self, key)
+            if not _is_number(v) or not 0 < v <= 1:
+                raise RecipeError(f"oscillation.{key}={v!r}; a frequency threshold must be in "
+                                  f"(0, 1]")
+            if v < 2 * m:
+                raise RecipeError(f"oscillation.{key}={v!r} is below 2 x oscillation.momentum "
+                                  f"({2 * m:g}); a single oscillation would freeze a weight. "
+                                  f"Nagel et al.: the threshold should be at least 2-3x the "
+                                  f"momentum")
+        if not _is_int(self.freeze_max_bits) or int(self.freeze_max_bits) not in \
+                quant.SUPPORTED_BITS:
+            raise RecipeError(f"oscillation.freeze_max_bits={self.freeze_max_bits!r}; use an "
+                              f"int in {quant.SUPPORTED_BITS}")
+        r = self.report_threshold
+        if r is not None and (not _is_number(r) or not 0 < r < 1):
+            raise RecipeError(f"oscillation.report_threshold={r!r}; use a frequency in (0, 1) "
+                              f"or None (= oscillation.momentum)")
+
+    @property
+    def active(self) -> bool:
+        """True when an OscillationTracker is needed (tracking, dampening or freezing)."""
+        return self.track or self.dampen or self.freeze
+
+
+@dataclass(frozen=True)
+class DistillationConfig:
+    """Knowledge distillation from the FP32 model (Eq. D): temperature T and weight w."""
+
+    enabled: bool = False
+    temperature: float = 4.0
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_bools(self, "distillation")
+        if not _is_number(self.temperature) or self.temperature <= 0:
+            raise RecipeError(f"distillation.temperature={self.temperature!r}; it must be > 0, "
+                              f"e.g. 4")
+        if not _is_number(self.weight) or self.weight < 0:
+            raise RecipeError(f"distillation.weight={self.weight!r}; it must be >= 0")
+
+
+@dataclass(frozen=True)
+class BNConfig:
+    """BatchNorm re-estimation (Nagel et al. 2022; :func:`hmqat.bn.reestimate_bn`): after every
+    precision transition and/or once after the last optimizer step, on ``images`` training
+    images without gradient."""
+
+    after_transitions: bool = False
+    at_end: bool = False
+    images: int = 512
+
+    def __post_init__(self) -> None:
+        _check_bools(self, "bn")
+        if not _is_int(self.images) or self.images < 1:
+            raise RecipeError(f"bn.images={self.images!r}; use an int >= 1 (a few hundred "
+                              f"training images)")
+
+    @property
+    def active(self) -> bool:
+        return self.after_transitions or self.at_end
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNorm re-estimation with its drift
+# --------------------------------------------------------------------------------------------
+def reestimate_bn_with_drift(model: nn.Module, batches: Iterable, images: int
+                             ) -> list[dict[str, Any]]:
+    """Re-estimate every BatchNorm (:func:`hmqat.bn.reestimate_bn`) and return its drift.
+
+    One row per BN layer: ``mean_shift`` = mean over channels of |μ_new − μ_old| / √(σ²_old + ε)
+    (how far the stale running mean was, in its own standard deviations) and ``var_ratio`` =
+    mean of σ²_new / σ²_old.
+    """
+    ids = {id(m) for m in hbn.batchnorm_layers(model)}
+    layers = {n: m for n, m in model.named_modules() if id(m) in ids}
+    old = {n: (m.running_mean.detach().clone(), m.running_var.detach().clone())
+           for n, m in layers.items()}
+    hbn.reestimate_bn(model, batches, max_images=images)
+    rows = []
+    for n, m in layers.items():
+        mu, var = old[n]
+        sd = (var + m.eps).sqrt()
+        rows.append({"layer": n,
+                     "mean_shift": float(((m.running_mean - mu).abs() / sd).mean()),
+                     "var_ratio": float((m.running_var / (var + m.eps)).mean())})
+    return rows
+
+
+class BNReestimation(Callback):
+    """Re-estimate the BatchNorm statistics after the last optimizer step (``BNConfig.at_end``),
+    before :func:`hmqat.train.fit` evaluates and saves the final epoch. ``log`` holds the
+    per-layer drift rows of :func:`reestimate_bn_with_drift`."""
+
+    def __init__(self, batches: Sequence[Any], images: int = 512):
+        batches = list(batches or [])
+        if not batches:
+            raise RecipeError("BN re-estimation needs training batches; pass "
+                              "make_callbacks(recipe, batches=[(x, y), ...])")
+        self.batches, self.images = batches, int(images)
+        self.log: list[dict[str, Any]] = []
+
+    def on_after_step(self, state: TrainState) -> None:
+        if state.step + 1 == state.total_steps:
+            self.log = [{"step": state.step + 1, "when": "end", **r}
+                        for r in reestimate_bn_with_drift(state.model, self.batches, self.images)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"log": [dict(r) for r in self.log]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.log = [dict(r) for r in state["log"]]
+
+
+# --------------------------------------------------------------------------------------------
+# Precision transitions
+# --------------------------------------------------------------------------------------------
+def _weight_diagnostics(q: quant.LSQQuantizer, w: torch.Tensor,
+                        carried: torch.Tensor | None) -> dict[str, float]:
+    """How well the current step of weight quantizer ``q`` fits ``w`` (docs/method.md §5).
+
+    ``step_ratio``: mean over channels of s / s*, s* the MSE-optimal step (Eq. T2) at the
+    current width; ``range_ratio``: the same for ``carried`` (the step Eq. T1 would give; NaN
+    when None); ``zero_frac``: share of integer codes equal to 0; ``err_ratio``: quantization
+    error ‖q(w) − w‖² over the error at s*.
+    """
+    w = w.detach()
+    s_opt = quant.init_step(w, q.bits, signed=q.signed, per_channel=q.per_channel, method="mse")
+    s = q.step.detach().clamp_min(quant.MIN_STEP).reshape(s_opt.shape)
+    codes = q.int_repr(w)
+    err = (codes.to(w.dtype) * q.step_like(w) - w).pow(2).sum()
+    view = quant.step_view(s_opt, w, q.per_channel)
+    err_opt = (torch.clamp(w / view, q.qn, q.qp).round() * view - w).pow(2).sum()
+    return {"step_ratio": float((s / s_opt).mean()),
+            "range_ratio": (float((carried.reshape(s_opt.shape) / s_opt).mean())
+                            if carried is not None else math.nan),
+            "zero_frac": float((codes == 0).float().mean()),
+            "err_ratio": float(err / err_opt.clamp_min(1e-30))}
+
+
+class PrecisionTransition(Callback):
+    """Staged precision schedule with data re-init and a scale-only phase (docs/method.md §5).
+
+    Args:
+        config: a :class:`TransitionConfig` (``enabled`` is make_callbacks' switch; the
+            callback itself always applies the schedule).
+        batches: training batches ``[(x, y), ...]`` for ``reinit="data"`` (the first
+            ``config.calib_batches``) and BN re-estimation (up to ``bn.images`` images).
+        bn: :class:`BNConfig`; ``bn.after_transitions`` re-estimates BatchNorm after every
+            stage change (before the activation re-init, so calibration sees fresh statistics).
+
+    At every stage start the quantizers move to the stage's width (intermediate widths as
+    max(stage, target)); a changed weight quantizer is re-initialised (Eq. T1 or T2) and its
+    step momentum reset. During the scale-only phase every parameter of the optimizer's
+    "weights" group has ``requires_grad`` False (no gradient, no update, weight decay and
+    momentum untouched), and the "steps" group runs at ``scale_only_lr_mult``.
+
+    Run records (checkpointed by :func:`hmqat.train.fit`): ``events`` (one per stage start:
+    step, stage, widths changed, the task loss of the step before and of the first step at the
+    new stage) and ``diagnostics`` (one row per changed weight quantizer: step / MSE-optimal
+    step after the re-init and for the carried range, zero-code fraction, error ratio; plus a
+    row per layer at the end of every scale-only phase and at the end of training, and BN
+    drift rows, ``kind="bn"``).
+    """
+
+    def __init__(self, config: TransitionConfig | None = None, *,
+                 batches: Sequence[Any] | None = None, bn: BNConfig | None = None):
+        config = TransitionConfig(enabled=True) if config is None else config
+        if not isinstance(config, TransitionConfig):
+            raise RecipeError(f"PrecisionTransition needs a TransitionConfig, got "
+                              f"{type(config).__name__}")
+        self.config = config
+        self.bn = BNConfig() if bn is None else bn
+        self.batches = list(batches or [])
+        if config.needs_batches and len(self.batches) < config.calib_batches:
+            raise RecipeError(f"transition.reinit='data' needs >= {config.calib_batches} "
+                              f"calibration batches, got {len(self.batches)}; pass "
+                              f"make_callbacks(recipe, batches=[(x, y), ...])")
+        if self.bn.after_transitions and not self.batches:
+            raise RecipeError("bn.after_transitions needs training batches; pass "
+                              "make_callbacks(recipe, batches=[(x, y), ...])")
+        self.stages = config.stages
+        self.unit = config.unit
         self.targets: dict[str, int] = {}
         self.applied = -1
         self.events: list[dict[str, Any]] = []
+        self.diagnostics: list[dict[str, Any]] = []
+        self._last_loss: float | None = None     # task loss of the last step (None: none yet)
         self._starts: list[int] = []
         self._warmup_steps = 0
+        self._total = 0
 
     # -- schedule ------------------------------------------------------------------------------
     def stage_starts(self, steps_per_epoch: int, epochs: int) -> list[int]:
@@ -263,6 +550,13 @@ class PrecisionTransition(Callback):
         total = steps_per_epoch * epochs
         if self.unit == "fraction":
             return [int(math.floor(at * total)) for at, _ in self.stages]
+        if self.unit == "step":
+            late = [at for at, _ in self.stages if at >= total]
+            if late:
+                raise RecipeError(f"stages start at step(s) {late} but training has only {total} "
+                                  f"steps (0..{total - 1}); build the schedule with "
+                                  f"transitions.ladder_stages(total_steps={total}, ...)")
+            return [int(at) for at, _ in self.stages]
         late = [at for at, _ in self.stages if at >= epochs]
         if late:
             raise RecipeError(f"stages start at epoch(s) {late} but training has only {epochs} "
@@ -282,13 +576,30 @@ class PrecisionTransition(Callback):
             return target
         return max(int(label), target)
 
-    def lr_mult(self, step: int) -> float:
-        """Warm-up factor of the "steps" group at ``step`` (1 outside warm-ups)."""
+    def steps_at_target(self, total_steps: int | None = None) -> int:
+        """Optimizer steps trained in the last ("target") stage."""
+        total = self._total if total_steps is None else total_steps
+        return total - self._starts[-1]
+
+    def in_scale_only(self, step: int) -> bool:
+        """True while ``step`` lies in the scale-only phase of a quantized stage."""
         k = self.stage_at(step)
-        n = self._warmup_steps
-        if k <= 0 or n == 0 or self.stages[k][1] == "fp32":
+        return (k >= 0 and self.stages[k][1] != "fp32"
+                and step - self._starts[k] < self.config.scale_only_steps)
+
+    def lr_mult(self, step: int) -> float:
+        """The "steps" group's multiplier at ``step``: ``scale_only_lr_mult`` in a scale-only
+        phase, the linear warm-up right after it (stages after the first), else 1."""
+        k = self.stage_at(step)
+        if k < 0 or self.stages[k][1] == "fp32":
             return 1.0
         j = step - self._starts[k]
+        if j < self.config.scale_only_steps:
+            return float(self.config.scale_only_lr_mult)
+        j -= self.config.scale_only_steps
+        n = self._warmup_steps
+        if k == 0 or n == 0:
+            return 1.0
         return 1.0 if j >= n else (j + 1) / (n + 1)
 
     # -- model access --------------------------------------------------------------------------
@@ -297,7 +608,7 @@ class PrecisionTransition(Callback):
         out: dict[str, tuple[quant.LSQQuantizer, torch.Tensor | None]] = {}
         for name, layer in quant.quantized_layers(model).items():
             out[f"{name}.weight_quantizer"] = (layer.weight_quantizer, layer.weight)
-            if self.activations and layer.act_quantizer is not None:
+            if self.config.activations and layer.act_quantizer is not None:
                 out[f"{name}.act_quantizer"] = (layer.act_quantizer, None)
         return out
 
@@ -305,6 +616,14 @@ class PrecisionTransition(Callback):
         for g in state.optimizer.param_groups:
             if g.get("name") == "steps":
                 g["lr_mult"] = self.lr_mult(step)
+
+    @staticmethod
+    def _freeze_weights(state: TrainState, frozen: bool) -> None:
+        """requires_grad of the optimizer's "weights" group (the scale-only phase)."""
+        for g in state.optimizer.param_groups:
+            if g.get("name") == "weights":
+                for p in g["params"]:
+                    p.requires_grad_(not frozen)
 
     # -- hooks ---------------------------------------------------------------------------------
     def on_train_start(self, state: TrainState) -> None:
@@ -319,12 +638,14 @@ class PrecisionTransition(Callback):
         elif set(self.targets) != set(qs):
             raise RecipeError("PrecisionTransition: its saved targets name other quantizers than "
                               "this model has; use a fresh callback for another model")
+        self._total = state.total_steps
         self._starts = self.stage_starts(state.steps_per_epoch, state.config.epochs)
-        scale = state.total_steps if self.unit == "fraction" else state.steps_per_epoch
-        self._warmup_steps = int(round(self.warmup * scale))
-        if self.warmup > 0:
+        scale = {"fraction": state.total_steps, "epoch": state.steps_per_epoch,
+                 "step": 1}[self.unit]
+        self._warmup_steps = int(round(self.config.step_warmup * scale))
+        if self.config.step_warmup > 0:
             self._warmup_steps = max(self._warmup_steps, 1)
-        if self.applied >= 0:      # resumed: bits are not in the state_dict, the steps are
+        if self.applied >= 0:      # resumed: widths come from the state dict, switches from here
             self._restore(qs)
         self._set_lr_mult(state, state.step)
 
@@ -333,7 +654,7 @@ class PrecisionTransition(Callback):
         label = self.stages[self.applied][1]
         for key, (q, _) in qs.items():
             bits = self.bits_for(label, self.targets[key])
-            set_passthrough(q, bits is None)
+            q.enabled = bits is not None
             if bits is not None and q.bits != bits:
                 saved = q.step.detach().clone()
                 q.set_bits(bits, "range")
@@ -345,48 +666,98 @@ class PrecisionTransition(Callback):
         while self.applied < want:
             self.applied += 1
             self._apply(state, self.applied)
+        self._freeze_weights(state, self.in_scale_only(state.step))
 
     def _apply(self, state: TrainState, k: int) -> None:
-        """Move every quantizer to stage ``k`` (Eq. T1 or a re-init) and reset its step momentum."""
+        """Move every quantizer to stage ``k`` (Eq. T1 / T2), reset its step momentum, and
+        record the diagnostics."""
         label = self.stages[k][1]
-        changed = 0
-        for key, (q, weight) in self._quantizers(state.model).items():
+        model = state.model
+        changed, acts = 0, []
+        for key, (q, weight) in self._quantizers(model).items():
             new = self.bits_for(label, self.targets[key])
-            old = None if is_passthrough(q) else q.bits
+            old = q.bits if q.enabled else None
             if new == old:
                 continue
             changed += 1
             if new is None:
-                set_passthrough(q, True)
+                q.enabled = False
                 continue
-            mode = self.fp32_exit if old is None else self.reinit
-            set_passthrough(q, False)
+            mode = self.config.fp32_exit if old is None else self.config.reinit
+            q.enabled = True
+            new_qp = (quant.weight_qrange if q.signed else quant.act_qrange)(new)[1]
+            carried = q.step.detach() * (q.qp / new_qp)
             if mode == "range":
                 q.set_bits(new, "range")
+            elif weight is not None:
+                q.set_bits(new, "mse" if mode == "data" else mode, x=weight.detach())
+            elif mode == "data":
+                q.set_bits(new, "range")      # placeholder; calibrated below from the batches
+                acts.append(q)
             else:
-                q.set_bits(new, mode, x=None if weight is None else weight.detach())
+                q.set_bits(new, mode)         # lazily from the next training batch
             state.optimizer.state.pop(q.step, None)
+            if weight is not None:
+                self.diagnostics.append({
+                    "step": state.step, "stage": k, "when": "transition", "kind": "weight",
+                    "layer": key.rsplit(".", 1)[0], "bits_old": old, "bits": new,
+                    "reinit": mode, **_weight_diagnostics(q, weight, carried)})
+        if changed and self.bn.after_transitions:
+            self.diagnostics.extend(
+                {"step": state.step, "stage": k, "when": "transition", "kind": "bn", **r}
+                for r in reestimate_bn_with_drift(model, self.batches, self.bn.images))
+        if acts:
+            quant.calibrate_activations(model, self.batches[:self.config.calib_batches],
+                                        method="mse", quantizers=acts)
         self.events.append({"step": state.step, "epoch": state.epoch, "stage": k,
-                            "bits": label, "changed": changed})
+                            "bits": label, "changed": changed, "loss_before": self._last_loss,
+                            "loss_after": None})
+
+    def _snapshot(self, state: TrainState, when: str) -> None:
+        """Diagnostics rows of every active weight quantizer now (end of a phase or of training)."""
+        for name, layer in quant.quantized_layers(state.model).items():
+            q = layer.weight_quantizer
+            if q.enabled:
+                self.diagnostics.append({
+                    "step": state.step + 1, "stage": self.applied, "when": when,
+                    "kind": "weight", "layer": name, "bits_old": None, "bits": q.bits,
+                    "reinit": None, **_weight_diagnostics(q, layer.weight, None)})
 
     def on_after_step(self, state: TrainState) -> None:
-        self._set_lr_mult(state, state.step + 1)   # the loop reads lr_mult before the next step
+        step = state.step
+        if self.events and self.events[-1]["step"] == step:
+            self.events[-1]["loss_after"] = state.loss
+        self._last_loss = state.loss
+        if self.in_scale_only(step) and not self.in_scale_only(step + 1):
+            self._snapshot(state, "scale_only_end")
+        if step + 1 == self._total:
+            self._snapshot(state, "end")
+            self._freeze_weights(state, False)     # hand back a model whose weights train
+        self._set_lr_mult(state, step + 1)   # the loop reads lr_mult before the next step
 
     def on_epoch_end(self, state: TrainState, metrics: dict[str, Any]) -> None:
         metrics["stage"] = str(self.stages[max(self.applied, 0)][1])
 
+    def diagnostics_frame(self):
+        """``diagnostics`` as a pandas DataFrame."""
+        return pd.DataFrame(self.diagnostics)
+
     def state_dict(self) -> dict[str, Any]:
         return {"targets": dict(self.targets), "applied": self.applied,
-                "events": [dict(e) for e in self.events]}
+                "events": [dict(e) for e in self.events],
+                "diagnostics": [dict(d) for d in self.diagnostics],
+                "last_loss": self._last_loss}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.targets = dict(state["targets"])
         self.applied = int(state["applied"])
         self.events = [dict(e) for e in state["events"]]
+        self.diagnostics = [dict(d) for d in state["diagnostics"]]
+        self._last_loss = state["last_loss"]
 
 
 # --------------------------------------------------------------------------------------------
-# Rounding oscillations (H3, Nagel et al. 2022)
+# Rounding oscillations (Nagel et al. 2022)
 # --------------------------------------------------------------------------------------------
 def dampening_loss(weight: torch.Tensor, quantizer: quant.LSQQuantizer,
                    aggregation: str = "kernel_mean") -> torch.Tensor:
@@ -397,7 +768,7 @@ def dampening_loss(weight: torch.Tensor, quantizer: quant.LSQQuantizer,
     or "kernel_mean" (sum over output channels, mean over the rest; the reference code's default).
     """
     _choice(aggregation, AGGREGATIONS, "dampen_aggregation")
-    s = _step_view(quantizer, weight)
+    s = quantizer.step_like(weight)
     with torch.no_grad():
         target = quantizer.int_repr(weight).to(weight.dtype) * s
     clipped = torch.clamp(weight, min=s * quantizer.qn, max=s * quantizer.qp)
@@ -439,7 +810,8 @@ class _Track:
 class OscillationTracker(Callback):
     """Track weight oscillations (Eq. O1) and optionally dampen (Eq. O2) or freeze them (Eq. O3).
 
-    Nagel et al. 2022 (reference code Qualcomm-AI-research/oscillations-qat):
+    Nagel et al. 2022 (reference code Qualcomm-AI-research/oscillations-qat), configured by an
+    :class:`OscillationConfig` (default: tracking only):
 
     * After every optimizer step each tracked layer's integer codes round(clip(w/s)) are
       compared with the previous ones. An oscillation: the code changes AND the change's sign is
@@ -448,8 +820,9 @@ class OscillationTracker(Callback):
       is in the FP32 stage of a :class:`PrecisionTransition`.
     * ``dampen``: adds λ(t)·Σ_layers dampening_loss (every quantized layer), λ ramped from
       ``dampen_weight`` to ``dampen_weight_final`` from progress ``dampen_start`` on.
-    * ``freeze``: in layers with bits <= ``max_bits``, a weight with f > threshold(t) is frozen
-      at round(EMA of its integer codes); the threshold is 0 (off) before ``freeze_start``, then
+    * ``freeze``: in layers with bits <= ``freeze_max_bits``, a weight with f > threshold(t) is
+      frozen at round(EMA of its integer codes); the threshold is 0 (off) before
+      ``freeze_start``, then
       anneals from ``freeze_threshold`` to ``freeze_threshold_final``. A frozen weight gets a
       zero gradient (tensor hook), zero momentum, and after every optimizer step is reset to
       s·k, so its integer code k never changes and the saved model alone reproduces it.
@@ -458,28 +831,24 @@ class OscillationTracker(Callback):
       frozen_frac); ``metrics`` gets the weight-averaged osc_frac/osc_rate/frozen_frac.
     """
 
-    def __init__(self, momentum: float = 0.01, *, dampen: bool = False,
-                 dampen_weight: float = 0.0, dampen_weight_final: float = 0.1,
-                 dampen_start: float = 0.25, dampen_schedule: str = "cosine",
-                 dampen_aggregation: str = "kernel_mean", freeze: bool = False,
-                 freeze_threshold: float = 0.1, freeze_threshold_final: float = 0.03,
-                 freeze_start: float = 0.25, freeze_schedule: str = "cosine", max_bits: int = 4,
-                 report_threshold: float | None = None):
-        _check_oscillation_options(momentum, dampen_weight, dampen_weight_final, dampen_start,
-                                   dampen_schedule, dampen_aggregation, freeze_threshold,
-                                   freeze_threshold_final, freeze_start, freeze_schedule,
-                                   max_bits, report_threshold)
-        self.momentum = float(momentum)
-        self.dampen, self.freeze = bool(dampen), bool(freeze)
-        self.dampen_weight = float(dampen_weight)
-        self.dampen_weight_final = float(dampen_weight_final)
-        self.dampen_start, self.dampen_schedule = float(dampen_start), dampen_schedule
-        self.dampen_aggregation = dampen_aggregation
-        self.freeze_threshold = float(freeze_threshold)
-        self.freeze_threshold_final = float(freeze_threshold_final)
-        self.freeze_start, self.freeze_schedule = float(freeze_start), freeze_schedule
-        self.max_bits = int(max_bits)
-        self.report_threshold = float(momentum if report_threshold is None else report_threshold)
+    def __init__(self, config: OscillationConfig | None = None):
+        config = OscillationConfig(track=True) if config is None else config
+        if not isinstance(config, OscillationConfig):
+            raise RecipeError(f"OscillationTracker needs an OscillationConfig, got "
+                              f"{type(config).__name__}")
+        self.config = config
+        self.momentum = float(config.momentum)
+        self.dampen, self.freeze = config.dampen, config.freeze
+        self.dampen_weight = float(config.dampen_weight)
+        self.dampen_weight_final = float(config.dampen_weight_final)
+        self.dampen_start, self.dampen_schedule = float(config.dampen_start), config.dampen_schedule
+        self.dampen_aggregation = config.dampen_aggregation
+        self.freeze_threshold = float(config.freeze_threshold)
+        self.freeze_threshold_final = float(config.freeze_threshold_final)
+        self.freeze_start, self.freeze_schedule = float(config.freeze_start), config.freeze_schedule
+        self.max_bits = int(config.freeze_max_bits)
+        self.report_threshold = float(config.momentum if config.report_threshold is None
+                                      else config.report_threshold)
         self.tracks: dict[str, _Track] = {}
         self.log: list[dict[str, Any]] = []
         self._hooks: dict[str, Any] = {}
@@ -571,7 +940,7 @@ class OscillationTracker(Callback):
         """Reset frozen weights to s·k and zero their momentum (Eq. O3: no update at all)."""
         w = layer.weight
         with torch.no_grad():
-            s = _step_view(layer.weight_quantizer, w)
+            s = layer.weight_quantizer.step_like(w)
             w.copy_(torch.where(tr.frozen, tr.frozen_int.to(w.dtype) * s, w))
             if optimizer is not None:
                 buf = optimizer.state.get(w, {}).get("momentum_buffer")
@@ -579,8 +948,10 @@ class OscillationTracker(Callback):
                     buf.masked_fill_(tr.frozen, 0.0)
 
     def _ensure_hook(self, name: str, layer: nn.Module) -> None:
-        """Gradient hook zeroing the frozen weights' gradient (task, dampening and KD terms)."""
-        if name in self._hooks:
+        """Gradient hook zeroing the frozen weights' gradient (task, dampening and KD terms).
+        Not registered while the weight takes no gradient (a scale-only phase); a later step
+        registers it."""
+        if name in self._hooks or not layer.weight.requires_grad:
             return
 
         def mask_grad(grad: torch.Tensor, _name: str = name) -> torch.Tensor:
@@ -600,7 +971,7 @@ class OscillationTracker(Callback):
     def _layers(self, model: nn.Module) -> dict[str, nn.Module]:
         """Quantized layers whose weight quantizer is active (not in an FP32 stage)."""
         return {n: m for n, m in quant.quantized_layers(model).items()
-                if not is_passthrough(m.weight_quantizer)}
+                if m.weight_quantizer.enabled}
 
     def on_train_start(self, state: TrainState) -> None:
         layers = quant.quantized_layers(state.model)
@@ -705,38 +1076,6 @@ class OscillationTracker(Callback):
         self.log = [dict(r) for r in state["log"]]
 
 
-def _check_oscillation_options(momentum, dampen_weight, dampen_weight_final, dampen_start,
-                               dampen_schedule, dampen_aggregation, freeze_threshold,
-                               freeze_threshold_final, freeze_start, freeze_schedule, max_bits,
-                               report_threshold) -> None:
-    """Validate the OscillationTracker options (one RecipeError naming the option)."""
-    if not _is_number(momentum) or not 0 < momentum < 1:
-        raise RecipeError(f"osc_momentum={momentum!r}; the EMA momentum m must be in (0, 1), "
-                          f"e.g. 0.01 (Nagel et al.)")
-    for key, v in (("dampen_weight", dampen_weight), ("dampen_weight_final", dampen_weight_final)):
-        if not _is_number(v) or v < 0:
-            raise RecipeError(f"{key}={v!r}; λ must be a number >= 0")
-    for key, v in (("dampen_start", dampen_start), ("freeze_start", freeze_start)):
-        if not _is_number(v) or not 0 <= v < 1:
-            raise RecipeError(f"{key}={v!r}; it is a fraction of training in [0, 1)")
-    _choice(dampen_schedule, SCHEDULES, "dampen_schedule")
-    _choice(freeze_schedule, SCHEDULES, "freeze_schedule")
-    _choice(dampen_aggregation, AGGREGATIONS, "dampen_aggregation")
-    for key, v in (("freeze_threshold", freeze_threshold),
-                   ("freeze_threshold_final", freeze_threshold_final)):
-        if not _is_number(v) or not 0 < v <= 1:
-            raise RecipeError(f"{key}={v!r}; a frequency threshold must be in (0, 1]")
-        if v < 2 * momentum:
-            raise RecipeError(f"{key}={v!r} is below 2 x osc_momentum ({2 * momentum:g}); a "
-                              f"single oscillation would freeze a weight. Nagel et al.: the "
-                              f"threshold should be at least 2-3x the momentum")
-    if isinstance(max_bits, bool) or not isinstance(max_bits, numbers.Integral) \
-            or int(max_bits) not in quant.SUPPORTED_BITS:
-        raise RecipeError(f"freeze_max_bits={max_bits!r}; use an int in {quant.SUPPORTED_BITS}")
-    if report_threshold is not None and (not _is_number(report_threshold)
-                                         or not 0 < report_threshold < 1):
-        raise RecipeError(f"osc_report_threshold={report_threshold!r}; use a frequency in "
-                          f"(0, 1) or None (= osc_momentum)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -752,20 +1091,25 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 class Distillation(Callback):
-    """Knowledge distillation from the FP32 model (Eq. D); off in the default recipe.
+    """Knowledge distillation from the FP32 model (Eq. D), configured by a
+    :class:`DistillationConfig` (temperature, weight).
 
     The teacher is deep-copied, kept in eval mode without gradients, moved to the student's
     device, and run on ``state.inputs`` (the batch the student just saw).
     """
 
-    def __init__(self, teacher: nn.Module, temperature: float = 4.0, weight: float = 1.0):
+    def __init__(self, teacher: nn.Module, config: DistillationConfig | None = None):
         if not isinstance(teacher, nn.Module):
             raise RecipeError(f"distillation needs the FP32 teacher model (an nn.Module), got "
                               f"{type(teacher).__name__}; pass make_callbacks(recipe, "
                               f"teacher=fp32_model)")
-        _check_distill(temperature, weight)
+        config = DistillationConfig(enabled=True) if config is None else config
+        if not isinstance(config, DistillationConfig):
+            raise RecipeError(f"Distillation needs a DistillationConfig, got "
+                              f"{type(config).__name__}")
+        self.config = config
         self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
-        self.temperature, self.weight = float(temperature), float(weight)
+        self.temperature, self.weight = float(config.temperature), float(config.weight)
 
     def on_train_start(self, state: TrainState) -> None:
         self.teacher.to(next(state.model.parameters()).device).eval()
@@ -782,133 +1126,165 @@ class Distillation(Callback):
         return self.weight * distillation_loss(outputs, teacher_logits, self.temperature)
 
 
-def _check_distill(temperature: Any, weight: Any) -> None:
-    if not _is_number(temperature) or temperature <= 0:
-        raise RecipeError(f"distill_temperature={temperature!r}; it must be > 0, e.g. 4")
-    if not _is_number(weight) or weight < 0:
-        raise RecipeError(f"distill_weight={weight!r}; it must be >= 0")
-
-
 # --------------------------------------------------------------------------------------------
 # Recipe
 # --------------------------------------------------------------------------------------------
+_SECTIONS: dict[str, type] = {"transition": TransitionConfig, "oscillation": OscillationConfig,
+                              "distillation": DistillationConfig, "bn": BNConfig}
+#: The flat keywords of the former one-level Recipe and where they live now (deprecated).
+_FLAT_KEYS: dict[str, tuple[str, str]] = {
+    "transitions": ("transition", "enabled"), "stages": ("transition", "stages"),
+    "stage_unit": ("transition", "unit"), "reinit": ("transition", "reinit"),
+    "fp32_exit": ("transition", "fp32_exit"), "step_warmup": ("transition", "step_warmup"),
+    "transition_activations": ("transition", "activations"),
+    "osc_track": ("oscillation", "track"), "osc_dampen": ("oscillation", "dampen"),
+    "osc_freeze": ("oscillation", "freeze"), "osc_momentum": ("oscillation", "momentum"),
+    "osc_report_threshold": ("oscillation", "report_threshold"),
+    **{k: ("oscillation", k) for k in ("dampen_weight", "dampen_weight_final", "dampen_start",
+                                       "dampen_schedule", "dampen_aggregation",
+                                       "freeze_threshold", "freeze_threshold_final",
+                                       "freeze_start", "freeze_schedule", "freeze_max_bits")},
+    "distill": ("distillation", "enabled"),
+    "distill_temperature": ("distillation", "temperature"),
+    "distill_weight": ("distillation", "weight"),
+}
+
+
+def _section(name: str, value: Any) -> Any:
+    """A section config from itself or a dict (unknown keys are an error naming them)."""
+    cls = _SECTIONS[name]
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        raise RecipeError(f"recipe.{name} must be a {cls.__name__} or a dict, got "
+                          f"{type(value).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise RecipeError(f"unknown recipe key(s) {[f'{name}.{k}' for k in unknown]}; known "
+                          f"keys of {name}: {sorted(known)}")
+    return cls(**value)
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """Every switch of transition-aware fine-tuning (docs/design.md §3); defaults = plain LSQ (H1).
+    """The QAT recipe's switches, one validated section per mechanism (docs/method.md §5, §7):
+    ``transition`` (:class:`TransitionConfig`), ``oscillation`` (:class:`OscillationConfig`),
+    ``distillation`` (:class:`DistillationConfig`) and ``bn`` (:class:`BNConfig`). Every
+    section may be given as a dict; the defaults are plain LSQ.
 
-    Precision transitions (H4): ``transitions``, ``stages``, ``stage_unit``, ``reinit``,
-    ``fp32_exit``, ``step_warmup``, ``transition_activations`` (see :class:`PrecisionTransition`).
-    Rounding oscillations (H3): ``osc_track`` (log only), ``osc_dampen``, ``osc_freeze`` and their
-    hyper-parameters (see :class:`OscillationTracker`). Distillation: ``distill``,
-    ``distill_temperature``, ``distill_weight``. Bad values raise :class:`RecipeError`;
-    ``Recipe.from_dict`` also rejects unknown keys (YAML typos).
+    ``Recipe.from_dict`` reads the params-YAML form ``{"transition": {"enabled": true}, ...}``
+    and rejects unknown keys; the former flat keys (``transitions``, ``osc_freeze``, ``distill``,
+    ...) still load there, with a DeprecationWarning naming the nested key.
     """
 
-    transitions: bool = False
-    stages: tuple = DEFAULT_STAGES
-    stage_unit: str = "fraction"
-    reinit: str = "range"
-    fp32_exit: str = "mse"
-    step_warmup: float = 0.02
-    transition_activations: bool = True
-    osc_track: bool = False
-    osc_dampen: bool = False
-    osc_freeze: bool = False
-    osc_momentum: float = 0.01
-    osc_report_threshold: float | None = None
-    dampen_weight: float = 0.0
-    dampen_weight_final: float = 0.1
-    dampen_start: float = 0.25
-    dampen_schedule: str = "cosine"
-    dampen_aggregation: str = "kernel_mean"
-    freeze_threshold: float = 0.1
-    freeze_threshold_final: float = 0.03
-    freeze_start: float = 0.25
-    freeze_schedule: str = "cosine"
-    freeze_max_bits: int = 4
-    distill: bool = False
-    distill_temperature: float = 4.0
-    distill_weight: float = 1.0
+    transition: TransitionConfig = field(default_factory=TransitionConfig)
+    oscillation: OscillationConfig = field(default_factory=OscillationConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    bn: BNConfig = field(default_factory=BNConfig)
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            if f.type in ("bool",) and not isinstance(getattr(self, f.name), bool):
-                raise RecipeError(f"{f.name}={getattr(self, f.name)!r}; use true or false")
-        object.__setattr__(self, "stages", parse_stages(self.stages, self.stage_unit))
-        _choice(self.reinit, quant.REINIT_METHODS, "reinit")
-        _choice(self.fp32_exit, quant.REINIT_METHODS, "fp32_exit")
-        if not _is_number(self.step_warmup) or self.step_warmup < 0:
-            raise RecipeError(f"step_warmup={self.step_warmup!r}; it must be >= 0 (in "
-                              f"stage_unit units)")
-        _check_oscillation_options(self.osc_momentum, self.dampen_weight,
-                                   self.dampen_weight_final, self.dampen_start,
-                                   self.dampen_schedule, self.dampen_aggregation,
-                                   self.freeze_threshold, self.freeze_threshold_final,
-                                   self.freeze_start, self.freeze_schedule,
-                                   self.freeze_max_bits, self.osc_report_threshold)
-        _check_distill(self.distill_temperature, self.distill_weight)
+        for name in _SECTIONS:
+            object.__setattr__(self, name, _section(name, getattr(self, name)))
 
     @classmethod
     def from_dict(cls, params: Mapping[str, Any] | None) -> "Recipe":
-        """A Recipe from a params-YAML dict; unknown keys are an error naming them."""
-        params = dict(params or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
+        """A Recipe from a params-YAML dict (nested sections; flat legacy keys are deprecated)."""
+        if params is not None and not isinstance(params, Mapping):
+            raise RecipeError(f"a recipe is a dict of sections {list(_SECTIONS)}, got "
+                              f"{type(params).__name__}")
+        nested: dict[str, dict[str, Any]] = {}
+        flat: list[str] = []
+        unknown: list[str] = []
+        for key, value in dict(params or {}).items():
+            if key in _SECTIONS:
+                if isinstance(value, _SECTIONS[key]):
+                    value = asdict(value)
+                if not isinstance(value, Mapping):
+                    raise RecipeError(f"recipe.{key} must be a dict, got {value!r}")
+                nested.setdefault(key, {}).update(value)
+            elif key in _FLAT_KEYS:
+                section, name = _FLAT_KEYS[key]
+                nested.setdefault(section, {})[name] = value
+                flat.append(f"{key} -> {section}.{name}")
+            else:
+                unknown.append(key)
         if unknown:
-            raise RecipeError(f"unknown recipe key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**params)
+            raise RecipeError(f"unknown recipe key(s) {sorted(unknown)}; use the sections "
+                              f"{list(_SECTIONS)}, e.g. {{'transition': {{'enabled': true}}}}")
+        if flat:
+            warnings.warn(f"flat recipe keys are deprecated; use the nested form "
+                          f"({', '.join(flat)})", DeprecationWarning, stacklevel=2)
+        return cls(**nested)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (stages as lists); ``Recipe.from_dict(r.to_dict()) == r``."""
+        """JSON-ready nested dict (stages as lists); ``Recipe.from_dict(r.to_dict()) == r``."""
         d = asdict(self)
-        d["stages"] = [list(s) for s in self.stages]
+        d["transition"]["stages"] = [list(s) for s in self.transition.stages]
         return d
 
+    def updated(self, changes: Mapping[str, Mapping[str, Any]]) -> "Recipe":
+        """A copy with ``{section: {key: value}}`` changed (validated like every Recipe)."""
+        bad = sorted(set(changes) - set(_SECTIONS))
+        if bad:
+            raise RecipeError(f"unknown recipe section(s) {bad}; use {list(_SECTIONS)}")
+        return replace(self, **{s: _section(s, {**asdict(getattr(self, s)), **dict(v)})
+                                for s, v in changes.items()})
+
     def describe(self) -> str:
-        """One line for tables, e.g. ``LSQ + transitions(fp32@0→8@0.1→target@0.3, range)``."""
+        """One line for tables, e.g. ``LSQ + transitions(8@0→target@0.3 fraction, range)``."""
         parts = ["LSQ"]
-        if self.transitions:
-            sched = "→".join(f"{b}@{a:g}" for a, b in self.stages)
-            parts.append(f"transitions({sched} {self.stage_unit}, {self.reinit})")
-        if self.osc_dampen:
-            parts.append(f"dampen(λ {self.dampen_weight:g}→{self.dampen_weight_final:g})")
-        if self.osc_freeze:
-            parts.append(f"freeze(f>{self.freeze_threshold:g}→{self.freeze_threshold_final:g}, "
-                         f"≤{self.freeze_max_bits}b)")
-        if self.distill:
-            parts.append(f"KD(T={self.distill_temperature:g}, w={self.distill_weight:g})")
+        t, o, d, b = self.transition, self.oscillation, self.distillation, self.bn
+        if t.enabled:
+            sched = "→".join(f"{bits}@{at:g}" for at, bits in t.stages)
+            extra = f", scale-only {t.scale_only_steps}" if t.scale_only_steps else ""
+            parts.append(f"transitions({sched} {t.unit}, {t.reinit}{extra})")
+        if o.dampen:
+            parts.append(f"dampen(λ {o.dampen_weight:g}→{o.dampen_weight_final:g})")
+        if o.freeze:
+            parts.append(f"freeze(f>{o.freeze_threshold:g}→{o.freeze_threshold_final:g}, "
+                         f"≤{o.freeze_max_bits}b)")
+        if d.enabled:
+            parts.append(f"KD(T={d.temperature:g}, w={d.weight:g})")
+        if b.active:
+            when = "+".join(w for w, on in (("transitions", b.after_transitions),
+                                            ("end", b.at_end)) if on)
+            parts.append(f"BN re-est({when}, {b.images} img)")
         return " + ".join(parts)
+
+    @property
+    def needs_batches(self) -> bool:
+        """True when make_callbacks needs training batches (data re-init, BN re-estimation)."""
+        return (self.transition.enabled and self.transition.needs_batches) or self.bn.active
 
 
 def make_callbacks(recipe: Recipe | Mapping[str, Any] | None,
-                   teacher: nn.Module | None = None) -> list[Callback]:
+                   teacher: nn.Module | None = None,
+                   batches: Sequence[Any] | None = None) -> list[Callback]:
     """The callbacks of ``recipe`` for :func:`hmqat.train.qat`, in a fixed order:
-    PrecisionTransition, OscillationTracker (if tracking, dampening or freezing), Distillation.
-    Plain LSQ (the default Recipe) gives no callbacks. ``teacher`` (the FP32 model) is needed
-    only when ``recipe.distill``. Build new callbacks for every run (they hold run state)."""
+    PrecisionTransition, OscillationTracker (tracking, dampening or freezing), Distillation,
+    BNReestimation (``bn.at_end``; last, so it sees the step's final weights). Plain LSQ (the
+    default Recipe) gives no callbacks. ``teacher`` (the FP32 model) is needed only for
+    distillation; ``batches`` (training ``(x, y)`` batches) only for ``transition.reinit="data"``
+    and BN re-estimation. Build new callbacks for every run (they hold run state)."""
     if recipe is None or isinstance(recipe, Mapping):
         recipe = Recipe.from_dict(recipe)
     if not isinstance(recipe, Recipe):
         raise RecipeError(f"make_callbacks needs a Recipe or a dict, got {type(recipe).__name__}")
+    if recipe.needs_batches and not batches:
+        raise RecipeError(f"recipe {recipe.describe()!r} needs training batches (data re-init or "
+                          f"BN re-estimation); call make_callbacks(recipe, batches=[(x, y), ...])")
+    if recipe.distillation.enabled and teacher is None:
+        raise RecipeError("recipe.distillation is enabled but no teacher was given; call "
+                          "make_callbacks(recipe, teacher=fp32_model)")
     cbs: list[Callback] = []
-    if recipe.transitions:
-        cbs.append(PrecisionTransition(recipe.stages, unit=recipe.stage_unit,
-                                       reinit=recipe.reinit, fp32_exit=recipe.fp32_exit,
-                                       warmup=recipe.step_warmup,
-                                       activations=recipe.transition_activations))
-    if recipe.osc_track or recipe.osc_dampen or recipe.osc_freeze:
-        cbs.append(OscillationTracker(
-            recipe.osc_momentum, dampen=recipe.osc_dampen, dampen_weight=recipe.dampen_weight,
-            dampen_weight_final=recipe.dampen_weight_final, dampen_start=recipe.dampen_start,
-            dampen_schedule=recipe.dampen_schedule,
-            dampen_aggregation=recipe.dampen_aggregation, freeze=recipe.osc_freeze,
-            freeze_threshold=recipe.freeze_threshold,
-            freeze_threshold_final=recipe.freeze_threshold_final,
-            freeze_start=recipe.freeze_start, freeze_schedule=recipe.freeze_schedule,
-            max_bits=recipe.freeze_max_bits, report_threshold=recipe.osc_report_threshold))
-    if recipe.distill:
-        if teacher is None:
-            raise RecipeError("recipe.distill is on but no teacher was given; call "
-                              "make_callbacks(recipe, teacher=fp32_model)")
-        cbs.append(Distillation(teacher, recipe.distill_temperature, recipe.distill_weight))
+    if recipe.transition.enabled:
+        cbs.append(PrecisionTransition(recipe.transition, batches=batches,
+                                       bn=replace(recipe.bn, at_end=False)))
+    if recipe.oscillation.active:
+        cbs.append(OscillationTracker(recipe.oscillation))
+    if recipe.distillation.enabled:
+        cbs.append(Distillation(teacher, recipe.distillation))
+    if recipe.bn.at_end:
+        cbs.append(BNReestimation(batches, recipe.bn.images))
     return cbs

@@ -37,8 +37,8 @@
 # "transition aware fine-tuning of scale factor" (see notebook 04 and docs/method.md). The step's
 # gradient is scaled by $g = 1/\sqrt{N\,Q_P}$, and the steps get their own learning rate.
 #
-# The study's recipe (`recipe` parameter, `{distill: true}` in params/quick.yaml) adds
-# **knowledge distillation** from the FP32 model: the loss is the cross-entropy plus
+# The study's recipe (`recipe` parameter, `{distillation: {enabled: true}}` in
+# params/quick.yaml) adds **knowledge distillation** from the FP32 model: the loss is the cross-entropy plus
 # $T^2\,\mathrm{KL}\big(\mathrm{softmax}(z_\text{FP32}/T)\,\|\,\mathrm{softmax}(z/T)\big)$ at $T = 4$. HMQAT's
 # abstract does not mention it; notebook 04's `lsq+distill` row shows what it buys.
 #
@@ -229,8 +229,8 @@ print(f"{packed.name}: {packed.stat().st_size / 1024:.1f} KB on disk vs "
 # 2. Compare `step_lr = qat_lr` with `step_lr = qat_lr / 10`. What happens to the learned steps?
 #    *Hint:* compare each layer's weight step after QAT with its MSE initialisation (`weight_quantizer.step`).
 # 3. The study's recipe already distils from the FP32 model. Rerun one budget with
-#    `recipe={"distill": False}`. How much top-1 does distillation buy here, and why does it
+#    `recipe={"distillation": {"enabled": False}}`. How much top-1 does distillation buy here, and why does it
 #    help most when QAT is short?
-#    *Hint:* `transitions.make_callbacks({"distill": False})` gives plain cross-entropy; one seed only screens.
+#    *Hint:* `transitions.Recipe.from_dict({"distillation": {"enabled": False}})` gives plain cross-entropy; one seed only screens.
 #
 # Worked solutions: [`solutions/03_qat_solutions.ipynb`](solutions/03_qat_solutions.ipynb) (and its paired `.py`).

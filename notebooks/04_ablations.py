@@ -50,6 +50,7 @@ profile = "lab"
 arch = "resnet20"
 dataset = "cifar10"
 n_synthetic = 0
+pretrained = True
 seed = 0
 val_size = 0
 device = "auto"
@@ -65,6 +66,20 @@ step_lr = 0.0004
 qat_wd = 0.00005
 random_seeds = [0, 1, 2]
 max_steps_per_epoch = 50
+transition_experiment = True        # the seeded transition experiment (docs/method.md §7)
+transition_val_size = 5000          # training images held out for every choice
+transition_fp32_epochs = 3          # FP32 fine-tune on train minus the hold-out
+transition_fp32_lr = 0.01
+transition_fp32_wd = 0.0001
+transition_fp32_max_steps = None
+# the study's QAT recipe (KD, T=4):
+transition_recipe = {"distillation": {"enabled": True}}
+transition_steps = 300              # total optimizer steps per run (budget A)
+transition_pre_steps = 50           # steps a ladder spends above the target width
+transition_scale_only = 20          # scale-only steps after every stage start
+transition_seeds = [0, 1, 2]
+transition_budgets = ["A"]
+transition_workers = 1
 
 # %%
 from hmqat import runtime, search, sensitivity, train
@@ -145,6 +160,89 @@ print(f"allocation: Hessian-guided {hess:.2f} % vs random {rnd['top1']:.2f} ± "
 #   allocation gap may shrink at milder budgets, where uniform already does well.
 # * `osc_frac` is a share over all weights; it does not say which layers oscillate or whether
 #   the oscillations cost accuracy.
+# ## Transition-aware fine-tuning, measured fairly
+#
+# The single-seed rows above put `lsq+transitions` *below* plain LSQ. Three defects of our
+# reconstruction explain much of that (docs/method.md §5): at 8 bit → target the step was carried
+# **by range** (Eq. T1), which at 2 bits leaves it ~3× the MSE-optimal step, so most weights
+# round to zero; the steps learn at lr/10 after a 4-step warm-up, too slowly to recover; and a
+# third of the steps were spent at FP32 and 8 bit, where the model is already lossless.
+#
+# The experiment below fixes them and then asks the data, with the rules of docs/method.md §8:
+#
+# * **Arms.** Re-init {range (Eq. T1), data (Eq. T2: MSE-optimal weight steps, activations from
+#   two calibration batches) + a scale-only phase (weights frozen, steps and BN affine train)} ×
+#   ladder {none, 8 → target, 8 → 4 → target}; no FP32 stage (QAT starts from a converged FP32
+#   model); BatchNorm re-estimation at the end on/off for plain LSQ and the best arm.
+# * **Fairness.** Every arm gets the same total optimizer steps (budget A); a ladder spends
+#   `transition_pre_steps` of them above the target, so its steps at the target width are fewer
+#   and reported. The step learning rate (lr/10 against lr, as LSQ uses) is chosen first.
+# * **Choices on a validation hold-out.** The FP32 model is fine-tuned on the training images
+#   minus `transition_val_size` held-out ones; the step_lr, the best arm and the BN switch are
+#   chosen on that hold-out (one screening seed), then plain LSQ, plain LSQ + BN and the chosen arm
+#   train on ≥ 3 paired seeds and each final run is read **once** on the test split.
+# * **Goal** (issue 14): the chosen arm beats plain LSQ by ≥ +0.5 top-1 points, paired 95 % CI
+#   excluding 0. The table reports the paired differences either way.
+
+# %%
+if transition_experiment:
+    import time
+
+    from hmqat import data, transitions
+
+    t0 = time.perf_counter()
+    fp32_v, train_v, val_v = ablation.validation_fp32(
+        study, transition_val_size, epochs=transition_fp32_epochs, lr=transition_fp32_lr,
+        weight_decay=transition_fp32_wd, max_steps_per_epoch=transition_fp32_max_steps)
+    point = f"HMQAT {ablation_compression:g}x"
+    tcfg = train.TrainConfig(epochs=1, lr=qat_lr, step_lr=step_lr, weight_decay=qat_wd, seed=seed)
+    settings = {"val_size": transition_val_size, "steps": transition_steps,
+                "pre_steps": transition_pre_steps, "scale_only_steps": transition_scale_only,
+                "seeds": list(transition_seeds), "budgets": list(transition_budgets),
+                "lr": qat_lr, "step_lr": step_lr, "weight_decay": qat_wd,
+                "batch_size": batch_size, "recipe": transitions.Recipe.from_dict(
+                    transition_recipe).describe(), "device": str(study.dev)}
+    t_out = ablation.transition_study(
+        fp32_v, train_v, data.make_loader(val_v, 500, device=study.dev), study.test_loader(),
+        tcfg, study.load_json("configs.json")[point]["config"],
+        base=transitions.Recipe.from_dict(transition_recipe),
+        run_dir=study.path("checkpoints", "transition_experiment"), steps=transition_steps,
+        pre_steps=transition_pre_steps, scale_only_steps=transition_scale_only,
+        seeds=transition_seeds, budgets=transition_budgets, batch_size=batch_size,
+        workers=transition_workers, a_bits=a_bits, policy=policy, init=init, device=study.dev)
+    ablation.write_transition_results(t_out, study, point=point, settings=settings,
+                                      wall_s=time.perf_counter() - t0)
+
+# %% [markdown]
+# The written results: every run (`data/transition_experiment.csv`), the paired table
+# (`tables/transition_experiment`) and the per-layer diagnostics of the worst layer — the step
+# relative to its MSE-optimal value at each transition (× marks what the range rule would have
+# carried), the share of zero codes, the task-loss jump at each transition and the BatchNorm
+# drift that the final re-estimation removes (`figures/transition_diagnostics`).
+
+# %%
+if transition_experiment:
+    import pandas as pd
+    from IPython.display import Image, display
+
+    print(study.load_json("transition_experiment.json")["choices"])
+    display(pd.read_csv(study.tables / "transition_experiment.csv", comment="#"))
+    if (study.figures / "transition_diagnostics.png").exists():
+        display(Image(filename=str(study.figures / "transition_diagnostics.png")))
+
+# %% [markdown]
+# **What the quick-profile data say** (docs/method.md §7.1 has the numbers). The range rule was
+# the main defect: at 8 → 2 bits it carries a step 2–3× the MSE-optimal one, 74–80 % of the
+# weights round to zero, and at step_lr = lr/10 the step never recovers within 300 steps. Data
+# re-init puts every step at the optimum and it stays there. On the screening seed every fixed
+# arm beat plain LSQ at the study's step_lr = lr/10, but letting the steps learn at lr (as LSQ
+# prescribes) helped plain LSQ more than any transition arm did (+0.84). The paired-seed table
+# shows the rest: on three paired seeds at step_lr = lr, the chosen arm (data re-init +
+# scale-only, 8 → 4 → target) is 0.31 points below plain LSQ on the test split (95 % CI
+# [−0.66, +0.04]) and BN re-estimation at the end costs 0.22 ([−0.45, +0.01]); neither reaches
+# the issue's goal (+0.5, CI excluding 0), so both stay off by default. What this cannot say (one
+# operating point, under one epoch of QAT, one screening seed, arms screened at lr/10) is listed
+# in docs/method.md §7.1.
 
 # %% [markdown]
 # ## Exercises

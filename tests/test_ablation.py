@@ -120,7 +120,8 @@ def test_summary_and_bad_inputs(setup, tmp_path):
     assert [(s.variant, s.seed) for s in specs] == [("lsq", 0), ("all", 0), ("lsq", 1),
                                                     ("all", 1)]
     r = specs[1].recipe
-    assert r.transitions and r.osc_freeze and r.osc_dampen and not r.distill and r.osc_track
+    assert r.transition.enabled and r.oscillation.freeze and r.oscillation.dampen
+    assert not r.distillation.enabled and r.oscillation.track
     with pytest.raises(ablation.AblationError, match=r"unknown transition variant\(s\) \['al'\]"):
         ablation.transition_specs({}, variants=["al"])
     with pytest.raises(ablation.AblationError, match="give exactly one size budget"):
@@ -164,3 +165,51 @@ def test_allocation_specs_keep_only_equal_size_rows(setup, capsys):
     loose = ablation.allocation_specs(omegas, n_params, max_mb=budget, random_seeds=(0,),
                                       size_tol=10.0)
     assert len(loose) > len(specs) and {s.variant for s in loose} >= {"uniform", "greedy"}
+
+
+# --------------------------------------------------------------------------------------------
+# The transition experiment (issue 14)
+# --------------------------------------------------------------------------------------------
+def test_transition_arm_budgets_and_recipes():
+    from hmqat.transitions import Recipe
+
+    base = Recipe(distillation={"enabled": True})
+    lsq = ablation.TransitionArm("lsq")
+    ladder = ablation.TransitionArm("data", "data", (8, 4), scale_only_steps=3)
+    assert ablation._steps_for(lsq, "A", 300, 50) == (300, 300)
+    assert ablation._steps_for(ladder, "A", 300, 50) == (300, 250)
+    assert ablation._steps_for(ladder, "B", 300, 50) == (350, 300)
+    r = ladder.recipe(base, 300, 250)
+    assert r.transition.stages == ((0, 8), (25, 4), (50, "target")) and r.transition.unit == "step"
+    assert r.transition.reinit == "data" and r.transition.scale_only_steps == 3
+    assert r.distillation.enabled and not r.bn.at_end
+    assert lsq.recipe(base, 300, 300) == base
+    with pytest.raises(ablation.AblationError, match=r"no precision schedule"):
+        lsq.recipe(base, 300, 250)
+    with pytest.raises(ablation.AblationError, match=r"budget='C'"):
+        ablation._steps_for(lsq, "C", 300, 50)
+    names = [a.name for a in ablation.screening_arms(20)]
+    assert names == ["data+so/none", "range/8>T", "data+so/8>T", "range/8>4>T", "data+so/8>4>T"]
+
+
+def test_bn_arm_from_the_checkpoint_equals_bn_reestimation_in_the_run(setup, tmp_path):
+    from hmqat.transitions import Recipe
+
+    fp32 = setup[0]
+    train_set = data.synthetic_cifar(64, seed=0)
+    val = data.make_loader(data.synthetic_cifar(32, seed=2), 32)
+    cfg = train.TrainConfig(epochs=1, lr=0.05, step_lr=0.005, seed=0)
+    config = quant.uniform_config(fp32, 2)
+    kw = dict(base=Recipe(), total_steps=3, steps_at_target=3, run_dir=tmp_path, batch_size=16,
+              a_bits=4)
+    lsq = ablation.TransitionArm("lsq")
+    plain = ablation.run_transition_arm(lsq, 1, fp32, train_set, val, cfg, config, **kw)
+    in_run = ablation.run_transition_arm(ablation.TransitionArm("lsq+bn", bn_end=True), 1, fp32,
+                                         train_set, val, cfg, config, **kw)
+    post = ablation.bn_reestimated(plain, lsq, fp32, train_set, val, config, base=Recipe(),
+                                   run_dir=tmp_path, batch_size=16, a_bits=4)
+    assert post["arm"] == "lsq+bn" and post["val_top1"] == in_run["val_top1"]
+    got = pd.DataFrame(post["record"]["bn_drift"])
+    want = pd.DataFrame(in_run["record"]["bn_drift"])
+    pd.testing.assert_frame_equal(got, want)
+    assert (tmp_path / plain["run_id"] / "bn.json").exists()

@@ -1,12 +1,27 @@
 """Transition-aware fine-tuning: precision transitions, oscillations, distillation, recipes."""
+import copy
+import math
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from hmqat import data, quant, train, transitions
-from hmqat.transitions import (OscillationTracker, PrecisionTransition, Recipe, RecipeError,
+from hmqat.transitions import (DistillationConfig, OscillationConfig, OscillationTracker,
+                               PrecisionTransition, Recipe, RecipeError, TransitionConfig,
                                make_callbacks)
+
+
+def PT(stages=transitions.DEFAULT_STAGES, *, warmup=0.02, unit="fraction", batches=None, **kw):
+    """A PrecisionTransition from TransitionConfig keywords (warmup = step_warmup)."""
+    return PrecisionTransition(TransitionConfig(enabled=True, stages=stages, unit=unit,
+                                                step_warmup=warmup, **kw), batches=batches)
+
+
+def OT(**kw):
+    """An OscillationTracker from OscillationConfig keywords (tracking on)."""
+    return OscillationTracker(OscillationConfig(track=True, **kw))
 
 
 class Tiny(nn.Module):
@@ -51,7 +66,7 @@ class Probe(train.Callback):
         row = {"step": state.step}
         for name, layer in quant.quantized_layers(state.model).items():
             q = layer.weight_quantizer
-            row[name] = (None if transitions.is_passthrough(q) else q.bits,
+            row[name] = (q.bits if q.enabled else None,
                          q.step.detach().clone(), layer.weight.detach().clone())
         g = next(g for g in state.optimizer.param_groups if g["name"] == "steps")
         row["lr_mult"], row["lr"], row["base_lr"] = g["lr_mult"], g["lr"], g["base_lr"]
@@ -68,7 +83,7 @@ def _qat(callbacks, epochs=1, steps=8, **kw):
 # Precision transitions
 # --------------------------------------------------------------------------------------------
 def test_range_reinit_keeps_clipping_range_at_scheduled_steps():
-    pt = PrecisionTransition([(0.0, 8), (0.5, "target")], reinit="range", warmup=0.25)
+    pt = PT([(0.0, 8), (0.5, "target")], reinit="range", warmup=0.25)
     probe = Probe()
     qm, _ = _qat([pt, probe], steps=8, step_lr=0.0)     # steps move only by transitions
     rows = probe.rows
@@ -91,7 +106,7 @@ def test_range_reinit_keeps_clipping_range_at_scheduled_steps():
 
 
 def test_fp32_stage_then_mse_exit_then_range():
-    pt = PrecisionTransition([(0.0, "fp32"), (0.25, 8), (0.5, "target")], fp32_exit="mse",
+    pt = PT([(0.0, "fp32"), (0.25, 8), (0.5, "target")], fp32_exit="mse",
                              reinit="range", warmup=0)
     probe = Probe()
     qm, _ = _qat([pt, probe], steps=8, step_lr=0.0)
@@ -103,20 +118,20 @@ def test_fp32_stage_then_mse_exit_then_range():
                                quant.init_step(rows[2]["conv2"][2], 8, method="mse"))
     torch.testing.assert_close(rows[4]["conv2"][1] * 7, rows[3]["conv2"][1] * 127)
     assert all(r["lr_mult"] == 1 for r in rows)
-    assert not transitions.is_passthrough(qm.conv2.weight_quantizer)
+    assert qm.conv2.weight_quantizer.enabled
 
 
 def test_fp32_stage_is_exact_passthrough():
     qm = quant.quantize_model(_fp32(), CONFIG, a_bits=4)
     layer = qm.conv3
-    transitions.set_passthrough(layer.weight_quantizer, True)
-    assert torch.equal(layer.quantized_weight(), layer.weight)
-    transitions.set_passthrough(layer.weight_quantizer, False)
+    layer.weight_quantizer.enabled = False
+    assert layer.quantized_weight() is layer.weight
+    layer.weight_quantizer.enabled = True
     assert not torch.equal(layer.quantized_weight(), layer.weight)
 
 
 def test_mse_reinit_epoch_schedule_and_warmup():
-    pt = PrecisionTransition([(0, 8), (1, "target")], unit="epoch", reinit="mse", warmup=0.5)
+    pt = PT([(0, 8), (1, "target")], unit="epoch", reinit="mse", warmup=0.5)
     probe = Probe()
     _qat([pt, probe], epochs=2, steps=3, step_lr=0.001)
     assert [e["step"] for e in pt.events] == [0, 3]                 # first step of epoch 1
@@ -130,7 +145,7 @@ def test_mse_reinit_epoch_schedule_and_warmup():
 
 
 def test_epoch_stage_beyond_training_is_an_error():
-    pt = PrecisionTransition([(0, 8), (3, "target")], unit="epoch")
+    pt = PT([(0, 8), (3, "target")], unit="epoch")
     with pytest.raises(RecipeError, match=r"epoch\(s\) \[3\] but training has only 2 epochs"):
         _qat([pt], epochs=2, steps=1)
 
@@ -155,7 +170,7 @@ def test_bad_stages(stages, unit, match):
 # --------------------------------------------------------------------------------------------
 def test_oscillation_count_and_ema_on_hand_made_codes():
     m = 0.01
-    tr = OscillationTracker(momentum=m)
+    tr = OT(momentum=m)
     seq = [[0, 0, 0], [1, 0, 1], [0, 0, 2], [1, 0, 1], [1, 0, 2], [2, 0, 3]]
     # w0: +,-,+,0,+ -> oscillations at steps 2 and 3; w1 constant; w2: +,+,-,+,+ -> steps 3, 4
     flips = []
@@ -178,7 +193,7 @@ def test_oscillation_count_and_ema_on_hand_made_codes():
 
 def test_threshold_freezes_at_rounded_ema_of_codes():
     m, thr = 0.2, 0.5
-    tr = OscillationTracker(momentum=m, freeze=True, freeze_threshold=thr,
+    tr = OT(momentum=m, freeze=True, freeze_threshold=thr,
                             freeze_threshold_final=thr)
     ema_int, ema = 0.0, 0.0
     for t, c in enumerate([0, 1, 0, 1, 0, 1, 0]):
@@ -198,7 +213,7 @@ def test_threshold_freezes_at_rounded_ema_of_codes():
 
 
 def test_frozen_weights_receive_no_update():
-    tracker = OscillationTracker(freeze=True)
+    tracker = OT(freeze=True)
 
     class FreezeAtStart(train.Callback):
         def on_step_start(self, state):
@@ -221,7 +236,7 @@ def test_frozen_weights_receive_no_update():
 
 
 def test_frozen_codes_stay_fixed_while_steps_learn():
-    tracker = OscillationTracker(freeze=True)
+    tracker = OT(freeze=True)
 
     class FreezeAtStart(train.Callback):
         def on_step_start(self, state):
@@ -267,7 +282,7 @@ def test_dampening_loss_matches_hand_computation():
         progress = 0.625
         model = nn.Sequential(layer)
 
-    tracker = OscillationTracker(dampen=True, dampen_weight=0.0, dampen_weight_final=0.1,
+    tracker = OT(dampen=True, dampen_weight=0.0, dampen_weight_final=0.1,
                                  dampen_start=0.25, dampen_aggregation="sum")
     expected = transitions.dampening_loss(layer.weight, layer.weight_quantizer, "sum")
     assert expected.item() == pytest.approx(0.0032)
@@ -279,7 +294,7 @@ def test_dampening_loss_matches_hand_computation():
 
 
 def test_tracker_logs_oscillations_per_layer_and_epoch():
-    tracker = OscillationTracker(dampen=True, freeze=True, freeze_start=0.0)
+    tracker = OT(dampen=True, freeze=True, freeze_start=0.0)
     _, hist = _qat([tracker], epochs=2, steps=4, lr=0.2)
     for h in hist:
         assert 0 <= h["osc_frac"] <= 1 and 0 <= h["osc_rate"] <= 1 and 0 <= h["frozen_frac"] <= 1
@@ -295,7 +310,8 @@ def test_tracker_logs_oscillations_per_layer_and_epoch():
 # --------------------------------------------------------------------------------------------
 def test_distillation_zero_for_identical_student_and_positive_otherwise():
     teacher = _fp32().eval()
-    kd = transitions.Distillation(teacher, temperature=3.0, weight=2.0)
+    kd = transitions.Distillation(teacher, DistillationConfig(enabled=True, temperature=3.0,
+                                                             weight=2.0))
     x = torch.randn(4, 3, 32, 32)
 
     class State:
@@ -326,8 +342,9 @@ class _Interrupt(train.Callback):
 
 
 def _resume_recipe():
-    return Recipe(transitions=True, stages=[(0, "fp32"), (0.2, 8), (0.7, "target")],
-                  osc_dampen=True, osc_freeze=True, freeze_start=0.0, step_warmup=0.2)
+    return Recipe(transition={"enabled": True, "stages": [(0, "fp32"), (0.2, 8), (0.7, "target")],
+                              "step_warmup": 0.2},
+                  oscillation={"dampen": True, "freeze": True, "freeze_start": 0.0})
 
 
 def test_callbacks_checkpoint_and_resume_bit_identical(tmp_path):
@@ -359,28 +376,35 @@ def test_callbacks_checkpoint_and_resume_bit_identical(tmp_path):
 # --------------------------------------------------------------------------------------------
 def test_recipe_builds_callbacks_in_order():
     assert make_callbacks(Recipe()) == [] and make_callbacks({}) == []
-    cbs = make_callbacks({"transitions": True, "osc_freeze": True, "distill": True},
-                         teacher=_fp32())
+    cbs = make_callbacks({"transition": {"enabled": True}, "oscillation": {"freeze": True},
+                          "distillation": {"enabled": True}}, teacher=_fp32())
     assert [type(c).__name__ for c in cbs] == ["PrecisionTransition", "OscillationTracker",
                                                "Distillation"]
-    r = Recipe.from_dict({"transitions": True, "stages": [[0, "fp32"], [0.2, 8], [0.5, "target"]]})
-    assert r.stages == ((0.0, "fp32"), (0.2, 8), (0.5, "target"))
+    r = Recipe.from_dict({"transition": {"enabled": True,
+                                         "stages": [[0, "fp32"], [0.2, 8], [0.5, "target"]]}})
+    assert r.transition.stages == ((0.0, "fp32"), (0.2, 8), (0.5, "target"))
     assert Recipe.from_dict(r.to_dict()) == r
     assert r.describe().startswith("LSQ + transitions(fp32@0→8@0.2→target@0.5")
 
 
 @pytest.mark.parametrize("params, match", [
     ({"osc_dampn": True}, r"unknown recipe key\(s\) \['osc_dampn'\]"),
-    ({"transitions": "yes"}, r"transitions='yes'; use true or false"),
-    ({"reinit": "max"}, r"reinit='max' is not allowed"),
-    ({"osc_momentum": 1.5}, r"osc_momentum=1.5"),
-    ({"freeze_threshold_final": 0.01}, r"freeze_threshold_final=0.01 is below 2 x osc_momentum"),
-    ({"dampen_weight_final": -1}, r"dampen_weight_final=-1"),
-    ({"dampen_aggregation": "max"}, r"dampen_aggregation='max'"),
-    ({"freeze_max_bits": 1}, r"freeze_max_bits=1"),
-    ({"distill_temperature": 0}, r"distill_temperature=0"),
-    ({"step_warmup": -0.1}, r"step_warmup=-0.1"),
-    ({"stages": [(0.0, 8)]}, r"must end with"),
+    ({"oscillation": {"dampn": True}}, r"unknown recipe key\(s\) \['oscillation.dampn'\]"),
+    ({"transition": {"enabled": "yes"}}, r"transition.enabled='yes'; use true or false"),
+    ({"transition": {"reinit": "max"}}, r"transition.reinit='max' is not allowed"),
+    ({"oscillation": {"momentum": 1.5}}, r"oscillation.momentum=1.5"),
+    ({"oscillation": {"freeze_threshold_final": 0.01}},
+     r"oscillation.freeze_threshold_final=0.01 is below 2 x oscillation.momentum"),
+    ({"oscillation": {"dampen_weight_final": -1}}, r"oscillation.dampen_weight_final=-1"),
+    ({"oscillation": {"dampen_aggregation": "max"}}, r"oscillation.dampen_aggregation='max'"),
+    ({"oscillation": {"freeze_max_bits": 1}}, r"oscillation.freeze_max_bits=1"),
+    ({"distillation": {"temperature": 0}}, r"distillation.temperature=0"),
+    ({"transition": {"step_warmup": -0.1}}, r"transition.step_warmup=-0.1"),
+    ({"transition": {"scale_only_steps": 1.5}}, r"transition.scale_only_steps=1.5"),
+    ({"transition": {"calib_batches": 1}}, r"transition.calib_batches=1"),
+    ({"bn": {"images": 0}}, r"bn.images=0"),
+    ({"transition": {"stages": [(0.0, 8)]}}, r"must end with"),
+    ({"transition": True}, r"recipe.transition must be a dict"),
 ])
 def test_recipe_validation(params, match):
     with pytest.raises(RecipeError, match=match):
@@ -389,12 +413,12 @@ def test_recipe_validation(params, match):
 
 def test_distill_without_teacher_is_an_error():
     with pytest.raises(RecipeError, match=r"no teacher was given; call make_callbacks"):
-        make_callbacks(Recipe(distill=True))
+        make_callbacks(Recipe(distillation={"enabled": True}))
 
 
 def test_reusing_callbacks_for_a_new_run_is_an_error():
-    pt = PrecisionTransition([(0, 8), (0.5, "target")])
-    tracker = OscillationTracker()
+    pt = PT([(0, 8), (0.5, "target")])
+    tracker = OT()
     _qat([pt, tracker], steps=2)
     with pytest.raises(RecipeError, match="PrecisionTransition already ran a training"):
         _qat([pt], steps=2)
@@ -406,4 +430,212 @@ def test_callbacks_refuse_an_fp32_model():
     model = _fp32()
     cfg = train.TrainConfig(epochs=1, max_steps_per_epoch=1)
     with pytest.raises(RecipeError, match="needs a quantized model"):
-        train.fit(model, _loader(16), None, cfg, callbacks=[PrecisionTransition()])
+        train.fit(model, _loader(16), None, cfg, callbacks=[PT()])
+
+
+def test_flat_recipe_keys_still_load_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match=r"osc_freeze -> oscillation.freeze"):
+        r = Recipe.from_dict({"transitions": True, "osc_freeze": True, "distill": True})
+    assert r == Recipe(transition={"enabled": True}, oscillation={"freeze": True},
+                       distillation={"enabled": True})
+    assert r.updated({"oscillation": {"freeze": False}}).oscillation.freeze is False
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 14: data re-init, scale-only phase, BN re-estimation, ladders, resume
+# --------------------------------------------------------------------------------------------
+def _batches(n=2, batch=16):
+    return [b for _, b in zip(range(n), _loader(n * batch, batch))]
+
+
+def _hand_made_weight(shape):
+    """A heavy-tailed, deterministic weight: most values small, a few large (as trained convs)."""
+    k = torch.arange(math.prod(shape), dtype=torch.float32)
+    u = torch.frac(k * 0.6180339887) * 2 - 1                     # low-discrepancy in (-1, 1)
+    return (u.sign() * u.abs().pow(3) * 0.5).reshape(shape)
+
+
+def test_data_reinit_lands_within_one_percent_of_brute_force_mse():
+    fp32 = _fp32()
+    with torch.no_grad():
+        fp32.conv3.weight.copy_(_hand_made_weight(fp32.conv3.weight.shape))
+    pt = PT([(0, 8), (1, "target")], unit="step", reinit="data", warmup=0, batches=_batches())
+    probe = Probe()
+    cfg = train.TrainConfig(epochs=1, lr=0.01, max_steps_per_epoch=2)
+    train.qat(fp32, CONFIG, _loader(32), None, cfg, callbacks=[pt, probe])
+    bits, step, w = probe.rows[1]["conv3"]                         # just after 8 -> 2 bits
+    assert bits == 2
+    qn, qp = quant.weight_qrange(2)
+    w2 = w.reshape(w.shape[0], -1)
+    grid = torch.linspace(1e-4, 1.0, 20001) * w2.abs().amax(1, keepdim=True)      # [C, G]
+    err = (torch.clamp(w2[:, None, :] / grid[..., None], qn, qp).round() * grid[..., None]
+           - w2[:, None, :]).pow(2).sum(-1)                                       # [C, G]
+    brute = err.min(1).values
+    got = (torch.clamp(w2 / step[:, None], qn, qp).round() * step[:, None] - w2).pow(2).sum(1)
+    assert (got <= brute * 1.01).all(), (got / brute)
+    # the range rule would have carried the 8-bit step: 2-3x the optimum, far worse error
+    carried = probe.rows[0]["conv3"][1] * 127 / qp
+    bad = (torch.clamp(w2 / carried[:, None], qn, qp).round() * carried[:, None] - w2
+           ).pow(2).sum(1)
+    assert (bad > 1.5 * brute).all()
+    row = next(d for d in pt.diagnostics if d["layer"] == "conv3" and d["when"] == "transition"
+               and d["bits"] == 2)
+    assert row["step_ratio"] == pytest.approx(1.0, abs=1e-6) and row["range_ratio"] > 1.5
+    assert row["err_ratio"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_data_reinit_calibrates_changed_activation_steps_from_the_batches():
+    batches = _batches(3)
+    pt = PT([(0, 8), (1, "target")], unit="step", reinit="data", warmup=0, calib_batches=2,
+            batches=batches)
+    seen = {}
+
+    class Grab(train.Callback):
+        def on_step_start(self, state):
+            if state.step == 1:
+                seen["model"] = copy.deepcopy(state.model)
+                seen["act"] = state.model.conv3.act_quantizer.step.detach().clone()
+                seen["first"] = state.model.conv1.act_quantizer.step.detach().clone()
+
+        def on_after_step(self, state):
+            if state.step == 0:
+                seen["first0"] = state.model.conv1.act_quantizer.step.detach().clone()
+
+    cfg = train.TrainConfig(epochs=1, lr=0.01, step_lr=0.0, max_steps_per_epoch=2)
+    train.qat(_fp32(), CONFIG, _loader(32), None, cfg, callbacks=[pt, Grab()])
+    assert torch.equal(seen["first"], seen["first0"])   # conv1's input stays at 8 bit: untouched
+    # conv3's input moved 8 -> 4 bits: the mean of the per-batch MSE steps of its inputs
+    model = copy.deepcopy(seen["model"]).eval()
+    inputs = []
+    h = model.conv3.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach()))
+    q = model.conv3.act_quantizer
+    with torch.no_grad():
+        q.step.copy_(seen["act"])
+        for x, _ in batches[:2]:
+            model(x)
+    h.remove()
+    want = torch.stack([quant.init_step(x, 4, signed=False, per_channel=False, method="mse")
+                        for x in inputs]).mean(0)
+    torch.testing.assert_close(seen["act"], want, rtol=1e-4, atol=0)   # memory-format rounding
+
+
+def test_scale_only_phase_freezes_weights_bit_identically_and_moves_steps():
+    pt = PT([(0, "target")], unit="step", scale_only_steps=3, scale_only_lr_mult=2.0, warmup=0)
+    probe = Probe()
+
+    class BN(train.Callback):
+        def __init__(self):
+            self.bn = []
+
+        def on_step_start(self, state):
+            self.bn.append(state.model.bn2.weight.detach().clone())
+
+    bn = BN()
+    qm, _ = _qat([pt, probe, bn], steps=5, step_lr=0.05, weight_decay=0.1, lr=0.05)
+    rows = probe.rows
+    for name in ("conv1", "conv2", "conv3", "fc"):
+        for k in (1, 2, 3):                       # steps 0, 1, 2 trained with frozen weights
+            assert torch.equal(rows[k][name][2], rows[0][name][2]), (name, k)
+        assert not torch.equal(rows[4][name][2], rows[3][name][2]), name   # then they train
+        assert not torch.equal(rows[3][name][1], rows[0][name][1]), name   # steps moved
+    assert not torch.equal(bn.bn[3], bn.bn[0])   # BN affine parameters train in the phase
+    assert [r["lr_mult"] for r in rows] == [2, 2, 2, 1, 1]
+    assert all(p.requires_grad for p in qm.parameters())   # handed back trainable
+
+
+def test_bn_reestimation_in_qat_changes_running_stats_not_weights():
+    batches = _batches(4)
+
+    def run(recipe):
+        cfg = train.TrainConfig(epochs=1, lr=0.05, max_steps_per_epoch=3)
+        cbs = make_callbacks(recipe, batches=batches)
+        qm, hist = train.qat(_fp32(), CONFIG, _loader(48), _loader(32), cfg, callbacks=cbs)
+        return qm, hist, cbs
+
+    ref, ref_hist, _ = run(Recipe())
+    qm, hist, cbs = run(Recipe(bn={"at_end": True, "images": 40}))
+    for (k, v), (_, r) in zip(qm.named_parameters(), ref.named_parameters()):
+        assert torch.equal(v, r), k                              # weights and steps untouched
+    assert not torch.equal(qm.bn3.running_mean, ref.bn3.running_mean)
+    from hmqat.bn import reestimate_bn
+    reestimate_bn(ref, batches, max_images=40)                   # the same estimate, by hand
+    for name in ("bn1", "bn2", "bn3"):
+        torch.testing.assert_close(getattr(qm, name).running_var, getattr(ref, name).running_var)
+    assert hist[-1]["val_top1"] >= 0 and [r["layer"] for r in cbs[0].log] == ["bn1", "bn2", "bn3"]
+    assert all(r["mean_shift"] >= 0 for r in cbs[0].log)
+
+
+@pytest.mark.parametrize("total, at_target, ladder, stages", [
+    (300, 250, (8, 4), ((0, 8), (25, 4), (50, "target"))),
+    (300, 250, (8,), ((0, 8), (50, "target"))),
+    (7, 7, (), ((0, "target"),)),
+    (10, 7, (8, 6, 4), ((0, 8), (1, 6), (2, 4), (3, "target"))),
+])
+def test_ladder_stages_give_exactly_the_requested_steps_at_target(total, at_target, ladder,
+                                                                 stages):
+    assert transitions.ladder_stages(total, at_target, ladder) == stages
+
+
+def test_schedule_trains_exactly_steps_at_target_in_a_run():
+    stages = transitions.ladder_stages(7, 4, (8, 4))
+    pt = PT(stages, unit="step", warmup=0)
+    probe = Probe()
+    _qat([pt, probe], steps=7)
+    at_target = [r for r in probe.rows if r["conv3"][0] == 2 and r["conv2"][0] == 4]
+    assert len(at_target) == 4 == pt.steps_at_target()
+    assert [r["conv3"][0] for r in probe.rows] == [8, 4, 4, 2, 2, 2, 2]
+    assert [r["conv2"][0] for r in probe.rows] == [8, 4, 4, 4, 4, 4, 4]   # target 4: done at 4
+
+
+@pytest.mark.parametrize("args, match", [
+    ((300, 250, ()), r"ladder=\(\) trains every step at the target"),
+    ((300, 299, (8, 4)), r"needs >= 2 steps before the target"),
+    ((300, 301, (8,)), r"steps_at_target=301"),
+])
+def test_bad_ladders(args, match):
+    with pytest.raises(RecipeError, match=match):
+        transitions.ladder_stages(*args)
+
+
+def test_step_stage_beyond_training_is_an_error():
+    with pytest.raises(RecipeError, match=r"step\(s\) \[9\] but training has only 4 steps"):
+        _qat([PT([(0, 8), (9, "target")], unit="step")], steps=4)
+
+
+def test_data_reinit_without_batches_is_an_error():
+    with pytest.raises(RecipeError, match=r"needs training batches"):
+        make_callbacks(Recipe(transition={"enabled": True, "reinit": "data"}))
+    with pytest.raises(RecipeError, match=r"needs >= 2 calibration batches"):
+        PrecisionTransition(TransitionConfig(enabled=True, reinit="data"), batches=_batches(1))
+
+
+def _scale_only_recipe():
+    return Recipe(transition={"enabled": True, "stages": [(0, 8), (2, "target")], "unit": "step",
+                              "reinit": "data", "fp32_exit": "data", "scale_only_steps": 3,
+                              "step_warmup": 0},
+                  oscillation={"track": True}, bn={"after_transitions": True, "at_end": True,
+                                                   "images": 32})
+
+
+def test_resume_in_the_middle_of_a_scale_only_phase_is_bit_identical(tmp_path):
+    batches = _batches(2)
+
+    def run(ck, extra=()):
+        cbs = make_callbacks(_scale_only_recipe(), batches=batches)
+        cfg = train.TrainConfig(epochs=2, lr=0.05, max_steps_per_epoch=3, checkpoint=str(ck))
+        qm, hist = train.qat(_fp32(), CONFIG, _loader(48), None, cfg, callbacks=[*cbs, *extra])
+        return qm, hist, cbs
+
+    ref_model, ref_hist, ref_cbs = run(tmp_path / "a.pt")
+    # the phase covers steps 2, 3, 4; epoch 1 ends after step 2, so the resumed run restarts
+    # at step 3 inside it
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b.pt", [_Interrupt(at_step=4)])
+    model, hist, cbs = run(tmp_path / "b.pt")
+    assert ref_cbs[0].in_scale_only(3) and ref_cbs[0].in_scale_only(4)
+    assert [h["train_loss"] for h in hist] == [h["train_loss"] for h in ref_hist]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ref_model.state_dict()[k]), k
+    assert cbs[0].state_dict() == ref_cbs[0].state_dict()
+    assert cbs[-1].state_dict() == ref_cbs[-1].state_dict()
+    assert [e["step"] for e in cbs[0].events] == [0, 2]

@@ -30,13 +30,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
+
 import pandas as pd
+import torch
 import torch.nn as nn
 
-from .. import search, train
-from ..runtime import model_fingerprint
-from ..transitions import Recipe
-from .runs import qat_run
+from .. import data as hdata
+from .. import quant, search, stats, train
+from ..runtime import atomic_write_json, load_checkpoint, model_fingerprint, read_json
+from ..transitions import Recipe, ladder_stages, reestimate_bn_with_drift
+from . import plotting, reporting
+from .runs import qat_run, recipe_batches
 
 __all__ = [
     "ALLOCATION_METHODS",
@@ -44,29 +50,39 @@ __all__ = [
     "COLUMNS",
     "RunSpec",
     "TRANSITION_VARIANTS",
+    "TransitionArm",
     "allocation_ablation",
     "allocation_specs",
+    "bn_reestimated",
     "run_ablations",
     "run_specs",
+    "run_transition_arm",
+    "screening_arms",
     "summarize",
     "transition_ablation",
+    "transition_diagnostics",
     "transition_specs",
+    "transition_study",
+    "validation_fp32",
+    "worst_layer",
+    "write_transition_results",
 ]
 
-#: Recipe switches per transition-group variant; every other switch is off. Hyper-parameters
-#: come from the base recipe. The "lsq+…" variants add one remedy to plain LSQ; "all" is the
-#: three transition remedies together, "all+distill" adds FP32 distillation to them.
-TRANSITION_VARIANTS: dict[str, dict[str, bool]] = {
-    "lsq": {},
-    "lsq+transitions": {"transitions": True},
-    "lsq+dampen": {"osc_dampen": True},
-    "lsq+freeze": {"osc_freeze": True},
-    "lsq+distill": {"distill": True},
-    "all": {"transitions": True, "osc_dampen": True, "osc_freeze": True},
-    "all+distill": {"transitions": True, "osc_dampen": True, "osc_freeze": True,
-                    "distill": True},
+#: Recipe switches per transition-group variant, as (section, key) pairs; every other switch is
+#: off. Hyper-parameters come from the base recipe. The "lsq+…" variants add one remedy to plain
+#: LSQ; "all" is the three transition remedies together, "all+distill" adds FP32 distillation.
+TRANSITION_VARIANTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "lsq": (),
+    "lsq+transitions": (("transition", "enabled"),),
+    "lsq+dampen": (("oscillation", "dampen"),),
+    "lsq+freeze": (("oscillation", "freeze"),),
+    "lsq+distill": (("distillation", "enabled"),),
+    "all": (("transition", "enabled"), ("oscillation", "dampen"), ("oscillation", "freeze")),
+    "all+distill": (("transition", "enabled"), ("oscillation", "dampen"),
+                    ("oscillation", "freeze"), ("distillation", "enabled")),
 }
-_SWITCHES = ("transitions", "osc_dampen", "osc_freeze", "distill")
+_SWITCHES = (("transition", "enabled"), ("oscillation", "dampen"), ("oscillation", "freeze"),
+             ("distillation", "enabled"))
 #: Reference allocations of the allocation group (hmqat.search), besides one row per Ω variant.
 ALLOCATION_METHODS: tuple[str, ...] = ("uniform", "random", "greedy", "ilp")
 #: Columns of the tables, in order (the first eleven are the tidy core).
@@ -137,9 +153,10 @@ def transition_specs(bit_config: Mapping[str, int], *, base: Recipe | None = Non
                      variants: Sequence[str] | None = None, seeds: Sequence[int] = (0,),
                      omega: float = float("nan")) -> list[RunSpec]:
     """Specs (a)–(f) of the transition group: ``base`` with each variant's switches
-    (:data:`TRANSITION_VARIANTS`) and every other switch off. Default base: ``Recipe(osc_track=
-    True)``, so every row reports its oscillating fraction (tracking does not change training)."""
-    base = Recipe(osc_track=True) if base is None else base
+    (:data:`TRANSITION_VARIANTS`) and every other switch off. Default base:
+    ``Recipe(oscillation={'track': True})``, so every row reports its oscillating fraction
+    (tracking does not change training)."""
+    base = Recipe(oscillation={"track": True}) if base is None else base
     variants = list(TRANSITION_VARIANTS) if variants is None else list(variants)
     unknown = [v for v in variants if v not in TRANSITION_VARIANTS]
     if unknown:
@@ -150,8 +167,11 @@ def transition_specs(bit_config: Mapping[str, int], *, base: Recipe | None = Non
     specs = []
     for seed in seeds:
         for v in variants:
-            switches = {**{s: False for s in _SWITCHES}, **TRANSITION_VARIANTS[v]}
-            recipe = replace(base, **switches)
+            on = set(TRANSITION_VARIANTS[v])
+            changes: dict[str, dict[str, bool]] = {}
+            for section, key in _SWITCHES:
+                changes.setdefault(section, {})[key] = (section, key) in on
+            recipe = base.updated(changes)
             specs.append(RunSpec("transition", v, int(seed), dict(bit_config), recipe, int(seed),
                                  omega))
     return specs
@@ -181,7 +201,7 @@ def allocation_specs(omegas: Mapping[str, pd.DataFrame], n_params: Mapping[str, 
     widest uniform config ≤ S), ``random`` (one per seed), ``greedy`` and ``ilp`` (HAWQ-V3 ILP,
     PuLP/CBC), the last four on the primary table. ``omega`` of each spec is its ΣΩ under the
     primary table. ``info`` keeps the search method, search_ms and the planned size. ``recipe``
-    defaults to ``Recipe(osc_track=True)`` (plain LSQ, oscillations logged).
+    defaults to ``Recipe(oscillation={'track': True})`` (plain LSQ, oscillations logged).
 
     Equal size means within ``size_tol`` (±1 %) of S (docs/method.md §8): an allocation farther
     away (``uniform`` when no uniform width lands near S, e.g. W2 at 14.1× against 10.35×; a
@@ -197,7 +217,7 @@ def allocation_specs(omegas: Mapping[str, pd.DataFrame], n_params: Mapping[str, 
     if bad:
         raise AblationError(f"unknown allocation method(s) {bad}; choose from "
                             f"{list(ALLOCATION_METHODS)}")
-    recipe = Recipe(osc_track=True) if recipe is None else recipe
+    recipe = Recipe(oscillation={"track": True}) if recipe is None else recipe
     problems = {name: search.Problem(table, n_params, bits, fixed=fixed, tied=tied,
                                      other_params=other_params, fp32_params=fp32_params)
                 for name, table in omegas.items()}
@@ -318,8 +338,8 @@ def run_ablations(fp32_model: nn.Module, train_loader: Any, val_loader: Iterable
     frontier pick at the budget, then the allocation group at that pick's size.
 
     ``base``: hyper-parameters of the transition group; ``recipe``: the one QAT recipe of the
-    allocation group. Both default to plain LSQ with oscillation tracking (``Recipe(osc_track=
-    True)``: logging only), so the HMQAT/LSQ run of both groups is one run, trained once.
+    allocation group. Both default to plain LSQ with oscillation tracking (``Recipe(oscillation=
+    {'track': True})``: logging only), so the HMQAT/LSQ run of both groups is one run, trained once.
     ``run_kw`` goes to :func:`hmqat.study.runs.qat_run` (a_bits, policy, per_channel, init, device,
     calib_batches, input_size).
     """
@@ -353,3 +373,425 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
                 avg_bits=("avg_bits", "mean"), osc_frac=("osc_frac", "mean"))
     out["top1_std"] = out["top1_std"].where(out["n"] > 1, math.nan)
     return out.reset_index()
+
+
+# --------------------------------------------------------------------------------------------
+# The transition experiment (docs/method.md §5, §7): fixed precision transitions against plain
+# LSQ, on paired seeds, chosen on the validation split, reported once on the test split
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TransitionArm:
+    """One arm of the transition experiment (docs/method.md §7).
+
+    ``reinit`` None is plain LSQ (no precision schedule); otherwise the schedule is
+    :func:`hmqat.transitions.ladder_stages` over ``ladder`` (e.g. ``(8, 4)``; ``()``: the target
+    from step 0), re-initialised by ``reinit`` ("range": Eq. T1, "data": Eq. T2), with a
+    ``scale_only_steps`` phase and a ``step_warmup`` (in steps) after every stage start.
+    ``bn_end``: BN re-estimation after the last step. ``step_lr_mult``: step_lr = lr ×
+    this (None: the TrainConfig's step_lr).
+    """
+
+    name: str
+    reinit: str | None = None
+    ladder: tuple[int, ...] = ()
+    scale_only_steps: int = 0
+    step_warmup: int = 0
+    bn_end: bool = False
+    step_lr_mult: float | None = None
+
+    def recipe(self, base: Recipe, total_steps: int, steps_at_target: int) -> Recipe:
+        """``base`` with this arm's transition and BN sections for a run of ``total_steps``."""
+        changes: dict[str, dict[str, Any]] = {"bn": {"at_end": self.bn_end}}
+        if self.reinit is not None:
+            changes["transition"] = {
+                "enabled": True, "unit": "step", "reinit": self.reinit, "fp32_exit": self.reinit,
+                "stages": ladder_stages(total_steps, steps_at_target, self.ladder),
+                "scale_only_steps": self.scale_only_steps, "step_warmup": self.step_warmup}
+        elif total_steps != steps_at_target:
+            raise AblationError(f"arm {self.name!r} has no precision schedule, so every step is "
+                                f"at the target; got steps_at_target={steps_at_target} != "
+                                f"total_steps={total_steps}")
+        return base.updated(changes)
+
+
+def screening_arms(scale_only_steps: int = 20, range_warmup: int = 4,
+                   step_lr_mult: float | None = None) -> list[TransitionArm]:
+    """The screening grid of issue 14: re-init {range (+warm-up), data + scale-only phase} ×
+    ladder {none, 8 → target, 8 → 4 → target}; "range" without a ladder is plain LSQ and is
+    not repeated. All share ``step_lr_mult``."""
+    arms = []
+    for ladder, tag in (((), "none"), ((8,), "8>T"), ((8, 4), "8>4>T")):
+        if ladder:
+            arms.append(TransitionArm(f"range/{tag}", "range", ladder, 0, range_warmup,
+                                      step_lr_mult=step_lr_mult))
+        arms.append(TransitionArm(f"data+so/{tag}", "data", ladder, scale_only_steps, 0,
+                                  step_lr_mult=step_lr_mult))
+    return arms
+
+
+def _steps_for(arm: TransitionArm, budget: str, steps: int, pre_steps: int) -> tuple[int, int]:
+    """(total steps, steps at target) of ``arm`` under budget "A" (equal total steps = ``steps``)
+    or "B" (``steps`` at the target width; the ladder's ``pre_steps`` come on top)."""
+    pre = pre_steps if arm.ladder else 0
+    if budget == "A":
+        return steps, steps - pre
+    if budget == "B":
+        return steps + pre, steps
+    raise AblationError(f"budget={budget!r}; use 'A' (equal total steps) or 'B' (equal steps at "
+                        f"the target width)")
+
+
+def run_transition_arm(arm: TransitionArm, seed: int, fp32_model: nn.Module, train_set: Any,
+                       val_loader: Iterable, cfg: train.TrainConfig,
+                       bit_config: Mapping[str, int], *, base: Recipe, total_steps: int,
+                       steps_at_target: int, run_dir: str | Path, batch_size: int = 128,
+                       test_loader: Iterable | None = None, **run_kw: Any) -> dict[str, Any]:
+    """Train (or read back) one arm on one seed and return its table row.
+
+    The run uses a training loader over ``train_set`` seeded with ``seed`` (data order and
+    augmentation), ``cfg`` with ``seed``, ``total_steps`` steps in as few equal epochs as the
+    split allows, and the arm's step_lr, and is scored on ``val_loader`` (:func:`hmqat.study.runs.qat_run`,
+    cached in ``run_dir``). With
+    ``test_loader`` the trained model is rebuilt from the run's final checkpoint (its validation
+    top-1 must match the recorded one exactly) and scored once on it; that number is cached in
+    ``test.json`` next to ``result.json``.
+    """
+    loader = hdata.make_loader(train_set, batch_size, train=True, seed=int(seed), drop_last=True)
+    epochs = -(-total_steps // len(loader))          # as few epochs as the steps need
+    if total_steps % epochs:
+        raise AblationError(f"arm {arm.name!r}: {total_steps} steps do not split into {epochs} "
+                            f"equal epochs of at most {len(loader)} batches of {batch_size}; "
+                            f"choose steps and pre_steps divisible by {epochs}")
+    step_lr = cfg.step_lr if arm.step_lr_mult is None else cfg.lr * arm.step_lr_mult
+    run_cfg = replace(cfg, seed=int(seed), epochs=epochs,
+                      max_steps_per_epoch=total_steps // epochs, step_lr=step_lr)
+    recipe = arm.recipe(base, total_steps, steps_at_target)
+    rec = qat_run(fp32_model, bit_config, recipe, loader, val_loader, run_cfg, run_dir=run_dir,
+                  **run_kw).record
+    row = {"arm": arm.name, "seed": int(seed), "total_steps": total_steps,
+           "steps_at_target": steps_at_target, "step_lr": step_lr, "val_top1": rec["top1"],
+           "val_loss": rec["loss"], "test_top1": math.nan, "wall_s": rec["wall_s"],
+           "recipe": recipe.describe(), "run_id": rec["run_id"]}
+    if test_loader is not None:
+        row["test_top1"] = _test_top1(Path(run_dir) / rec["run_id"], rec, fp32_model, bit_config,
+                                      val_loader, test_loader, run_kw)
+    row["record"] = rec
+    return row
+
+
+def _test_top1(folder: Path, rec: Mapping[str, Any], fp32_model: nn.Module,
+               bit_config: Mapping[str, int], val_loader: Iterable, test_loader: Iterable,
+               run_kw: Mapping[str, Any]) -> float:
+    """Top-1 of a finished run on the test split, from its final checkpoint (read once)."""
+    path = folder / "test.json"
+    if path.exists():
+        return float(read_json(path)["top1"])
+    qmodel = _final_model(folder, fp32_model, bit_config, run_kw)
+    val = train.evaluate(qmodel, val_loader)["top1"]
+    if val != rec["top1"]:
+        raise AblationError(f"run {folder.name}: the checkpoint's validation top-1 {val} differs "
+                            f"from the recorded {rec['top1']}; the run folder is inconsistent, "
+                            f"delete it and retrain")
+    ev = train.evaluate(qmodel, test_loader)
+    atomic_write_json(path, {"top1": ev["top1"], "loss": ev["loss"], "n": ev["n"]})
+    return float(ev["top1"])
+
+
+def transition_diagnostics(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """The per-layer diagnostics of every run (step / MSE-optimal step, zero-code fraction,
+    error ratio at each transition, at the end of each scale-only phase and at the end; BN
+    drift), with the run's arm and seed; plus one ``kind="loss"`` row per transition (loss
+    before and at the first step of the new stage). Column ``source`` says which."""
+    frames = []
+    for r in rows:
+        rec = r["record"]
+        tags = {"arm": r["arm"], "seed": r["seed"], "run_id": r["run_id"]}
+        diag = pd.DataFrame(rec.get("transition_diagnostics", []))
+        if not diag.empty:
+            frames.append(diag.assign(**tags))
+        drift = pd.DataFrame(rec.get("bn_drift", []))
+        if not drift.empty:
+            frames.append(drift.assign(kind="bn", **tags))
+        ev = pd.DataFrame(rec.get("transition_events", []))
+        if not ev.empty:
+            frames.append(ev.assign(kind="loss", when="transition", **tags))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def worst_layer(diag: pd.DataFrame) -> str:
+    """The weight layer whose step the range rule (Eq. T1) carries furthest from the
+    MSE-optimal step at any transition (largest |log range_ratio|)."""
+    w = diag[(diag["kind"] == "weight") & (diag["when"] == "transition")].dropna(
+        subset=["range_ratio"])
+    if w.empty:
+        raise AblationError("no transition diagnostics to choose a layer from; run an arm with "
+                            "a ladder")
+    score = w.assign(score=w["range_ratio"].map(lambda v: abs(math.log(v))))
+    return str(score.sort_values("score", ascending=False)["layer"].iloc[0])
+
+
+_POOL_JOBS: list[tuple[Any, tuple, dict]] = []
+
+
+def _pool_call(index: int) -> Any:
+    """Run job ``index`` of :data:`_POOL_JOBS` in a forked worker (one torch thread)."""
+    torch.set_num_threads(1)
+    fn, args, kw = _POOL_JOBS[index]
+    return fn(*args, **kw)
+
+
+def _map_jobs(jobs: list[tuple[Any, tuple, dict]], workers: int) -> list[Any]:
+    """``[fn(*args, **kw) for fn, args, kw in jobs]``, in ``workers`` forked processes when
+    > 1 (fork: the jobs, closures included, are inherited, only their indices are pickled)."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [fn(*args, **kw) for fn, args, kw in jobs]
+    global _POOL_JOBS
+    _POOL_JOBS = jobs
+    try:
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("fork")) as ex:
+            return list(ex.map(_pool_call, range(len(jobs))))
+    finally:
+        _POOL_JOBS = []
+
+
+def bn_reestimated(row: Mapping[str, Any], arm: TransitionArm, fp32_model: nn.Module,
+                   train_set: Any, val_loader: Iterable, bit_config: Mapping[str, int], *,
+                   base: Recipe, run_dir: str | Path, batch_size: int = 128,
+                   test_loader: Iterable | None = None, **run_kw: Any) -> dict[str, Any]:
+    """The row of ``arm`` + BN re-estimation at the end, from the finished run ``row`` of
+    ``arm`` without it.
+
+    BN re-estimation after the last step changes neither the weights nor the steps
+    (tests/test_transitions.py), so the "+bn" model is the finished run's final checkpoint with
+    its BatchNorm statistics re-estimated on exactly the batches the
+    :class:`hmqat.transitions.BNReestimation` callback would use (the first ``bn.images``
+    images of the seed's epoch 0). Scored on ``val_loader`` and, with ``test_loader``, once on
+    the test split; cached as ``bn.json`` in the run folder.
+    """
+    folder = Path(run_dir) / row["run_id"]
+    path = folder / "bn.json"
+    rec = read_json(path) if path.exists() else {}
+    if "val_top1" not in rec or (test_loader is not None and "test_top1" not in rec):
+        loader = hdata.make_loader(train_set, batch_size, train=True, seed=int(row["seed"]),
+                                   drop_last=True)
+        recipe = arm.recipe(base, row["total_steps"], row["steps_at_target"]).updated(
+            {"bn": {"at_end": True}})
+        qmodel = _final_model(folder, fp32_model, bit_config, run_kw)
+        t0 = time.perf_counter()
+        drift = reestimate_bn_with_drift(qmodel, recipe_batches(recipe, loader),
+                                         recipe.bn.images)
+        rec = {"val_top1": train.evaluate(qmodel, val_loader)["top1"],
+               "bn_drift": [{"step": row["total_steps"], "when": "end", **r} for r in drift],
+               "bn_s": time.perf_counter() - t0}
+        if test_loader is not None:
+            rec["test_top1"] = train.evaluate(qmodel, test_loader)["top1"]
+        atomic_write_json(path, rec)
+    out = {**{k: v for k, v in row.items() if k != "record"}, "arm": arm.name + "+bn",
+           "val_top1": rec["val_top1"], "val_loss": math.nan,
+           "test_top1": rec.get("test_top1", math.nan), "wall_s": row["wall_s"] + rec["bn_s"],
+           "recipe": row["recipe"] + " + BN re-est(end)"}
+    out["record"] = {**row["record"], "bn_drift": rec["bn_drift"]}
+    return out
+
+
+def _final_model(folder: Path, fp32_model: nn.Module, bit_config: Mapping[str, int],
+                 run_kw: Mapping[str, Any]) -> nn.Module:
+    """The trained model of a finished run, rebuilt from its final checkpoint (eval mode)."""
+    ck = load_checkpoint(folder / "checkpoint.pt")
+    qmodel = quant.quantize_model(fp32_model, dict(bit_config), a_bits=run_kw.get("a_bits", 4),
+                                  policy=run_kw.get("policy", "first_last_8"),
+                                  per_channel=run_kw.get("per_channel", True),
+                                  init=run_kw.get("init", "lsq"))
+    qmodel.load_state_dict(ck["model"])
+    if run_kw.get("device") is not None:
+        qmodel.to(run_kw["device"])
+    return qmodel.eval()
+
+
+def transition_study(fp32_model: nn.Module, train_set: Any, val_loader: Iterable,
+                     test_loader: Iterable, cfg: train.TrainConfig,
+                     bit_config: Mapping[str, int], *, base: Recipe, run_dir: str | Path,
+                     steps: int, pre_steps: int, scale_only_steps: int, screen_seed: int = 0,
+                     seeds: Sequence[int] = (0, 1, 2), budgets: Sequence[str] = ("A",),
+                     batch_size: int = 128, workers: int = 1, log: Any = print,
+                     **run_kw: Any) -> dict[str, Any]:
+    """The whole experiment of issue 14, every choice made by code on the validation split.
+
+    1. **Screen** on ``screen_seed`` at budget A (``steps`` total each; ladders spend
+       ``pre_steps`` above the target): plain LSQ with ``cfg.step_lr`` (lr/10 in the study)
+       and with step_lr = lr (LSQ's choice, item 5), and every :func:`screening_arms` arm at
+       ``cfg.step_lr``. The better plain-LSQ step_lr is kept for the final runs; the transition
+       arm with the best validation top-1 is "best".
+    2. **BN** re-estimation at the end on/off for plain LSQ and for best, same seed
+       (:func:`bn_reestimated`: no retraining needed); best keeps it if it scores higher.
+    3. **Decide** on ``seeds`` (paired): plain LSQ, plain LSQ + BN and the chosen arm (at the
+       chosen step_lr), under every budget in ``budgets`` (B: ``steps`` at the target for the
+       chosen arm; plain LSQ at ``steps`` and, as the control, at ``steps + pre_steps``).
+       Each final model is read once on ``test_loader``.
+
+    ``workers`` > 1 trains the independent runs of each phase in that many forked processes
+    (one torch thread each; results are identical, each run's numbers depend only on its spec).
+
+    Returns ``{"screen": DataFrame, "final": DataFrame, "paired": DataFrame, "choices": dict,
+    "diagnostics": DataFrame}``. ``paired`` holds the paired differences to plain LSQ
+    (:func:`hmqat.stats.paired_difference`) on validation and test top-1.
+    """
+    common = dict(fp32_model=fp32_model, train_set=train_set, val_loader=val_loader, cfg=cfg,
+                  bit_config=bit_config, base=base, run_dir=run_dir, batch_size=batch_size,
+                  **run_kw)
+    bn_kw = dict(fp32_model=fp32_model, train_set=train_set, val_loader=val_loader,
+                 bit_config=bit_config, base=base, run_dir=run_dir, batch_size=batch_size,
+                 **run_kw)
+
+    def run(arm: TransitionArm, seed: int, budget: str = "A", total: int | None = None,
+            test: bool = False, bn: bool = False) -> list[dict[str, Any]]:
+        tot, at = _steps_for(arm, budget, steps, pre_steps)
+        if total is not None:          # plain-LSQ control given the ladder's extra steps
+            tot = at = total
+        row = run_transition_arm(arm, seed, total_steps=tot, steps_at_target=at,
+                                 test_loader=test_loader if test else None, **common)
+        rows = [row]
+        if bn:
+            rows.append(bn_reestimated(row, arm, test_loader=test_loader if test else None,
+                                       **bn_kw))
+        for r in rows:
+            r["budget"] = budget
+            log(f"  {r['arm']:<18} seed {seed} budget {budget}: {tot} steps ({at} at target), "
+                f"val {r['val_top1']:.2f} %" + (f", test {r['test_top1']:.2f} %" if test else ""))
+        return rows
+
+    def many(*jobs: tuple) -> list[dict[str, Any]]:
+        return [r for rows in _map_jobs([(run, job, {}) for job in jobs], workers) for r in rows]
+
+    lsq_cfg = TransitionArm("lsq")
+    lsq_lr = TransitionArm("lsq/step_lr=lr", step_lr_mult=1.0)
+    arms = screening_arms(scale_only_steps)
+    screen = many(*[(a, screen_seed) for a in arms], (lsq_cfg, screen_seed),
+                  (lsq_lr, screen_seed))
+    screen = screen[-2:] + screen[:-2]            # plain LSQ first in the table
+    step_lr_mult = 1.0 if screen[1]["val_top1"] > screen[0]["val_top1"] else None
+    best_row = max(screen[2:], key=lambda r: r["val_top1"])
+    best = replace(next(a for a in arms if a.name == best_row["arm"]),
+                   step_lr_mult=step_lr_mult)
+    lsq = lsq_lr if step_lr_mult == 1.0 else lsq_cfg
+    if step_lr_mult == 1.0:
+        best = replace(best, name=best.name + "/step_lr=lr")
+    bn_rows = many((lsq, screen_seed, "A", None, False, True),
+                   (best, screen_seed, "A", None, False, True))
+    screen += [r for r in bn_rows if r["arm"] not in {x["arm"] for x in screen}]
+    by_name = {r["arm"]: r["val_top1"] for r in screen}
+    use_bn = by_name[best.name + "+bn"] > by_name[best.name]
+    choices = {"step_lr": "lr" if step_lr_mult == 1.0 else f"cfg ({cfg.step_lr:g})",
+               "best_arm": best.name, "final_arm": best.name + ("+bn" if use_bn else ""),
+               "screen_seed": screen_seed}
+    log(f"choices (validation, seed {screen_seed}): {choices}")
+
+    jobs: list[tuple] = []
+    for budget in budgets:
+        for seed in seeds:
+            jobs += [(lsq, seed, budget, None, True, True),
+                     (best, seed, budget, None, True, use_bn)]
+            if budget == "B" and best.ladder:
+                ctrl = replace(lsq, name=lsq.name + f" (+{pre_steps})")
+                jobs.append((ctrl, seed, budget, steps + pre_steps, True, False))
+    final = many(*jobs)
+    if use_bn:       # the chosen arm is best+bn; best without BN was only a screening row
+        final = [r for r in final if r["arm"] != best.name]
+    final_df = pd.DataFrame([{k: v for k, v in r.items() if k != "record"} for r in final])
+    paired = []
+    for budget, g in final_df.groupby("budget", sort=False):
+        ref = g[g["arm"] == lsq.name].set_index("seed")
+        for arm_name, a in g.groupby("arm", sort=False):
+            a = a.set_index("seed")
+            both = a.index.intersection(ref.index)
+            row = {"budget": budget, "arm": arm_name, "seeds": len(a),
+                   "total_steps": int(a["total_steps"].iloc[0]),
+                   "steps_at_target": int(a["steps_at_target"].iloc[0]),
+                   "val_mean": a["val_top1"].mean(), "test_mean": a["test_top1"].mean(),
+                   "test_std": a["test_top1"].std(ddof=1), "wall_s_mean": a["wall_s"].mean()}
+            for split in ("val", "test"):
+                if arm_name != lsq.name and len(both) >= 2:
+                    d = stats.paired_difference(a.loc[both, f"{split}_top1"],
+                                                ref.loc[both, f"{split}_top1"])
+                    row.update({f"{split}_diff": d.mean, f"{split}_ci_low": d.low,
+                                f"{split}_ci_high": d.high})
+                else:
+                    row.update({f"{split}_diff": math.nan, f"{split}_ci_low": math.nan,
+                                f"{split}_ci_high": math.nan})
+            paired.append(row)
+    screen_df = pd.DataFrame([{k: v for k, v in r.items() if k != "record"} for r in screen])
+    return {"screen": screen_df, "final": final_df, "paired": pd.DataFrame(paired),
+            "choices": choices, "diagnostics": transition_diagnostics(screen + final)}
+
+
+def validation_fp32(study: Any, val_size: int, *, epochs: int, lr: float, weight_decay: float,
+                    max_steps_per_epoch: int | None = None) -> tuple[nn.Module, Any, Any]:
+    """(FP32 model, training split, validation split) for experiments that choose on a
+    validation hold-out: the FP32 model is fine-tuned (pretrained weights when the study has
+    them) on the training images MINUS a seeded, stratified hold-out of ``val_size`` images
+    (:func:`hmqat.data.load_dataset`), so the hold-out is unseen by every stage. Checkpointed as
+    ``checkpoints/fp32-<arch>-val<val_size>.pt`` (a finished run is read back)."""
+    if not isinstance(val_size, int) or val_size <= 0:
+        raise AblationError(f"val_size={val_size!r}; hold out a positive number of training "
+                            f"images, e.g. 5000")
+    kw = dict(n_synthetic=study.n_synthetic, seed=study.seed, val_size=val_size)
+    train_set = hdata.load_dataset(study.dataset, "train", **kw)
+    val_set = hdata.load_dataset(study.dataset, "val", **kw)
+    cfg = train.TrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, seed=study.seed,
+                            max_steps_per_epoch=max_steps_per_epoch,
+                            checkpoint=str(study.path("checkpoints",
+                                                      f"fp32-{study.arch}-val{val_size}.pt")))
+    model, _ = train.finetune(study.arch, train_set, val_set, cfg, batch_size=study.batch_size,
+                              device=study.dev, pretrained=study.pretrained)
+    return model.eval(), train_set, val_set
+
+
+def write_transition_results(out: Mapping[str, Any], study: Any, *, point: str,
+                             settings: Mapping[str, Any], wall_s: float) -> dict[str, Path]:
+    """Write the experiment of :func:`transition_study` under the study's results folder:
+    ``data/transition_experiment.csv`` (every run: phase, budget, arm, seed, steps, val/test
+    top-1, wall time), ``data/transition_diagnostics.csv``, ``data/transition_experiment.json``
+    (choices, settings, this call's wall time and the sum over the trained runs),
+    ``tables/transition_experiment`` (paired differences to plain LSQ with 95 % CIs),
+    ``tables/transition_screen`` and ``figures/transition_diagnostics``. Returns the paths."""
+    screen = out["screen"].assign(phase="screen")
+    final = out["final"].assign(phase="final")
+    runs = pd.concat([screen, final], ignore_index=True)
+    run_hours = runs.drop_duplicates("run_id")["wall_s"].sum() / 3600
+    paths: dict[str, Path] = {}
+    paths["runs"] = study.path("data", "transition_experiment.csv")
+    runs.to_csv(paths["runs"], index=False)
+    paths["diagnostics"] = study.path("data", "transition_diagnostics.csv")
+    out["diagnostics"].to_csv(paths["diagnostics"], index=False)
+    paths["json"] = study.path("data", "transition_experiment.json")
+    atomic_write_json(paths["json"], {"choices": dict(out["choices"]), "settings": dict(settings),
+                                      "point": point, "wall_s_this_call": wall_s,
+                                      "run_wall_s_sum": run_hours * 3600,
+                                      "data": study.data_label, "profile": study.profile})
+    seeds = sorted(out["final"]["seed"].unique().tolist())
+    paired = out["paired"].copy()
+    reporting.write_table(
+        paired, study.tables / "transition_experiment",
+        caption=(f"Transition-aware fine-tuning vs plain LSQ at {point}: {study.arch}, seeds "
+                 f"{seeds} (paired), every arm trained from the same FP32 model on train minus "
+                 f"a {settings.get('val_size')}-image hold-out; choices on the hold-out (val_*), "
+                 f"test_* read once per final run; diff = arm - plain LSQ with 95 % paired-t "
+                 f"CI; budget A = equal total steps, B = equal steps at target; steps_at_target "
+                 f"per arm; wall_s_mean = mean train+eval seconds per run on "
+                 f"{settings.get('device', 'cpu')} (runs share the machine); sum over all "
+                 f"{runs['run_id'].nunique()} trained runs {run_hours:.2f} h"),
+        data_label=study.data_label, profile=study.profile)
+    reporting.write_table(
+        out["screen"].drop(columns=["test_top1"]), study.tables / "transition_screen",
+        caption=(f"Screening of transition arms at {point}, seed {out['choices']['screen_seed']}, "
+                 f"validation hold-out only (one seed: a ranking, not evidence); "
+                 f"choices: {out['choices']}"),
+        data_label=study.data_label, profile=study.profile)
+    diag = out["diagnostics"]
+    if not diag.empty and "range_ratio" in diag and diag["range_ratio"].notna().any():
+        fig = plotting.plot_transition_diagnostics(
+            diag, worst_layer(diag[(diag["seed"] == diag["seed"].min())
+                                  & ~diag["arm"].str.endswith("+bn")]), title=f"Precision-transition diagnostics at {point} (worst layer)",
+            subtitle=study.subtitle())
+        paths["figure"] = plotting.savefig(fig, study.figures / "transition_diagnostics")[0]
+    return paths

@@ -109,7 +109,7 @@ def bit_pair(v: Any) -> str | None:
 
 def recipe(v: Any) -> str | None:
     if not isinstance(v, Mapping):
-        return "a mapping of recipe keys (docs/method.md §5.4), e.g. {distill: true}"
+        return "a mapping of recipe keys (docs/method.md §5.4), e.g. {distillation: {enabled: true}}"
     try:
         Recipe.from_dict(v)
     except (TypeError, ValueError) as exc:
@@ -197,6 +197,19 @@ NOTEBOOK_KEYS: dict[str, dict[str, Key]] = {
         "qat_wd": Key(number(0), "QAT weight decay"),
         "random_seeds": Key(list_of(integer(0)), "seeds of the random-allocation runs"),
         "max_steps_per_epoch": _MAX_STEPS,
+        "transition_experiment": Key(boolean, "run the seeded transition experiment (§7)"),
+        "transition_val_size": Key(integer(1), "training images held out for every choice"),
+        "transition_fp32_epochs": Key(integer(1), "FP32 fine-tuning epochs on train minus hold-out"),
+        "transition_fp32_lr": Key(number(0, strict=True), "FP32 learning rate (hold-out model)"),
+        "transition_fp32_wd": Key(number(0), "FP32 weight decay (hold-out model)"),
+        "transition_fp32_max_steps": _MAX_STEPS,
+        "transition_recipe": Key(recipe, "base recipe of the transition experiment"),
+        "transition_steps": Key(integer(1), "total optimizer steps per run (budget A)"),
+        "transition_pre_steps": Key(integer(0), "steps a ladder spends above the target width"),
+        "transition_scale_only": Key(integer(0), "scale-only steps after every stage start"),
+        "transition_seeds": Key(list_of(integer(0)), "paired seeds of the final runs"),
+        "transition_budgets": Key(list_of(choice(("A", "B"))), "step budgets (A, B)"),
+        "transition_workers": Key(integer(1), "forked worker processes"),
     },
     "05_report": {},
 }

@@ -53,6 +53,7 @@ __all__ = [
     "plot_ptq_frontier",
     "plot_single_layer",
     "plot_training_curves",
+    "plot_transition_diagnostics",
     "savefig",
     "use_style",
 ]
@@ -842,4 +843,54 @@ def plot_ptq_frontier(df: pd.DataFrame, *,
         ax.set_ylabel("top-1 (%)")
         ax.legend(fontsize="x-small", frameon=False, ncol=2)
         _titles(fig, title, subtitle)
+
+
+def plot_transition_diagnostics(diag: pd.DataFrame, layer: str, *,
+                                title: str = "", subtitle: str = "") -> Figure:
+    """Four panels of the transition experiment (docs/method.md §7), on the screening (lowest)
+    seed: for ``layer`` (:func:`hmqat.study.ablation.worst_layer` picks the worst) the step / MSE-optimal step of every arm at each transition, scale-only-phase end and the
+    end of training (× what Eq. T1 would have carried) and its zero-code fraction; the task-loss
+    jump at each transition; the BN mean drift per BN layer removed by the final
+    re-estimation."""
+    seed = diag["seed"].min()                   # the screening seed: every arm ran on it
+    runs = diag[(diag["seed"] == seed) & ~diag["arm"].str.endswith("+bn")]
+    w = runs[(runs["kind"] == "weight") & (runs["layer"] == layer)].copy()
+    when_rank = {"transition": 0, "scale_only_end": 1, "end": 2}
+    w["point"] = w["when"] + "@" + w["step"].astype(int).astype(str)
+    order = (w.assign(r=w["when"].map(when_rank)).sort_values(["step", "r"])["point"]
+             .drop_duplicates().tolist())
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
+    sns.pointplot(data=w, x="point", y="step_ratio", hue="arm", ax=axes[0], errorbar=None,
+                  order=order)
+    carried = w.dropna(subset=["range_ratio"])
+    if not carried.empty:
+        axes[0].scatter([order.index(p) for p in carried["point"]], carried["range_ratio"],
+                        marker="x", color="k", label="carried by range (Eq. T1)", zorder=5)
+    axes[0].axhline(1.0, color="grey", lw=0.8)
+    axes[0].set(yscale="log", ylabel="step / MSE-optimal step", xlabel="",
+                title=f"{layer}: step vs Eq. T2 optimum")
+    axes[0].legend(fontsize=7)
+    sns.pointplot(data=w, x="point", y="zero_frac", hue="arm", ax=axes[1], errorbar=None,
+                  order=order, legend=False)
+    axes[1].set(ylabel="fraction of zero codes", xlabel="", title=f"{layer}: zero codes")
+    loss = runs[runs["kind"] == "loss"].copy()
+    if not loss.empty:
+        loss["jump"] = (pd.to_numeric(loss["loss_after"], errors="coerce")
+                        - pd.to_numeric(loss["loss_before"], errors="coerce"))
+        loss["stage_bits"] = loss["bits"].astype(str) + "@" + loss["step"].astype(int).astype(str)
+        sns.barplot(data=loss.dropna(subset=["jump"]), x="stage_bits", y="jump", hue="arm",
+                    ax=axes[2], errorbar=None)
+    axes[2].axhline(0.0, color="grey", lw=0.8)
+    axes[2].set(ylabel="task loss: step at new width − step before", xlabel="stage@step",
+                title="loss jump at each transition")
+    bn = diag[(diag["kind"] == "bn") & (diag["when"] == "end") & (diag["seed"] == seed)]
+    if not bn.empty:
+        sns.barplot(data=bn, x="layer", y="mean_shift", hue="arm", ax=axes[3], errorbar=None)
+        axes[3].tick_params(axis="x", rotation=90, labelsize=6)
+    axes[3].set(ylabel="|Δμ| / σ (running mean drift)", xlabel="",
+                title="BN drift fixed by the final re-estimation")
+    for ax in axes[:2]:
+        ax.tick_params(axis="x", rotation=45, labelsize=7)
+    fig.suptitle(title + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     return fig

@@ -24,9 +24,10 @@ import torch.nn as nn
 from .. import quant, search, train
 from ..distributed import is_main, shard_eval_loader
 from ..runtime import atomic_write_json, model_fingerprint, read_json
-from ..transitions import OscillationTracker, PrecisionTransition, Recipe, make_callbacks
+from ..transitions import (BNReestimation, OscillationTracker, PrecisionTransition, Recipe,
+                           make_callbacks)
 
-__all__ = ["QATRun", "RunError", "data_key", "qat_run", "run_identity"]
+__all__ = ["QATRun", "RunError", "data_key", "qat_run", "recipe_batches", "run_identity"]
 
 
 class RunError(ValueError):
@@ -117,9 +118,35 @@ def _record(run_id: str, digest: str, qmodel: nn.Module, history: list[dict[str,
         "history": history,
         "osc_log": tracker.log if tracker is not None else [],
         "transition_events": transition.events if transition is not None else [],
+        "transition_diagnostics": transition.diagnostics if transition is not None else [],
+        "bn_drift": next((c.log for c in callbacks if isinstance(c, BNReestimation)), []),
     }
     record["wall_s"] = record["train_s"] + eval_s
     return record
+
+
+def recipe_batches(recipe: Recipe, train_loader: Any,
+                   calib_batches: Iterable | None = None) -> list | None:
+    """The training batches a recipe's callbacks need (data re-init, BN re-estimation), or None.
+
+    ``calib_batches`` if given, else the first batches of ``train_loader``'s epoch 0 covering
+    max(bn.images, transition.calib_batches batches) images (the loader's epoch is reset by
+    :func:`hmqat.train.fit` before training, so the run sees the same data either way).
+    """
+    if not recipe.needs_batches:
+        return None
+    if calib_batches is not None:
+        return list(calib_batches)
+    if hasattr(train_loader, "set_epoch"):
+        train_loader.set_epoch(0)
+    need_batches = recipe.transition.calib_batches if recipe.transition.enabled else 0
+    out, seen = [], 0
+    for batch in train_loader:
+        if len(out) >= need_batches and seen >= recipe.bn.images:
+            break
+        out.append(batch)
+        seen += len(batch[0])
+    return out
 
 
 def qat_run(fp32_model: nn.Module, bit_config: Mapping[str, int], recipe: Recipe | Mapping,
@@ -166,7 +193,8 @@ def qat_run(fp32_model: nn.Module, bit_config: Mapping[str, int], recipe: Recipe
         return QATRun(run_id, folder, {**read_json(result_path), "cached": True}, None)
     if is_main():
         atomic_write_json(folder / "spec.json", spec)
-    callbacks = make_callbacks(recipe, teacher=fp32_model)
+    callbacks = make_callbacks(recipe, teacher=fp32_model,
+                               batches=recipe_batches(recipe, train_loader, calib_batches))
     qmodel, history = train.qat(fp32_model, dict(bit_config), train_loader,
                                 eval_loader if eval_each_epoch else None,
                                 replace(cfg, checkpoint=str(folder / "checkpoint.pt")),

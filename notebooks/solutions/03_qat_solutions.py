@@ -56,7 +56,7 @@ def run(step_lr: float, policy: str = "first_last_8", distill: bool = True,
     """One QAT run of the study's recipe (MSE init, distillation) with one switch changed."""
     cfg = train.TrainConfig(epochs=1, lr=qat_lr, step_lr=step_lr, seed=seed,
                             max_steps_per_epoch=max_steps_per_epoch)
-    kd = transitions.make_callbacks({"distill": distill}, teacher=fp32)
+    kd = transitions.make_callbacks({"distillation": {"enabled": distill}}, teacher=fp32)
     qm, _ = train.qat(fp32, cfg_bits or config, train_loader, None, cfg, init="mse",
                       policy=policy, callbacks=kd)
     return qm, train.evaluate(qm, test_loader)["top1"]
