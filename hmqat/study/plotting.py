@@ -843,6 +843,7 @@ def plot_ptq_frontier(df: pd.DataFrame, *,
         ax.set_ylabel("top-1 (%)")
         ax.legend(fontsize="x-small", frameon=False, ncol=2)
         _titles(fig, title, subtitle)
+    return fig
 
 
 def plot_transition_diagnostics(diag: pd.DataFrame, layer: str, *,
