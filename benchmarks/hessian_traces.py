@@ -79,6 +79,7 @@ sys.path.insert(0, str(ROOT))
 from hmqat import data, hessian
 from hmqat.models import create_model, quantizable_layers
 from hmqat.runtime import atomic_write_text, resolve_device
+from hmqat.study import reporting
 
 LINES: list[str] = []
 
@@ -114,7 +115,8 @@ def setup(n_samples: int | None, batch_size: int, seed: int):
         model = create_model("resnet20", pretrained=True)
         ds = data.load_cifar10(split="train")
         n = n_samples or 1024
-        label = f"ResNet-20 pretrained (akamaster), CIFAR-10 train ({ds.source}), {n} images"
+        label = (f"ResNet-20 pretrained (akamaster), {reporting.describe_data('cifar10', ds.source)} "
+                 f"train split, {n} images")
     else:
         torch.manual_seed(seed)
         model = create_model("resnet20", pretrained=False)
