@@ -553,6 +553,14 @@ def _loglog_slope(pred: np.ndarray, meas: np.ndarray) -> tuple[float, int]:
     return float(np.polyfit(np.log(pred[ok]), np.log(meas[ok]), 1)[0]), int(ok.sum())
 
 
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman ρ, NaN (not a warning) when either side is constant: a bootstrap resample of a
+    few rows can be, and ρ is undefined there (the percentile interval drops NaN draws)."""
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(stats.spearmanr(x, y).statistic)
+
+
 def prediction_summary(df: pd.DataFrame, predictors: Sequence[str],
                        measured: str = "measured") -> pd.DataFrame:
     """Per predictor: Spearman ρ (all rows), log-log slope and median measured/predicted ratio
@@ -564,7 +572,7 @@ def prediction_summary(df: pd.DataFrame, predictors: Sequence[str],
         pred = df[p].to_numpy(float)
 
         def rho(idx: np.ndarray, pred: np.ndarray = pred) -> float:
-            return float(stats.spearmanr(pred[idx], meas[idx]).statistic)
+            return _spearman(pred[idx], meas[idx])
 
         def slope(idx: np.ndarray, pred: np.ndarray = pred) -> float:
             return _loglog_slope(pred[idx], meas[idx])[0]
@@ -930,6 +938,8 @@ def kendall_table(per_config: pd.DataFrame, predictors: Sequence[str], *,
     ref = per_config[reference].to_numpy(float)
 
     def tau(x: np.ndarray, idx: np.ndarray) -> float:
+        if np.ptp(x[idx]) == 0 or np.ptp(y[idx]) == 0:   # undefined: NaN, not a warning
+            return float("nan")
         return float(stats.kendalltau(x[idx], y[idx]).statistic)
 
     def boot(fn: Callable[[np.ndarray], float]) -> tuple[float, float, float]:
