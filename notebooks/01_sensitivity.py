@@ -181,8 +181,9 @@ omegas["joint"]
 # one layer at a time (Taylor vs the isotropic trace approximation), matched isotropic noise
 # (the traces themselves), additivity, fixed-size configurations (Kendall τ, bootstrap CIs),
 # PTQ frontier curves against random configs of the same size, and how much the traces move
-# between disjoint calibration sets. Stages whose raw CSV exists under
-# `data/sensitivity/` are read back, not recomputed.
+# between disjoint calibration sets. Each finished stage's raw frame is written to
+# `data/sensitivity/`; a rerun with the same model and settings resumes finished stages from
+# its cache (`cache/sensitivity/`), any change recomputes.
 
 # %%
 if val_ds is not None:

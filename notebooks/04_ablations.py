@@ -66,6 +66,8 @@ step_lr = 0.0004
 qat_wd = 0.00005
 random_seeds = [0, 1, 2]
 max_steps_per_epoch = 50
+ablation_groups = ["transition", "allocation"]   # the recipe rows, the allocation rows
+ablation_variants = None            # Ω variants of the allocation rows (None: all)
 transition_experiment = True        # the seeded transition experiment (docs/method.md §7)
 transition_val_size = 5000          # training images held out for every choice
 transition_fp32_epochs = 3          # FP32 fine-tune on train minus the hold-out
@@ -79,16 +81,17 @@ transition_pre_steps = 50           # steps a ladder spends above the target wid
 transition_scale_only = 20          # scale-only steps after every stage start
 transition_seeds = [0, 1, 2]
 transition_budgets = ["A"]
+transition_uniform_points = [2]     # uniform WbA(a_bits) points the chosen arm also runs at
 transition_workers = 1
 
 # %%
-from hmqat import runtime, search, sensitivity, train
+from hmqat import quant, runtime, search, sensitivity, train
 from hmqat.study import ablation, plotting, reporting
 from hmqat.study.pipeline import Study
 
 study = Study.from_params(globals())
 fp32 = study.fp32_model()
-omegas = {v: study.omega(v) for v in sensitivity.VARIANTS}
+omegas = {v: study.omega(v) for v in (ablation_variants or sensitivity.VARIANTS)}
 acct = search.model_inputs(fp32, a_bits=a_bits, policy=policy, input_size=study.input_size)
 cfg = train.TrainConfig(epochs=ablation_epochs, lr=qat_lr, step_lr=step_lr, weight_decay=qat_wd,
                         seed=seed, max_steps_per_epoch=max_steps_per_epoch)
@@ -106,7 +109,7 @@ table = ablation.run_ablations(
     primary="joint", bits=bits, random_seeds=random_seeds, fixed=acct["fixed"],
     other_params=acct["other_params"], fp32_params=acct["fp32_params"], a_bits=a_bits,
     policy=policy, init=init, device=study.dev, input_size=study.input_size,
-    data=study.data_key)
+    data=study.data_key, groups=ablation_groups)
 runtime.atomic_write_text(study.path("data", "ablation_runs.csv"), table.to_csv(index=False))
 summary = ablation.summarize(table)
 steps = len(study.train_loader())                 # optimizer steps per full epoch
@@ -136,10 +139,11 @@ plotting.savefig(fig, study.figures / "ablation")
 # %%
 trans = summary[summary["group"] == "transition"].set_index("variant")["top1"]
 alloc = summary[summary["group"] == "allocation"].set_index("variant")
-best = trans.drop("lsq").idxmax()
-print(f"transition: best variant {best} {trans[best]:.2f} % vs lsq {trans['lsq']:.2f} % "
-      f"({trans[best] - trans['lsq']:+.2f} points); variants below lsq: "
-      f"{', '.join(v for v in trans.index if trans[v] < trans['lsq']) or 'none'}")
+if len(trans) > 1:       # the single-seed recipe rows (ablation_groups)
+    best = trans.drop("lsq").idxmax()
+    print(f"transition: best variant {best} {trans[best]:.2f} % vs lsq {trans['lsq']:.2f} % "
+          f"({trans[best] - trans['lsq']:+.2f} points); variants below lsq: "
+          f"{', '.join(v for v in trans.index if trans[v] < trans['lsq']) or 'none'}")
 rnd = alloc.loc["random"]
 hess = alloc.loc["hmqat-joint", "top1"]
 print(f"allocation: Hessian-guided {hess:.2f} % vs random {rnd['top1']:.2f} ± "
@@ -191,14 +195,20 @@ if transition_experiment:
     from hmqat import data, transitions
 
     t0 = time.perf_counter()
-    fp32_v, train_v, val_v = ablation.validation_fp32(
-        study, transition_val_size, epochs=transition_fp32_epochs, lr=transition_fp32_lr,
-        weight_decay=transition_fp32_wd, max_steps_per_epoch=transition_fp32_max_steps)
+    if val_size > 0 and transition_val_size == val_size:   # notebook 00's model never saw it
+        fp32_v, train_v, val_v = fp32, study.data("train"), study.data("val")
+    else:
+        fp32_v, train_v, val_v = ablation.validation_fp32(
+            study, transition_val_size, epochs=transition_fp32_epochs, lr=transition_fp32_lr,
+            weight_decay=transition_fp32_wd, max_steps_per_epoch=transition_fp32_max_steps)
     point = f"HMQAT {ablation_compression:g}x"
+    extra = {f"uniform W{b}A{a_bits}": quant.uniform_config(fp32_v, b, policy=policy)
+             for b in transition_uniform_points}
     tcfg = train.TrainConfig(epochs=1, lr=qat_lr, step_lr=step_lr, weight_decay=qat_wd, seed=seed)
     settings = {"val_size": transition_val_size, "steps": transition_steps,
                 "pre_steps": transition_pre_steps, "scale_only_steps": transition_scale_only,
                 "seeds": list(transition_seeds), "budgets": list(transition_budgets),
+                "points": [point, *extra],
                 "lr": qat_lr, "step_lr": step_lr, "weight_decay": qat_wd,
                 "batch_size": batch_size, "recipe": transitions.Recipe.from_dict(
                     transition_recipe).describe(), "device": str(study.dev)}
@@ -208,7 +218,8 @@ if transition_experiment:
         base=transitions.Recipe.from_dict(transition_recipe),
         run_dir=study.path("checkpoints", "transition_experiment"), steps=transition_steps,
         pre_steps=transition_pre_steps, scale_only_steps=transition_scale_only,
-        seeds=transition_seeds, budgets=transition_budgets, batch_size=batch_size,
+        seeds=transition_seeds, budgets=transition_budgets, point=point, extra_points=extra,
+        batch_size=batch_size,
         workers=transition_workers, a_bits=a_bits, policy=policy, init=init, device=study.dev)
     ablation.write_transition_results(t_out, study, point=point, settings=settings,
                                       wall_s=time.perf_counter() - t0)

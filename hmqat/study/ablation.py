@@ -500,12 +500,13 @@ def _test_top1(folder: Path, rec: Mapping[str, Any], fp32_model: nn.Module,
 def transition_diagnostics(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """The per-layer diagnostics of every run (step / MSE-optimal step, zero-code fraction,
     error ratio at each transition, at the end of each scale-only phase and at the end; BN
-    drift), with the run's arm and seed; plus one ``kind="loss"`` row per transition (loss
+    drift), with the run's arm, seed and operating point; plus one ``kind="loss"`` row per transition (loss
     before and at the first step of the new stage). Column ``source`` says which."""
     frames = []
     for r in rows:
         rec = r["record"]
-        tags = {"arm": r["arm"], "seed": r["seed"], "run_id": r["run_id"]}
+        tags = {"arm": r["arm"], "seed": r["seed"], "run_id": r["run_id"],
+                "point": r.get("point", "")}
         diag = pd.DataFrame(rec.get("transition_diagnostics", []))
         if not diag.empty:
             frames.append(diag.assign(**tags))
@@ -613,51 +614,55 @@ def transition_study(fp32_model: nn.Module, train_set: Any, val_loader: Iterable
                      bit_config: Mapping[str, int], *, base: Recipe, run_dir: str | Path,
                      steps: int, pre_steps: int, scale_only_steps: int, screen_seed: int = 0,
                      seeds: Sequence[int] = (0, 1, 2), budgets: Sequence[str] = ("A",),
+                     point: str = "screened point",
+                     extra_points: Mapping[str, Mapping[str, int]] | None = None,
                      batch_size: int = 128, workers: int = 1, log: Any = print,
                      **run_kw: Any) -> dict[str, Any]:
     """The whole experiment of issue 14, every choice made by code on the validation split.
 
-    1. **Screen** on ``screen_seed`` at budget A (``steps`` total each; ladders spend
-       ``pre_steps`` above the target): plain LSQ with ``cfg.step_lr`` (lr/10 in the study)
-       and with step_lr = lr (LSQ's choice, item 5), and every :func:`screening_arms` arm at
-       ``cfg.step_lr``. The better plain-LSQ step_lr is kept for the final runs; the transition
-       arm with the best validation top-1 is "best".
-    2. **BN** re-estimation at the end on/off for plain LSQ and for best, same seed
+    1. **Step learning rate** on ``screen_seed``: plain LSQ with ``cfg.step_lr`` against
+       step_lr = lr (LSQ's choice); the better one is used by every later run.
+    2. **Screen** every :func:`screening_arms` arm at that step_lr on ``screen_seed``, budget A
+       (``steps`` total each; ladders spend ``pre_steps`` above the target); the arm with the
+       best validation top-1 is "best".
+    3. **BN** re-estimation at the end on/off for plain LSQ and for best, same seed
        (:func:`bn_reestimated`: no retraining needed); best keeps it if it scores higher.
-    3. **Decide** on ``seeds`` (paired): plain LSQ, plain LSQ + BN and the chosen arm (at the
-       chosen step_lr), under every budget in ``budgets`` (B: ``steps`` at the target for the
-       chosen arm; plain LSQ at ``steps`` and, as the control, at ``steps + pre_steps``).
-       Each final model is read once on ``test_loader``.
+    4. **Decide** on ``seeds`` (paired): plain LSQ, plain LSQ + BN and the chosen arm, under
+       every budget in ``budgets`` (B: ``steps`` at the target for the chosen arm; plain LSQ at
+       ``steps`` and, as the control, at ``steps + pre_steps``), at ``bit_config`` (named
+       ``point``) and at every config of ``extra_points`` (name → bit config; e.g. uniform
+       W2A4), with the choices of steps 1–3 fixed. Each final model is read once on
+       ``test_loader``.
 
     ``workers`` > 1 trains the independent runs of each phase in that many forked processes
     (one torch thread each; results are identical, each run's numbers depend only on its spec).
 
     Returns ``{"screen": DataFrame, "final": DataFrame, "paired": DataFrame, "choices": dict,
-    "diagnostics": DataFrame}``. ``paired`` holds the paired differences to plain LSQ
-    (:func:`hmqat.stats.paired_difference`) on validation and test top-1.
+    "diagnostics": DataFrame}``. ``paired`` holds, per point and budget, the paired differences
+    to plain LSQ (:func:`hmqat.stats.paired_difference`) on validation and test top-1.
     """
+    points = {point: dict(bit_config), **{k: dict(v) for k, v in (extra_points or {}).items()}}
     common = dict(fp32_model=fp32_model, train_set=train_set, val_loader=val_loader, cfg=cfg,
-                  bit_config=bit_config, base=base, run_dir=run_dir, batch_size=batch_size,
-                  **run_kw)
-    bn_kw = dict(fp32_model=fp32_model, train_set=train_set, val_loader=val_loader,
-                 bit_config=bit_config, base=base, run_dir=run_dir, batch_size=batch_size,
-                 **run_kw)
+                  base=base, run_dir=run_dir, batch_size=batch_size, **run_kw)
 
     def run(arm: TransitionArm, seed: int, budget: str = "A", total: int | None = None,
-            test: bool = False, bn: bool = False) -> list[dict[str, Any]]:
+            test: bool = False, bn: bool = False, where: str = point) -> list[dict[str, Any]]:
         tot, at = _steps_for(arm, budget, steps, pre_steps)
         if total is not None:          # plain-LSQ control given the ladder's extra steps
             tot = at = total
-        row = run_transition_arm(arm, seed, total_steps=tot, steps_at_target=at,
+        row = run_transition_arm(arm, seed, bit_config=points[where], total_steps=tot,
+                                 steps_at_target=at,
                                  test_loader=test_loader if test else None, **common)
         rows = [row]
         if bn:
-            rows.append(bn_reestimated(row, arm, test_loader=test_loader if test else None,
-                                       **bn_kw))
+            rows.append(bn_reestimated(row, arm, bit_config=points[where],
+                                       test_loader=test_loader if test else None,
+                                       **{k: v for k, v in common.items() if k != "cfg"}))
         for r in rows:
-            r["budget"] = budget
-            log(f"  {r['arm']:<18} seed {seed} budget {budget}: {tot} steps ({at} at target), "
-                f"val {r['val_top1']:.2f} %" + (f", test {r['test_top1']:.2f} %" if test else ""))
+            r["budget"], r["point"] = budget, where
+            log(f"  {r['arm']:<18} {where}, seed {seed}, budget {budget}: {tot} steps ({at} at "
+                f"target), val {r['val_top1']:.2f} %"
+                + (f", test {r['test_top1']:.2f} %" if test else ""))
         return rows
 
     def many(*jobs: tuple) -> list[dict[str, Any]]:
@@ -665,17 +670,15 @@ def transition_study(fp32_model: nn.Module, train_set: Any, val_loader: Iterable
 
     lsq_cfg = TransitionArm("lsq")
     lsq_lr = TransitionArm("lsq/step_lr=lr", step_lr_mult=1.0)
-    arms = screening_arms(scale_only_steps)
-    screen = many(*[(a, screen_seed) for a in arms], (lsq_cfg, screen_seed),
-                  (lsq_lr, screen_seed))
-    screen = screen[-2:] + screen[:-2]            # plain LSQ first in the table
+    screen = many((lsq_cfg, screen_seed), (lsq_lr, screen_seed))
     step_lr_mult = 1.0 if screen[1]["val_top1"] > screen[0]["val_top1"] else None
-    best_row = max(screen[2:], key=lambda r: r["val_top1"])
-    best = replace(next(a for a in arms if a.name == best_row["arm"]),
-                   step_lr_mult=step_lr_mult)
     lsq = lsq_lr if step_lr_mult == 1.0 else lsq_cfg
+    arms = screening_arms(scale_only_steps, step_lr_mult=step_lr_mult)
     if step_lr_mult == 1.0:
-        best = replace(best, name=best.name + "/step_lr=lr")
+        arms = [replace(a, name=a.name + "/step_lr=lr") for a in arms]
+    screen += many(*[(a, screen_seed) for a in arms])
+    best_row = max(screen[2:], key=lambda r: r["val_top1"])
+    best = next(a for a in arms if a.name == best_row["arm"])
     bn_rows = many((lsq, screen_seed, "A", None, False, True),
                    (best, screen_seed, "A", None, False, True))
     screen += [r for r in bn_rows if r["arm"] not in {x["arm"] for x in screen}]
@@ -683,28 +686,29 @@ def transition_study(fp32_model: nn.Module, train_set: Any, val_loader: Iterable
     use_bn = by_name[best.name + "+bn"] > by_name[best.name]
     choices = {"step_lr": "lr" if step_lr_mult == 1.0 else f"cfg ({cfg.step_lr:g})",
                "best_arm": best.name, "final_arm": best.name + ("+bn" if use_bn else ""),
-               "screen_seed": screen_seed}
+               "screen_seed": screen_seed, "screen_point": point}
     log(f"choices (validation, seed {screen_seed}): {choices}")
 
     jobs: list[tuple] = []
-    for budget in budgets:
-        for seed in seeds:
-            jobs += [(lsq, seed, budget, None, True, True),
-                     (best, seed, budget, None, True, use_bn)]
-            if budget == "B" and best.ladder:
-                ctrl = replace(lsq, name=lsq.name + f" (+{pre_steps})")
-                jobs.append((ctrl, seed, budget, steps + pre_steps, True, False))
+    for where in points:
+        for budget in budgets:
+            for seed in seeds:
+                jobs += [(lsq, seed, budget, None, True, True, where),
+                         (best, seed, budget, None, True, use_bn, where)]
+                if budget == "B" and best.ladder:
+                    ctrl = replace(lsq, name=lsq.name + f" (+{pre_steps})")
+                    jobs.append((ctrl, seed, budget, steps + pre_steps, True, False, where))
     final = many(*jobs)
     if use_bn:       # the chosen arm is best+bn; best without BN was only a screening row
         final = [r for r in final if r["arm"] != best.name]
     final_df = pd.DataFrame([{k: v for k, v in r.items() if k != "record"} for r in final])
     paired = []
-    for budget, g in final_df.groupby("budget", sort=False):
+    for (where, budget), g in final_df.groupby(["point", "budget"], sort=False):
         ref = g[g["arm"] == lsq.name].set_index("seed")
         for arm_name, a in g.groupby("arm", sort=False):
             a = a.set_index("seed")
             both = a.index.intersection(ref.index)
-            row = {"budget": budget, "arm": arm_name, "seeds": len(a),
+            row = {"point": where, "budget": budget, "arm": arm_name, "seeds": len(a),
                    "total_steps": int(a["total_steps"].iloc[0]),
                    "steps_at_target": int(a["steps_at_target"].iloc[0]),
                    "val_mean": a["val_top1"].mean(), "test_mean": a["test_top1"].mean(),
@@ -772,7 +776,8 @@ def write_transition_results(out: Mapping[str, Any], study: Any, *, point: str,
     paired = out["paired"].copy()
     reporting.write_table(
         paired, study.tables / "transition_experiment",
-        caption=(f"Transition-aware fine-tuning vs plain LSQ at {point}: {study.arch}, seeds "
+        caption=(f"Transition-aware fine-tuning vs plain LSQ ({study.arch}; arms screened at "
+                 f"{point}, then run at every point listed), seeds "
                  f"{seeds} (paired), every arm trained from the same FP32 model on train minus "
                  f"a {settings.get('val_size')}-image hold-out; choices on the hold-out (val_*), "
                  f"test_* read once per final run; diff = arm - plain LSQ with 95 % paired-t "
@@ -788,6 +793,7 @@ def write_transition_results(out: Mapping[str, Any], study: Any, *, point: str,
                  f"choices: {out['choices']}"),
         data_label=study.data_label, profile=study.profile)
     diag = out["diagnostics"]
+    diag = diag[diag["point"] == point] if "point" in diag else diag
     if not diag.empty and "range_ratio" in diag and diag["range_ratio"].notna().any():
         fig = plotting.plot_transition_diagnostics(
             diag, worst_layer(diag[(diag["seed"] == diag["seed"].min())

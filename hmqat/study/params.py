@@ -29,6 +29,7 @@ import yaml
 
 from ..models import CIFAR_RESNET_DEPTHS, TORCHVISION_ARCHS
 from ..quant import INIT_METHODS, POLICIES, SUPPORTED_BITS
+from ..sensitivity import VARIANTS
 from ..transitions import Recipe
 
 __all__ = ["COMMON", "NOTEBOOKS", "NOTEBOOK_KEYS", "Key", "ParamsError", "read_profile",
@@ -197,6 +198,10 @@ NOTEBOOK_KEYS: dict[str, dict[str, Key]] = {
         "qat_wd": Key(number(0), "QAT weight decay"),
         "random_seeds": Key(list_of(integer(0)), "seeds of the random-allocation runs"),
         "max_steps_per_epoch": _MAX_STEPS,
+        "ablation_groups": Key(list_of(choice(("transition", "allocation"))),
+                               "row groups: the single-seed recipe rows, the allocation rows"),
+        "ablation_variants": Key(optional(list_of(choice(VARIANTS))),
+                                 "Ω variants of the allocation rows (null: all)"),
         "transition_experiment": Key(boolean, "run the seeded transition experiment (§7)"),
         "transition_val_size": Key(integer(1), "training images held out for every choice"),
         "transition_fp32_epochs": Key(integer(1), "FP32 fine-tuning epochs on train minus hold-out"),
@@ -209,6 +214,8 @@ NOTEBOOK_KEYS: dict[str, dict[str, Key]] = {
         "transition_scale_only": Key(integer(0), "scale-only steps after every stage start"),
         "transition_seeds": Key(list_of(integer(0)), "paired seeds of the final runs"),
         "transition_budgets": Key(list_of(choice(("A", "B"))), "step budgets (A, B)"),
+        "transition_uniform_points": Key(list_of(bit_width, min_len=0),
+                                         "uniform W<b> points the chosen arm also runs at"),
         "transition_workers": Key(integer(1), "forked worker processes"),
     },
     "05_report": {},

@@ -7,6 +7,7 @@ as a CSV so a rerun resumes), and writes their tables and figures.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -38,8 +39,18 @@ STUDY_STAGES = ("traces", "omegas", "single_layer", "noise", "additivity", "fixe
 
 
 def _csv(root: Path, name: str) -> Path:
-    """Where :func:`run_study` keeps a stage's raw frame: root/data/sensitivity/<name>.csv."""
+    """Where :func:`run_study` publishes a stage's raw frame: root/data/sensitivity/<name>.csv."""
     return root / "data" / "sensitivity" / f"{name}.csv"
+
+
+def work_dir(root: str | os.PathLike, model: nn.Module, settings: Mapping[str, Any]) -> Path:
+    """The resume folder of one study: root/cache/sensitivity/<key>, key = sha256 of the model's
+    weights and every setting that changes a number. Stages resume only from here (git-ignored),
+    never from the published CSVs: a changed model or setting starts afresh, and a fresh clone
+    recomputes instead of replaying committed results."""
+    h = hashlib.sha256(runtime.model_fingerprint(model).encode())
+    h.update(runtime.to_json(dict(settings), indent=None).encode())
+    return Path(root) / "cache" / "sensitivity" / h.hexdigest()[:16]
 
 
 def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathLike, *,
@@ -59,8 +70,9 @@ def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathL
     """Run the experiments of docs/method.md §3 in ``stages`` (cheapest first), on calibration
     images from ``train_ds`` and every measured loss/accuracy on all of ``val_ds``.
 
-    A stage whose CSV already exists under ``root/data`` is read back instead of recomputed
-    (resume); ``report(results)`` (e.g. a partial of :func:`write_study_report`) is called after
+    Every finished stage is published as ``root/data/sensitivity/<stage>.csv``; a stage whose
+    CSV already exists in the study's :func:`work_dir` (same weights, same settings) is read
+    back instead of recomputed (resume); ``report(results)`` (e.g. a partial of :func:`write_study_report`) is called after
     every stage so finished parts are on disk early. Returns {name: frame}.
     """
     unknown = [s for s in stages if s not in STUDY_STAGES]
@@ -68,6 +80,17 @@ def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathL
         raise SensitivityError(f"unknown stage(s) {unknown}; use some of {STUDY_STAGES}")
     root = Path(root)
     (root / "data" / "sensitivity").mkdir(parents=True, exist_ok=True)
+    work = work_dir(root, model, dict(
+        bits=list(bits), a_bits=a_bits, policy=policy, method=method,
+        calib_samples=calib_samples, calib_batch=calib_batch, trace_tol=trace_tol,
+        trace_max_probes=trace_max_probes, single_bits=list(single_bits),
+        noise_pairs=noise_pairs, noise_every=noise_every,
+        additivity_configs=additivity_configs, fixed_configs=fixed_configs,
+        target_compression=target_compression,
+        frontier_compressions=list(frontier_compressions), frontier_random=frontier_random,
+        variability_sets=variability_sets, variability_tol=variability_tol, seed=seed,
+        train_images=len(train_ds), val_images=len(val_ds)))
+    work.mkdir(parents=True, exist_ok=True)
     dev = next(model.parameters()).device
     calib = hdata.calibration_batches(train_ds, n_samples=calib_samples, batch_size=calib_batch,
                                       seed=seed, device=dev)
@@ -79,7 +102,7 @@ def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathL
     res: dict[str, pd.DataFrame] = {}
 
     def done(name: str) -> bool:
-        p = _csv(root, name)
+        p = _csv(work, name)
         if p.exists():
             res[name] = pd.read_csv(p)
             return True
@@ -87,7 +110,9 @@ def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathL
 
     def save(name: str, df: pd.DataFrame) -> None:
         res[name] = df
-        runtime.atomic_write_text(_csv(root, name), df.to_csv(index=False, lineterminator="\n"))
+        for folder in (work, root):
+            runtime.atomic_write_text(_csv(folder, name),
+                                      df.to_csv(index=False, lineterminator="\n"))
         if report is not None:
             report(res)
 
@@ -132,14 +157,14 @@ def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathL
         if fixed_reverse:   # a second process working from the other end (merge_fixed_size)
             fixed_size_validation(model, omegas, configs[::-1], cache, a_bits=a_bits,
                                   policy=policy, progress=progress,
-                                  checkpoint=_csv(root, "fixed_size_partial_rev"))
+                                  checkpoint=_csv(work, "fixed_size_partial_rev"))
         else:
             per = fixed_size_validation(model, omegas, configs, cache, a_bits=a_bits,
                                         policy=policy, progress=progress,
-                                        checkpoint=_csv(root, "fixed_size_partial"))
+                                        checkpoint=_csv(work, "fixed_size_partial"))
             save("fixed_size", per)
     if "fixed_size" not in res and "fixed_size" in stages:
-        merged = merge_fixed_size(root, configs)
+        merged = merge_fixed_size(work, configs)
         if merged is not None:
             res["fixed_size"] = merged
     if "fixed_size" in res and "kendall" not in res:
@@ -154,12 +179,12 @@ def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathL
         front = ptq_frontier(model, omegas, frontier_compressions, cache, bits=bits,
                              n_random=frontier_random, a_bits=a_bits, policy=policy,
                              random_configs={target_compression: configs}, seed=seed,
-                             progress=progress, checkpoint=_csv(root, "frontier_partial"))
+                             progress=progress, checkpoint=_csv(work, "frontier_partial"))
         save("frontier", front)
     if "frontier" in res:
         fs = res.get("fixed_size")
-        if fs is None and _csv(root, "fixed_size_partial").exists():
-            fs = pd.read_csv(_csv(root, "fixed_size_partial"))
+        if fs is None and _csv(work, "fixed_size_partial").exists():
+            fs = pd.read_csv(_csv(work, "fixed_size_partial"))
         if fs is not None:
             res["frontier"] = with_fixed_size_randoms(res["frontier"], fs, target_compression)
     if "variability" in stages and not done("variability_picks"):
@@ -173,25 +198,22 @@ def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathL
             model, sets, tol=variability_tol, max_probes=trace_max_probes, seed=seed,
             compressions=[target_compression], bits=bits, a_bits=a_bits, policy=policy,
             method=method, cache_dir=root / "cache", progress=progress)
-        res["variability_layers"] = per_layer
+        save("variability_layers", per_layer)
         save("variability_picks", picks)
-        runtime.atomic_write_text(_csv(root, "variability_layers"),
-                          per_layer.to_csv(index=False, lineterminator="\n"))
-    if "variability_picks" in res and "variability_layers" not in res \
-            and _csv(root, "variability_layers").exists():
-        res["variability_layers"] = pd.read_csv(_csv(root, "variability_layers"))
+    if "variability_picks" in res and "variability_layers" not in res:
+        done("variability_layers")
     if report is not None:
         report(res)
     return res
 
 
-def merge_fixed_size(root: str | os.PathLike, configs: Sequence[Mapping[str, int]]
+def merge_fixed_size(work: str | os.PathLike, configs: Sequence[Mapping[str, int]]
                      ) -> pd.DataFrame | None:
     """The fixed-size rows evaluated so far by the forward and the reverse process (their
-    checkpoint CSVs under root/data/sensitivity), one row per config of ``configs`` that either
+    checkpoint CSVs under the study's :func:`work_dir` ``work``/data/sensitivity), one row per config of ``configs`` that either
     finished, config_id = its index in ``configs``; None when neither has a row."""
-    parts = [pd.read_csv(p) for p in (_csv(Path(root), "fixed_size_partial"),
-                                      _csv(Path(root), "fixed_size_partial_rev")) if p.exists()]
+    parts = [pd.read_csv(p) for p in (_csv(Path(work), "fixed_size_partial"),
+                                      _csv(Path(work), "fixed_size_partial_rev")) if p.exists()]
     if not parts:
         return None
     allrows = pd.concat(parts, ignore_index=True)
