@@ -337,13 +337,16 @@ def fair_comparison(model: nn.Module, batches, names: list[str], tols: list[floa
 
 def decision_section(model: nn.Module, batches, budgets: list[float], seed: int,
                      dev: torch.device, fair: dict, tols: list[float], max_probes: int,
-                     pick_tol: float | None = None, fair_file: Path | None = None) -> None:
-    """(e): decision-based stopping vs the fair reference; its picks vs tol 0.05's."""
+                     pick_tol: float | None = None, fair_file: Path | None = None,
+                     regret: float | None = None) -> None:
+    """(e): decision-based stopping vs the fair reference; its picks vs tol 0.05's (same pick,
+    and the pick's ΣΩ excess under the tol-0.05 traces)."""
     from hmqat import search, sensitivity
 
     bits = (2, 3, 4, 5, 6, 8)
     rule = sensitivity.decision_stop_rule(model, budgets, bits=bits, a_bits=4,
-                                          policy="first_last_8", method="mse", seed=seed)
+                                          policy="first_last_8", method="mse", seed=seed,
+                                          regret=regret)
     df = hessian.layer_traces(model, batches, tol=0.05, seed=seed + 777, progress=False,
                               device=dev, max_probes=max_probes * 8, stop_rule=rule)
     t_dec = df.attrs["wall_s"]
@@ -354,7 +357,9 @@ def decision_section(model: nn.Module, batches, budgets: list[float], seed: int,
     tol0 = tols[0]
     t_ref = float(np.median(fair[tol0]["ref"])) if tol0 in fair else None
     say(f"\n## (e) decision-based stopping (budgets {budgets}x, joint Ω, bits {list(bits)}, "
-        f"±1.96 SE, {2 * len(qerr) + 32} perturbations per check)")
+        f"±1.96 SE, {2 * len(qerr) + 32} perturbations per check; "
+        + ("same pick required)" if regret is None else
+           f"stable = every perturbed optimum within {regret:g} relative ΣΩ of the pick)"))
     say(f"stopped by the rule: {df.attrs['stopped_by_rule']} after {df.attrs['sweeps']} sweeps, "
         f"{df.attrs['hvps']} HVPs, {t_dec:.1f} s (checks: "
         f"{[(h['probes'], h['stable']) for h in rule.history]}); max rel_se "
@@ -375,8 +380,15 @@ def decision_section(model: nn.Module, batches, budgets: list[float], seed: int,
             p05 = sensitivity._picks(qerr, ref_df.loc[qerr.index, "avg_trace"].to_numpy(float),
                                      inp, budgets, bits)
             same = [a == b for a, b in zip(picks_dec, p05)]
+            t05 = np.clip(ref_df.loc[qerr.index, "avg_trace"].to_numpy(float), 0.0, None)
+            q = qerr[list(bits)].to_numpy(float)
+
+            def cost(pick: tuple[int, ...]) -> float:
+                return float(sum(t05[i] * q[i, list(bits).index(b)] for i, b in enumerate(pick)))
+            excess = [cost(a) / cost(b) - 1.0 for a, b in zip(picks_dec, p05)]
             say(f"picks equal to hmqat tol-{pick_tol or 0.05} traces (run {k}) at {budgets}: "
-                f"{same}")
+                f"{same}; their ΣΩ under those traces exceeds the tol-0.05 pick's by "
+                f"{[f'{e:+.2%}' for e in excess]}")
             stable, info = sensitivity.decision_is_stable(
                 qerr, ref_df.loc[qerr.index, "avg_trace"].to_numpy(float),
                 ref_df.loc[qerr.index, "avg_trace_se"].to_numpy(float), inp, budgets,
@@ -419,6 +431,9 @@ def main() -> None:
                          "decision rule's pick comparison (0 skips)")
     ap.add_argument("--max-probes", type=int, default=100,
                     help="cap of (a') rounds per batch (hmqat: 8x this per 16-image stratum)")
+    ap.add_argument("--regret", type=float, default=None,
+                    help="decision rule (e): accept a pick whose ΣΩ is within this relative "
+                         "tolerance of every perturbed optimum (default: same pick required)")
     ap.add_argument("--sections", nargs="+", default=["fair", "decision", "old"],
                     choices=["fair", "decision", "old"],
                     help="what to run (several processes can share the work; see --fair-file)")
@@ -482,7 +497,7 @@ def main() -> None:
                 f"{len(fair[t]['ratios'])} repeats)")
     if "decision" in args.sections:
         decision_section(model, batches, args.budgets, args.seed, dev, fair, tols,
-                         args.max_probes, args.pick_tol, args.fair_file)
+                         args.max_probes, args.pick_tol, args.fair_file, args.regret)
     if "old" not in args.sections:
         args.skip_old = True
     if args.skip_old:

@@ -1073,8 +1073,8 @@ def _picks(qerr: pd.DataFrame, avg_trace: np.ndarray, inputs: Mapping[str, Any],
 def decision_is_stable(qerr: pd.DataFrame, avg_trace: Sequence[float],
                        avg_trace_se: Sequence[float], inputs: Mapping[str, Any],
                        compressions: Sequence[float], *, bits: Sequence[int] | None = None,
-                       z: float = 1.96, n_random: int = 32, seed: int = 0
-                       ) -> tuple[bool, dict[str, Any]]:
+                       z: float = 1.96, n_random: int = 32, seed: int = 0,
+                       regret: float | None = None) -> tuple[bool, dict[str, Any]]:
     """Does any perturbation of the traces within their CI change the selected configs?
     (docs/method.md §3, "decision-based stopping").
 
@@ -1083,8 +1083,14 @@ def decision_is_stable(qerr: pd.DataFrame, avg_trace: Sequence[float],
     and for ``n_random`` random corners of the box T̄ + z·SE·{−1, +1}^L (seeded); stable when all
     of them give the same picks. A layer with a non-finite SE makes it unstable.
 
+    ``regret``: instead of "the same pick", ask for a pick that is good under every plausible
+    trace vector: stable when, for every perturbation T' and budget, the base pick's
+    ΣΩ(T') exceeds the best pick's ΣΩ(T') by at most ``regret`` (relative, e.g. 0.02). Near-ties,
+    whose order the traces cannot settle, then no longer keep the probing going.
+
     Returns (stable, info): info["picks"] (base picks), info["n_checked"],
-    info["changed_by"] (description of the first perturbation that changed a pick, or None).
+    info["changed_by"] (description of the first perturbation that changed a pick, or None),
+    info["max_regret"] (largest relative regret seen; 0 when every pick was unchanged).
     """
     t = np.asarray(avg_trace, dtype=np.float64)
     se = np.asarray(avg_trace_se, dtype=np.float64)
@@ -1093,7 +1099,18 @@ def decision_is_stable(qerr: pd.DataFrame, avg_trace: Sequence[float],
                                f"({len(qerr)}), got {t.shape} and {se.shape}")
     bits = list(qerr.columns) if bits is None else list(bits)
     base = _picks(qerr, t, inputs, compressions, bits)
-    info: dict[str, Any] = {"picks": base, "n_checked": 0, "changed_by": None}
+    info: dict[str, Any] = {"picks": base, "n_checked": 0, "changed_by": None,
+                            "max_regret": 0.0}
+    if regret is not None and not regret >= 0:
+        raise SensitivityError(f"regret={regret!r}: use None (same pick) or a relative "
+                               f"tolerance >= 0, e.g. 0.02")
+    q = qerr[bits].to_numpy(np.float64)
+    col = {b: j for j, b in enumerate(bits)}
+
+    def cost(pick: tuple[int, ...], trace: np.ndarray) -> float:
+        """ΣΩ of ``pick`` under ``trace`` (Eq. Ω, joint form)."""
+        return float(sum(np.clip(trace[i], 0.0, None) * q[i, col[b]]
+                         for i, b in enumerate(pick)))
     if not np.isfinite(se).all():
         info["changed_by"] = "non-finite SE"
         return False, info
@@ -1108,9 +1125,18 @@ def decision_is_stable(qerr: pd.DataFrame, avg_trace: Sequence[float],
         perturbations.append((f"random corner {k}", rng.choice([-1.0, 1.0], size=len(t))))
     for desc, e in perturbations:
         info["n_checked"] += 1
-        if _picks(qerr, t + z * se * e, inputs, compressions, bits) != base:
-            info["changed_by"] = desc
-            return False, info
+        tp = t + z * se * e
+        picks = _picks(qerr, tp, inputs, compressions, bits)
+        if picks == base:
+            continue
+        if regret is not None:
+            worst = max((cost(b0, tp) - cost(p, tp)) / max(cost(p, tp), 1e-300)
+                        for b0, p in zip(base, picks))
+            info["max_regret"] = max(info["max_regret"], worst)
+            if worst <= regret:
+                continue
+        info["changed_by"] = desc
+        return False, info
     return True, info
 
 
@@ -1118,10 +1144,12 @@ def decision_stop_rule(model: nn.Module, compressions: Sequence[float], *,
                        bits: Sequence[int] = DEFAULT_BITS, a_bits: int | None = 4,
                        policy: str = "first_last_8", per_channel: bool = True,
                        method: str = "lsq", z: float = 1.96, n_random: int = 32,
-                       seed: int = 0) -> Callable[[pd.DataFrame], bool]:
+                       seed: int = 0, regret: float | None = None
+                       ) -> Callable[[pd.DataFrame], bool]:
     """A ``stop_rule`` for :func:`hmqat.hessian.layer_traces`: True (stop probing) once
-    :func:`decision_is_stable` holds for the current traces at ``compressions``. The callable
-    keeps ``.history`` (one dict per check: probes, stable, changed_by, picks)."""
+    :func:`decision_is_stable` (with ``regret``) holds for the current traces at
+    ``compressions``. The callable keeps ``.history`` (one dict per check: probes, stable,
+    changed_by, picks, max_regret)."""
     qerr = omega_table(model, None, bits, variant="qerr_only", per_channel=per_channel,
                        method=method)
     inp = search.model_inputs(model, a_bits=a_bits, policy=policy, per_channel=per_channel)
@@ -1130,9 +1158,10 @@ def decision_stop_rule(model: nn.Module, compressions: Sequence[float], *,
         t = traces_df.loc[qerr.index, "avg_trace"].to_numpy(float)
         se = traces_df.loc[qerr.index, "avg_trace_se"].to_numpy(float)
         ok, info = decision_is_stable(qerr, t, se, inp, compressions, bits=bits, z=z,
-                                      n_random=n_random, seed=seed)
+                                      n_random=n_random, seed=seed, regret=regret)
         rule.history.append({"probes": int(traces_df["probes"].max()), "stable": ok,
-                             "changed_by": info["changed_by"], "picks": info["picks"]})
+                             "changed_by": info["changed_by"], "picks": info["picks"],
+                             "max_regret": info["max_regret"]})
         return ok
 
     rule.history = []  # type: ignore[attr-defined]

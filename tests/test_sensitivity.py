@@ -408,6 +408,21 @@ def test_decision_rule_stops_when_the_pick_is_stable_and_continues_when_not():
     assert not nan_se and info["changed_by"] == "non-finite SE"
 
 
+def test_decision_rule_with_regret_accepts_near_ties_only():
+    qerr, inputs = _decision_inputs()
+    # T = (5, 4.9, 1) ± (0.5, 0.5, 0): the pick (8, 4, 4) may lose to (4, 8, 4). Worst corner by
+    # hand: T' = (4.5, 5.4, 1): ΣΩ(8,4,4) = 5.4 + 1 = 6.4, ΣΩ(4,8,4) = 4.5 + 1 = 5.5, regret
+    # 0.9/5.5 (the seeded random corners include it).
+    args = (qerr, [5.0, 4.9, 1.0], [0.5, 0.5, 0.0], inputs, [5.0])
+    loose, info = sensitivity.decision_is_stable(*args, z=1.0, n_random=16, regret=0.2)
+    assert loose and info["changed_by"] is None
+    assert info["max_regret"] == pytest.approx(0.9 / 5.5)
+    tight, info = sensitivity.decision_is_stable(*args, z=1.0, n_random=16, regret=0.1)
+    assert not tight and info["changed_by"] is not None
+    with pytest.raises(SensitivityError, match="regret=-0.1"):
+        sensitivity.decision_is_stable(*args, regret=-0.1)
+
+
 def test_decision_stop_rule_ends_layer_traces_early():
     model, calib, _ = trained_net()
     rule = sensitivity.decision_stop_rule(model, [4.0], bits=(2, 4, 8), policy="none",
