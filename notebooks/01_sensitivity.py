@@ -225,49 +225,23 @@ for stem in ("trace_variability", "trace_variability_picks"):
         display(tables[stem][0])  # noqa: F821
 
 # %% [markdown]
-# ## Verdict (quick profile, ResNet-20, CIFAR-10 JPEG q75 mirror; docs/method.md §3)
+# ## Verdict of this run
 #
-# Quick profile: ResNet-20 fine-tuned on CIFAR-10 (JPEG q75 mirror) train minus a 5,000-image
-# stratified validation hold-out (val top-1 93.32 %); traces at tol 0.05 on 512 calibration images
-# from train minus validation; every loss/accuracy below is on the 5,000 validation images. One
-# model, one probe seed; CIs are bootstrap intervals over layers/configs, not over training seeds.
-# Runs were cut short by a shared 2-core machine (counts given; `results/quick/tables/sensitivity_*`).
-#
-# 1. **Taylor holds; the isotropic trace approximation is the weak link.** One layer at a time
-#    (20 layers × {2, 3, 4} bits, weights only): ½ΔWᵀH_iiΔW predicts the measured ΔL in scale
-#    (log-log slope 1.09 [0.95, 1.28], median measured/predicted 1.10 [0.83, 1.25], Spearman 0.95
-#    [0.89, 0.97]); adding gᵀΔW gives slope 1.00 [0.90, 1.13]. ½T̄‖ΔW‖² ranks worse (ρ 0.90 [0.84,
-#    0.94]) and is off in scale (slope 1.44 [1.16, 1.84]; median under-prediction 2.8×, 8× at 2 bits).
-#    Ranking layers at equal bit width, ρ is 0.71 / 0.76 / 0.46 (trace) vs 0.92 / 0.94 / 0.68
-#    (exact form) at 2 / 3 / 4 bits.
-# 2. **The traces themselves are right.** Matched isotropic noise on 10 layers (every other one,
-#    one antithetic pair each): measured/predicted ½σ²Tr(H_ii) median 1.17 [0.91, 1.35], ρ 0.89.
-# 3. **Additivity holds on the median**: 16 configs, measured vs Σ single-layer ΔL ρ 0.91 [0.70,
-#    1.00], slope 0.99 [0.72, 1.08], ratio 1.02 [0.91, 1.14]; three configs (3–9 two-bit layers)
-#    were 2.5–3× super-additive.
-# 4. **At fixed size the Hessian adds nothing over the quantization error alone here.** 38 (of the
-#    planned 64) configs within ±1 % of 10.34× (4-bit activations, BN re-estimated; PTQ top-1
-#    70.7–78.3 %): Kendall τ of ΣΩ with the loss increase is 0.54 [0.35, 0.70] for `qerr_only`,
-#    0.54 [0.35, 0.70] for counting 2-bit layers, 0.45 [0.27, 0.61] for `joint`, 0.39 [0.17, 0.55]
-#    for `exact_quad`, 0.39 [0.20, 0.57] for `fisher`, 0.31 [0.09, 0.52] for `param_size` and 0.24
-#    [0.01, 0.44] for `permuted_trace`. Paired τ(joint) − τ(qerr_only) = −0.09 [−0.29, 0.12]; only
-#    the differences to `trace_size` (+0.07 [0.003, 0.14]) and to average bits (+0.36 [0.01, 0.70])
-#    exclude 0. Even the exact quadratic form, which predicts single layers well, does not rank
-#    whole configs better than ‖ΔW‖².
-# 5. **Allocation matters; which error-based Ω does not (at this resolution).** PTQ frontier at
-#    10.34×: the picks of `joint` 82.3 %, `fisher` 81.9 %, `exact_quad` 81.9 %, `trace_size` 82.2 %
-#    and `qerr_only` 81.7 % beat all 38 random same-size configs (median 75.1 %, max 78.3 %);
-#    `trace` 78.4 % only just, `permuted_trace` 77.9 % beats 95 % and `param_size` 76.1 % (8 two-bit
-#    layers) 68 % of them. One PTQ evaluation per pick, so the 0.6-point joint–qerr_only gap is not
-#    a finding.
-#    Only the 6× picks of `joint`/`trace_size` (87.6 %) finished; the 6× and 14× random configs and
-#    the other picks did not run in the time available.
-# 6. **Traces move between calibration sets about as much as their SE says**: on 3 disjoint sets
-#    of 512 images (tol 0.1) the between-set SD is 0.14–2.3× the stratified SE (median ≈ 0.95),
-#    1–20 % of the trace; the 10.34× joint pick changed in 8 and 2 of 20 layers between sets.
-#
-# Not run: the QAT-level check (experiment 7).
-#
+# The cell below states what *this* run measured, computed from the tables above
+# (`sensitivity_study.verdict`), with the rules written before looking: a predictor is right in
+# scale when its log-log slope CI contains 1; the Hessian **adds** over a baseline only when the
+# paired τ(joint) − τ(baseline) CI lies above 0; allocation **matters** when a pick beats ≥ 95 %
+# of the random configs of its size. CIs are bootstrap intervals over layers or configs of one
+# model and one probe seed, not over training seeds; every loss/accuracy is on the validation
+# hold-out. docs/method.md §3 discusses the committed quick-profile run. Not run in the quick
+# profile: the QAT-level check (experiment 7, paper profile).
+
+# %%
+from IPython.display import Markdown
+
+display(Markdown(sensitivity_study.verdict(tables)))  # noqa: F821
+
+# %% [markdown]
 # ## Exercises
 # 1. Run the estimator with `trace_tol=0.2` and `0.02`. How do the error bars and wall time scale
 #    with the number of probes? (Standard error ∝ 1/√probes.)

@@ -242,18 +242,21 @@ if transition_experiment:
         display(Image(filename=str(study.figures / "transition_diagnostics.png")))
 
 # %% [markdown]
-# **What the quick-profile data say** (docs/method.md §7.1 has the numbers). The range rule was
-# the main defect: at 8 → 2 bits it carries a step 2–3× the MSE-optimal one, 74–80 % of the
-# weights round to zero, and at step_lr = lr/10 the step never recovers within 300 steps. Data
-# re-init puts every step at the optimum and it stays there. On the screening seed every fixed
-# arm beat plain LSQ at the study's step_lr = lr/10, but letting the steps learn at lr (as LSQ
-# prescribes) helped plain LSQ more than any transition arm did (+0.84). The paired-seed table
-# shows the rest: on three paired seeds at step_lr = lr, the chosen arm (data re-init +
-# scale-only, 8 → 4 → target) is 0.31 points below plain LSQ on the test split (95 % CI
-# [−0.66, +0.04]) and BN re-estimation at the end costs 0.22 ([−0.45, +0.01]); neither reaches
-# the goal (+0.5, CI excluding 0), so both stay off by default. What this cannot say (one
-# operating point, under one epoch of QAT, one screening seed, arms screened at lr/10) is listed
-# in docs/method.md §7.1.
+# **What this run says.** The cell below computes the verdict from the paired table
+# (`ablation.transition_verdict`). Read it with the diagnostics figure: the × marks show how far
+# the range rule (Eq. T1) would have carried each step from its MSE-optimal value at a transition,
+# and the zero-code share shows what that does to a 2-bit layer. What one operating point, under
+# one epoch of QAT and one screening seed cannot say is listed in docs/method.md §7.1, which also
+# discusses the committed quick-profile run.
+
+# %%
+if transition_experiment:
+    from IPython.display import Markdown
+
+    t_json = study.load_json("transition_experiment.json")
+    display(Markdown(ablation.transition_verdict(
+        pd.read_csv(study.tables / "transition_experiment.csv", comment="#"),
+        t_json["choices"])))
 
 # %% [markdown]
 # ## Exercises

@@ -63,6 +63,7 @@ __all__ = [
     "transition_diagnostics",
     "transition_specs",
     "transition_study",
+    "transition_verdict",
     "validation_fp32",
     "worst_layer",
     "write_transition_results",
@@ -748,6 +749,32 @@ def validation_fp32(study: Any, val_size: int, *, epochs: int, lr: float, weight
     model, _ = train.finetune(study.arch, train_set, val_set, cfg, batch_size=study.batch_size,
                               device=study.dev, pretrained=study.pretrained)
     return model.eval(), train_set, val_set
+
+
+def transition_verdict(paired: pd.DataFrame, choices: Mapping[str, Any], *,
+                       goal: float = 0.5) -> str:
+    """Markdown verdict of :func:`transition_study` from its ``paired`` table: per operating
+    point and budget, each arm's paired test difference to plain LSQ with its 95 % CI, and
+    whether it meets the goal (mean ≥ ``goal`` points and CI above 0; issue 14)."""
+    lines = [f"Choices on the validation hold-out (seed {choices.get('screen_seed')}): step_lr "
+             f"{choices.get('step_lr')}, chosen arm `{choices.get('final_arm')}`."]
+    winners = []
+    for (point, budget), g in paired.groupby(["point", "budget"], sort=False):
+        parts = []
+        for _, r in g.iterrows():
+            if pd.isna(r.get("test_diff")):
+                parts.append(f"`{r['arm']}` {r['test_mean']:.2f} ± {r['test_std']:.2f} %")
+                continue
+            met = r["test_diff"] >= goal and r["test_ci_low"] > 0
+            winners += [f"{r['arm']} at {point}"] if met else []
+            parts.append(f"`{r['arm']}` {r['test_diff']:+.2f} [{r['test_ci_low']:+.2f}, "
+                         f"{r['test_ci_high']:+.2f}]" + (" (goal met)" if met else ""))
+        lines.append(f"* **{point}, budget {budget}** ({int(g['seeds'].max())} paired seeds, "
+                     f"test top-1, difference to plain LSQ): " + "; ".join(parts))
+    lines.append(f"Goal: ≥ +{goal:g} points with the 95 % CI above 0. "
+                 + (f"Met by {', '.join(winners)}." if winners else
+                    "**No arm meets it: plain LSQ (+ KD) stays the default.**"))
+    return "\n".join(lines)
 
 
 def write_transition_results(out: Mapping[str, Any], study: Any, *, point: str,

@@ -272,6 +272,77 @@ def study_tables(res: Mapping[str, pd.DataFrame]) -> dict[str, tuple[pd.DataFram
     return out
 
 
+def _ci(row: Mapping[str, Any], col: str, low: str, high: str) -> str:
+    """'value [low, high]' of one summary-table row, 2 decimals."""
+    return f"{row[col]:.2f} [{row[low]:.2f}, {row[high]:.2f}]"
+
+
+def verdict(tables: Mapping[str, tuple[pd.DataFrame, str]]) -> str:
+    """The study's verdict as markdown, computed from :func:`study_tables` (so an executed
+    notebook states what *its* run measured). The rules (docs/method.md §3): a predictor "holds"
+    in scale when its log-log slope CI contains 1; the Hessian "adds" over a baseline only when
+    the paired τ(joint) − τ(baseline) CI lies above 0; allocation "matters" when a pick beats
+    ≥ 95 % of the random configs of its size."""
+    lines: list[str] = []
+    if "single_layer_summary" in tables:
+        t = tables["single_layer_summary"][0]
+        t = t[t["bits"] == "all"].set_index("predictor")
+        parts = [f"`{p}` slope {_ci(t.loc[p], 'loglog_slope', 'loglog_slope_low', 'loglog_slope_high')}"
+                 f", Spearman {t.loc[p, 'spearman_rho']:.2f}"
+                 for p in ("pred_quad", "pred_trace") if p in t.index]
+        lines.append("1. **One layer at a time** (measured ΔL vs ½ΔWᵀH_iiΔW = `pred_quad` and "
+                     "½T̄‖ΔW‖² = `pred_trace`; slope 1 = right in scale): " + "; ".join(parts))
+    if "noise_summary" in tables:
+        r = tables["noise_summary"][0].iloc[0]
+        lines.append(f"2. **Matched noise** (are the traces right?): measured/predicted "
+                     f"½σ²Tr(H_ii) median {r['median_ratio']:.2f} [{r['median_ratio_low']:.2f}, "
+                     f"{r['median_ratio_high']:.2f}] over {int(r['n'])} layers (1 = right)")
+    if "additivity_summary" in tables:
+        r = tables["additivity_summary"][0].iloc[0]
+        lines.append(f"3. **Additivity**: config ΔL / Σ single-layer ΔL median "
+                     f"{r['median_ratio']:.2f} [{r['median_ratio_low']:.2f}, "
+                     f"{r['median_ratio_high']:.2f}], Spearman {r['spearman_rho']:.2f} over "
+                     f"{int(r['n'])} configs")
+    if "kendall_fixed_size" in tables:
+        k = tables["kendall_fixed_size"][0].set_index("predictor")
+        ranked = k.sort_values("kendall_tau", ascending=False)
+        taus = ", ".join(f"`{p.removeprefix('omega_')}` {_ci(r, 'kendall_tau', 'tau_low', 'tau_high')}"
+                         for p, r in ranked.iterrows())
+        base = [p for p in ("omega_qerr_only", "n_2bit", "avg_bits", "omega_param_size")
+                if p in k.index and np.isfinite(k.loc[p, "diff_low"])]
+        above = [p for p in base if k.loc[p, "diff_low"] > 0]
+        diffs = ", ".join(f"vs `{p.removeprefix('omega_')}` {_ci(k.loc[p], 'ref_minus_tau', 'diff_low', 'diff_high')}"
+                          for p in base)
+        below = [p.removeprefix("omega_") for p in base if k.loc[p, "diff_high"] < 0]
+        says = ("the Hessian-weighted ΣΩ (`joint`) ranks configs better than "
+                + ", ".join(f"`{p.removeprefix('omega_')}`" for p in above)
+                if above else "**the Hessian adds nothing measurable over the size/error-only "
+                              "baselines here**")
+        if below:
+            says += f" (and `joint` ranks worse than {', '.join(f'`{p}`' for p in below)})"
+        lines.append(f"4. **Fixed size** ({int(k['n_configs'].iloc[0])} configs within ±1 % of "
+                     f"the target): Kendall τ with the loss increase {taus}. Paired τ(joint) − "
+                     f"τ(baseline): {diffs}: {says}.")
+    if "ptq_frontier_summary" in tables:
+        f = tables["ptq_frontier_summary"][0]
+        per = []
+        for r, sub in f.groupby("target_compression", sort=True):
+            n_rand = int(sub["n_random"].iloc[0]) if "n_random" in sub else 0
+            beats = (sub["beats_random_pct"] >= 95).sum()
+            per.append(f"{r:g}×: {beats}/{len(sub)} picks beat ≥ 95 % of {n_rand} random "
+                       f"same-size configs (picks {sub['top1'].min():.1f}–{sub['top1'].max():.1f} "
+                       f"%, random median {sub['random_median'].iloc[0]:.1f} %)")
+        lines.append("5. **PTQ frontier** (does allocation matter?): " + "; ".join(per))
+    if "trace_variability" in tables:
+        v = tables["trace_variability"][0]
+        lines.append(f"6. **Calibration sets**: between-set SD / stratified SE median "
+                     f"{v['between_over_within'].median():.2f} (range "
+                     f"{v['between_over_within'].min():.2f}–{v['between_over_within'].max():.2f})"
+                     f"; between-set SD {v['between_rel_sd'].min():.0%}–"
+                     f"{v['between_rel_sd'].max():.0%} of the trace")
+    return "\n".join(lines) if lines else "No part of the study ran."
+
+
 def _median_ci(x: np.ndarray) -> tuple[float, float, float]:
     """Median of x with a bootstrap 95 % CI (hmqat.stats.bootstrap_ci), rounded to 3 digits."""
     x = x[np.isfinite(x)]
