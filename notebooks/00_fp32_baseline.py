@@ -67,6 +67,8 @@ max_steps_per_epoch = 100
 # %%
 import time
 
+import os
+
 from hmqat import models, train
 from hmqat.study import plotting
 from hmqat.study.pipeline import Study
@@ -76,7 +78,11 @@ print(study.subtitle())
 n_val = len(study.data("val")) if val_size > 0 else 0
 print(f"train {len(study.data('train'))} images, validation hold-out {n_val}, "
       f"test {len(study.data('test'))} images")
-print(f"data from: {study.data('train').source}")  # HMQAT_DATA_DIR, or torchvision's download
+source = study.data("train").source   # an absolute folder: print it relative to its root
+data_dir = os.environ.get("HMQAT_DATA_DIR", "")
+print("data from: " + (f"$HMQAT_DATA_DIR/{os.path.relpath(source, data_dir)}"
+                       if data_dir and source.startswith(os.path.abspath(data_dir))
+                       else source.split(":")[0]))
 scored = study.data("val") if val_size > 0 else study.data("test")  # per-epoch scores
 
 # %% [markdown]
