@@ -621,8 +621,8 @@ def transition_study(fp32_model: nn.Module, train_set: Any, val_loader: Iterable
                      **run_kw: Any) -> dict[str, Any]:
     """The whole experiment of issue 14, every choice made by code on the validation split.
 
-    1. **Step learning rate** on ``screen_seed``: plain LSQ with ``cfg.step_lr`` against
-       step_lr = lr (LSQ's choice); the better one is used by every later run.
+    1. **Step learning rate** on ``screen_seed``: plain LSQ with step_lr = lr (LSQ's choice)
+       against lr/10; the better one is used by every later run (``cfg.step_lr`` is unused).
     2. **Screen** every :func:`screening_arms` arm at that step_lr on ``screen_seed``, budget A
        (``steps`` total each; ladders spend ``pre_steps`` above the target); the arm with the
        best validation top-1 is "best".
@@ -669,14 +669,14 @@ def transition_study(fp32_model: nn.Module, train_set: Any, val_loader: Iterable
     def many(*jobs: tuple) -> list[dict[str, Any]]:
         return [r for rows in _map_jobs([(run, job, {}) for job in jobs], workers) for r in rows]
 
-    lsq_cfg = TransitionArm("lsq")
-    lsq_lr = TransitionArm("lsq/step_lr=lr", step_lr_mult=1.0)
-    screen = many((lsq_cfg, screen_seed), (lsq_lr, screen_seed))
-    step_lr_mult = 1.0 if screen[1]["val_top1"] > screen[0]["val_top1"] else None
-    lsq = lsq_lr if step_lr_mult == 1.0 else lsq_cfg
-    arms = screening_arms(scale_only_steps, step_lr_mult=step_lr_mult)
-    if step_lr_mult == 1.0:
-        arms = [replace(a, name=a.name + "/step_lr=lr") for a in arms]
+    candidates = {"lr": 1.0, "lr/10": 0.1}      # LSQ's step_lr (= lr; wins ties) vs a tenth
+    lsq_runs = {tag: TransitionArm(f"lsq/step_lr={tag}", step_lr_mult=m)
+                for tag, m in candidates.items()}
+    screen = many(*[(a, screen_seed) for a in lsq_runs.values()])
+    tag = max(zip(candidates, screen), key=lambda kv: kv[1]["val_top1"])[0]
+    lsq = lsq_runs[tag]
+    arms = [replace(a, name=f"{a.name}/step_lr={tag}")
+            for a in screening_arms(scale_only_steps, step_lr_mult=candidates[tag])]
     screen += many(*[(a, screen_seed) for a in arms])
     best_row = max(screen[2:], key=lambda r: r["val_top1"])
     best = next(a for a in arms if a.name == best_row["arm"])
@@ -685,7 +685,7 @@ def transition_study(fp32_model: nn.Module, train_set: Any, val_loader: Iterable
     screen += [r for r in bn_rows if r["arm"] not in {x["arm"] for x in screen}]
     by_name = {r["arm"]: r["val_top1"] for r in screen}
     use_bn = by_name[best.name + "+bn"] > by_name[best.name]
-    choices = {"step_lr": "lr" if step_lr_mult == 1.0 else f"cfg ({cfg.step_lr:g})",
+    choices = {"step_lr": f"{tag} ({candidates[tag] * cfg.lr:g})",
                "best_arm": best.name, "final_arm": best.name + ("+bn" if use_bn else ""),
                "screen_seed": screen_seed, "screen_point": point}
     log(f"choices (validation, seed {screen_seed}): {choices}")
@@ -818,7 +818,7 @@ def write_transition_results(out: Mapping[str, Any], study: Any, *, point: str,
         caption=(f"Screening of transition arms at {point}, seed {out['choices']['screen_seed']}, "
                  f"validation hold-out only (one seed: a ranking, not evidence); "
                  f"choices: {out['choices']}"),
-        data_label=study.data_label, profile=study.profile)
+        data_label=study.data_label, profile=study.profile, float_format={"step_lr": "{:g}"})
     diag = out["diagnostics"]
     diag = diag[diag["point"] == point] if "point" in diag else diag
     if not diag.empty and "range_ratio" in diag and diag["range_ratio"].notna().any():
