@@ -213,3 +213,26 @@ def test_bn_arm_from_the_checkpoint_equals_bn_reestimation_in_the_run(setup, tmp
     want = pd.DataFrame(in_run["record"]["bn_drift"])
     pd.testing.assert_frame_equal(got, want)
     assert (tmp_path / plain["run_id"] / "bn.json").exists()
+
+
+def test_transition_verdict_applies_the_goal_to_each_point():
+    nan = float("nan")
+    paired = pd.DataFrame([
+        # point, budget, arm, seeds, test_mean, test_std, test_diff, low, high
+        ("HMQAT 10.34x", "A", "lsq/step_lr=lr", 3, 86.4, 0.1, nan, nan, nan),
+        ("HMQAT 10.34x", "A", "data+so/8>4>T", 3, 86.2, 0.2, -0.2, -0.6, 0.2),
+        ("uniform W2A4", "A", "lsq/step_lr=lr", 3, 84.0, 0.3, nan, nan, nan),
+        ("uniform W2A4", "A", "data+so/8>4>T", 3, 84.9, 0.2, 0.9, 0.4, 1.4),
+        ("uniform W2A4", "A", "lsq/step_lr=lr+bn", 3, 84.3, 0.2, 0.3, 0.1, 0.5),
+    ], columns=["point", "budget", "arm", "seeds", "test_mean", "test_std", "test_diff",
+                "test_ci_low", "test_ci_high"])
+    text = ablation.transition_verdict(paired, {"screen_seed": 0, "step_lr": "lr (0.004)",
+                                                "final_arm": "data+so/8>4>T"})
+    lines = text.splitlines()
+    assert "`data+so/8>4>T` -0.20 [-0.60, +0.20]" in lines[1] and "goal met" not in lines[1]
+    assert "`data+so/8>4>T` +0.90 [+0.40, +1.40] (goal met)" in lines[2]
+    # +0.3 excludes 0 but is below the +0.5 goal: not met
+    assert "`lsq/step_lr=lr+bn` +0.30 [+0.10, +0.50];" in lines[2] + ";"
+    assert lines[-1].endswith("Met by data+so/8>4>T at uniform W2A4.")
+    none = ablation.transition_verdict(paired.iloc[:2], {})
+    assert "No arm meets it" in none

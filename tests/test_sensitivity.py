@@ -433,3 +433,30 @@ def test_decision_stop_rule_ends_layer_traces_early():
     assert df.attrs["stopped_by_rule"] and rule.history[-1]["stable"]
     assert df.attrs["hvps"] < full.attrs["hvps"] and not df.attrs["converged"]
     assert list(df.index) == LAYERS and (df["probes"] >= 2).all()
+
+
+def test_study_verdict_says_what_the_paired_tau_supports():
+    from hmqat.study import sensitivity_study
+
+    def kendall(diff_low, diff_high):
+        return pd.DataFrame({
+            "predictor": ["omega_joint", "omega_qerr_only", "avg_bits"],
+            "kendall_tau": [0.5, 0.4, 0.2], "tau_low": [0.3, 0.2, 0.0],
+            "tau_high": [0.7, 0.6, 0.4], "n_configs": [64] * 3,
+            "ref_minus_tau": [np.nan, 0.1, 0.3], "diff_low": [np.nan, diff_low, 0.1],
+            "diff_high": [np.nan, diff_high, 0.5]})
+    better = sensitivity_study.verdict({"kendall_fixed_size": (kendall(0.02, 0.2), "")})
+    assert "ranks configs better than `qerr_only`, `avg_bits`" in better
+    assert "64 configs" in better and "`joint` 0.50 [0.30, 0.70]" in better
+    same = sensitivity_study.verdict({"kendall_fixed_size": (kendall(-0.1, 0.3), "")})
+    assert "ranks configs better than `avg_bits`" in same and "`qerr_only`," not in same
+    worse = kendall(-0.4, -0.1)
+    worse.loc[2, ["diff_low", "diff_high"]] = [-0.2, 0.2]
+    text = sensitivity_study.verdict({"kendall_fixed_size": (worse, "")})
+    assert "adds nothing measurable" in text and "ranks worse than `qerr_only`" in text
+    front = pd.DataFrame({"target_compression": [10.34, 10.34], "variant": ["joint", "trace"],
+                          "top1": [82.0, 76.0], "random_median": [75.0, 75.0],
+                          "beats_random_pct": [100.0, 60.0], "n_random": [20, 20]})
+    assert "10.34×: 1/2 picks beat ≥ 95 % of 20 random" in sensitivity_study.verdict(
+        {"ptq_frontier_summary": (front, "")})
+    assert sensitivity_study.verdict({}) == "No part of the study ran."
