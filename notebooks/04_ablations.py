@@ -166,7 +166,8 @@ print(f"allocation: Hessian-guided {hess:.2f} % vs random {rnd['top1']:.2f} ± "
 #   the oscillations cost accuracy.
 # ## Transition-aware fine-tuning, measured fairly
 #
-# The single-seed rows above put `lsq+transitions` *below* plain LSQ. Three defects of our
+# Single-seed screens (the recipe rows, `ablation_groups`) put the original FP32 → 8 → target
+# schedule, `lsq+transitions`, *below* plain LSQ. Three defects of our
 # reconstruction explain much of that (docs/method.md §5): at 8 bit → target the step was carried
 # **by range** (Eq. T1), which at 2 bits leaves it ~3× the MSE-optimal step, so most weights
 # round to zero; the steps learn at lr/10 after a 4-step warm-up, too slowly to recover; and a

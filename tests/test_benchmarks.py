@@ -58,7 +58,8 @@ def test_hessian_benchmark_runs_on_the_given_device(tmp_path: Path) -> None:
         [sys.executable, str(ROOT / "benchmarks" / "hessian_traces.py"), "--device", "cpu",
          "--n-samples", "32", "--batch-size", "32", "--tol", "0.5", "--ref-probes", "2",
          "--pyhessian-probes", "0", "--joint-probes", "2", "--lever-samples", "0",
-         "--repeats", "2", "--budgets", "10.34", "--max-probes", "2", "--out", str(out)],
+         "--repeats", "2", "--budgets", "10.34", "--max-probes", "2", "--regret", "0.5",
+         "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     text = out.read_text()
@@ -71,6 +72,7 @@ def test_hessian_benchmark_runs_on_the_given_device(tmp_path: Path) -> None:
     assert len(fair) == 1 and float(fair[0].split()[1]) > 0
     dec = [line for line in text.splitlines() if line.startswith("decision_ratio: ")]
     assert len(dec) == 1 and float(dec[0].split()[1]) > 0
+    assert "within 0.5 relative ΣΩ of the pick" in text and "exceeds the tol-0.05 pick's by" in text
     # all 20 ResNet-20 layers are in the hmqat table
     assert sum(line.split()[0].endswith(("conv1", "conv2", "linear"))
                for line in text.splitlines() if line.strip()) >= 20
