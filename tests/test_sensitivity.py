@@ -460,3 +460,16 @@ def test_study_verdict_says_what_the_paired_tau_supports():
     assert "10.34×: 1/2 picks beat ≥ 95 % of 20 random" in sensitivity_study.verdict(
         {"ptq_frontier_summary": (front, "")})
     assert sensitivity_study.verdict({}) == "No part of the study ran."
+
+
+def test_study_resume_folder_is_keyed_by_weights_and_settings(tmp_path):
+    from hmqat.study import sensitivity_study
+
+    model = WideNet()
+    base = sensitivity_study.work_dir(tmp_path, model, {"trace_tol": 0.05, "seed": 0})
+    assert base == sensitivity_study.work_dir(tmp_path, model, {"trace_tol": 0.05, "seed": 0})
+    assert base.parent == tmp_path / "cache" / "sensitivity"   # git-ignored, never data/
+    assert base != sensitivity_study.work_dir(tmp_path, model, {"trace_tol": 0.1, "seed": 0})
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert base != sensitivity_study.work_dir(tmp_path, model, {"trace_tol": 0.05, "seed": 0})

@@ -72,8 +72,9 @@ def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathL
 
     Every finished stage is published as ``root/data/sensitivity/<stage>.csv``; a stage whose
     CSV already exists in the study's :func:`work_dir` (same weights, same settings) is read
-    back instead of recomputed (resume); ``report(results)`` (e.g. a partial of :func:`write_study_report`) is called after
-    every stage so finished parts are on disk early. Returns {name: frame}.
+    back instead of recomputed (resume). ``report(results)`` (e.g. a partial of
+    :func:`write_study_report`) is called after every stage so finished parts are on disk
+    early. Returns {name: frame}.
     """
     unknown = [s for s in stages if s not in STUDY_STAGES]
     if unknown:
