@@ -196,7 +196,7 @@ if transition_experiment:
     from hmqat import data, transitions
 
     t0 = time.perf_counter()
-    if val_size > 0 and transition_val_size == val_size:   # notebook 00's model never saw it
+    if val_size > 0 and transition_val_size == val_size:   # 00 fine-tuned on train minus it
         fp32_v, train_v, val_v = fp32, study.data("train"), study.data("val")
     else:
         fp32_v, train_v, val_v = ablation.validation_fp32(
