@@ -21,7 +21,8 @@
 # >   for what they can and cannot show.
 # > - **Prerequisites:** notebooks 01–03; oscillations in QAT (Nagel et al. 2022).
 # > - **Run time with the lab defaults:** 14.2 min measured on this project's shared 2-core CPU
-# >   (load average 10–17), kernel start included.
+# >   (load average 10–17), kernel start included, before the QAT-level check was added (its 8
+# >   short runs add an estimated 2–3 min).
 #
 # HMQAT's abstract names "quantization **transition** aware fine-tuning of scale factor" but its
 # text is not public. "Transition" has two defensible readings, and we implement both as switches
@@ -68,6 +69,7 @@ random_seeds = [0, 1, 2]
 max_steps_per_epoch = 50
 ablation_groups = ["transition", "allocation"]   # the recipe rows, the allocation rows
 ablation_variants = None            # Ω variants of the allocation rows (None: all)
+qat_level_configs = 8               # experiment 7: equal-size configs spanning ΣΩ (0: off)
 transition_experiment = True        # the seeded transition experiment (docs/method.md §7)
 transition_val_size = 5000          # training images held out for every choice
 transition_fp32_epochs = 3          # FP32 fine-tune on train minus the hold-out
@@ -164,6 +166,52 @@ print(f"allocation: Hessian-guided {hess:.2f} % vs random {rnd['top1']:.2f} ± "
 #   allocation gap may shrink at milder budgets, where uniform already does well.
 # * `osc_frac` is a share over all weights; it does not say which layers oscillate or whether
 #   the oscillations cost accuracy.
+#
+# ## Does ΣΩ still rank configs after QAT? (experiment 7, FIT's protocol)
+#
+# Notebook 01 ranked 64 configs **of equal size** by their post-training loss. QAT can repair much
+# of what a bad allocation loses, so the question that matters for the method is whether ΣΩ also
+# ranks them *after* training. We train `qat_level_configs` of those configs — evenly spaced in
+# ΣΩ, from the lowest to the highest, so the check has the widest range to resolve — with the
+# study's recipe (LSQ + KD), one seed each, and ask for Kendall τ between each predictor and the
+# QAT error on the hold-out. One seed per config means the spread of top-1 has to be compared
+# with the seed-to-seed noise of notebook 03 (a few tenths of a point): a τ whose CI includes 0
+# says "not shown", not "no effect".
+
+# %%
+if qat_level_configs:
+    import pandas as pd
+    from IPython.display import Markdown, display
+
+    from hmqat import transitions
+
+    level = ablation.qat_level_check(
+        fp32, study.train_loader(), study.val_loader() if val_size > 0 else study.test_loader(),
+        cfg, pd.read_csv(study.path("data", "sensitivity/fixed_size.csv")),
+        n=qat_level_configs, run_dir=study.path("checkpoints", "qat_level"),
+        recipe=transitions.Recipe.from_dict(transition_recipe), a_bits=a_bits, policy=policy,
+        init=init, device=study.dev, input_size=study.input_size, data=study.data_key)
+    runtime.atomic_write_text(study.path("data", "qat_level.csv"),
+                              level["runs"].to_csv(index=False))
+    reporting.write_table(
+        level["kendall"], study.tables / "qat_level_kendall",
+        caption=f"Experiment 7: Kendall τ of each predictor with the QAT error (100 − "
+                f"{'validation hold-out' if val_size > 0 else 'test'} top-1) over "
+                f"{len(level['runs'])} equal-size configs spanning ΣΩ at ~"
+                f"{level['runs']['compression'].median():.2f}x, one seed each, {ablation_epochs * steps} "
+                f"steps of "
+                f"LSQ + KD; bootstrap 95 % CI over configs; ref_minus_tau = τ(joint) − τ(predictor)"
+                f" on the same resamples; loss_increase = the config's PTQ loss increase",
+        data_label=study.data_label, profile=profile)
+    fig = plotting.plot_qat_level(level["runs"], subtitle=study.subtitle())
+    plotting.savefig(fig, study.figures / "qat_level")
+    fig = plotting.plot_kendall(level["kendall"], title="Kendall τ after QAT (bootstrap 95 % CI)",
+                                subtitle=study.subtitle(), xlabel="Kendall τ (predictor vs QAT error)")
+    plotting.savefig(fig, study.figures / "qat_level_kendall")
+    display(level["kendall"])
+    display(Markdown(ablation.qat_level_verdict(level, steps=ablation_epochs * steps)))
+
+# %% [markdown]
 # ## Transition-aware fine-tuning, measured fairly
 #
 # Single-seed screens (the recipe rows, `ablation_groups`) put the original FP32 → 8 → target
@@ -179,9 +227,12 @@ print(f"allocation: Hessian-guided {hess:.2f} % vs random {rnd['top1']:.2f} ± "
 #   two calibration batches) + a scale-only phase (weights frozen, steps and BN affine train)} ×
 #   ladder {none, 8 → target, 8 → 4 → target}; no FP32 stage (QAT starts from a converged FP32
 #   model); BatchNorm re-estimation at the end on/off for plain LSQ and the best arm.
-# * **Fairness.** Every arm gets the same total optimizer steps (budget A); a ladder spends
+# * **Fairness, two budgets.** (A) every arm gets the same total optimizer steps; a ladder spends
 #   `transition_pre_steps` of them above the target, so its steps at the target width are fewer
-#   and reported. The step learning rate (lr/10 against lr, as LSQ uses) is chosen first.
+#   and reported. (B) every arm gets the same steps *at the target width*, so a ladder trains
+#   longer in all; plain LSQ is then also given those extra steps as a control, so that "more
+#   steps" is not mistaken for "a better schedule". The step learning rate (lr/10 against lr, as
+#   LSQ uses) is chosen first.
 # * **Choices on a validation hold-out.** The FP32 model is fine-tuned on the training images
 #   minus `transition_val_size` held-out ones; the step_lr, the best arm and the BN switch are
 #   chosen on that hold-out (one screening seed), then plain LSQ, plain LSQ + BN and the chosen arm

@@ -107,6 +107,8 @@ timing = "\n".join(f"| {k} | {v['status']} | {minutes(v.get('wall_s'))} | "
                    for k, v in steps.items())
 figs = sorted(p.stem for p in study.figures.glob("*.png"))
 spearman = study.tables / "sensitivity_kendall_fixed_size.md"   # docs/method.md §3
+after_qat = study.tables / "qat_level_kendall.md"                  # experiment 7, notebook 04
+transition = study.tables / "transition_experiment.md"             # docs/method.md §7.1
 text = f"""# hmqat results — {profile} profile
 
 **Data: {study.data_label}. Model: {arch}.** These are this repository's own measurements from a
@@ -135,9 +137,17 @@ Test top-1 over seeds {', '.join(str(s) for s in seeds)} of the same schedule.
 
 ![PTQ frontier](figures/sensitivity_frontier.png)
 
+### After QAT (experiment 7)
+
+{after_qat.read_text() if after_qat.exists() else '(not run in this profile)'}
+
 ## Ablations
 
 {ablation_md or '(notebook 04 did not run in this profile)'}
+
+### Transition-aware fine-tuning vs plain LSQ (paired seeds)
+
+{transition.read_text() if transition.exists() else '(not run in this profile)'}
 
 ## Figures
 

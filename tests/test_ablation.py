@@ -1,5 +1,6 @@
 """The ablation runner of notebook 04 on a tiny synthetic setup."""
 import json
+import math
 import re
 
 import pandas as pd
@@ -236,3 +237,73 @@ def test_transition_verdict_applies_the_goal_to_each_point():
     assert lines[-1].endswith("Met by data+so/8>4>T at uniform W2A4.")
     none = ablation.transition_verdict(paired.iloc[:2], {})
     assert "No arm meets it" in none
+
+
+def _fixed_size_table(fp32, n=7):
+    """A fixed-size table like notebook 01's: configs of one size (2/8-bit swaps), predictors."""
+    names = [i.name for i in models.quantizable_layers(fp32)]
+    middles = [(2, 3, 4), (3, 3, 4), (4, 3, 2), (3, 4, 2), (2, 4, 3), (4, 2, 3), (3, 2, 4)]
+    rows = []
+    for k in range(n):
+        cfg = dict(zip(names, (8, *middles[k], 8), strict=True))
+        rows.append({"config_id": k, "top1": 50.0 - k, "loss": 1.0 + k, "loss_increase": 0.1 * k,
+                     "size_mb": 0.01, "compression": 10.0 + 0.01 * k, "n_2bit": k % 2,
+                     "omega_joint": float((k * 5) % n), "omega_qerr_only": float(k),
+                     "config": json.dumps(cfg)})
+    return pd.DataFrame(rows)
+
+
+def test_qat_level_configs_span_omega_and_reject_too_few(setup):
+    table = _fixed_size_table(setup[0])
+    picked = ablation.qat_level_configs(table, 3)
+    assert picked["omega_joint"].tolist() == [0.0, 3.0, 6.0]     # min, middle, max of ΣΩ
+    assert len(ablation.qat_level_configs(table, 7)) == 7
+    for bad in (2, 8, 3.0):
+        with pytest.raises(ablation.AblationError, match="choose 3 <= n"):
+            ablation.qat_level_configs(table, bad)
+    with pytest.raises(ablation.AblationError, match="no column 'omega_x'"):
+        ablation.qat_level_configs(table, 3, by="omega_x")
+
+
+def test_qat_level_check_trains_each_config_and_ranks_predictors(setup, tmp_path):
+    from hmqat.transitions import Recipe
+
+    fp32, tr, te, cfg = setup[:4]
+    table = _fixed_size_table(fp32)
+    out = ablation.qat_level_check(fp32, tr, te, cfg, table, n=4, run_dir=tmp_path,
+                                   recipe=Recipe(), a_bits=4, n_boot=200)
+    runs, k = out["runs"], out["kendall"]
+    assert len(runs) == 4 and runs["omega_joint"].is_monotonic_increasing
+    assert ((runs["qat_top1"] + runs["qat_error"]) == 100).all()
+    assert runs["ptq_top1"].tolist() == table.set_index("config_id").loc[
+        runs["config_id"], "top1"].tolist()
+    assert len(list(tmp_path.glob("*/result.json"))) == 4            # one trained run each
+    # only the predictors the table has, joint first; τ against the QAT error by hand
+    assert k["predictor"].tolist() == ["omega_joint", "omega_qerr_only", "n_2bit",
+                                       "loss_increase"]
+    from scipy.stats import kendalltau
+    want = kendalltau(runs["omega_qerr_only"], runs["qat_error"]).statistic
+    got = k.set_index("predictor").loc["omega_qerr_only", "kendall_tau"]
+    assert got == pytest.approx(want) or (math.isnan(want) and math.isnan(got))
+    again = ablation.qat_level_check(fp32, tr, te, cfg, table, n=4, run_dir=tmp_path,
+                                     recipe=Recipe(), a_bits=4, n_boot=200)
+    pd.testing.assert_frame_equal(again["runs"].drop(columns="wall_s"),
+                                  runs.drop(columns="wall_s"))
+
+
+def test_qat_level_verdict_reads_the_cis():
+    runs = pd.DataFrame({"compression": [10.3, 10.4, 10.35], "omega_joint": [0.1, 0.5, 2.0],
+                         "qat_top1": [89.0, 88.5, 87.0]})
+    kendall = pd.DataFrame([
+        ("omega_joint", 0.6, 0.2, 0.9, math.nan, math.nan, math.nan),
+        ("omega_qerr_only", 0.5, 0.1, 0.8, 0.1, -0.2, 0.4),
+        ("n_2bit", 0.2, -0.3, 0.6, 0.4, 0.1, 0.7),
+    ], columns=["predictor", "kendall_tau", "tau_low", "tau_high", "ref_minus_tau", "diff_low",
+                "diff_high"])
+    text = ablation.qat_level_verdict({"runs": runs, "kendall": kendall}, steps=150)
+    assert "spread 2.00 points" in text and "**+0.60** [+0.20, +0.90]" in text
+    assert "`omega_qerr_only`, +0.50" in text and "cannot be told apart" in text
+    assert "ΣΩ ranks configs of equal size" in text
+    kendall.loc[0, "tau_low"] = -0.1
+    assert "not shown to survive QAT" in ablation.qat_level_verdict(
+        {"runs": runs, "kendall": kendall}, steps=150)

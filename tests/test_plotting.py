@@ -407,3 +407,20 @@ def test_sensitivity_figures_draw_and_count_undrawable_points(tmp_path):
         assert paths[0].read_bytes()[:8] == PNG_MAGIC
     with pytest.raises(PlotError, match=r"lacks column\(s\) \['sum_single'\]"):
         P.plot_additivity(add.drop(columns="sum_single"))
+
+
+def test_qat_level_figure_plots_each_config_against_omega_and_ptq_top1():
+    runs = pd.DataFrame({"omega_joint": [0.01, 0.1, 1.0], "ptq_top1": [80.0, 70.0, 60.0],
+                         "qat_top1": [89.0, 88.0, 86.0]})
+    fig = P.plot_qat_level(runs)
+    left, right = fig.axes
+    assert list(left.collections[0].get_offsets()[:, 1]) == [89.0, 88.0, 86.0]
+    assert left.get_xscale() == "log" and right.get_xscale() == "linear"
+    assert right.get_xlabel().startswith("PTQ top-1")
+    plt.close(fig)
+    with pytest.raises(PlotError, match=r"lacks column\(s\) \['ptq_top1'\]"):
+        P.plot_qat_level(runs.drop(columns="ptq_top1"))
+    k = P.plot_kendall(pd.DataFrame({"predictor": ["omega_joint"], "kendall_tau": [0.5],
+                                     "tau_low": [0.3], "tau_high": [0.7]}), xlabel="τ after QAT")
+    assert k.axes[0].get_xlabel() == "τ after QAT"
+    plt.close(k)

@@ -9,6 +9,10 @@ Two groups of QAT runs, all with the same TrainConfig (seed, epochs, learning ra
   every Ω variant, and the uniform, random (several seeds), greedy and HAWQ-V3 ILP allocations
   of :mod:`hmqat.search` under the same size limit.
 
+Two experiments on top of them: the QAT-level check of Ω (:func:`qat_level_check`, equal-size
+configs spanning ΣΩ trained with one recipe, Kendall τ with the QAT error; docs/method.md §3.3)
+and the seeded transition experiment (:func:`transition_study`, docs/method.md §7.1).
+
 Every run is one :func:`hmqat.study.runs.qat_run` in ``run_dir/<run id>/`` (the id covers
 everything that defines the training: bit config, recipe, TrainConfig, quantizer options, FP32
 weights, data). The loop checkpoints there every epoch; a finished run writes ``result.json`` and
@@ -33,12 +37,13 @@ from typing import Any, Iterable, Mapping, Sequence
 import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
 
 from .. import data as hdata
-from .. import quant, search, stats, train
+from .. import quant, search, sensitivity, stats, train
 from ..runtime import atomic_write_json, load_checkpoint, model_fingerprint, read_json
 from ..transitions import Recipe, ladder_stages, reestimate_bn_with_drift
 from . import plotting, reporting
@@ -48,12 +53,16 @@ __all__ = [
     "ALLOCATION_METHODS",
     "AblationError",
     "COLUMNS",
+    "QAT_LEVEL_PREDICTORS",
     "RunSpec",
     "TRANSITION_VARIANTS",
     "TransitionArm",
     "allocation_ablation",
     "allocation_specs",
     "bn_reestimated",
+    "qat_level_check",
+    "qat_level_configs",
+    "qat_level_verdict",
     "run_ablations",
     "run_specs",
     "run_transition_arm",
@@ -145,6 +154,97 @@ def run_specs(specs: Sequence[RunSpec], fp32_model: nn.Module, train_loader: Any
     table = pd.DataFrame(rows, columns=COLUMNS)
     table.attrs.update(trained=trained, cached=cached, records=records)
     return table
+
+
+# --------------------------------------------------------------------------------------------
+# Experiment 7: does ΣΩ predict the accuracy after QAT? (FIT's protocol, docs/method.md §3.3)
+# --------------------------------------------------------------------------------------------
+#: Predictors of the QAT-level check, in table order (those present in the fixed-size table).
+QAT_LEVEL_PREDICTORS = ("omega_joint", "omega_qerr_only", "omega_fisher", "omega_exact_quad",
+                        "omega_permuted_trace", "omega_param_size", "n_2bit", "loss_increase")
+
+
+def qat_level_configs(per_config: pd.DataFrame, n: int, *, by: str = "omega_joint"
+                      ) -> pd.DataFrame:
+    """``n`` configs of the fixed-size table (:func:`hmqat.sensitivity.fixed_size_validation`,
+    all within ±1 % of one size) that span ``by``: the rows at ``n`` evenly spaced ranks of
+    ``by``, its smallest and largest value included, so the trained configs cover the whole ΣΩ
+    range at equal size."""
+    if by not in per_config:
+        raise AblationError(f"the fixed-size table has no column {by!r}; pass notebook 01's "
+                            f"data/sensitivity/fixed_size.csv")
+    if not isinstance(n, int) or not 3 <= n <= len(per_config):
+        raise AblationError(f"n={n!r}; choose 3 <= n <= {len(per_config)} (the fixed-size "
+                            f"configs available): a rank correlation needs at least 3 points")
+    order = per_config.sort_values(by, kind="stable").reset_index(drop=True)
+    picks = np.unique(np.round(np.linspace(0, len(order) - 1, n)).astype(int))
+    return order.iloc[picks].reset_index(drop=True)
+
+
+def qat_level_check(fp32_model: nn.Module, train_loader: Any, val_loader: Iterable,
+                    cfg: train.TrainConfig, per_config: pd.DataFrame, *, n: int,
+                    run_dir: str | Path, recipe: Recipe,
+                    predictors: Sequence[str] = QAT_LEVEL_PREDICTORS, n_boot: int = 2000,
+                    **run_kw: Any) -> dict[str, pd.DataFrame]:
+    """Experiment 7 of issue 16: train ``n`` equal-size configs spanning ΣΩ
+    (:func:`qat_level_configs`) with one recipe and ``cfg``, then Kendall τ of every predictor
+    with the QAT error (100 − top-1 on ``val_loader``), with bootstrap CIs and the paired
+    bootstrap of τ(joint) − τ(predictor) (:func:`hmqat.sensitivity.kendall_table`). The
+    predictors are the fixed-size table's columns: each Ω variant's ΣΩ, the count of 2-bit
+    layers and the PTQ loss increase. Returns ``{"runs": per config (predictors, ``ptq_top1``,
+    ``qat_top1``, ``qat_error``, run columns), "kendall": the τ table}``."""
+    chosen = qat_level_configs(per_config, n)
+    specs = [RunSpec("qat_level", f"config {int(r['config_id'])}", int(cfg.seed),
+                     json.loads(r["config"]) if isinstance(r["config"], str) else dict(r["config"]),
+                     recipe, int(cfg.seed), float(r["omega_joint"]))
+             for _, r in chosen.iterrows()]
+    table = run_specs(specs, fp32_model, train_loader, val_loader, cfg, run_dir=run_dir, **run_kw)
+    runs = chosen.rename(columns={"top1": "ptq_top1", "loss": "ptq_loss",
+                                  "size_mb": "planned_mb"})
+    runs = runs.assign(qat_top1=table["top1"].to_numpy(), qat_error=100 - table["top1"].to_numpy(),
+                       size_mb=table["size_mb"].to_numpy(), bops=table["bops"].to_numpy(),
+                       wall_s=table["wall_s"].to_numpy(), run_id=table["run_id"].to_numpy())
+    preds = [p for p in predictors if p in runs]
+    kendall = sensitivity.kendall_table(runs, preds, target="qat_error", n_boot=n_boot,
+                                        seed=int(cfg.seed))
+    return {"runs": runs, "kendall": kendall}
+
+
+def qat_level_verdict(out: Mapping[str, pd.DataFrame], *, steps: int) -> str:
+    """Markdown verdict of :func:`qat_level_check`: τ of ΣΩ (joint) and of the strongest
+    baseline with the QAT error, their paired difference, and the QAT top-1 spread that the
+    ranking has to resolve (one training seed per config)."""
+    k = out["kendall"].set_index("predictor")
+    runs = out["runs"]
+    j = k.loc["omega_joint"]
+    others = k.drop(index="omega_joint").dropna(subset=["kendall_tau"])
+    best = others["kendall_tau"].idxmax()
+    b = others.loc[best]
+    spread = runs["qat_top1"].max() - runs["qat_top1"].min()
+    lines = [f"{len(runs)} configs of equal size ({runs['compression'].min():.2f}–"
+             f"{runs['compression'].max():.2f}×) spanning ΣΩ (joint) "
+             f"{runs['omega_joint'].min():.3g}–{runs['omega_joint'].max():.3g}, one training "
+             f"seed each, {steps} QAT steps: validation top-1 {runs['qat_top1'].min():.2f}–"
+             f"{runs['qat_top1'].max():.2f} % (spread {spread:.2f} points).",
+             f"* Kendall τ(ΣΩ joint, QAT error) = **{j['kendall_tau']:+.2f}** "
+             f"[{j['tau_low']:+.2f}, {j['tau_high']:+.2f}]; the strongest other predictor, "
+             f"`{best}`, {b['kendall_tau']:+.2f} [{b['tau_low']:+.2f}, {b['tau_high']:+.2f}]; "
+             f"τ(joint) − τ({best}) = {b['ref_minus_tau']:+.2f} [{b['diff_low']:+.2f}, "
+             f"{b['diff_high']:+.2f}]."]
+    if j["tau_low"] > 0:
+        lines.append("* ΣΩ ranks configs of equal size by their accuracy after QAT (the CI "
+                     "excludes 0).")
+    else:
+        lines.append("* The CI of τ(ΣΩ) includes 0: at this size and training length, ΣΩ's "
+                     "ranking of equal-size configs is not shown to survive QAT.")
+    if b["diff_low"] > 0:
+        lines.append(f"* ΣΩ (joint) ranks better than `{best}` (the paired CI excludes 0).")
+    elif b["diff_high"] < 0:
+        lines.append(f"* `{best}` ranks better than ΣΩ (joint) (the paired CI excludes 0).")
+    else:
+        lines.append(f"* ΣΩ (joint) and `{best}` cannot be told apart here (the paired CI "
+                     "includes 0).")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------

@@ -202,6 +202,8 @@ NOTEBOOK_KEYS: dict[str, dict[str, Key]] = {
                                "row groups: the single-seed recipe rows, the allocation rows"),
         "ablation_variants": Key(optional(list_of(choice(VARIANTS))),
                                  "Ω variants of the allocation rows (null: all)"),
+        "qat_level_configs": Key(integer(0), "equal-size configs spanning ΣΩ trained for the "
+                                 "QAT-level check (experiment 7, §3.3; 0: off)"),
         "transition_experiment": Key(boolean, "run the seeded transition experiment (§7)"),
         "transition_val_size": Key(integer(1), "training images held out for every choice"),
         "transition_fp32_epochs": Key(integer(1), "FP32 fine-tuning epochs on train minus hold-out"),

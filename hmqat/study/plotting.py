@@ -47,6 +47,7 @@ __all__ = [
     "plot_bit_heatmap",
     "plot_frontier",
     "plot_kendall",
+    "plot_qat_level",
     "plot_layer_traces",
     "plot_noise_check",
     "plot_omega_validation",
@@ -796,7 +797,8 @@ def plot_additivity(df: pd.DataFrame, *,
 
 def plot_kendall(df: pd.DataFrame, *,
                  title: str | None = "Kendall τ at fixed size (bootstrap 95 % CI)",
-                 subtitle: str | None = None) -> Figure:
+                 subtitle: str | None = None,
+                 xlabel: str = "Kendall τ (ΣΩ vs PTQ loss increase)") -> Figure:
     """τ per predictor with its CI as a horizontal error bar, sorted by τ."""
     _require(df, ["predictor", "kendall_tau", "tau_low", "tau_high"], "df")
     d = df.sort_values("kendall_tau")
@@ -809,7 +811,26 @@ def plot_kendall(df: pd.DataFrame, *,
                     fmt="o", ms=4, lw=0.9, color="0.2")
         ax.axvline(0, color="0.6", lw=0.7, ls=":")
         ax.set_yticks(yy, [str(p).removeprefix("omega_") for p in d["predictor"]])
-        ax.set_xlabel("Kendall τ (ΣΩ vs PTQ loss increase)")
+        ax.set_xlabel(xlabel)
+        _titles(fig, title, subtitle)
+    return fig
+
+
+def plot_qat_level(df: pd.DataFrame, *,
+                   title: str | None = "Equal-size configs after QAT",
+                   subtitle: str | None = None) -> Figure:
+    """Experiment 7 (FIT's protocol): QAT top-1 of each config against its ΣΩ (joint) and
+    against its PTQ top-1, one point per config."""
+    _require(df, ["omega_joint", "ptq_top1", "qat_top1"], "df")
+    with use_style():
+        fig, axes = plt.subplots(1, 2, figsize=_size(6.4, 2.8), sharey=True)
+        for i, (ax, x, label) in enumerate(zip(axes, ("omega_joint", "ptq_top1"),
+                                               ("ΣΩ (joint)", "PTQ top-1 (%), same config"))):
+            ax.scatter(df[x], df["qat_top1"], s=18, color=sns.color_palette("colorblind")[i],
+                       edgecolor="0.15", linewidth=0.3)
+            ax.set_xlabel(label)
+        _set_scale(axes[0], "x", df["omega_joint"].to_numpy(float))   # top-1 stays linear
+        axes[0].set_ylabel("top-1 after QAT (%)")
         _titles(fig, title, subtitle)
     return fig
 
