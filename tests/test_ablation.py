@@ -1,5 +1,6 @@
 """The ablation runner of notebook 04 on a tiny synthetic setup."""
 import json
+from dataclasses import replace
 import math
 import re
 
@@ -234,9 +235,29 @@ def test_transition_verdict_applies_the_goal_to_each_point():
     assert "`data+so/8>4>T` +0.90 [+0.40, +1.40] (goal met)" in lines[2]
     # +0.3 excludes 0 but is below the +0.5 goal: not met
     assert "`lsq/step_lr=lr+bn` +0.30 [+0.10, +0.50];" in lines[2] + ";"
-    assert lines[-1].endswith("Met by data+so/8>4>T at uniform W2A4.")
+    assert lines[-1].endswith("Met by data+so/8>4>T at uniform W2A4 (budget A).")
     none = ablation.transition_verdict(paired.iloc[:2], {})
     assert "No arm meets it" in none
+
+
+def test_transition_verdict_judges_budget_b_against_the_equal_steps_control():
+    nan = float("nan")
+    cols = ["point", "budget", "arm", "role", "seeds", "test_mean", "test_std", "test_diff",
+            "test_ci_low", "test_ci_high", "ctrl_test_diff", "ctrl_test_ci_low",
+            "ctrl_test_ci_high"]
+    paired = pd.DataFrame([
+        ("P", "B", "lsq", "reference", 3, 86.0, 0.1, nan, nan, nan, nan, nan, nan),
+        # +0.6 over plain LSQ with 50 fewer steps, but only +0.1 over the control: not met
+        ("P", "B", "data+so/8>T", "arm", 3, 86.6, 0.1, 0.6, 0.3, 0.9, 0.1, -0.2, 0.4),
+        # the control beats plain LSQ by its extra steps: shown, never a winner
+        ("P", "B", "lsq (+50)", "control", 3, 86.5, 0.1, 0.5, 0.2, 0.8, nan, nan, nan),
+    ], columns=cols)
+    text = ablation.transition_verdict(paired, {})
+    assert ("`data+so/8>T` +0.60 [+0.30, +0.90], vs the control with equal total steps "
+            "+0.10 [-0.20, +0.40];") in text
+    assert "No arm meets it" in text
+    paired.loc[1, ["ctrl_test_diff", "ctrl_test_ci_low"]] = [0.7, 0.2]
+    assert "Met by data+so/8>T at P (budget B)." in ablation.transition_verdict(paired, {})
 
 
 def _fixed_size_table(fp32, n=7):
@@ -307,3 +328,33 @@ def test_qat_level_verdict_reads_the_cis():
     kendall.loc[0, "tau_low"] = -0.1
     assert "not shown to survive QAT" in ablation.qat_level_verdict(
         {"runs": runs, "kendall": kendall}, steps=150)
+
+
+def test_transition_study_budget_b_gives_the_ladder_arm_an_equal_steps_control(setup, tmp_path,
+                                                                               monkeypatch):
+    from hmqat.transitions import Recipe
+
+    fp32 = setup[0]
+    ladder = ablation.TransitionArm("data+so/8>T", "data", (8,), 1, 0)
+    monkeypatch.setattr(ablation, "screening_arms",      # only a ladder arm to choose from
+                        lambda scale_only, step_lr_mult=None: [replace(ladder,
+                                                                       step_lr_mult=step_lr_mult)])
+    out = ablation.transition_study(
+        fp32, data.synthetic_cifar(64, seed=0), data.make_loader(data.synthetic_cifar(32, seed=2), 32),
+        data.make_loader(data.synthetic_cifar(32, seed=3), 32),
+        train.TrainConfig(epochs=1, lr=0.05, step_lr=0.005, seed=0), quant.uniform_config(fp32, 2),
+        base=Recipe(), run_dir=tmp_path, steps=4, pre_steps=2, scale_only_steps=1, seeds=(0, 1),
+        budgets=("A", "B"), batch_size=16, log=lambda *_: None, a_bits=4)
+    b = out["paired"][out["paired"]["budget"] == "B"]
+    ctrl = b[b["role"] == "control"].iloc[0]
+    arm = b[(b["role"] == "arm") & b["arm"].str.startswith("data+so/8>T")].iloc[0]
+    assert (ctrl["total_steps"], ctrl["steps_at_target"]) == (6, 6)
+    assert (arm["total_steps"], arm["steps_at_target"]) == (6, 4)
+    # ctrl_test_diff = arm − control on the same seeds, by hand
+    final = out["final"][out["final"]["budget"] == "B"].set_index(["arm", "seed"])["test_top1"]
+    by_hand = final.loc[arm["arm"]] - final.loc[ctrl["arm"]]
+    assert arm["ctrl_test_diff"] == pytest.approx(by_hand.mean())
+    # plain LSQ + BN has fewer steps than the control: compared with plain LSQ only
+    lsq_bn = b[b["arm"].str.startswith("lsq/") & b["arm"].str.endswith("+bn")].iloc[0]
+    assert lsq_bn["role"] == "arm" and pd.isna(lsq_bn["ctrl_test_diff"])
+    assert out["paired"].loc[out["paired"]["budget"] == "A", "ctrl_test_diff"].isna().all()

@@ -49,6 +49,28 @@ def test_every_notebook_ran_and_artifacts_are_well_formed(smoke_run):
     assert "synthetic data" in (root / "README.md").read_text()
 
 
+def test_qat_level_check_and_budget_b_rows_in_the_smoke_run(smoke_run):
+    """Experiment 7 and the transition experiment's budget B (smoke profile: both on)."""
+    root, _ = smoke_run
+    level = pd.read_csv(root / "data" / "qat_level.csv")
+    assert len(level) == 3 and level["omega_joint"].is_monotonic_increasing
+    assert level["qat_top1"].between(0, 100).all()
+    kendall = pd.read_csv(root / "tables" / "qat_level_kendall.csv", comment="#")
+    assert kendall["predictor"].iloc[0] == "omega_joint" and (kendall["n_configs"] == 3).all()
+    paired = pd.read_csv(root / "tables" / "transition_experiment.csv", comment="#")
+    b = paired[paired["budget"] == "B"]
+    assert set(b["point"]) == set(paired["point"]) and set(b["role"]) <= {"reference", "arm",
+                                                                          "control"}
+    # a control (plain LSQ with the ladder's extra steps) exactly where the chosen arm has a
+    # ladder; the ladder path itself: tests/test_ablation.py
+    ladder = b[(b["role"] == "arm") & (b["total_steps"] > b["steps_at_target"])]
+    assert (b["role"] == "control").any() == (not ladder.empty)
+    assert ladder["ctrl_test_diff"].notna().all()
+    assert b.loc[b["role"] != "arm", "ctrl_test_diff"].isna().all()
+    readme = (root / "README.md").read_text()
+    assert "After QAT (experiment 7)" in readme and "Experiment 7: Kendall" in readme
+
+
 def test_executed_notebooks_show_their_figures(smoke_run):
     """Every plotting.savefig call leaves an image/png output in its executed notebook."""
     root, _ = smoke_run

@@ -740,7 +740,11 @@ def transition_study(fp32_model: nn.Module, train_set: Any, val_loader: Iterable
 
     Returns ``{"screen": DataFrame, "final": DataFrame, "paired": DataFrame, "choices": dict,
     "diagnostics": DataFrame}``. ``paired`` holds, per point and budget, the paired differences
-    to plain LSQ (:func:`hmqat.stats.paired_difference`) on validation and test top-1.
+    to plain LSQ (:func:`hmqat.stats.paired_difference`) on validation and test top-1
+    (``val_diff``, ``test_diff`` and CIs) and, under budget B, the test difference to the
+    plain-LSQ control with the same total steps (``ctrl_test_diff`` and CI; NaN elsewhere);
+    ``role`` is "reference" (plain LSQ), "control" (plain LSQ with the ladder's extra steps,
+    budget B) or "arm".
     """
     points = {point: dict(bit_config), **{k: dict(v) for k, v in (extra_points or {}).items()}}
     common = dict(fp32_model=fp32_model, train_set=train_set, val_loader=val_loader, cfg=cfg,
@@ -803,26 +807,34 @@ def transition_study(fp32_model: nn.Module, train_set: Any, val_loader: Iterable
     if use_bn:       # the chosen arm is best+bn; best without BN was only a screening row
         final = [r for r in final if r["arm"] != best.name]
     final_df = pd.DataFrame([{k: v for k, v in r.items() if k != "record"} for r in final])
+    ctrl_name = lsq.name + f" (+{pre_steps})"
     paired = []
     for (where, budget), g in final_df.groupby(["point", "budget"], sort=False):
         ref = g[g["arm"] == lsq.name].set_index("seed")
+        ctrl = g[g["arm"] == ctrl_name].set_index("seed")
         for arm_name, a in g.groupby("arm", sort=False):
             a = a.set_index("seed")
-            both = a.index.intersection(ref.index)
-            row = {"point": where, "budget": budget, "arm": arm_name, "seeds": len(a),
+            role = {lsq.name: "reference", ctrl_name: "control"}.get(arm_name, "arm")
+            row = {"point": where, "budget": budget, "arm": arm_name, "role": role,
+                   "seeds": len(a),
                    "total_steps": int(a["total_steps"].iloc[0]),
                    "steps_at_target": int(a["steps_at_target"].iloc[0]),
                    "val_mean": a["val_top1"].mean(), "test_mean": a["test_top1"].mean(),
                    "test_std": a["test_top1"].std(ddof=1), "wall_s_mean": a["wall_s"].mean()}
-            for split in ("val", "test"):
-                if arm_name != lsq.name and len(both) >= 2:
-                    d = stats.paired_difference(a.loc[both, f"{split}_top1"],
-                                                ref.loc[both, f"{split}_top1"])
-                    row.update({f"{split}_diff": d.mean, f"{split}_ci_low": d.low,
-                                f"{split}_ci_high": d.high})
-                else:
-                    row.update({f"{split}_diff": math.nan, f"{split}_ci_low": math.nan,
-                                f"{split}_ci_high": math.nan})
+            longer = (role == "arm" and not ctrl.empty          # an arm with the control's steps
+                      and row["total_steps"] == int(ctrl["total_steps"].iloc[0]))
+            for prefix, base_runs, use in (("", ref, role != "reference"),
+                                           ("ctrl_", ctrl, longer)):
+                both = a.index.intersection(base_runs.index)
+                for split in ("val", "test") if not prefix else ("test",):
+                    keys = [f"{prefix}{split}_diff", f"{prefix}{split}_ci_low",
+                            f"{prefix}{split}_ci_high"]
+                    if use and len(both) >= 2:
+                        d = stats.paired_difference(a.loc[both, f"{split}_top1"],
+                                                    base_runs.loc[both, f"{split}_top1"])
+                        row.update(dict(zip(keys, (d.mean, d.low, d.high))))
+                    else:
+                        row.update(dict.fromkeys(keys, math.nan))
             paired.append(row)
     screen_df = pd.DataFrame([{k: v for k, v in r.items() if k != "record"} for r in screen])
     return {"screen": screen_df, "final": final_df, "paired": pd.DataFrame(paired),
@@ -855,23 +867,38 @@ def transition_verdict(paired: pd.DataFrame, choices: Mapping[str, Any], *,
                        goal: float = 0.5) -> str:
     """Markdown verdict of :func:`transition_study` from its ``paired`` table: per operating
     point and budget, each arm's paired test difference to plain LSQ with its 95 % CI, and
-    whether it meets the goal (mean ≥ ``goal`` points and CI above 0; issue 14)."""
+    whether it meets the goal (mean ≥ ``goal`` points and CI above 0; issue 14). Under budget B
+    the goal is judged against the plain-LSQ control with the same total steps
+    (``ctrl_test_diff``), not against plain LSQ with fewer steps; the control itself (``role``
+    "control": plain LSQ with more steps) is shown but is not a candidate."""
     lines = [f"Choices on the validation hold-out (seed {choices.get('screen_seed')}): step_lr "
              f"{choices.get('step_lr')}, chosen arm `{choices.get('final_arm')}`."]
     winners = []
+
+    def ci(r: Mapping[str, Any], prefix: str) -> str:
+        return (f"{r[prefix + 'diff']:+.2f} [{r[prefix + 'ci_low']:+.2f}, "
+                f"{r[prefix + 'ci_high']:+.2f}]")
+
     for (point, budget), g in paired.groupby(["point", "budget"], sort=False):
         parts = []
         for _, r in g.iterrows():
             if pd.isna(r.get("test_diff")):
                 parts.append(f"`{r['arm']}` {r['test_mean']:.2f} ± {r['test_std']:.2f} %")
                 continue
-            met = r["test_diff"] >= goal and r["test_ci_low"] > 0
-            winners += [f"{r['arm']} at {point}"] if met else []
-            parts.append(f"`{r['arm']}` {r['test_diff']:+.2f} [{r['test_ci_low']:+.2f}, "
-                         f"{r['test_ci_high']:+.2f}]" + (" (goal met)" if met else ""))
+            # budget B: an arm with a ladder trains longer, so the goal is judged against the
+            # plain-LSQ control given the same total steps
+            fair = "ctrl_test_" if pd.notna(r.get("ctrl_test_diff")) else "test_"
+            met = (r.get("role", "arm") == "arm" and r[fair + "diff"] >= goal
+                   and r[fair + "ci_low"] > 0)
+            winners += [f"{r['arm']} at {point} (budget {budget})"] if met else []
+            text = f"`{r['arm']}` {ci(r, 'test_')}"
+            if fair == "ctrl_test_":
+                text += f", vs the control with equal total steps {ci(r, fair)}"
+            parts.append(text + (" (goal met)" if met else ""))
         lines.append(f"* **{point}, budget {budget}** ({int(g['seeds'].max())} paired seeds, "
                      f"test top-1, difference to plain LSQ): " + "; ".join(parts))
-    lines.append(f"Goal: ≥ +{goal:g} points with the 95 % CI above 0. "
+    lines.append(f"Goal: ≥ +{goal:g} points with the 95 % CI above 0 (budget B: against the "
+                 f"plain-LSQ control with the same total steps). "
                  + (f"Met by {', '.join(winners)}." if winners else
                     "**No arm meets it: plain LSQ (+ KD) stays the default.**"))
     return "\n".join(lines)
