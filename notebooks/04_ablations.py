@@ -238,7 +238,9 @@ if qat_level_configs:
 #   chosen on that hold-out (one screening seed), then plain LSQ, plain LSQ + BN and the chosen arm
 #   train on ≥ 3 paired seeds and each final run is read **once** on the test split.
 # * **Goal** (issue 14): the chosen arm beats plain LSQ by ≥ +0.5 top-1 points, paired 95 % CI
-#   excluding 0. The table reports the paired differences either way.
+#   excluding 0 (under budget B: beats the plain-LSQ control with the same total steps,
+#   `ctrl_test_diff`). The table reports the paired differences either way; `role` marks plain
+#   LSQ (`reference`), the control and the arms.
 
 # %%
 if transition_experiment:
