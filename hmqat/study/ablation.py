@@ -210,10 +210,12 @@ def qat_level_check(fp32_model: nn.Module, train_loader: Any, val_loader: Iterab
     return {"runs": runs, "kendall": kendall}
 
 
-def qat_level_verdict(out: Mapping[str, pd.DataFrame], *, steps: int) -> str:
+def qat_level_verdict(out: Mapping[str, pd.DataFrame], *, steps: int,
+                      split: str = "validation") -> str:
     """Markdown verdict of :func:`qat_level_check`: τ of ΣΩ (joint) and of the strongest
     baseline with the QAT error, their paired difference, and the QAT top-1 spread that the
-    ranking has to resolve (one training seed per config)."""
+    ranking has to resolve (one training seed per config). ``split`` names the split the top-1
+    was read on."""
     k = out["kendall"].set_index("predictor")
     runs = out["runs"]
     j = k.loc["omega_joint"]
@@ -224,7 +226,7 @@ def qat_level_verdict(out: Mapping[str, pd.DataFrame], *, steps: int) -> str:
     lines = [f"{len(runs)} configs of equal size ({runs['compression'].min():.2f}–"
              f"{runs['compression'].max():.2f}×) spanning ΣΩ (joint) "
              f"{runs['omega_joint'].min():.3g}–{runs['omega_joint'].max():.3g}, one training "
-             f"seed each, {steps} QAT steps: validation top-1 {runs['qat_top1'].min():.2f}–"
+             f"seed each, {steps} QAT steps: {split} top-1 {runs['qat_top1'].min():.2f}–"
              f"{runs['qat_top1'].max():.2f} % (spread {spread:.2f} points).",
              f"* Kendall τ(ΣΩ joint, QAT error) = **{j['kendall_tau']:+.2f}** "
              f"[{j['tau_low']:+.2f}, {j['tau_high']:+.2f}]; the strongest other predictor, "
