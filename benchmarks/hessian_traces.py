@@ -23,6 +23,11 @@ of the mean loss over them, BN in eval mode):
       interleaved with (b) in one process (alternating which runs first), for every --tols.
       ``fair_ratio`` = median over repeats of time(b)/time(a') at the first tol; the paired
       ratios of every repeat are printed.
+  (f) hmqat.hessian.gauss_newton_traces (exact per-layer traces for networks piecewise linear
+      in each layer's weights, Eqs. H5–H7): exact (C vector-Jacobian products per image) and with
+      --gn-projections output-space probes per image, interleaved with (a') and (b) in the same
+      repeats; ``fair_ratio_gauss_newton_*`` = median time(f)/time(a') at the first tol, with
+      the per-layer agreement with (a').
   (e) decision-based stopping (docs/method.md §3): hmqat with ``stop_rule=
       sensitivity.decision_stop_rule(model, --budgets)``: probing stops once no perturbation of
       the traces within ±1.96 SE changes the joint-Ω Pareto pick at any requested budget. Its
@@ -292,17 +297,43 @@ def fair_reference(model: nn.Module, batches, names: list[str], tol: float, seed
             "wall_s": clock(dev) - t0, "hvps": hvps, "converged": not active}
 
 
+def gauss_newton_run(model: nn.Module, batches, projections: int | None, seed: int,
+                     dev: torch.device) -> pd.DataFrame:
+    """(f) hmqat.hessian.gauss_newton_traces: exact (projections None) or r output-space probes
+    per image; the piecewise-linearity check runs in every call and is timed with it."""
+    t0 = clock(dev)
+    df = hessian.gauss_newton_traces(model, batches, projections=projections, seed=seed,
+                                     device=dev)
+    df.attrs["wall_s"] = clock(dev) - t0
+    return df
+
+
 def fair_comparison(model: nn.Module, batches, names: list[str], tols: list[float],
-                    repeats: list[int], seed: int, dev: torch.device, max_probes: int) -> dict:
-    """(a') vs (b), interleaved repeat by repeat (the order alternates) at every tol; prints one
-    line per run and returns {tol: {"hmqat": [...], "ref": [...], "frames": [...]}}."""
+                    repeats: list[int], seed: int, dev: torch.device, max_probes: int,
+                    gn_projections: list[int | None] | None = None) -> dict:
+    """(a') vs (b) and (f), interleaved repeat by repeat (the order rotates) at every tol; prints
+    one line per run and returns {tol: {"hmqat": [...], "ref": [...], "frames": [...],
+    "gn:<r>": [...], ...}}. (f) has no tolerance (exact, or a fixed number of projections
+    whose rel. SE is printed), so its runs are the same at every tol."""
     out = {}
+    gn_keys = [f"gn:{r}" for r in (gn_projections or [])]
     for tol, reps in zip(tols, repeats):
-        runs = {"hmqat": [], "ref": [], "frames": [], "ref_runs": []}
+        runs = {"hmqat": [], "ref": [], "frames": [], "ref_runs": [],
+                **{k: [] for k in gn_keys}, **{k + ":frames": [] for k in gn_keys}}
         for k in range(reps):
-            order = ("hmqat", "ref") if k % 2 == 0 else ("ref", "hmqat")
+            order = ["hmqat", "ref", *gn_keys]
+            order = order[k % len(order):] + order[:k % len(order)]
             for which in order:
-                if which == "hmqat":
+                if which.startswith("gn:"):
+                    r = None if which == "gn:None" else int(which[3:])
+                    df = gauss_newton_run(model, batches, r, seed + 10 * k + 7, dev)
+                    runs[which].append(df.attrs["wall_s"])
+                    runs[which + ":frames"].append(df)
+                    say(f"tol {tol}: repeat {k} gauss-newton "
+                        f"{'exact' if r is None else f'{r} proj.'} {df.attrs['wall_s']:7.1f} s, "
+                        f"{df.attrs['vjps']} VJPs, max rel_se {df['rel_se'].max():.4f}, "
+                        f"median data rel. SE {(df['data_se'] / df['avg_trace']).median():.3f}")
+                elif which == "hmqat":
                     # max_probes per 16-image stratum = 8x the reference's rounds per batch of 128
                     df = hessian.layer_traces(model, batches, tol=tol, seed=seed + 10 * k,
                                               progress=False, device=dev,
@@ -331,6 +362,15 @@ def fair_comparison(model: nn.Module, batches, names: list[str], tols: list[floa
             f"{np.median(ratios):.3f}; hmqat median {np.median(runs['hmqat']):.1f} s, reference "
             f"median {np.median(runs['ref']):.1f} s; per-layer agreement (repeat 0) |z| median "
             f"{np.median(np.abs(z)):.2f}, max {np.abs(z).max():.2f}")
+        for key in gn_keys:
+            runs[key + ":ratios"] = np.array(runs[key]) / np.array(runs["ref"])
+            g = runs[key + ":frames"][0]
+            zg = (ref["mean"] - g["trace"].to_numpy()) / np.sqrt(
+                ref["se"] ** 2 + (g["avg_trace_se"] * g["n_params"]).to_numpy() ** 2)
+            say(f"tol {tol}: time(f, {key})/time(a') per repeat "
+                f"{np.round(runs[key + ':ratios'], 3).tolist()}, median "
+                f"{np.median(runs[key + ':ratios']):.3f}; agreement with the reference "
+                f"(repeat 0) |z| median {np.median(np.abs(zg)):.2f}, max {np.abs(zg).max():.2f}")
         out[tol] = runs
     return out
 
@@ -448,6 +488,9 @@ def main() -> None:
     ap.add_argument("--joint-probes", type=int, default=3)
     ap.add_argument("--lever-samples", type=int, default=512,
                     help="images for the micro-batch comparison (0 skips it)")
+    ap.add_argument("--gn-projections", type=int, nargs="*", default=[0, 2],
+                    help="(f) gauss_newton_traces runs in the fair comparison: 0 = exact, r >= 2 "
+                         "= r output-space probes per image; none to skip")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu",
                     help="cpu, cuda, cuda:N or auto (cuda when available); default cpu")
@@ -487,11 +530,19 @@ def main() -> None:
         say("\n## (a') FAIR reference (per-layer probes, batch "
             f"{args.batch_size}, kept first-order graph per batch, per-layer stopping, stratified "
             "SE) vs (b) hmqat layer_traces defaults; both run to convergence, interleaved")
+        gn = [None if r == 0 else r for r in args.gn_projections]
         fair = fair_comparison(model, batches, names, tols, reps, args.seed, dev,
-                               args.max_probes)
+                               args.max_probes, gn)
         r0 = fair[tols[0]]["ratios"]
         say(f"\nfair_ratio: {np.median(r0):.4f}  (median over {len(r0)} interleaved repeats of "
             f"time(b)/time(a') at tol {tols[0]}; goal <= 0.25)")
+        for r in gn:
+            g = fair[tols[0]][f"gn:{r}:ratios"]
+            frame = fair[tols[0]][f"gn:{r}:frames"][0]
+            say(f"fair_ratio_gauss_newton_{'exact' if r is None else f'{r}proj'}: "
+                f"{np.median(g):.4f}  (median over {len(g)} interleaved repeats of "
+                f"time(f)/time(a') at tol {tols[0]}; max rel_se {frame['rel_se'].max():.4f}"
+                f"{', exact: no probe error' if r is None else ''})")
         for t in tols[1:]:
             say(f"fair_ratio_tol{t}: {np.median(fair[t]['ratios']):.4f}  (median over "
                 f"{len(fair[t]['ratios'])} repeats)")

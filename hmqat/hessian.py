@@ -82,8 +82,10 @@ __all__ = [
     "CPU_MICRO_BATCH",
     "PROBE_MODES",
     "HessianError",
+    "GN_CHECK_RTOL",
     "cache_key",
     "check_batches",
+    "gauss_newton_traces",
     "group_product",
     "hessian_vector_product",
     "layer_traces",
@@ -750,4 +752,172 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
         if hdist.is_main():
             _write_cache(path, df)
         hdist.barrier()
+    return df
+
+
+# --------------------------------------------------------------------------------------------
+# Exact traces without probes, for networks that are piecewise linear in each layer's weights
+# --------------------------------------------------------------------------------------------
+#: Largest |vᵀHv − vᵀGv| / |vᵀHv| that :func:`gauss_newton_traces`' check accepts as rounding.
+GN_CHECK_RTOL = 1e-3
+
+
+def _loss_factor(criterion: Callable, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """F with F Fᵀ = Λ = ∂²ℓ/∂z², per sample (Eq. H5): [B, C, K]. Cross-entropy in closed form,
+    Λ = diag(p) − ppᵀ = Σ_c p_c (e_c − p)(e_c − p)ᵀ, so F[:, :, c] = √p_c (e_c − p); any other
+    criterion from its per-sample Hessian in z (torch.func.hessian) and an eigendecomposition."""
+    if type(criterion) is nn.CrossEntropyLoss and criterion.weight is None \
+            and criterion.label_smoothing == 0 and criterion.reduction == "mean":
+        p = torch.softmax(z, dim=1)
+        eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
+        return (eye[None] - p[:, :, None]) * p.sqrt()[:, None, :]
+    one = torch.func.hessian(lambda zi, yi: criterion(zi[None], yi[None]))
+    try:
+        lam = torch.func.vmap(one)(z, y)
+    except RuntimeError as exc:   # a criterion with data-dependent ops (e.g. F.one_hot): loop
+        if "vmap" not in str(exc):
+            raise
+        lam = torch.stack([one(zi, yi) for zi, yi in zip(z, y)])
+    evals, evecs = torch.linalg.eigh(lam)
+    if (evals < -1e-6 * evals.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)).any():
+        raise HessianError(f"{_describe(criterion)} has a Hessian in the logits that is not "
+                           "positive semi-definite on some sample, so Λ = F Fᵀ does not exist; "
+                           "use hessian.layer_traces (Hutchinson) for this loss")
+    return evecs * evals.clamp_min(0).sqrt()[:, None, :]
+
+
+def _gn_check(model: nn.Module, criterion: Callable, x: torch.Tensor, y: torch.Tensor,
+              names: Sequence[str], state: dict[str, torch.Tensor], seed: int) -> None:
+    """The identity H_ii = G_ii holds when the logits are piecewise linear in W_i (ReLU, eval-mode
+    BN, conv, linear, pooling, residual sums): ∂²z/∂W_i² = 0. Check it on one batch: for one
+    Rademacher v per layer, vᵀHv (double backward) against vᵀGv = Σ_n uᵀΛu/N with u = J v
+    (forward mode); a smooth activation or train-mode BN makes them differ."""
+    gen = torch.Generator().manual_seed(seed)
+    for name in names:
+        w = state[name]
+        v = rademacher(w.shape, gen, w.device, w.dtype)
+
+        def logits(wi: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(model, {**state, name: wi}, (x,))
+
+        z, u = torch.func.jvp(logits, (w,), (v,))
+        f = _loss_factor(criterion, z.detach(), y)
+        vgv = float((torch.einsum("bc,bck->bk", u, f) ** 2).sum(1).mean())
+        wg = w.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(criterion(logits(wg), y), wg, create_graph=True)
+        (hv,) = torch.autograd.grad(g, wg, grad_outputs=v)
+        vhv = float(torch.vdot(hv.reshape(-1), v.reshape(-1)))
+        if abs(vhv - vgv) > GN_CHECK_RTOL * max(abs(vhv), 1e-30):
+            raise HessianError(
+                f"layer {name.removesuffix('.weight')!r}: vᵀHv = {vhv:.6g} but the Gauss-Newton "
+                f"part vᵀGv = {vgv:.6g}; the logits are not piecewise linear in this layer's "
+                "weights (a smooth activation such as SiLU/GELU/tanh, or BN in train mode), so "
+                "the exact Gauss-Newton traces would miss the remaining term; use "
+                "hessian.layer_traces (Hutchinson) for this model")
+
+
+def gauss_newton_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                        *, layers: Sequence[str] | None = None,
+                        criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                        projections: int | None = None, seed: int = 0,
+                        device: str | torch.device | None = None, micro_batch: int | None = 16,
+                        check: bool = True) -> pd.DataFrame:
+    """Per-layer traces Tr(H_ii) from per-image vector-Jacobian products, for networks whose
+    logits are piecewise linear in each single layer's weights (docs/method.md §3.2).
+
+        H_ii = J_iᵀ Λ J_i + Σ_c ∂ℓ/∂z_c · ∂²z_c/∂W_i²                             (Eq. H5)
+
+    With ReLU, eval-mode BatchNorm, conv, linear, pooling and residual sums, z is linear in W_i
+    between ReLU kinks, so the second term is 0 and H_ii is its Gauss-Newton block (autograd's
+    double backward sees the same: ReLU has no second derivative). Writing Λ_n = F_n F_nᵀ per
+    image (cross-entropy: F[:, c] = √p_c (e_c − p)):
+
+        Tr(H_ii) = (1/N) Σ_n ‖J_{n,i}ᵀ F_n‖²_F                                     (Eq. H6)
+                 = (1/N) Σ_n E_s ‖J_{n,i}ᵀ F_n s‖²,  s Rademacher in the C outputs  (Eq. H7)
+
+    ``projections=None`` evaluates Eq. H6 exactly: C vector-Jacobian products per image (vmap
+    over images and the columns of F), all layers at once, no probe noise. ``projections=r``
+    (≥ 2) uses Eq. H7 with r output-space probes per image: r products per image instead of C,
+    an unbiased estimate with a stratified SE (each image a stratum, as in Eq. H4). Either way
+    the estimand is the trace of the Hessian of the mean loss over *these* images, the same as
+    :func:`layer_traces`'. ``check`` first verifies that Eq. H5's second term vanishes on the
+    first micro-batch (vᵀHv against vᵀGv per layer, :data:`GN_CHECK_RTOL`) and raises
+    HessianError naming the layer if not; then use :func:`layer_traces`.
+
+    Returns the :func:`layer_traces` columns (``probes`` = projections per image, 0 when exact;
+    ``avg_trace_se`` and ``rel_se`` 0 when exact) plus ``data_se``: the standard error over
+    images of the per-image traces (per weight), i.e. how far another calibration set of the
+    same size would move T̄ (the data-sampling uncertainty a probe SE leaves out). ``attrs``:
+    wall_s, n_samples, n_batches, micro_batch, method, projections, seed, device, checked,
+    vjps (vector-Jacobian products per layer group), version.
+    """
+    batches = check_batches(batches)
+    model = hdist.unwrap(model)
+    first = next(model.parameters(), None)
+    home = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device) if device is not None else home
+    criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
+    if micro_batch is not None and (not _is_int(micro_batch) or micro_batch < 1):
+        raise HessianError(f"micro_batch={micro_batch!r}; use a positive int (images per "
+                           "vectorised chunk; memory grows with it × outputs × weights) or None")
+    if projections is not None and (not _is_int(projections) or projections < 2):
+        raise HessianError(f"projections={projections!r}; use None (exact, C products per image) "
+                           "or an int >= 2 (output-space probes per image; 2 is the fewest that "
+                           "give a standard error)")
+    chunks = _split(batches, micro_batch)
+    infos = select_layers(model, layers, (1,) + tuple(batches[0][0].shape[1:]), home)
+    modules = dict(model.named_modules())
+    names = [f"{i.name}.weight" for i in infos]
+    params = [modules[i.name].weight for i in infos]
+    n_img = sum(x.shape[0] for x, _ in chunks)
+    gen = torch.Generator().manual_seed(seed)
+    values: list[torch.Tensor] = []            # per chunk: [images, probes, layers]
+    t0 = time.perf_counter()
+    with measurement_mode(model, params, device), twice_differentiable(model):
+        state = {k: v.detach() for k, v in {**dict(model.named_parameters()),
+                                            **dict(model.named_buffers())}.items()}
+        weights = {k: state[k] for k in names}
+        if check:
+            x, y = chunks[0]
+            _gn_check(model, criterion, x.to(device), y.to(device), names, state, seed)
+
+        def one_image(xi: torch.Tensor, ui: torch.Tensor) -> torch.Tensor:
+            """‖J_iᵀ u‖² for every cotangent u (rows of ``ui``) and layer i, one image."""
+            def logits(w: dict[str, torch.Tensor]) -> torch.Tensor:
+                return torch.func.functional_call(model, {**state, **w}, (xi[None],))[0]
+
+            _, pull = torch.func.vjp(logits, weights)
+            (g,) = torch.func.vmap(pull)(ui)                                # name -> [R, ...]
+            return torch.stack([g[k].pow(2).flatten(1).sum(1) for k in names], dim=1)
+
+        with torch.no_grad():
+            for x, y in chunks:
+                x, y = x.to(device), y.to(device)
+                f = _loss_factor(criterion, torch.func.functional_call(model, state, (x,)), y)
+                if projections is None:                 # Eq. H6: every column of F
+                    u = f.transpose(1, 2)                                   # [B, K, C]
+                else:                                   # Eq. H7: F s, s ±1 over the K columns
+                    s = rademacher((x.shape[0], projections, f.shape[2]), gen, device, f.dtype)
+                    u = torch.einsum("bck,brk->brc", f, s)                  # [B, R, C]
+                values.append(torch.func.vmap(one_image)(x, u).to(torch.float64).cpu())
+    v = torch.cat(values).numpy()               # [images, R, layers]
+    per_image = v.sum(1) if projections is None else v.mean(1)    # Tr(H_n,ii) (or estimate)
+    trace = per_image.mean(0)
+    if projections is None:
+        se = np.zeros(len(infos))
+    else:                                       # stratified SE, one stratum per image
+        se = np.sqrt((v.var(1, ddof=1) / projections).sum(0)) / n_img
+    data_se = per_image.std(0, ddof=1) / math.sqrt(n_img) if n_img > 1 \
+        else np.full(len(infos), np.nan)
+    n = np.array([i.n_params for i in infos], dtype=np.int64)
+    df = pd.DataFrame({
+        "n_params": n, "trace": trace, "avg_trace": trace / n, "avg_trace_se": se / n,
+        "rel_se": _rel_se(trace, se), "probes": projections or 0, "samples": n_img,
+        "kind": [i.kind for i in infos], "data_se": data_se / n,
+    }, index=pd.Index([i.name for i in infos], name="layer"))
+    df.attrs.update({"wall_s": time.perf_counter() - t0, "n_samples": n_img,
+                     "n_batches": len(chunks), "micro_batch": micro_batch,
+                     "method": "gauss_newton", "projections": projections, "seed": seed,
+                     "device": str(device), "checked": bool(check),
+                     "vjps": n_img * (v.shape[1]), "version": VERSION})
     return df

@@ -70,6 +70,11 @@ def test_hessian_benchmark_runs_on_the_given_device(tmp_path: Path) -> None:
         assert needle in text, needle
     fair = [line for line in text.splitlines() if line.startswith("fair_ratio: ")]
     assert len(fair) == 1 and float(fair[0].split()[1]) > 0
+    for kind in ("exact", "2proj"):      # (f) gauss_newton_traces, interleaved with (a')
+        gn = [line for line in text.splitlines()
+              if line.startswith(f"fair_ratio_gauss_newton_{kind}: ")]
+        assert len(gn) == 1 and float(gn[0].split()[1]) > 0, kind
+    assert "tol 0.5: repeat 1 gauss-newton exact" in text and "exact: no probe error" in text
     dec = [line for line in text.splitlines() if line.startswith("decision_ratio: ")]
     assert len(dec) == 1 and float(dec[0].split()[1]) > 0
     assert "within 0.5 relative ΣΩ of the pick" in text and "exceeds the tol-0.05 pick's by" in text

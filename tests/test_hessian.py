@@ -284,3 +284,61 @@ def test_bad_batches_raise(batches, match):
 def test_bad_settings_raise(kwargs, match):
     with pytest.raises(HessianError, match=match):
         layer_traces(mlp(), make_batches((5,)), progress=False, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# gauss_newton_traces: exact traces for piecewise-linear nets (Eqs. H5–H7)
+# --------------------------------------------------------------------------------------------
+def mse_logits(out, y):
+    """A non-cross-entropy loss with a PSD Hessian in the logits (the generic Λ path)."""
+    return ((out - F.one_hot(y, out.shape[1]).to(out.dtype)) ** 2).mean() * 3
+
+
+@pytest.mark.parametrize("criterion, micro_batch", [(None, 4), (None, None), (mse_logits, 5)])
+def test_gauss_newton_equals_the_exact_block_traces_of_a_relu_bn_net(criterion, micro_batch):
+    model, batches = TinyCNN(), make_batches((2, 5, 5), sizes=(6, 5))
+    exact = exact_block_traces(model, batches, ["conv1", "conv2", "fc"],
+                               criterion=criterion or F.cross_entropy)
+    df = hessian.gauss_newton_traces(model, batches, criterion=criterion,
+                                     micro_batch=micro_batch)
+    np.testing.assert_allclose(df["trace"].to_numpy(), exact, rtol=1e-9)
+    assert (df["avg_trace_se"] == 0).all() and (df["probes"] == 0).all()
+    assert (df["samples"] == 11).all() and df.attrs["checked"]
+
+
+def test_gauss_newton_data_se_is_the_spread_of_per_image_traces():
+    model, batches = TinyCNN(), make_batches((2, 5, 5), sizes=(3,))
+    x, y = batches[0]
+    per_image = np.array([exact_block_traces(model, [(x[i:i + 1], y[i:i + 1])], ["conv2"])[0]
+                          for i in range(3)])
+    df = hessian.gauss_newton_traces(model, batches, layers=["conv2"])
+    want = per_image.std(ddof=1) / np.sqrt(3) / df.loc["conv2", "n_params"]
+    assert df.loc["conv2", "data_se"] == pytest.approx(want, rel=1e-9)
+
+
+def test_gauss_newton_projections_are_unbiased_with_an_honest_se():
+    model, batches = TinyCNN(), make_batches((2, 5, 5), sizes=(6, 5))
+    exact = exact_block_traces(model, batches, ["conv1", "conv2", "fc"])
+    df = hessian.gauss_newton_traces(model, batches, projections=8, seed=3)
+    se = (df["avg_trace_se"] * df["n_params"]).to_numpy()
+    assert (se > 0).all() and (np.abs(df["trace"].to_numpy() - exact) < 3 * se).all()
+    again = hessian.gauss_newton_traces(model, batches, projections=8, seed=3)
+    pd.testing.assert_frame_equal(df, again)
+    other = hessian.gauss_newton_traces(model, batches, projections=8, seed=4)
+    assert not np.allclose(other["trace"], df["trace"])
+
+
+def test_gauss_newton_refuses_a_smooth_net_naming_the_layer():
+    with pytest.raises(HessianError, match=r"layer '0'.*not piecewise linear.*layer_traces"):
+        hessian.gauss_newton_traces(mlp(), make_batches((5,)))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"projections": 1}, "projections=1; use None"),
+    ({"micro_batch": 0}, "micro_batch=0; use a positive int"),
+    ({"layers": ["conv9"]}, r"unknown layer name\(s\) \['conv9'\]"),
+    ({"criterion": neg_square, "check": False}, "not positive semi-definite"),
+])
+def test_gauss_newton_bad_inputs_raise(kwargs, match):
+    with pytest.raises(HessianError, match=match):
+        hessian.gauss_newton_traces(TinyCNN(), make_batches((2, 5, 5), sizes=(6, 5)), **kwargs)
