@@ -440,6 +440,27 @@ def decision_section(model: nn.Module, batches, budgets: list[float], seed: int,
     else:
         say("tol 0.05 was not run in this process: the pick comparison needs --tols with 0.05 "
             "or --pick-tol 0.05")
+    gn_frames = fair.get(tol0, {}).get("gn:None:frames", [])
+    if gn_frames:                   # (g): the picks of the exact traces (no probe error)
+        t_ex = np.clip(gn_frames[0].loc[qerr.index, "avg_trace"].to_numpy(float), 0.0, None)
+        q = qerr[list(bits)].to_numpy(float)
+        p_ex = sensitivity._picks(qerr, t_ex, inp, budgets, bits)
+
+        def exact_cost(pick: tuple[int, ...]) -> float:
+            return float(sum(t_ex[i] * q[i, list(bits).index(b)] for i, b in enumerate(pick)))
+        say(f"\n## (g) picks from the exact Gauss-Newton traces (f) at {budgets}x")
+        for name, frame in [("decision rule (e)", df)] + [
+                (f"hmqat tol {pick_tol or 0.05}, run {k}", f) for k, f in enumerate(frames05)]:
+            picks = sensitivity._picks(qerr, frame.loc[qerr.index, "avg_trace"].to_numpy(float),
+                                       inp, budgets, bits)
+            say(f"{name}: same pick as the exact traces {[a == b for a, b in zip(picks, p_ex)]}; "
+                f"ΣΩ under the exact traces above the exact pick's "
+                f"{[f'{exact_cost(a) / exact_cost(b) - 1:+.2%}' for a, b in zip(picks, p_ex)]}")
+        if t_ref is not None:
+            t_gn = float(np.median(fair[tol0]["gn:None"]))
+            say(f"exact_pick_ratio: {t_gn / t_ref:.4f}  (median time of gauss_newton_traces, "
+                f"exact, / fair reference median at tol {tol0}: the exact picks, no probe error; "
+                f"decision goal <= 0.1)")
     if t_ref is None and fair_file is not None and fair_file.exists():
         refs = [float(line.split("reference")[1].split()[0]) for line in
                 fair_file.read_text().splitlines()

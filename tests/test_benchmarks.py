@@ -75,6 +75,9 @@ def test_hessian_benchmark_runs_on_the_given_device(tmp_path: Path) -> None:
               if line.startswith(f"fair_ratio_gauss_newton_{kind}: ")]
         assert len(gn) == 1 and float(gn[0].split()[1]) > 0, kind
     assert "tol 0.5: repeat 1 gauss-newton exact" in text and "exact: no probe error" in text
+    assert "## (g) picks from the exact Gauss-Newton traces" in text
+    ratio = [line for line in text.splitlines() if line.startswith("exact_pick_ratio: ")]
+    assert len(ratio) == 1 and float(ratio[0].split()[1]) > 0
     dec = [line for line in text.splitlines() if line.startswith("decision_ratio: ")]
     assert len(dec) == 1 and float(dec[0].split()[1]) > 0
     assert "within 0.5 relative ΣΩ of the pick" in text and "exceeds the tol-0.05 pick's by" in text
