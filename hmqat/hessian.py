@@ -46,6 +46,11 @@ Measured choices (pretrained ResNet-20, CIFAR-10 JPEG mirror, 2-core shared CPU,
   :func:`twice_differentiable`. Any other op without a double backward raises one HessianError
   naming the op and the fix.
 
+For networks whose logits are piecewise linear in each layer's weights (ReLU, eval-mode BN,
+conv, linear, pooling, residual sums; ResNet-20 among them), :func:`gauss_newton_traces`
+computes the same estimand exactly, without probes, from C vector-Jacobian products per image
+(H_ii = J_iᵀΛJ_i, Eqs. H5–H7; it checks the identity first and refuses other models).
+
     >>> from hmqat import data, hessian, models
     >>> model = models.create_model("resnet20", pretrained=True)
     >>> calib = data.calibration_batches(data.load_cifar10(), n_samples=2048, batch_size=256)
