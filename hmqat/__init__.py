@@ -12,7 +12,7 @@ infrastructure
     locking       the exclusive lock on a results folder
 the method
     quant         LSQ quantizers, quantize_model(model, bit_config), size/BOPs accounting
-    hessian       layer_traces(): per-layer Hutchinson traces with standard errors
+    hessian       layer_traces(): per-layer Hessian traces (Hutchinson with SEs, or exact)
     sensitivity   the Ω[layer][bits] table and its validation against measured damage
     search        the exact Pareto frontier, select(), ILP/greedy/random/uniform references
     train         evaluate, FP32 fine-tuning and the QAT loop (checkpoints, resume, hooks)

@@ -86,8 +86,10 @@ from .models import LayerInfo, quantizable_layers
 __all__ = [
     "CPU_MICRO_BATCH",
     "PROBE_MODES",
-    "HessianError",
     "GN_CHECK_RTOL",
+    "HessianError",
+    "METHODS",
+    "NotPiecewiseLinearError",
     "cache_key",
     "check_batches",
     "gauss_newton_traces",
@@ -103,6 +105,7 @@ log = logging.getLogger(__name__)
 
 VERSION = "hmqat.hessian/1"
 PROBE_MODES = ("layer", "joint")
+METHODS = ("hutchinson", "gauss_newton", "auto")   # layer_traces(method=...)
 CPU_MICRO_BATCH = 16     # measured default on CPU (see module docstring)
 _MIN_DOF = 8             # min_probes=None: smallest r with n_batches·(r-1) >= 8 (SE degrees of freedom)
 _GROWTH = 0.8            # fraction of the predicted remaining probes scheduled in the next sweep
@@ -111,6 +114,11 @@ COLUMNS = ["n_params", "trace", "avg_trace", "avg_trace_se", "rel_se", "probes",
 
 class HessianError(ValueError):
     """Bad input to :func:`layer_traces`; the message names the offending value and the fix."""
+
+
+class NotPiecewiseLinearError(HessianError):
+    """:func:`gauss_newton_traces`' check failed: the logits are not piecewise linear in some
+    layer's weights, so H_ii has a remainder beyond its Gauss-Newton block (Eq. H5)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -623,8 +631,16 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
                  criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                  cache_dir: str | os.PathLike | None = None, progress: bool = True,
                  probe: str = "layer", micro_batch: int | str | None = "auto",
-                 stop_rule: Callable[[pd.DataFrame], bool] | None = None) -> pd.DataFrame:
+                 stop_rule: Callable[[pd.DataFrame], bool] | None = None,
+                 method: str = "hutchinson") -> pd.DataFrame:
     """Per-layer Hessian traces Tr(H_ii) and average traces T̄_i (docs/design.md §3, Eqs. H1–H4).
+
+    ``method="hutchinson"`` (default) estimates them with the probes described below;
+    ``"gauss_newton"`` computes them exactly with :func:`gauss_newton_traces` (piecewise-linear
+    networks only; raises :class:`NotPiecewiseLinearError` otherwise); ``"auto"`` uses the exact
+    computation when its check passes and the probes when it does not. The exact frame has
+    ``avg_trace_se`` 0, ``probes`` 0, ``converged`` True and a ``data_se`` column; ``tol``,
+    ``max_probes``, ``min_probes``, ``probe`` and ``stop_rule`` do not apply to it.
 
     Under ``torchrun`` (an initialised torch.distributed group of N > 1 processes) the work is
     split over the ranks and every rank returns the frame one process would compute from the
@@ -699,6 +715,9 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
             batches or settings differ from rank 0's.
     """
     _check_settings(tol, max_probes, min_probes, probe, micro_batch)
+    if method not in METHODS:
+        raise HessianError(f"method={method!r}: use one of {METHODS} ('auto' = exact "
+                           "Gauss-Newton traces where they apply, Hutchinson elsewhere)")
     batches = check_batches(batches)
     model = hdist.unwrap(model)     # DDP cannot double-backward: measure the plain module
     first = next(model.parameters(), None)
@@ -713,6 +732,8 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
     settings = {"layers": [i.name for i in infos], "tol": float(tol), "max_probes": max_probes,
                 "min_probes": r_min, "seed": seed, "probe": probe, "micro_batch": mb,
                 "criterion": _describe(criterion), "version": VERSION}
+    if method != "hutchinson":        # (the default's keys stay those of earlier versions)
+        settings["method"] = method
     key = path = None
     if stop_rule is not None:
         cache_dir = None          # the result depends on the rule, which is not hashable
@@ -729,6 +750,25 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
         if cached is not None:
             log.info("layer_traces: cache hit %s", path)
             return cached
+    if method != "hutchinson":
+        try:
+            df = gauss_newton_traces(model, batches, layers=[i.name for i in infos],
+                                     criterion=criterion, device=device, seed=seed,
+                                     micro_batch=mb if mb is not None else CPU_MICRO_BATCH)
+        except NotPiecewiseLinearError as exc:
+            if method == "gauss_newton":
+                raise
+            log.info("layer_traces(method='auto'): %s; using Hutchinson probes", exc)
+        else:
+            df.attrs.update({"seed": seed, "tol": float(tol), "converged": True,
+                             "cache_key": key, "max_probes": 0, "min_probes": 0,
+                             "probe": "none", "hvps": 0, "sweeps": 0,
+                             "stopped_by_rule": False, "world_size": hdist.world_size()})
+            if path is not None:
+                if hdist.is_main():
+                    _write_cache(path, df)
+                hdist.barrier()
+            return df
     modules = dict(model.named_modules())
     params = [modules[i.name].weight for i in infos]
     t0 = time.perf_counter()
@@ -751,7 +791,7 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
         "max_probes": max_probes, "min_probes": r_min, "probe": probe, "micro_batch": mb,
         "n_batches": len(chunks), "n_samples": int(sum(x.shape[0] for x, _ in batches)),
         "hvps": hvps, "sweeps": info["sweeps"], "device": str(device),
-        "stopped_by_rule": info["stopped_by_rule"],
+        "stopped_by_rule": info["stopped_by_rule"], "method": "hutchinson",
         "world_size": hdist.world_size(), "version": VERSION})
     if path is not None:
         if hdist.is_main():
@@ -813,7 +853,7 @@ def _gn_check(model: nn.Module, criterion: Callable, x: torch.Tensor, y: torch.T
         (hv,) = torch.autograd.grad(g, wg, grad_outputs=v)
         vhv = float(torch.vdot(hv.reshape(-1), v.reshape(-1)))
         if abs(vhv - vgv) > GN_CHECK_RTOL * max(abs(vhv), 1e-30):
-            raise HessianError(
+            raise NotPiecewiseLinearError(
                 f"layer {name.removesuffix('.weight')!r}: vᵀHv = {vhv:.6g} but the Gauss-Newton "
                 f"part vᵀGv = {vgv:.6g}; the logits are not piecewise linear in this layer's "
                 "weights (a smooth activation such as SiLU/GELU/tanh, or BN in train mode), so "

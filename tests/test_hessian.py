@@ -342,3 +342,24 @@ def test_gauss_newton_refuses_a_smooth_net_naming_the_layer():
 def test_gauss_newton_bad_inputs_raise(kwargs, match):
     with pytest.raises(HessianError, match=match):
         hessian.gauss_newton_traces(TinyCNN(), make_batches((2, 5, 5), sizes=(6, 5)), **kwargs)
+
+
+def test_layer_traces_method_switch_exact_auto_fallback_and_cache(tmp_path):
+    model, batches = TinyCNN(), make_batches((2, 5, 5), sizes=(6, 5))
+    exact = exact_block_traces(model, batches, ["conv1", "conv2", "fc"])
+    df = layer_traces(model, batches, method="gauss_newton", cache_dir=tmp_path, progress=False)
+    np.testing.assert_allclose(df["trace"].to_numpy(), exact, rtol=1e-9)
+    assert df.attrs["method"] == "gauss_newton" and df.attrs["converged"]
+    assert df.attrs["hvps"] == 0 and (df["probes"] == 0).all()
+    hit = layer_traces(model, batches, method="gauss_newton", cache_dir=tmp_path, progress=False)
+    pd.testing.assert_frame_equal(hit, df)
+    auto = layer_traces(model, batches, method="auto", progress=False)
+    np.testing.assert_allclose(auto["trace"].to_numpy(), exact, rtol=1e-9)
+    # a tanh net: "auto" falls back to the probes, "gauss_newton" refuses
+    smooth, sb = mlp(), make_batches((5,))
+    fallback = layer_traces(smooth, sb, method="auto", tol=0.5, progress=False)
+    assert fallback.attrs["method"] == "hutchinson" and fallback.attrs["hvps"] > 0
+    with pytest.raises(hessian.NotPiecewiseLinearError, match="layer '0'"):
+        layer_traces(smooth, sb, method="gauss_newton", progress=False)
+    with pytest.raises(HessianError, match="method='exact': use one of"):
+        layer_traces(model, batches, method="exact")
