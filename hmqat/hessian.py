@@ -86,7 +86,9 @@ from .models import LayerInfo, quantizable_layers
 __all__ = [
     "CPU_MICRO_BATCH",
     "PROBE_MODES",
+    "GN_AUTO_MAX_OUTPUTS",
     "GN_CHECK_RTOL",
+    "GN_MAX_ELEMENTS",
     "HessianError",
     "METHODS",
     "NotPiecewiseLinearError",
@@ -638,7 +640,8 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
     ``method="hutchinson"`` (default) estimates them with the probes described below;
     ``"gauss_newton"`` computes them exactly with :func:`gauss_newton_traces` (piecewise-linear
     networks only; raises :class:`NotPiecewiseLinearError` otherwise); ``"auto"`` uses the exact
-    computation when its check passes and the probes when it does not. The exact frame has
+    computation when its check passes and the model has at most :data:`GN_AUTO_MAX_OUTPUTS`
+    outputs (it costs one product per output and image), the probes otherwise. The exact frame has
     ``avg_trace_se`` 0, ``probes`` 0, ``converged`` True and a ``data_se`` column; ``tol``,
     ``max_probes``, ``min_probes``, ``probe`` and ``stop_rule`` do not apply to it.
 
@@ -750,6 +753,12 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
         if cached is not None:
             log.info("layer_traces: cache hit %s", path)
             return cached
+    if method == "auto":
+        n_out = _out_features(model, batches[0][0][:1], home)
+        if n_out > GN_AUTO_MAX_OUTPUTS:
+            log.info("layer_traces(method='auto'): %d outputs > %d, using Hutchinson probes",
+                     n_out, GN_AUTO_MAX_OUTPUTS)
+            method = "hutchinson"
     if method != "hutchinson":
         try:
             df = gauss_newton_traces(model, batches, layers=[i.name for i in infos],
@@ -805,6 +814,13 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
 # --------------------------------------------------------------------------------------------
 #: Largest |vᵀHv − vᵀGv| / |vᵀHv| that :func:`gauss_newton_traces`' check accepts as rounding.
 GN_CHECK_RTOL = 1e-3
+#: Per-image gradients held at once by :func:`gauss_newton_traces` (images × cotangents ×
+#: measured weights, in elements; 64 M ≈ 256 MB in float32): cotangents go in blocks below it.
+GN_MAX_ELEMENTS = 64_000_000
+#: ``layer_traces(method="auto")`` computes exact traces only up to this many outputs (the
+#: exact form costs one vector-Jacobian product per output and image; ImageNet's 1,000 would
+#: cost more than the probes).
+GN_AUTO_MAX_OUTPUTS = 32
 
 
 def _loss_factor(criterion: Callable, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -859,6 +875,18 @@ def _gn_check(model: nn.Module, criterion: Callable, x: torch.Tensor, y: torch.T
                 "weights (a smooth activation such as SiLU/GELU/tanh, or BN in train mode), so "
                 "the exact Gauss-Newton traces would miss the remaining term; use "
                 "hessian.layer_traces (Hutchinson) for this model")
+
+
+def _out_features(model: nn.Module, x: torch.Tensor, device: torch.device) -> int:
+    """The number of logits the model gives one input (eval mode, no gradient)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            return int(model(x.to(device)).shape[1])
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def gauss_newton_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -932,13 +960,18 @@ def gauss_newton_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
                 return torch.func.functional_call(model, {**state, **w}, (xi[None],))[0]
 
             _, pull = torch.func.vjp(logits, weights)
-            (g,) = torch.func.vmap(pull)(ui)                                # name -> [R, ...]
-            return torch.stack([g[k].pow(2).flatten(1).sum(1) for k in names], dim=1)
+            out = []
+            for j in range(0, ui.shape[0], block):      # cotangent blocks (GN_MAX_ELEMENTS)
+                (g,) = torch.func.vmap(pull)(ui[j:j + block])               # name -> [R, ...]
+                out.append(torch.stack([g[k].pow(2).flatten(1).sum(1) for k in names], dim=1))
+            return torch.cat(out)
 
+        n_weights = sum(w.numel() for w in weights.values())
         with torch.no_grad():
             for x, y in chunks:
                 x, y = x.to(device), y.to(device)
                 f = _loss_factor(criterion, torch.func.functional_call(model, state, (x,)), y)
+                block = max(1, GN_MAX_ELEMENTS // (x.shape[0] * n_weights))
                 if projections is None:                 # Eq. H6: every column of F
                     u = f.transpose(1, 2)                                   # [B, K, C]
                 else:                                   # Eq. H7: F s, s ±1 over the K columns

@@ -363,3 +363,14 @@ def test_layer_traces_method_switch_exact_auto_fallback_and_cache(tmp_path):
         layer_traces(smooth, sb, method="gauss_newton", progress=False)
     with pytest.raises(HessianError, match="method='exact': use one of"):
         layer_traces(model, batches, method="exact")
+
+
+def test_gauss_newton_cotangent_blocks_and_auto_with_many_outputs(monkeypatch):
+    model, batches = TinyCNN(), make_batches((2, 5, 5), sizes=(6, 5))
+    exact = exact_block_traces(model, batches, ["conv1", "conv2", "fc"])
+    monkeypatch.setattr(hessian, "GN_MAX_ELEMENTS", 1)      # one cotangent per block
+    df = hessian.gauss_newton_traces(model, batches)
+    np.testing.assert_allclose(df["trace"].to_numpy(), exact, rtol=1e-9)
+    monkeypatch.setattr(hessian, "GN_AUTO_MAX_OUTPUTS", 2)  # 3 logits > 2: probes instead
+    auto = layer_traces(model, batches, method="auto", tol=0.5, progress=False)
+    assert auto.attrs["method"] == "hutchinson" and auto.attrs["hvps"] > 0
