@@ -28,6 +28,9 @@ of the mean loss over them, BN in eval mode):
       --gn-projections output-space probes per image, interleaved with (a') and (b) in the same
       repeats; ``fair_ratio_gauss_newton_*`` = median time(f)/time(a') at the first tol, with
       the per-layer agreement with (a').
+  (g) the Pareto picks (joint Ω, --budgets) of the exact traces of (f) against those of every
+      Hutchinson frame at hand ((b) at each tol, and (e)'s): same pick, ΣΩ excess under the exact
+      traces; ``exact_pick_ratio`` = time of (f) exact / the fair reference at the first tol.
   (e) decision-based stopping (docs/method.md §3): hmqat with ``stop_rule=
       sensitivity.decision_stop_rule(model, --budgets)``: probing stops once no perturbation of
       the traces within ±1.96 SE changes the joint-Ω Pareto pick at any requested budget. Its
@@ -378,7 +381,7 @@ def fair_comparison(model: nn.Module, batches, names: list[str], tols: list[floa
 def decision_section(model: nn.Module, batches, budgets: list[float], seed: int,
                      dev: torch.device, fair: dict, tols: list[float], max_probes: int,
                      pick_tol: float | None = None, fair_file: Path | None = None,
-                     regret: float | None = None) -> None:
+                     regret: float | None = None) -> list[tuple[str, pd.DataFrame]]:
     """(e): decision-based stopping vs the fair reference; its picks vs tol 0.05's (same pick,
     and the pick's ΣΩ excess under the tol-0.05 traces)."""
     from hmqat import search, sensitivity
@@ -440,27 +443,6 @@ def decision_section(model: nn.Module, batches, budgets: list[float], seed: int,
     else:
         say("tol 0.05 was not run in this process: the pick comparison needs --tols with 0.05 "
             "or --pick-tol 0.05")
-    gn_frames = fair.get(tol0, {}).get("gn:None:frames", [])
-    if gn_frames:                   # (g): the picks of the exact traces (no probe error)
-        t_ex = np.clip(gn_frames[0].loc[qerr.index, "avg_trace"].to_numpy(float), 0.0, None)
-        q = qerr[list(bits)].to_numpy(float)
-        p_ex = sensitivity._picks(qerr, t_ex, inp, budgets, bits)
-
-        def exact_cost(pick: tuple[int, ...]) -> float:
-            return float(sum(t_ex[i] * q[i, list(bits).index(b)] for i, b in enumerate(pick)))
-        say(f"\n## (g) picks from the exact Gauss-Newton traces (f) at {budgets}x")
-        for name, frame in [("decision rule (e)", df)] + [
-                (f"hmqat tol {pick_tol or 0.05}, run {k}", f) for k, f in enumerate(frames05)]:
-            picks = sensitivity._picks(qerr, frame.loc[qerr.index, "avg_trace"].to_numpy(float),
-                                       inp, budgets, bits)
-            say(f"{name}: same pick as the exact traces {[a == b for a, b in zip(picks, p_ex)]}; "
-                f"ΣΩ under the exact traces above the exact pick's "
-                f"{[f'{exact_cost(a) / exact_cost(b) - 1:+.2%}' for a, b in zip(picks, p_ex)]}")
-        if t_ref is not None:
-            t_gn = float(np.median(fair[tol0]["gn:None"]))
-            say(f"exact_pick_ratio: {t_gn / t_ref:.4f}  (median time of gauss_newton_traces, "
-                f"exact, / fair reference median at tol {tol0}: the exact picks, no probe error; "
-                f"decision goal <= 0.1)")
     if t_ref is None and fair_file is not None and fair_file.exists():
         refs = [float(line.split("reference")[1].split()[0]) for line in
                 fair_file.read_text().splitlines()
@@ -469,6 +451,45 @@ def decision_section(model: nn.Module, batches, budgets: list[float], seed: int,
             say(f"decision_ratio: {t_dec / float(np.median(refs)):.4f}  (time(e) / median fair "
                 f"reference time at tol {tol0} read from {fair_file.name}, run concurrently on "
                 f"the same machine; goal <= 0.1)")
+    return [("decision rule (e)", df)] + [(f"hmqat tol {pick_tol or 0.05}, run {k}", f)
+                                          for k, f in enumerate(frames05)]
+
+
+def exact_picks_section(model: nn.Module, budgets: list[float], fair: dict, tols: list[float],
+                        others: list[tuple[str, pd.DataFrame]]) -> None:
+    """(g): the Pareto picks of the exact Gauss-Newton traces (f) at ``budgets``, against the
+    picks of every Hutchinson frame at hand (the fair comparison's hmqat runs at each tol, and
+    (e)'s frames when it ran): same pick, and the pick's ΣΩ excess under the exact traces."""
+    from hmqat import search, sensitivity
+
+    tol0 = tols[0]
+    gn_frames = fair.get(tol0, {}).get("gn:None:frames", [])
+    if not gn_frames:
+        say("\n(g) skipped: no exact Gauss-Newton run (--gn-projections without 0)")
+        return
+    bits = (2, 3, 4, 5, 6, 8)
+    qerr = sensitivity.omega_table(model, None, bits, variant="qerr_only", method="mse")
+    inp = search.model_inputs(model, a_bits=4, policy="first_last_8")
+    t_ex = np.clip(gn_frames[0].loc[qerr.index, "avg_trace"].to_numpy(float), 0.0, None)
+    q = qerr[list(bits)].to_numpy(float)
+    p_ex = sensitivity._picks(qerr, t_ex, inp, budgets, bits)
+
+    def exact_cost(pick: tuple[int, ...]) -> float:
+        return float(sum(t_ex[i] * q[i, list(bits).index(b)] for i, b in enumerate(pick)))
+    say(f"\n## (g) picks from the exact Gauss-Newton traces (f) at {budgets}x (joint Ω, bits "
+        f"{list(bits)})")
+    frames = [(f"hmqat tol {t}, repeat {k}", f) for t in tols
+              for k, f in enumerate(fair.get(t, {}).get("frames", []))] + list(others)
+    for name, frame in frames:
+        picks = sensitivity._picks(qerr, frame.loc[qerr.index, "avg_trace"].to_numpy(float),
+                                   inp, budgets, bits)
+        say(f"{name}: same pick as the exact traces {[a == b for a, b in zip(picks, p_ex)]}; "
+            f"ΣΩ under the exact traces above the exact pick's "
+            f"{[f'{exact_cost(a) / exact_cost(b) - 1:+.2%}' for a, b in zip(picks, p_ex)]}")
+    t_gn, t_ref = float(np.median(fair[tol0]["gn:None"])), float(np.median(fair[tol0]["ref"]))
+    say(f"exact_pick_ratio: {t_gn / t_ref:.4f}  (median time of gauss_newton_traces, exact, / "
+        f"fair reference median at tol {tol0}: the exact picks, no probe error; decision goal "
+        f"<= 0.1)")
 
 
 def main() -> None:
@@ -495,8 +516,8 @@ def main() -> None:
     ap.add_argument("--regret", type=float, default=None,
                     help="decision rule (e): accept a pick whose ΣΩ is within this relative "
                          "tolerance of every perturbed optimum (default: same pick required)")
-    ap.add_argument("--sections", nargs="+", default=["fair", "decision", "old"],
-                    choices=["fair", "decision", "old"],
+    ap.add_argument("--sections", nargs="+", default=["fair", "decision", "picks", "old"],
+                    choices=["fair", "decision", "picks", "old"],
                     help="what to run (several processes can share the work; see --fair-file)")
     ap.add_argument("--fair-file", type=Path, default=None,
                     help="with --sections decision but not fair: the output file of a concurrent "
@@ -567,9 +588,12 @@ def main() -> None:
         for t in tols[1:]:
             say(f"fair_ratio_tol{t}: {np.median(fair[t]['ratios']):.4f}  (median over "
                 f"{len(fair[t]['ratios'])} repeats)")
+    others: list[tuple[str, pd.DataFrame]] = []
     if "decision" in args.sections:
-        decision_section(model, batches, args.budgets, args.seed, dev, fair, tols,
-                         args.max_probes, args.pick_tol, args.fair_file, args.regret)
+        others = decision_section(model, batches, args.budgets, args.seed, dev, fair, tols,
+                                  args.max_probes, args.pick_tol, args.fair_file, args.regret)
+    if "picks" in args.sections:
+        exact_picks_section(model, args.budgets, fair, tols, others)
     if "old" not in args.sections:
         args.skip_old = True
     if args.skip_old:

@@ -76,6 +76,8 @@ def test_hessian_benchmark_runs_on_the_given_device(tmp_path: Path) -> None:
         assert len(gn) == 1 and float(gn[0].split()[1]) > 0, kind
     assert "tol 0.5: repeat 1 gauss-newton exact" in text and "exact: no probe error" in text
     assert "## (g) picks from the exact Gauss-Newton traces" in text
+    for name in ("hmqat tol 0.5, repeat 1", "decision rule (e)", "hmqat tol 0.05, run 0"):
+        assert f"{name}: same pick as the exact traces [" in text, name
     ratio = [line for line in text.splitlines() if line.startswith("exact_pick_ratio: ")]
     assert len(ratio) == 1 and float(ratio[0].split()[1]) > 0
     dec = [line for line in text.splitlines() if line.startswith("decision_ratio: ")]
