@@ -455,12 +455,20 @@ def decision_section(model: nn.Module, batches, budgets: list[float], seed: int,
                                           for k, f in enumerate(frames05)]
 
 
-def exact_picks_section(model: nn.Module, budgets: list[float], fair: dict, tols: list[float],
-                        others: list[tuple[str, pd.DataFrame]]) -> None:
+def exact_picks_section(model: nn.Module, batches, budgets: list[float], fair: dict,
+                        tols: list[float], others: list[tuple[str, pd.DataFrame]],
+                        pick_tol: float | None, seed: int, dev: torch.device,
+                        max_probes: int) -> None:
     """(g): the Pareto picks of the exact Gauss-Newton traces (f) at ``budgets``, against the
     picks of every Hutchinson frame at hand (the fair comparison's hmqat runs at each tol, and
-    (e)'s frames when it ran): same pick, and the pick's ΣΩ excess under the exact traces."""
+    (e)'s frames when it ran; without a frame at ``pick_tol`` one hmqat run at it is added):
+    same pick, and the pick's ΣΩ excess under the exact traces."""
     from hmqat import search, sensitivity
+
+    if pick_tol and pick_tol not in tols and not any(f"tol {pick_tol}" in n for n, _ in others):
+        df = hessian.layer_traces(model, batches, tol=pick_tol, seed=seed + 555, progress=False,
+                                  device=dev, max_probes=max_probes * 8)
+        others = list(others) + [(f"hmqat tol {pick_tol} ({df.attrs['wall_s']:.0f} s)", df)]
 
     tol0 = tols[0]
     gn_frames = fair.get(tol0, {}).get("gn:None:frames", [])
@@ -593,7 +601,8 @@ def main() -> None:
         others = decision_section(model, batches, args.budgets, args.seed, dev, fair, tols,
                                   args.max_probes, args.pick_tol, args.fair_file, args.regret)
     if "picks" in args.sections:
-        exact_picks_section(model, args.budgets, fair, tols, others)
+        exact_picks_section(model, batches, args.budgets, fair, tols, others, args.pick_tol,
+                            args.seed, dev, args.max_probes)
     if "old" not in args.sections:
         args.skip_old = True
     if args.skip_old:
