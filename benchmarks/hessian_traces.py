@@ -300,6 +300,12 @@ def fair_reference(model: nn.Module, batches, names: list[str], tol: float, seed
             "wall_s": clock(dev) - t0, "hvps": hvps, "converged": not active}
 
 
+def agreement_z(ref: dict, df: pd.DataFrame) -> np.ndarray:
+    """Per-layer z of the reference's trace against a frame's, with both SEs."""
+    return (ref["mean"] - df["trace"].to_numpy()) / np.sqrt(
+        ref["se"] ** 2 + (df["avg_trace_se"] * df["n_params"]).to_numpy() ** 2)
+
+
 def gauss_newton_run(model: nn.Module, batches, projections: int | None, seed: int,
                      dev: torch.device) -> pd.DataFrame:
     """(f) hmqat.hessian.gauss_newton_traces: exact (projections None) or r output-space probes
@@ -359,17 +365,14 @@ def fair_comparison(model: nn.Module, batches, names: list[str], tols: list[floa
         ratios = np.array(runs["hmqat"]) / np.array(runs["ref"])
         runs["ratios"] = ratios
         df, ref = runs["frames"][0], runs["ref_runs"][0]
-        z = (ref["mean"] - df["trace"].to_numpy()) / np.sqrt(
-            ref["se"] ** 2 + (df["avg_trace_se"] * df["n_params"]).to_numpy() ** 2)
+        z = agreement_z(ref, df)
         say(f"tol {tol}: time(b)/time(a') per repeat {np.round(ratios, 3).tolist()}, median "
             f"{np.median(ratios):.3f}; hmqat median {np.median(runs['hmqat']):.1f} s, reference "
             f"median {np.median(runs['ref']):.1f} s; per-layer agreement (repeat 0) |z| median "
             f"{np.median(np.abs(z)):.2f}, max {np.abs(z).max():.2f}")
         for key in gn_keys:
             runs[key + ":ratios"] = np.array(runs[key]) / np.array(runs["ref"])
-            g = runs[key + ":frames"][0]
-            zg = (ref["mean"] - g["trace"].to_numpy()) / np.sqrt(
-                ref["se"] ** 2 + (g["avg_trace_se"] * g["n_params"]).to_numpy() ** 2)
+            zg = agreement_z(ref, runs[key + ":frames"][0])
             say(f"tol {tol}: time(f, {key})/time(a') per repeat "
                 f"{np.round(runs[key + ':ratios'], 3).tolist()}, median "
                 f"{np.median(runs[key + ':ratios']):.3f}; agreement with the reference "
