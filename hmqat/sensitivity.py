@@ -1175,26 +1175,35 @@ def calibration_variability(model: nn.Module, calib_sets: Sequence[list[tuple[to
                             bits: Sequence[int] = DEFAULT_BITS, a_bits: int | None = 4,
                             policy: str = "first_last_8", method: str = "lsq",
                             cache_dir: str | os.PathLike | None = None,
-                            progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+                            progress: bool = True, trace_method: str = "hutchinson"
+                            ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """How much do the traces move between disjoint calibration sets, which the stratified SE
     (probe noise on *these* images) leaves out? (docs/method.md §3).
 
-    Returns (per_layer, picks): per_layer has one row per layer with the mean over sets, the
-    between-set SD, the mean within-set SE and their ratio; picks one row per (set,
-    compression) with the joint-Ω pick (JSON) and whether it equals set 0's.
+    ``trace_method`` goes to :func:`hmqat.hessian.layer_traces` (``method=``). Returns
+    (per_layer, picks): per_layer has one row per layer with the mean over sets, the between-set
+    SD, the mean within-set (probe) SE and their ratio, and, for exact traces, the mean
+    per-image SE ``data_se`` (the between-set SD it predicts) and ``between_over_data_se``;
+    picks one row per (set, compression) with the joint-Ω pick (JSON) and whether it equals set
+    0's.
     """
     if len(calib_sets) < 2:
         raise SensitivityError("calibration_variability needs >= 2 disjoint calibration sets")
     frames = [hessian.layer_traces(model, c, tol=tol, max_probes=max_probes, seed=seed + k,
-                                   cache_dir=cache_dir, progress=progress)
+                                   cache_dir=cache_dir, progress=progress, method=trace_method)
               for k, c in enumerate(calib_sets)]
     t = np.stack([f["avg_trace"].to_numpy(float) for f in frames])
     se = np.stack([f["avg_trace_se"].to_numpy(float) for f in frames])
     names = list(frames[0].index)
     per_layer = pd.DataFrame({"layer": names, "avg_trace_mean": t.mean(0),
                               "between_set_sd": t.std(0, ddof=1), "within_set_se": se.mean(0)})
-    per_layer["between_over_within"] = per_layer["between_set_sd"] / per_layer["within_set_se"]
+    with np.errstate(divide="ignore", invalid="ignore"):    # exact traces: no probe SE
+        per_layer["between_over_within"] = (per_layer["between_set_sd"]
+                                            / per_layer["within_set_se"].replace(0, np.nan))
     per_layer["between_rel_sd"] = per_layer["between_set_sd"] / np.abs(per_layer["avg_trace_mean"])
+    if all("data_se" in f for f in frames):       # per-image spread: predicts between_set_sd
+        per_layer["data_se"] = np.stack([f["data_se"].to_numpy(float) for f in frames]).mean(0)
+        per_layer["between_over_data_se"] = per_layer["between_set_sd"] / per_layer["data_se"]
     qerr = omega_table(model, None, bits, variant="qerr_only", method=method)
     inp = search.model_inputs(model, a_bits=a_bits, policy=policy)
     rows = []

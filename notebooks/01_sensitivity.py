@@ -74,6 +74,7 @@ calib_samples = 1024
 calib_batch = 256
 trace_tol = 0.1
 trace_max_probes = 32
+trace_method = "auto"          # exact Gauss-Newton traces where they apply, probes elsewhere
 a_bits = 4
 fp32_checkpoint = ""
 single_bits = [2, 3, 4]
@@ -129,9 +130,28 @@ print(f"{name}: one probe vᵀHv = {probe:.4g}, i.e. T̄ ≈ {probe / w.numel():
       f"({w.numel()} weights, 64 images)")
 
 # %% [markdown]
+# ### Without probes: the Gauss-Newton identity
+# For one layer, $H_{ii} = J_i^\top \Lambda J_i + \sum_c \partial\ell/\partial z_c\,
+# \partial^2 z_c/\partial W_i^2$ ($J_i$ the Jacobian of the logits $z$, $\Lambda$ the Hessian of
+# the loss in the logits). With ReLU, eval-mode BatchNorm, convolutions and residual sums the
+# logits are piecewise linear in $W_i$, so the second term is zero and, writing
+# $\Lambda_n = F_n F_n^\top$ per image, $\mathrm{Tr}(H_{ii}) = \frac1N\sum_n \lVert
+# J_{n,i}^\top F_n\rVert_F^2$: ten vector-Jacobian products per image (one per class), all layers
+# at once, and **no probe noise** (docs/method.md §3, Eqs. H5–H7). `layer_traces(method="auto")`
+# checks the identity on one batch and uses it; a model with smooth activations (SiLU, GELU)
+# keeps the Hutchinson probes above. The cell below compares the two on the last layer.
+
+# %%
+exact = hessian.gauss_newton_traces(model, [(x0, y0)], layers=[name])
+print(f"{name}: exact T̄ on the same 64 images = {exact.loc[name, 'avg_trace']:.4g}; the single "
+      f"probe above was {probe / w.numel():.4g}")
+
+# %% [markdown]
 # ## 1. Per-layer average traces with error bars
 # The calibration set is a seeded random subset of the *training* split minus the validation
 # hold-out (``val_size`` images, stratified, seed 0), which section 3 measures every loss on.
+# With exact traces the probe error bars are zero; `data_se` is the standard error over the
+# calibration images: how far another calibration set of the same size would move T̄.
 # Results are cached on disk, keyed by a hash of the weights, the data, the seed and the settings.
 
 # %%
@@ -140,11 +160,14 @@ val_ds = study.data("val") if val_size > 0 else None
 calib = data.calibration_batches(train_ds, n_samples=calib_samples, batch_size=calib_batch,
                                  seed=seed, device=study.dev)
 traces = hessian.layer_traces(model, calib, tol=trace_tol, max_probes=trace_max_probes, seed=seed,
-                              device=study.dev, cache_dir=study.root / "cache")
+                              device=study.dev, cache_dir=study.root / "cache",
+                              method=trace_method)
 runtime.atomic_write_text(study.path("data", "traces.csv"), traces.to_csv())
-print(f"up to {traces['probes'].max()} probes per layer ({traces.attrs['hvps']} HVPs), "
-      f"{traces.attrs['wall_s']:.1f} s, converged: {traces.attrs['converged']}")
-traces[["n_params", "avg_trace", "avg_trace_se", "rel_se", "probes"]]
+print(f"method {traces.attrs['method']}: up to {traces['probes'].max()} probes per layer "
+      f"({traces.attrs['hvps']} HVPs), {traces.attrs['wall_s']:.1f} s, converged: "
+      f"{traces.attrs['converged']}")
+traces[[c for c in ("n_params", "avg_trace", "avg_trace_se", "rel_se", "probes", "data_se")
+        if c in traces]]
 
 # %%
 with plotting.use_style():
@@ -195,7 +218,8 @@ if val_ds is not None:
     res = sensitivity_study.run_study(
         model, train_ds, val_ds, study.root, bits=bits, a_bits=a_bits, policy=policy,
         method=init, calib_samples=calib_samples, calib_batch=calib_batch, trace_tol=trace_tol,
-        trace_max_probes=trace_max_probes, single_bits=single_bits, noise_pairs=noise_pairs,
+        trace_max_probes=trace_max_probes, trace_method=trace_method, single_bits=single_bits,
+        noise_pairs=noise_pairs,
         additivity_configs=additivity_configs, fixed_configs=fixed_configs,
         target_compression=target_compression, frontier_compressions=frontier_compressions,
         frontier_random=frontier_random, variability_sets=variability_sets,
@@ -243,8 +267,9 @@ display(Markdown(sensitivity_study.verdict(tables)))  # noqa: F821
 
 # %% [markdown]
 # ## Exercises
-# 1. Run the estimator with `trace_tol=0.2` and `0.02`. How do the error bars and wall time scale
-#    with the number of probes? (Standard error ∝ 1/√probes.)
+# 1. Run the Hutchinson estimator (`trace_method="hutchinson"`) with `trace_tol=0.2` and `0.02`.
+#    How do the error bars and wall time scale with the number of probes? (Standard error ∝
+#    1/√probes.) How close does it get to the exact traces, and at what cost?
 #    *Hint:* look at `probes`, `rel_se` and `attrs["wall_s"]` of the two frames; a 10× smaller SE needs ~100× the probes.
 # 2. Which layers have the largest average trace, and which the largest Ω at 2 bits? Why do the two
 #    rankings differ?

@@ -473,3 +473,21 @@ def test_study_resume_folder_is_keyed_by_weights_and_settings(tmp_path):
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
     assert base != sensitivity_study.work_dir(tmp_path, model, {"trace_tol": 0.05, "seed": 0})
+
+
+def test_calibration_variability_with_exact_traces_reports_the_per_image_se():
+    model = Net().eval()
+    sets = [batches(n=16, seed=s) for s in (1, 2)]
+    kw = dict(compressions=[4.0], bits=(2, 4, 8), a_bits=None, policy="none", method="mse",
+              progress=False)
+    exact, picks = sensitivity.calibration_variability(model, sets, trace_method="gauss_newton",
+                                                       **kw)
+    assert (exact["within_set_se"] == 0).all() and exact["between_over_within"].isna().all()
+    assert (exact["data_se"] > 0).all()
+    by_hand = np.array([layer_traces(model, s, method="gauss_newton")["avg_trace"] for s in sets])
+    np.testing.assert_allclose(exact["between_set_sd"], by_hand.std(0, ddof=1), rtol=1e-9)
+    np.testing.assert_allclose(exact["between_over_data_se"],
+                               exact["between_set_sd"] / exact["data_se"], rtol=1e-12)
+    assert len(picks) == 2 and bool(picks["same_as_set0"].iloc[0])
+    probes, _ = sensitivity.calibration_variability(model, sets, tol=0.5, max_probes=4, **kw)
+    assert "data_se" not in probes and (probes["within_set_se"] > 0).all()

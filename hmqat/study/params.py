@@ -163,6 +163,9 @@ NOTEBOOK_KEYS: dict[str, dict[str, Key]] = {
         "calib_batch": Key(integer(1), "Hessian batch size"),
         "trace_tol": Key(number(0, strict=True), "relative tolerance of the trace estimate"),
         "trace_max_probes": Key(integer(1), "most Hutchinson probes"),
+        "trace_method": Key(choice(("hutchinson", "gauss_newton", "auto")),
+                            "trace estimator: Hutchinson probes, exact Gauss-Newton traces "
+                            "(piecewise-linear nets), or auto (exact where it applies)"),
         "fp32_checkpoint": Key(text, "FP32 checkpoint to analyse ('' = notebook 00's)"),
         "single_bits": Key(list_of(bit_width), "widths of the one-layer-at-a-time check"),
         "noise_pairs": Key(integer(1), "antithetic noise pairs per layer"),

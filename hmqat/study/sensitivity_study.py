@@ -57,6 +57,7 @@ def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathL
               stages: Sequence[str] = STUDY_STAGES, bits: Sequence[int] = DEFAULT_BITS,
               a_bits: int | None = 4, policy: str = "first_last_8", method: str = "lsq",
               calib_samples: int = 512, calib_batch: int = 128, trace_tol: float = 0.05,
+              trace_method: str = "hutchinson",
               trace_max_probes: int = 64, single_bits: Sequence[int] = (2, 3, 4),
               noise_pairs: int = 1, noise_every: int = 1, additivity_configs: int = 16,
               fixed_configs: int = 64,
@@ -84,6 +85,7 @@ def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathL
     work = work_dir(root, model, dict(
         bits=list(bits), a_bits=a_bits, policy=policy, method=method,
         calib_samples=calib_samples, calib_batch=calib_batch, trace_tol=trace_tol,
+        trace_method=trace_method,
         trace_max_probes=trace_max_probes, single_bits=list(single_bits),
         noise_pairs=noise_pairs, noise_every=noise_every,
         additivity_configs=additivity_configs, fixed_configs=fixed_configs,
@@ -118,7 +120,8 @@ def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathL
             report(res)
 
     traces = hessian.layer_traces(model, calib, tol=trace_tol, max_probes=trace_max_probes,
-                                  seed=seed, cache_dir=root / "cache", progress=progress)
+                                  seed=seed, cache_dir=root / "cache", progress=progress,
+                                  method=trace_method)
     if "traces" in stages and not done("traces"):
         save("traces", traces.reset_index())
     omegas: dict[str, pd.DataFrame] = {}
@@ -198,7 +201,8 @@ def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathL
         per_layer, picks = calibration_variability(
             model, sets, tol=variability_tol, max_probes=trace_max_probes, seed=seed,
             compressions=[target_compression], bits=bits, a_bits=a_bits, policy=policy,
-            method=method, cache_dir=root / "cache", progress=progress)
+            method=method, cache_dir=root / "cache", progress=progress,
+            trace_method=trace_method)
         save("variability_layers", per_layer)
         save("variability_picks", picks)
     if "variability_picks" in res and "variability_layers" not in res:
