@@ -105,8 +105,10 @@ cfg = train.TrainConfig(epochs=ablation_epochs, lr=qat_lr, step_lr=step_lr, weig
 # in absolute terms, fine for ranking).
 
 # %%
+split = "validation hold-out" if val_size > 0 else "test"   # the lab profile has no hold-out
+eval_loader = study.val_loader() if val_size > 0 else study.test_loader()
 table = ablation.run_ablations(
-    fp32, study.train_loader(), study.val_loader() if val_size > 0 else study.test_loader(), cfg, omegas, acct["n_params"],
+    fp32, study.train_loader(), eval_loader, cfg, omegas, acct["n_params"],
     run_dir=study.path("checkpoints", "ablation"), min_compression=ablation_compression,
     primary="joint", bits=bits, random_seeds=random_seeds, fixed=acct["fixed"],
     other_params=acct["other_params"], fp32_params=acct["fp32_params"], a_bits=a_bits,
@@ -119,7 +121,7 @@ if max_steps_per_epoch:
     steps = min(steps, max_steps_per_epoch)
 reporting.write_table(summary, study.tables / "ablation",
                       caption=f"Ablations at ~{ablation_compression:g}x compression, top1 = "
-                              f"{'validation hold-out' if val_size > 0 else 'test'} top-1 "
+                              f"{split} top-1 "
                               f"(ranking only): same seed, "
                               f"{ablation_epochs} QAT epoch(s) of {steps} steps at batch "
                               f"{batch_size} each; random allocation over {len(random_seeds)} "
@@ -186,8 +188,8 @@ if qat_level_configs:
     from hmqat import transitions
 
     level = ablation.qat_level_check(
-        fp32, study.train_loader(), study.val_loader() if val_size > 0 else study.test_loader(),
-        cfg, pd.read_csv(study.path("data", "sensitivity/fixed_size.csv")),
+        fp32, study.train_loader(), eval_loader, cfg,
+        pd.read_csv(study.path("data", "sensitivity/fixed_size.csv")),
         n=qat_level_configs, run_dir=study.path("checkpoints", "qat_level"),
         recipe=transitions.Recipe.from_dict(transition_recipe), a_bits=a_bits, policy=policy,
         init=init, device=study.dev, input_size=study.input_size, data=study.data_key)
@@ -196,7 +198,7 @@ if qat_level_configs:
     reporting.write_table(
         level["kendall"], study.tables / "qat_level_kendall",
         caption=f"Experiment 7: Kendall τ of each predictor with the QAT error (100 − "
-                f"{'validation hold-out' if val_size > 0 else 'test'} top-1) over "
+                f"{split} top-1) over "
                 f"{len(level['runs'])} equal-size configs spanning ΣΩ at ~"
                 f"{level['runs']['compression'].median():.2f}x, one seed each, {ablation_epochs * steps} "
                 f"steps of "
@@ -209,7 +211,8 @@ if qat_level_configs:
                                 subtitle=study.subtitle(), xlabel="Kendall τ (predictor vs QAT error)")
     plotting.savefig(fig, study.figures / "qat_level_kendall")
     display(level["kendall"])
-    display(Markdown(ablation.qat_level_verdict(level, steps=ablation_epochs * steps)))
+    display(Markdown(ablation.qat_level_verdict(level, steps=ablation_epochs * steps,
+                                              split=split)))
 
 # %% [markdown]
 # ## Transition-aware fine-tuning, measured fairly
