@@ -7,6 +7,9 @@ import pytest
 matplotlib.use("Agg")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ["HMQAT_HEADLESS"] = "1"
+# also for module-scoped fixtures (the smoke pipeline), which run before _isolated_env
+for _key in ("HMQAT_DATA_DIR", "HMQAT_WEIGHTS_DIR"):
+    os.environ.pop(_key, None)
 
 
 @pytest.fixture(autouse=True)
