@@ -256,9 +256,10 @@ for stem in ("trace_variability", "trace_variability_picks"):
 # scale when its log-log slope CI contains 1; the Hessian **adds** over a baseline only when the
 # paired τ(joint) − τ(baseline) CI lies above 0; allocation **matters** when a pick beats ≥ 95 %
 # of the random configs of its size. CIs are bootstrap intervals over layers or configs of one
-# model and one probe seed, not over training seeds; every loss/accuracy is on the validation
-# hold-out. docs/method.md §3 discusses the committed quick-profile run. Whether ΣΩ still ranks
-# these configs *after QAT* (experiment 7) is trained and measured in notebook 04.
+# model and one calibration set (and probe seed, for Hutchinson traces), not over training
+# seeds; every loss/accuracy is on the validation hold-out. docs/method.md §3 discusses the
+# committed quick-profile run. Whether ΣΩ still ranks these configs *after QAT* (experiment 7) is
+# trained and measured in notebook 04.
 
 # %%
 from IPython.display import Markdown

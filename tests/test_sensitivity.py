@@ -462,6 +462,23 @@ def test_study_verdict_says_what_the_paired_tau_supports():
     assert sensitivity_study.verdict({}) == "No part of the study ran."
 
 
+def test_study_verdict_compares_calibration_sets_with_the_right_se():
+    from hmqat.study import sensitivity_study
+
+    layers = pd.DataFrame({"between_set_sd": [0.1, 0.3], "within_set_se": [0.0, 0.0],
+                           "between_over_within": [np.nan, np.nan], "data_se": [0.1, 0.2],
+                           "between_over_data_se": [1.0, 1.5], "between_rel_sd": [0.05, 0.1]})
+    picks = pd.DataFrame({"set": [0, 1, 2], "same_as_set0": [True, True, False]})
+    text = sensitivity_study.verdict({"trace_variability": (layers, ""),
+                                      "trace_variability_picks": (picks, "")})
+    assert "per-image SE of the exact traces (data_se) median 1.25 (range 1.00–1.50)" in text
+    assert "5%–10% of the trace" in text and "equals set 0's in 2 of 3" in text
+    probes = layers.drop(columns=["data_se", "between_over_data_se"]).assign(
+        between_over_within=[2.0, 4.0])
+    text = sensitivity_study.verdict({"trace_variability": (probes, "")})
+    assert "stratified probe SE median 3.00 (range 2.00–4.00)" in text and "nan" not in text
+
+
 def test_study_resume_folder_is_keyed_by_weights_and_settings(tmp_path):
     from hmqat.study import sensitivity_study
 

@@ -270,7 +270,8 @@ def study_tables(res: Mapping[str, pd.DataFrame]) -> dict[str, tuple[pd.DataFram
     if "variability_layers" in res:
         out["trace_variability"] = (res["variability_layers"],
                                     "Average traces on disjoint calibration sets: between-set "
-                                    "SD vs the stratified within-set SE")
+                                    "SD vs the stratified within-set (probe) SE and, for exact "
+                                    "traces, the per-image SE data_se")
     if "variability_picks" in res:
         out["trace_variability_picks"] = (res["variability_picks"].drop(columns="config"),
                                           "Joint-Omega pick per disjoint calibration set")
@@ -340,11 +341,18 @@ def verdict(tables: Mapping[str, tuple[pd.DataFrame, str]]) -> str:
         lines.append("5. **PTQ frontier** (does allocation matter?): " + "; ".join(per))
     if "trace_variability" in tables:
         v = tables["trace_variability"][0]
-        lines.append(f"6. **Calibration sets**: between-set SD / stratified SE median "
-                     f"{v['between_over_within'].median():.2f} (range "
-                     f"{v['between_over_within'].min():.2f}–{v['between_over_within'].max():.2f})"
-                     f"; between-set SD {v['between_rel_sd'].min():.0%}–"
-                     f"{v['between_rel_sd'].max():.0%} of the trace")
+        # exact traces have no probe SE; their per-image SE (data_se) predicts the between-set SD
+        col, what = (("between_over_data_se", "per-image SE of the exact traces (data_se)")
+                     if "between_over_data_se" in v else
+                     ("between_over_within", "stratified probe SE"))
+        text = (f"6. **Calibration sets**: between-set SD / {what} median {v[col].median():.2f} "
+                f"(range {v[col].min():.2f}–{v[col].max():.2f}); between-set SD "
+                f"{v['between_rel_sd'].min():.0%}–{v['between_rel_sd'].max():.0%} of the trace")
+        if "trace_variability_picks" in tables:
+            p = tables["trace_variability_picks"][0]
+            text += (f"; the joint-Ω pick equals set 0's in {int(p['same_as_set0'].sum())} of "
+                     f"{len(p)} (set, budget) rows")
+        lines.append(text)
     return "\n".join(lines) if lines else "No part of the study ran."
 
 
