@@ -88,6 +88,7 @@ __all__ = [
     "PROBE_MODES",
     "GN_AUTO_MAX_OUTPUTS",
     "GN_CHECK_RTOL",
+    "GN_FIRST_ROUND",
     "GN_MAX_ELEMENTS",
     "HessianError",
     "METHODS",
@@ -634,16 +635,19 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
                  cache_dir: str | os.PathLike | None = None, progress: bool = True,
                  probe: str = "layer", micro_batch: int | str | None = "auto",
                  stop_rule: Callable[[pd.DataFrame], bool] | None = None,
-                 method: str = "hutchinson") -> pd.DataFrame:
+                 method: str = "auto") -> pd.DataFrame:
     """Per-layer Hessian traces Tr(H_ii) and average traces T̄_i (docs/design.md §3, Eqs. H1–H4).
 
-    ``method="hutchinson"`` (default) estimates them with the probes described below;
-    ``"gauss_newton"`` computes them exactly with :func:`gauss_newton_traces` (piecewise-linear
-    networks only; raises :class:`NotPiecewiseLinearError` otherwise); ``"auto"`` uses the exact
-    computation when its check passes and the model has at most :data:`GN_AUTO_MAX_OUTPUTS`
-    outputs (it costs one product per output and image), the probes otherwise. The exact frame has
+    ``method="auto"`` (default) computes them exactly with :func:`gauss_newton_traces` when its
+    piecewise-linearity check passes and the model has at most :data:`GN_AUTO_MAX_OUTPUTS`
+    outputs (it costs one product per output and image), with the probes described below
+    otherwise; ``"hutchinson"`` always uses the probes; ``"gauss_newton"`` always the exact
+    form (raises :class:`NotPiecewiseLinearError` for a smooth network). The exact frame has
     ``avg_trace_se`` 0, ``probes`` 0, ``converged`` True and a ``data_se`` column; ``tol``,
-    ``max_probes``, ``min_probes``, ``probe`` and ``stop_rule`` do not apply to it.
+    ``max_probes``, ``min_probes`` and ``probe`` do not apply to it. With a ``stop_rule`` the
+    Gauss-Newton path draws :data:`GN_FIRST_ROUND` output-space probes per image, doubles them
+    until the rule holds, and computes the exact form when that is no dearer
+    (:func:`gauss_newton_traces`).
 
     Under ``torchrun`` (an initialised torch.distributed group of N > 1 processes) the work is
     split over the ranks and every rank returns the frame one process would compute from the
@@ -763,7 +767,9 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
         try:
             df = gauss_newton_traces(model, batches, layers=[i.name for i in infos],
                                      criterion=criterion, device=device, seed=seed,
-                                     micro_batch=mb if mb is not None else CPU_MICRO_BATCH)
+                                     micro_batch=mb if mb is not None else CPU_MICRO_BATCH,
+                                     projections=None if stop_rule is None else GN_FIRST_ROUND,
+                                     stop_rule=stop_rule)
         except NotPiecewiseLinearError as exc:
             if method == "gauss_newton":
                 raise
@@ -771,8 +777,8 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
         else:
             df.attrs.update({"seed": seed, "tol": float(tol), "converged": True,
                              "cache_key": key, "max_probes": 0, "min_probes": 0,
-                             "probe": "none", "hvps": 0, "sweeps": 0,
-                             "stopped_by_rule": False, "world_size": hdist.world_size()})
+                             "probe": "none" if df.attrs["projections"] is None else "output",
+                             "hvps": 0, "sweeps": 0, "world_size": hdist.world_size()})
             if path is not None:
                 if hdist.is_main():
                     _write_cache(path, df)
@@ -821,6 +827,30 @@ GN_MAX_ELEMENTS = 64_000_000
 #: exact form costs one vector-Jacobian product per output and image; ImageNet's 1,000 would
 #: cost more than the probes).
 GN_AUTO_MAX_OUTPUTS = 32
+#: Output-space probes per image in the first round of ``layer_traces(stop_rule=...)`` on the
+#: Gauss-Newton path (2: the fewest that give a standard error).
+GN_FIRST_ROUND = 2
+
+
+def _gn_frame(v: np.ndarray, projections: int | None, infos: Sequence[Any]) -> pd.DataFrame:
+    """The :func:`gauss_newton_traces` frame from ``v`` = [images, products, layers]: per
+    image ‖J_{n,i}ᵀF_n‖² summed over F's columns when exact (Eq. H6), the mean over output-space
+    probes with a stratified SE (one stratum per image) otherwise (Eq. H7)."""
+    n_img = v.shape[0]
+    per_image = v.sum(1) if projections is None else v.mean(1)    # Tr(H_n,ii) (or estimate)
+    trace = per_image.mean(0)
+    if projections is None:
+        se = np.zeros(len(infos))
+    else:
+        se = np.sqrt((v.var(1, ddof=1) / v.shape[1]).sum(0)) / n_img
+    data_se = per_image.std(0, ddof=1) / math.sqrt(n_img) if n_img > 1 \
+        else np.full(len(infos), np.nan)
+    n = np.array([i.n_params for i in infos], dtype=np.int64)
+    return pd.DataFrame({
+        "n_params": n, "trace": trace, "avg_trace": trace / n, "avg_trace_se": se / n,
+        "rel_se": _rel_se(trace, se), "probes": projections or 0, "samples": n_img,
+        "kind": [i.kind for i in infos], "data_se": data_se / n,
+    }, index=pd.Index([i.name for i in infos], name="layer"))
 
 
 def _loss_factor(criterion: Callable, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -894,7 +924,8 @@ def gauss_newton_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
                         criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                         projections: int | None = None, seed: int = 0,
                         device: str | torch.device | None = None, micro_batch: int | None = 16,
-                        check: bool = True) -> pd.DataFrame:
+                        check: bool = True,
+                        stop_rule: Callable[[pd.DataFrame], bool] | None = None) -> pd.DataFrame:
     """Per-layer traces Tr(H_ii) from per-image vector-Jacobian products, for networks whose
     logits are piecewise linear in each single layer's weights (docs/method.md §3.2).
 
@@ -917,12 +948,21 @@ def gauss_newton_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
     first micro-batch (vᵀHv against vᵀGv per layer, :data:`GN_CHECK_RTOL`) and raises
     HessianError naming the layer if not; then use :func:`layer_traces`.
 
+    ``stop_rule`` (with ``projections=r``): probes only as precise as a decision needs. Round 1
+    draws r probes per image; after every round the frame of all probes so far (the same
+    estimator as one run with that many) goes to ``stop_rule``, and probing stops when it returns
+    True (e.g. :func:`hmqat.sensitivity.decision_stop_rule`: no perturbation within the CI changes
+    the Pareto pick); otherwise the next round doubles the probes. Once another round would
+    bring the total to the number of outputs K or more, the exact form (K products per image)
+    is computed instead and returned (it has no probe error).
+
     Returns the :func:`layer_traces` columns (``probes`` = projections per image, 0 when exact;
     ``avg_trace_se`` and ``rel_se`` 0 when exact) plus ``data_se``: the standard error over
     images of the per-image traces (per weight), i.e. how far another calibration set of the
     same size would move T̄ (the data-sampling uncertainty a probe SE leaves out). ``attrs``:
-    wall_s, n_samples, n_batches, micro_batch, method, projections, seed, device, checked,
-    vjps (vector-Jacobian products per layer group), version.
+    wall_s, n_samples, n_batches, micro_batch, method, projections (total per image; None when
+    exact), rounds, stopped_by_rule, seed, device, checked, vjps (vector-Jacobian products per
+    layer group, over all rounds), version.
     """
     batches = check_batches(batches)
     model = hdist.unwrap(model)
@@ -937,6 +977,9 @@ def gauss_newton_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
         raise HessianError(f"projections={projections!r}; use None (exact, C products per image) "
                            "or an int >= 2 (output-space probes per image; 2 is the fewest that "
                            "give a standard error)")
+    if stop_rule is not None and projections is None:
+        raise HessianError("stop_rule needs projections=r (the first round's probes per image); "
+                           "the exact form (projections=None) has no probe error to stop on")
     chunks = _split(batches, micro_batch)
     infos = select_layers(model, layers, (1,) + tuple(batches[0][0].shape[1:]), home)
     modules = dict(model.named_modules())
@@ -944,7 +987,6 @@ def gauss_newton_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
     params = [modules[i.name].weight for i in infos]
     n_img = sum(x.shape[0] for x, _ in chunks)
     gen = torch.Generator().manual_seed(seed)
-    values: list[torch.Tensor] = []            # per chunk: [images, probes, layers]
     t0 = time.perf_counter()
     with measurement_mode(model, params, device), twice_differentiable(model):
         state = {k: v.detach() for k, v in {**dict(model.named_parameters()),
@@ -952,7 +994,13 @@ def gauss_newton_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
         weights = {k: state[k] for k in names}
         if check:
             x, y = chunks[0]
-            _gn_check(model, criterion, x.to(device), y.to(device), names, state, seed)
+            try:
+                _gn_check(model, criterion, x.to(device), y.to(device), names, state, seed)
+            except RuntimeError as exc:       # the check's vᵀHv needs a double backward
+                err = _no_double_backward(exc)
+                if err is None:
+                    raise
+                raise err from exc
 
         def one_image(xi: torch.Tensor, ui: torch.Tensor) -> torch.Tensor:
             """‖J_iᵀ u‖² for every cotangent u (rows of ``ui``) and layer i, one image."""
@@ -967,35 +1015,47 @@ def gauss_newton_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
             return torch.cat(out)
 
         n_weights = sum(w.numel() for w in weights.values())
-        with torch.no_grad():
-            for x, y in chunks:
-                x, y = x.to(device), y.to(device)
-                f = _loss_factor(criterion, torch.func.functional_call(model, state, (x,)), y)
-                block = max(1, GN_MAX_ELEMENTS // (x.shape[0] * n_weights))
-                if projections is None:                 # Eq. H6: every column of F
-                    u = f.transpose(1, 2)                                   # [B, K, C]
-                else:                                   # Eq. H7: F s, s ±1 over the K columns
-                    s = rademacher((x.shape[0], projections, f.shape[2]), gen, device, f.dtype)
-                    u = torch.einsum("bck,brk->brc", f, s)                  # [B, R, C]
-                values.append(torch.func.vmap(one_image)(x, u).to(torch.float64).cpu())
-    v = torch.cat(values).numpy()               # [images, R, layers]
-    per_image = v.sum(1) if projections is None else v.mean(1)    # Tr(H_n,ii) (or estimate)
-    trace = per_image.mean(0)
-    if projections is None:
-        se = np.zeros(len(infos))
-    else:                                       # stratified SE, one stratum per image
-        se = np.sqrt((v.var(1, ddof=1) / projections).sum(0)) / n_img
-    data_se = per_image.std(0, ddof=1) / math.sqrt(n_img) if n_img > 1 \
-        else np.full(len(infos), np.nan)
-    n = np.array([i.n_params for i in infos], dtype=np.int64)
-    df = pd.DataFrame({
-        "n_params": n, "trace": trace, "avg_trace": trace / n, "avg_trace_se": se / n,
-        "rel_se": _rel_se(trace, se), "probes": projections or 0, "samples": n_img,
-        "kind": [i.kind for i in infos], "data_se": data_se / n,
-    }, index=pd.Index([i.name for i in infos], name="layer"))
+        n_out = 0
+
+        def one_round(r: int | None) -> np.ndarray:
+            """[images, r (K when exact), layers]: ‖J_{n,i}ᵀu‖² for this round's cotangents u."""
+            nonlocal block, n_out
+            values: list[torch.Tensor] = []
+            with torch.no_grad():
+                for x, y in chunks:
+                    x, y = x.to(device), y.to(device)
+                    f = _loss_factor(criterion, torch.func.functional_call(model, state, (x,)), y)
+                    n_out = f.shape[2]
+                    block = max(1, GN_MAX_ELEMENTS // (x.shape[0] * n_weights))
+                    if r is None:                       # Eq. H6: every column of F
+                        u = f.transpose(1, 2)                               # [B, K, C]
+                    else:                               # Eq. H7: F s, s ±1 over the K columns
+                        s = rademacher((x.shape[0], r, f.shape[2]), gen, device, f.dtype)
+                        u = torch.einsum("bck,brk->brc", f, s)              # [B, R, C]
+                    values.append(torch.func.vmap(one_image)(x, u).to(torch.float64).cpu())
+            return torch.cat(values).numpy()
+
+        block = 1
+        parts = [one_round(projections)]
+        total, rounds, stopped = projections, 1, False
+        vjps = parts[0].shape[0] * parts[0].shape[1]
+        while True:
+            df = _gn_frame(np.concatenate(parts, axis=1), total, infos)
+            if stop_rule is None or total is None:
+                break
+            if stop_rule(df):
+                stopped = True
+                break
+            if 2 * total >= n_out:                      # another round costs as much as exact
+                parts, total = [one_round(None)], None
+            else:
+                parts.append(one_round(total))
+                total *= 2
+            rounds += 1
+            vjps += parts[-1].shape[0] * parts[-1].shape[1]
     df.attrs.update({"wall_s": time.perf_counter() - t0, "n_samples": n_img,
                      "n_batches": len(chunks), "micro_batch": micro_batch,
-                     "method": "gauss_newton", "projections": projections, "seed": seed,
-                     "device": str(device), "checked": bool(check),
-                     "vjps": n_img * (v.shape[1]), "version": VERSION})
+                     "method": "gauss_newton", "projections": total, "rounds": rounds,
+                     "stopped_by_rule": stopped, "seed": seed, "device": str(device),
+                     "checked": bool(check), "vjps": vjps, "version": VERSION})
     return df

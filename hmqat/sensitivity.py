@@ -1175,7 +1175,7 @@ def calibration_variability(model: nn.Module, calib_sets: Sequence[list[tuple[to
                             bits: Sequence[int] = DEFAULT_BITS, a_bits: int | None = 4,
                             policy: str = "first_last_8", method: str = "lsq",
                             cache_dir: str | os.PathLike | None = None,
-                            progress: bool = True, trace_method: str = "hutchinson"
+                            progress: bool = True, trace_method: str = "auto"
                             ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """How much do the traces move between disjoint calibration sets, which the stratified SE
     (probe noise on *these* images) leaves out? (docs/method.md §3).

@@ -29,8 +29,10 @@ from torchrun_helpers import torchrun
 
 WORLD = 2
 # tol 0.1 with at most 12 probes: several sweeps, layers stop at different probe counts
-KW = {"tol": 0.1, "max_probes": 12, "seed": 3, "micro_batch": 16}
-IDLE_KW = {"tol": 0.05, "max_probes": 10, "seed": 1, "micro_batch": None, "probe": "joint"}
+KW = {"tol": 0.1, "max_probes": 12, "seed": 3, "micro_batch": 16,
+      "method": "hutchinson"}   # the probes are what the ranks split
+IDLE_KW = {"tol": 0.05, "max_probes": 10, "seed": 1, "micro_batch": None, "probe": "joint",
+           "method": "hutchinson"}
 
 
 class SmallCNN(nn.Module):

@@ -113,7 +113,7 @@ def test_cnn_with_eval_bn_matches_exact_within_3_se():
     model, batches = TinyCNN(), make_batches((2, 5, 5))
     model.train()   # the estimator must measure in eval mode (BN running statistics)
     exact = exact_block_traces(model, batches, ["conv1", "conv2", "fc"])
-    df = layer_traces(model, batches, tol=0.03, max_probes=4000, seed=0, progress=False,
+    df = layer_traces(model, batches, tol=0.03, max_probes=4000, seed=0, progress=False, method="hutchinson",
                       micro_batch=None)
     se = (df["avg_trace_se"] * df["n_params"]).to_numpy()
     assert df.attrs["converged"] and (df["rel_se"] <= 0.03).all()
@@ -133,7 +133,7 @@ def test_many_probes_agree_within_2_percent():
 def test_micro_batches_do_not_change_the_estimand():
     model, batches = TinyCNN(seed=1), make_batches((2, 5, 5), sizes=(24, 13))
     exact = exact_block_traces(model, batches, ["conv1", "conv2", "fc"])
-    df = layer_traces(model, batches, tol=0.02, max_probes=1000, seed=3, progress=False,
+    df = layer_traces(model, batches, tol=0.02, max_probes=1000, seed=3, progress=False, method="hutchinson",
                       micro_batch=5)
     assert df.attrs["n_batches"] == 5 + 3 and df.attrs["n_samples"] == 37
     assert (df["samples"] == df["probes"] * 8).all()
@@ -171,14 +171,14 @@ def test_same_seed_same_frame_other_seed_differs_global_rng_untouched():
     model, batches = mlp(), make_batches((5,))
     torch.manual_seed(123)
     rng = torch.get_rng_state()
-    a = layer_traces(model, batches, tol=0.1, seed=7, progress=False)
+    a = layer_traces(model, batches, tol=0.1, seed=7, progress=False, method="hutchinson")
     assert torch.equal(torch.get_rng_state(), rng)
-    b = layer_traces(model, batches, tol=0.1, seed=7, progress=False)
-    c = layer_traces(model, batches, tol=0.1, seed=8, progress=False)
+    b = layer_traces(model, batches, tol=0.1, seed=7, progress=False, method="hutchinson")
+    c = layer_traces(model, batches, tol=0.1, seed=8, progress=False, method="hutchinson")
     pd.testing.assert_frame_equal(a, b)
     assert not np.allclose(a["trace"], c["trace"])
     # a layer's probes depend on (seed, layer name) only, not on the other layers measured
-    d = layer_traces(model, batches, layers=["2"], tol=0.1, seed=7, progress=False,
+    d = layer_traces(model, batches, layers=["2"], tol=0.1, seed=7, progress=False, method="hutchinson",
                      min_probes=a.loc["2", "probes"], max_probes=a.loc["2", "probes"])
     assert d.loc["2", "trace"] == a.loc["2", "trace"]
 
@@ -227,7 +227,7 @@ def test_negative_traces_use_abs_in_the_stopping_rule():
     model, batches = Concave(), make_batches((4,), sizes=(8, 8))
     exact = exact_block_traces(model, batches, ["fc"], criterion=neg_square)
     assert exact[0] < 0
-    df = layer_traces(model, batches, tol=0.02, max_probes=500, seed=0, progress=False,
+    df = layer_traces(model, batches, tol=0.02, max_probes=500, seed=0, progress=False, method="hutchinson",
                       criterion=neg_square, micro_batch=None)
     row = df.loc["fc"]
     assert row["trace"] < 0 and row["rel_se"] > 0
@@ -239,10 +239,10 @@ def test_negative_traces_use_abs_in_the_stopping_rule():
 
 def test_max_probes_stops_unconverged_and_converged_layers_stop_early():
     model, batches = TinyCNN(), make_batches((2, 5, 5))
-    df = layer_traces(model, batches, tol=1e-4, max_probes=6, seed=0, progress=False,
+    df = layer_traces(model, batches, tol=1e-4, max_probes=6, seed=0, progress=False, method="hutchinson",
                       micro_batch=None)
     assert not df.attrs["converged"] and (df["probes"] == 6).all()
-    loose = layer_traces(model, batches, tol=0.08, max_probes=500, seed=0, progress=False,
+    loose = layer_traces(model, batches, tol=0.08, max_probes=500, seed=0, progress=False, method="hutchinson",
                          micro_batch=None)
     assert loose.attrs["converged"]
     assert loose["probes"].nunique() > 1     # each layer stopped when it alone converged
@@ -338,10 +338,40 @@ def test_gauss_newton_refuses_a_smooth_net_naming_the_layer():
     ({"micro_batch": 0}, "micro_batch=0; use a positive int"),
     ({"layers": ["conv9"]}, r"unknown layer name\(s\) \['conv9'\]"),
     ({"criterion": neg_square, "check": False}, "not positive semi-definite"),
+    ({"stop_rule": lambda df: True}, r"stop_rule needs projections=r"),
 ])
 def test_gauss_newton_bad_inputs_raise(kwargs, match):
     with pytest.raises(HessianError, match=match):
         hessian.gauss_newton_traces(TinyCNN(), make_batches((2, 5, 5), sizes=(6, 5)), **kwargs)
+
+
+def test_gauss_newton_rounds_double_until_the_stop_rule_holds_then_go_exact():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 10)).double()
+    batches = make_batches((5,), sizes=(6, 5), classes=10)
+    exact = hessian.gauss_newton_traces(model, batches)
+    seen: list[int] = []
+
+    def four(df):                       # stop once 4 probes per image are in
+        seen.append(int(df["probes"].max()))
+        return seen[-1] >= 4
+
+    df = hessian.gauss_newton_traces(model, batches, projections=2, stop_rule=four, seed=1)
+    assert seen == [2, 4] and df.attrs["projections"] == 4 and df.attrs["rounds"] == 2
+    assert df.attrs["stopped_by_rule"] and df.attrs["vjps"] == 11 * (2 + 2)
+    se = df["avg_trace_se"].to_numpy()
+    assert (se > 0).all() and (np.abs(df["avg_trace"] - exact["avg_trace"]) < 4 * se).all()
+    never: list[int] = []
+    df = hessian.gauss_newton_traces(
+        model, batches, projections=2, stop_rule=lambda d: never.append(int(d["probes"].max())))
+    # 2, 4, 8 probes per image; a fourth round would reach the 10 outputs: exact instead
+    assert never == [2, 4, 8] and df.attrs["projections"] is None and df.attrs["rounds"] == 4
+    assert not df.attrs["stopped_by_rule"] and df.attrs["vjps"] == 11 * (2 + 2 + 4 + 10)
+    np.testing.assert_allclose(df["trace"], exact["trace"], rtol=1e-12)
+    # layer_traces hands its stop_rule to the Gauss-Newton path (first round: GN_FIRST_ROUND)
+    lt = layer_traces(model, batches, method="auto", stop_rule=lambda d: True, progress=False)
+    assert lt.attrs["method"] == "gauss_newton" and lt.attrs["probe"] == "output"
+    assert lt.attrs["stopped_by_rule"] and (lt["probes"] == hessian.GN_FIRST_ROUND).all()
 
 
 def test_layer_traces_method_switch_exact_auto_fallback_and_cache(tmp_path):

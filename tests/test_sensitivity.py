@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hmqat import quant, sensitivity
+from hmqat import quant, search, sensitivity
 from hmqat.hessian import layer_traces
 from hmqat.sensitivity import SensitivityError, omega_table, validate_omega
 
@@ -427,12 +427,27 @@ def test_decision_stop_rule_ends_layer_traces_early():
     model, calib, _ = trained_net()
     rule = sensitivity.decision_stop_rule(model, [4.0], bits=(2, 4, 8), policy="none",
                                           a_bits=None, n_random=8)
-    df = layer_traces(model, calib, tol=1e-4, max_probes=64, progress=False, stop_rule=rule)
-    full = layer_traces(model, calib, tol=1e-4, max_probes=16, progress=False)
+    df = layer_traces(model, calib, tol=1e-4, max_probes=64, progress=False, stop_rule=rule,
+                      method="hutchinson")
+    full = layer_traces(model, calib, tol=1e-4, max_probes=16, progress=False,
+                        method="hutchinson")
     # the 4x pick of this net is clear after the first sweep: the rule stops long before tol
     assert df.attrs["stopped_by_rule"] and rule.history[-1]["stable"]
     assert df.attrs["hvps"] < full.attrs["hvps"] and not df.attrs["converged"]
     assert list(df.index) == LAYERS and (df["probes"] >= 2).all()
+    # the defaults (a ReLU/BN net: the Gauss-Newton path): 2 output-space probes per image
+    # settle the pick, far fewer products than the exact traces' 10 per image
+    rule = sensitivity.decision_stop_rule(model, [4.0], bits=(2, 4, 8), policy="none",
+                                          a_bits=None, n_random=8)
+    gn = layer_traces(model, calib, progress=False, stop_rule=rule)
+    exact = layer_traces(model, calib, progress=False)
+    assert gn.attrs["method"] == exact.attrs["method"] == "gauss_newton"
+    assert gn.attrs["stopped_by_rule"] and [h["probes"] for h in rule.history] == [2]
+    assert gn.attrs["vjps"] == 256 * 2 and exact.attrs["vjps"] == 256 * 10
+    qerr = sensitivity.omega_table(model, None, (2, 4, 8), variant="qerr_only")
+    inp = search.model_inputs(model, a_bits=None, policy="none")
+    assert sensitivity._picks(qerr, gn["avg_trace"].to_numpy(), inp, [4.0], (2, 4, 8)) == \
+        sensitivity._picks(qerr, exact["avg_trace"].to_numpy(), inp, [4.0], (2, 4, 8))
 
 
 def test_study_verdict_says_what_the_paired_tau_supports():
@@ -506,5 +521,6 @@ def test_calibration_variability_with_exact_traces_reports_the_per_image_se():
     np.testing.assert_allclose(exact["between_over_data_se"],
                                exact["between_set_sd"] / exact["data_se"], rtol=1e-12)
     assert len(picks) == 2 and bool(picks["same_as_set0"].iloc[0])
-    probes, _ = sensitivity.calibration_variability(model, sets, tol=0.5, max_probes=4, **kw)
+    probes, _ = sensitivity.calibration_variability(model, sets, tol=0.5, max_probes=4,
+                                                    trace_method="hutchinson", **kw)
     assert "data_se" not in probes and (probes["within_set_se"] > 0).all()

@@ -57,7 +57,7 @@ def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathL
               stages: Sequence[str] = STUDY_STAGES, bits: Sequence[int] = DEFAULT_BITS,
               a_bits: int | None = 4, policy: str = "first_last_8", method: str = "lsq",
               calib_samples: int = 512, calib_batch: int = 128, trace_tol: float = 0.05,
-              trace_method: str = "hutchinson",
+              trace_method: str = "auto",
               trace_max_probes: int = 64, single_bits: Sequence[int] = (2, 3, 4),
               noise_pairs: int = 1, noise_every: int = 1, additivity_configs: int = 16,
               fixed_configs: int = 64,
