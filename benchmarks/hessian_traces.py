@@ -1,5 +1,6 @@
-"""Benchmark of hmqat.hessian.layer_traces (docs/design.md §3 "Sensitivity"): time to reach a relative
-standard error <= tol (5 %) on EVERY layer's trace, against the PyHessian/HAWQ-V2-style reference.
+"""Benchmark of hmqat.hessian.layer_traces (docs/design.md §3 "Sensitivity"): time to every
+layer's Hessian trace — exact, or to a relative standard error <= tol on EVERY layer — against
+the PyHessian/HAWQ-V2-style per-layer-probe reference run to the same tol.
 
     HMQAT_DATA_DIR=../shared/data/cifar10-jpeg HMQAT_WEIGHTS_DIR=../shared/weights/cifar10 \\
         .venv/bin/python benchmarks/hessian_traces.py        # writes results/bench/hessian_traces.txt
@@ -20,31 +21,36 @@ of the mean loss over them, BN in eval mode):
       to that layer; the same stratified estimator and SE as hmqat (Eq. H4 of hmqat.hessian),
       and per-layer stopping: a layer stops being probed once its rel. SE <= tol (checked after
       every round, >= 2 rounds). Run to convergence, NOT extrapolated. --repeats repeats,
-      interleaved with (b) in one process (alternating which runs first), for every --tols.
-      ``fair_ratio`` = median over repeats of time(b)/time(a') at the first tol; the paired
-      ratios of every repeat are printed.
-  (f) hmqat.hessian.gauss_newton_traces (exact per-layer traces for networks piecewise linear
-      in each layer's weights, Eqs. H5–H7): exact (C vector-Jacobian products per image) and with
-      --gn-projections output-space probes per image, interleaved with (a') and (b) in the same
-      repeats; ``fair_ratio_gauss_newton_*`` = median time(f)/time(a') at the first tol, with
-      the per-layer agreement with (a').
-  (g) the Pareto picks (joint Ω, --budgets) of the exact traces of (f) against those of every
-      Hutchinson frame at hand ((b) at each tol, and (e)'s): same pick, ΣΩ excess under the exact
-      traces; ``exact_pick_ratio`` = time of (f) exact / the fair reference at the first tol.
-  (e) decision-based stopping (docs/method.md §3): hmqat with ``stop_rule=
+      interleaved with (b) and (b-h) in one process (rotating which runs first), for every
+      --tols. ``fair_ratio`` = median over repeats of time(b)/time(a') at the first tol;
+      ``fair_ratio_hutchinson`` the same for (b-h); the paired ratios of every repeat are printed.
+  (b) hmqat: layer_traces(model, batches) with its defaults (method "auto": the exact
+      Gauss-Newton traces of hmqat.hessian.gauss_newton_traces, Eqs. H5–H7, for networks
+      piecewise linear in each layer's weights, such as ResNet-20 — C vector-Jacobian products
+      per image, no probe error, the piecewise-linearity check timed with it; the probes of (b-h)
+      otherwise). What the study uses (trace_method: auto).
+  (b-h) hmqat: layer_traces(method="hutchinson", tol=tol), run to convergence.
+  (f) gauss_newton_traces with --gn-projections output-space probes per image (Eq. H7),
+      interleaved with (a') and (b) in the same repeats; ``fair_ratio_gauss_newton_*`` = median
+      time(f)/time(a') at the first tol, with the per-layer agreement with (a').
+  (g) the Pareto picks (joint Ω, --budgets) of the exact traces against those of every other
+      frame at hand ((b-h) at each tol, (f), (e)'s): same pick, ΣΩ excess under the exact
+      traces; ``exact_pick_ratio`` = time of the exact traces / the fair reference.
+  (e) decision-based stopping (docs/method.md §3): layer_traces with ``stop_rule=
       sensitivity.decision_stop_rule(model, --budgets)``: probing stops once no perturbation of
-      the traces within ±1.96 SE changes the joint-Ω Pareto pick at any requested budget. Its
-      time against the fair reference at the first tol, and whether its picks equal those of
-      hmqat's traces at tol 0.05 (run in this process when 0.05 is in --tols). Also: whether the
-      tol-0.05 picks move when the traces move by ±1 SE.
+      the traces within ±1.96 SE changes the joint-Ω Pareto pick at any requested budget. With
+      the defaults ("auto") the Gauss-Newton path draws 2 output-space probes per image and
+      doubles them until the rule holds (exact once that is no dearer); --decision-methods
+      hutchinson adds the parameter-space probes. ``decision_ratio`` = its time / the fair
+      reference at the first tol; whether its picks equal those of the Hutchinson traces at tol
+      0.05 (run in this process) and those of the exact traces. Also: whether the tol-0.05
+      picks move when the traces move by ±1 SE.
   (a) the OLD shared-probe reference (kept as a labelled second row; not the headline): one Rademacher probe over all layers at a time; for each probe, every batch gets
       a fresh forward, a backward with create_graph and a second backward (double backward), and
       the per-batch HVPs are summed weighted by batch size (PyHessian's dataloader mode). Its SE is
       over probes. Running it to 5 % takes hours, so it runs --ref-probes probes and the time to
       5 % is EXTRAPOLATED: time/probe × probes·max_i(rel_se_i/tol)² (SE ∝ 1/sqrt(probes)); a 90 %
       interval from the chi-square distribution of the worst layer's variance estimate is given.
-  (b) hmqat: layer_traces(model, batches, tol=0.05) with its defaults, run to convergence
-      (measured, not extrapolated).
   (c) pyhessian 0.1 (dev extra): whole-model Hutchinson trace restricted to the same weights
       (requires_grad only on the Conv2d/Linear weights), run in its single-batch mode on every
       calibration batch with its own probes and averaged weighted by batch size; compared with
@@ -320,17 +326,20 @@ def gauss_newton_run(model: nn.Module, batches, projections: int | None, seed: i
 def fair_comparison(model: nn.Module, batches, names: list[str], tols: list[float],
                     repeats: list[int], seed: int, dev: torch.device, max_probes: int,
                     gn_projections: list[int | None] | None = None) -> dict:
-    """(a') vs (b) and (f), interleaved repeat by repeat (the order rotates) at every tol; prints
-    one line per run and returns {tol: {"hmqat": [...], "ref": [...], "frames": [...],
-    "gn:<r>": [...], ...}}. (f) has no tolerance (exact, or a fixed number of projections
-    whose rel. SE is printed), so its runs are the same at every tol."""
+    """(a') vs (b), (b-h) and (f), interleaved repeat by repeat (the order rotates) at every tol;
+    prints one line per run and returns {tol: {"hmqat": [...], "ref": [...], "frames": [...],
+    "hutch": [...], "hutch:frames": [...], "gn:<r>": [...], ...}}. (b) is ``layer_traces`` with
+    its defaults (method "auto": exact Gauss-Newton traces where they apply, so its time does
+    not depend on tol); (b-h) the Hutchinson probes at tol; (f) a fixed number of output-space
+    projections whose rel. SE is printed (no tolerance either)."""
     out = {}
     gn_keys = [f"gn:{r}" for r in (gn_projections or [])]
     for tol, reps in zip(tols, repeats):
-        runs = {"hmqat": [], "ref": [], "frames": [], "ref_runs": [],
+        runs = {"hmqat": [], "ref": [], "frames": [], "ref_runs": [], "hutch": [],
+                "hutch:frames": [],
                 **{k: [] for k in gn_keys}, **{k + ":frames": [] for k in gn_keys}}
         for k in range(reps):
-            order = ["hmqat", "ref", *gn_keys]
+            order = ["hmqat", "hutch", "ref", *gn_keys]
             order = order[k % len(order):] + order[:k % len(order)]
             for which in order:
                 if which.startswith("gn:"):
@@ -342,14 +351,23 @@ def fair_comparison(model: nn.Module, batches, names: list[str], tols: list[floa
                         f"{'exact' if r is None else f'{r} proj.'} {df.attrs['wall_s']:7.1f} s, "
                         f"{df.attrs['vjps']} VJPs, max rel_se {df['rel_se'].max():.4f}, "
                         f"median data rel. SE {(df['data_se'] / df['avg_trace']).median():.3f}")
-                elif which == "hmqat":
-                    # max_probes per 16-image stratum = 8x the reference's rounds per batch of 128
+                elif which == "hmqat":                # (b): the defaults (method "auto")
                     df = hessian.layer_traces(model, batches, tol=tol, seed=seed + 10 * k,
                                               progress=False, device=dev,
                                               max_probes=max_probes * 8)
                     runs["hmqat"].append(df.attrs["wall_s"])
                     runs["frames"].append(df)
-                    say(f"tol {tol}: repeat {k} hmqat      {df.attrs['wall_s']:7.1f} s, "
+                    say(f"tol {tol}: repeat {k} hmqat defaults {df.attrs['wall_s']:7.1f} s, "
+                        f"method {df.attrs['method']}, {df.attrs.get('vjps', 0)} VJPs, "
+                        f"{df.attrs['hvps']} HVPs, max rel_se {df['rel_se'].max():.4f}")
+                elif which == "hutch":                # (b-h): Hutchinson probes to tol
+                    # max_probes per 16-image stratum = 8x the reference's rounds per batch of 128
+                    df = hessian.layer_traces(model, batches, tol=tol, seed=seed + 10 * k,
+                                              progress=False, device=dev, method="hutchinson",
+                                              max_probes=max_probes * 8)
+                    runs["hutch"].append(df.attrs["wall_s"])
+                    runs["hutch:frames"].append(df)
+                    say(f"tol {tol}: repeat {k} hutchinson {df.attrs['wall_s']:7.1f} s, "
                         f"{df.attrs['hvps']} HVPs, converged={df.attrs['converged']}, "
                         f"max rel_se {df['rel_se'].max():.4f}")
                 else:
@@ -362,14 +380,16 @@ def fair_comparison(model: nn.Module, batches, names: list[str], tols: list[floa
                         f"{ref['hvps']} HVPs, converged={ref['converged']}, max rel_se "
                         f"{np.max(rel):.4f}, rounds per layer {ref['rounds'].min()}-"
                         f"{ref['rounds'].max()}")
-        ratios = np.array(runs["hmqat"]) / np.array(runs["ref"])
-        runs["ratios"] = ratios
-        df, ref = runs["frames"][0], runs["ref_runs"][0]
-        z = agreement_z(ref, df)
-        say(f"tol {tol}: time(b)/time(a') per repeat {np.round(ratios, 3).tolist()}, median "
-            f"{np.median(ratios):.3f}; hmqat median {np.median(runs['hmqat']):.1f} s, reference "
-            f"median {np.median(runs['ref']):.1f} s; per-layer agreement (repeat 0) |z| median "
-            f"{np.median(np.abs(z)):.2f}, max {np.abs(z).max():.2f}")
+        ref = runs["ref_runs"][0]
+        for key, name in (("", "b"), ("hutch:", "b-h")):
+            times = runs[key.rstrip(":") or "hmqat"]
+            ratios = np.array(times) / np.array(runs["ref"])
+            runs[key + "ratios"] = ratios
+            z = agreement_z(ref, runs[key + "frames"][0])
+            say(f"tol {tol}: time({name})/time(a') per repeat {np.round(ratios, 3).tolist()}, "
+                f"median {np.median(ratios):.3f}; ({name}) median {np.median(times):.1f} s, "
+                f"reference median {np.median(runs['ref']):.1f} s; per-layer agreement (repeat "
+                f"0) |z| median {np.median(np.abs(z)):.2f}, max {np.abs(z).max():.2f}")
         for key in gn_keys:
             runs[key + ":ratios"] = np.array(runs[key]) / np.array(runs["ref"])
             zg = agreement_z(ref, runs[key + ":frames"][0])
@@ -381,125 +401,167 @@ def fair_comparison(model: nn.Module, batches, names: list[str], tols: list[floa
     return out
 
 
+def _exact_frame(fair: dict, tol0: float) -> tuple[pd.DataFrame | None, float | None]:
+    """The exact traces of the fair comparison and their median time: (b)'s frames when the
+    defaults resolved to the exact form, else (f)'s exact runs; (None, None) without either."""
+    runs = fair.get(tol0, {})
+    frames = runs.get("frames", [])
+    if frames and frames[0].attrs.get("method") == "gauss_newton" \
+            and frames[0].attrs.get("projections") is None:
+        return frames[0], float(np.median(runs["hmqat"]))
+    if runs.get("gn:None:frames"):
+        return runs["gn:None:frames"][0], float(np.median(runs["gn:None"]))
+    return None, None
+
+
 def decision_section(model: nn.Module, batches, budgets: list[float], seed: int,
                      dev: torch.device, fair: dict, tols: list[float], max_probes: int,
                      pick_tol: float | None = None, fair_file: Path | None = None,
-                     regret: float | None = None) -> list[tuple[str, pd.DataFrame]]:
-    """(e): decision-based stopping vs the fair reference; its picks vs tol 0.05's (same pick,
-    and the pick's ΣΩ excess under the tol-0.05 traces)."""
+                     regret: float | None = None, methods: tuple[str, ...] = ("auto",)
+                     ) -> list[tuple[str, pd.DataFrame]]:
+    """(e): decision-based stopping (``layer_traces(stop_rule=decision_stop_rule(...))``) for
+    each of ``methods`` ("auto" = the defaults: output-space probe rounds on the Gauss-Newton
+    path; "hutchinson": parameter-space probes) vs the fair reference; its picks vs the
+    Hutchinson traces at ``pick_tol`` (0.05) and vs the exact traces (same pick, and the pick's
+    ΣΩ excess under the compared traces)."""
     from hmqat import search, sensitivity
 
     bits = (2, 3, 4, 5, 6, 8)
-    rule = sensitivity.decision_stop_rule(model, budgets, bits=bits, a_bits=4,
-                                          policy="first_last_8", method="mse", seed=seed,
-                                          regret=regret)
-    df = hessian.layer_traces(model, batches, tol=0.05, seed=seed + 777, progress=False,
-                              device=dev, max_probes=max_probes * 8, stop_rule=rule)
-    t_dec = df.attrs["wall_s"]
     qerr = sensitivity.omega_table(model, None, bits, variant="qerr_only", method="mse")
     inp = search.model_inputs(model, a_bits=4, policy="first_last_8")
-    picks_dec = sensitivity._picks(qerr, df.loc[qerr.index, "avg_trace"].to_numpy(float), inp,
-                                   budgets, bits)
+    q = qerr[list(bits)].to_numpy(float)
     tol0 = tols[0]
     t_ref = float(np.median(fair[tol0]["ref"])) if tol0 in fair else None
-    say(f"\n## (e) decision-based stopping (budgets {budgets}x, joint Ω, bits {list(bits)}, "
-        f"±1.96 SE, {2 * len(qerr) + 32} perturbations per check; "
-        + ("same pick required)" if regret is None else
-           f"stable = every perturbed optimum within {regret:g} relative ΣΩ of the pick)"))
-    say(f"stopped by the rule: {df.attrs['stopped_by_rule']} after {df.attrs['sweeps']} sweeps, "
-        f"{df.attrs['hvps']} HVPs, {t_dec:.1f} s (checks: "
-        f"{[(h['probes'], h['stable']) for h in rule.history]}); max rel_se "
-        f"{df['rel_se'].max():.3f}")
-    if t_ref is not None:
-        say(f"decision_ratio: {t_dec / t_ref:.4f}  (time(e) / fair reference median at tol "
-            f"{tol0}; goal <= 0.1)")
-    frames05 = fair[0.05]["frames"] if 0.05 in fair else []
-    if not frames05 and pick_tol:
-        df05 = hessian.layer_traces(model, batches, tol=pick_tol, seed=seed + 555,
-                                    progress=False, device=dev, max_probes=max_probes * 8)
-        say(f"hmqat alone at tol {pick_tol} (for the pick comparison; no reference run at this "
-            f"tol): {df05.attrs['wall_s']:.1f} s, {df05.attrs['hvps']} HVPs, converged="
-            f"{df05.attrs['converged']}")
-        frames05 = [df05]
-    if frames05:
-        for k, ref_df in enumerate(frames05):
-            p05 = sensitivity._picks(qerr, ref_df.loc[qerr.index, "avg_trace"].to_numpy(float),
-                                     inp, budgets, bits)
-            same = [a == b for a, b in zip(picks_dec, p05)]
-            t05 = np.clip(ref_df.loc[qerr.index, "avg_trace"].to_numpy(float), 0.0, None)
-            q = qerr[list(bits)].to_numpy(float)
-
-            def cost(pick: tuple[int, ...]) -> float:
-                return float(sum(t05[i] * q[i, list(bits).index(b)] for i, b in enumerate(pick)))
-            excess = [cost(a) / cost(b) - 1.0 for a, b in zip(picks_dec, p05)]
-            say(f"picks equal to hmqat tol-{pick_tol or 0.05} traces (run {k}) at {budgets}: "
-                f"{same}; their ΣΩ under those traces exceeds the tol-0.05 pick's by "
-                f"{[f'{e:+.2%}' for e in excess]}")
-            stable, info = sensitivity.decision_is_stable(
-                qerr, ref_df.loc[qerr.index, "avg_trace"].to_numpy(float),
-                ref_df.loc[qerr.index, "avg_trace_se"].to_numpy(float), inp, budgets,
-                bits=bits, z=1.0, seed=seed)
-            say(f"tol-{pick_tol or 0.05} picks (run {k}) unchanged by every ±1 SE perturbation tried: "
-                f"{stable} ({info['n_checked']} tried; first change: {info['changed_by']})")
-        say(f"time(e) / time(hmqat, tol {pick_tol or 0.05}, same process): "
-            f"{t_dec / frames05[0].attrs['wall_s']:.4f}")
-    else:
-        say("tol 0.05 was not run in this process: the pick comparison needs --tols with 0.05 "
-            "or --pick-tol 0.05")
     if t_ref is None and fair_file is not None and fair_file.exists():
         refs = [float(line.split("reference")[1].split()[0]) for line in
                 fair_file.read_text().splitlines()
                 if line.startswith(f"tol {tol0}: repeat") and " reference " in line]
-        if refs:
-            say(f"decision_ratio: {t_dec / float(np.median(refs)):.4f}  (time(e) / median fair "
-                f"reference time at tol {tol0} read from {fair_file.name}, run concurrently on "
-                f"the same machine; goal <= 0.1)")
-    return [("decision rule (e)", df)] + [(f"hmqat tol {pick_tol or 0.05}, run {k}", f)
-                                          for k, f in enumerate(frames05)]
+        t_ref = float(np.median(refs)) if refs else None
+
+    def picks_of(frame: pd.DataFrame) -> list[tuple[int, ...]]:
+        return sensitivity._picks(qerr, frame.loc[qerr.index, "avg_trace"].to_numpy(float), inp,
+                                  budgets, bits)
+
+    def compare(mine: list, frame: pd.DataFrame) -> tuple[list[bool], list[str]]:
+        """Same pick as ``frame``'s, and ΣΩ excess of mine under ``frame``'s traces."""
+        t = np.clip(frame.loc[qerr.index, "avg_trace"].to_numpy(float), 0.0, None)
+
+        def cost(pick: tuple[int, ...]) -> float:
+            return float(sum(t[i] * q[i, list(bits).index(b)] for i, b in enumerate(pick)))
+        theirs = picks_of(frame)
+        return ([a == b for a, b in zip(mine, theirs)],
+                [f"{cost(a) / cost(b) - 1.0:+.2%}" for a, b in zip(mine, theirs)])
+
+    say(f"\n## (e) decision-based stopping (budgets {budgets}x, joint Ω, bits {list(bits)}, "
+        f"±1.96 SE, {2 * len(qerr) + 32} perturbations per check; "
+        + ("same pick required)" if regret is None else
+           f"stable = every perturbed optimum within {regret:g} relative ΣΩ of the pick)"))
+    frames05 = fair[0.05]["hutch:frames"] if 0.05 in fair else []
+    if not frames05 and pick_tol:
+        df05 = hessian.layer_traces(model, batches, tol=pick_tol, seed=seed + 555,
+                                    progress=False, device=dev, max_probes=max_probes * 8,
+                                    method="hutchinson")
+        say(f"Hutchinson alone at tol {pick_tol} (for the pick comparison; no reference run at "
+            f"this tol): {df05.attrs['wall_s']:.1f} s, {df05.attrs['hvps']} HVPs, converged="
+            f"{df05.attrs['converged']}")
+        frames05 = [df05]
+    exact, _ = _exact_frame(fair, tol0)
+    out: list[tuple[str, pd.DataFrame]] = []
+    for method in methods:
+        rule = sensitivity.decision_stop_rule(model, budgets, bits=bits, a_bits=4,
+                                              policy="first_last_8", method="mse", seed=seed,
+                                              regret=regret)
+        df = hessian.layer_traces(model, batches, tol=0.05, seed=seed + 777, progress=False,
+                                  device=dev, max_probes=max_probes * 8, stop_rule=rule,
+                                  method=method)
+        t_dec = df.attrs["wall_s"]
+        how = (f"{df.attrs['hvps']} HVPs in {df.attrs['sweeps']} sweeps"
+               if df.attrs["method"] == "hutchinson" else
+               f"{df.attrs['vjps']} VJPs in {df.attrs['rounds']} rounds, "
+               f"{df.attrs['projections'] or 'exact (all'} output-space probes per image"
+               + (")" if df.attrs["projections"] is None else ""))
+        say(f"[{method} -> {df.attrs['method']}] stopped by the rule: "
+            f"{df.attrs['stopped_by_rule']}, {how}, {t_dec:.1f} s (checks: "
+            f"{[(h['probes'], h['stable']) for h in rule.history]}); max rel_se "
+            f"{df['rel_se'].max():.3f}")
+        key = "decision_ratio" if method == "auto" else f"decision_ratio_{method}"
+        if t_ref is not None:
+            say(f"{key}: {t_dec / t_ref:.4f}  (time(e, {method}) / fair reference median "
+                f"{t_ref:.1f} s at tol {tol0}"
+                f"{'' if tol0 in fair else f', read from {fair_file.name}'}; goal <= 0.1)")
+        mine = picks_of(df)
+        for k, ref_df in enumerate(frames05):
+            same, excess = compare(mine, ref_df)
+            say(f"  picks equal to the Hutchinson tol-{pick_tol or 0.05} traces' (run {k}) at "
+                f"{budgets}: {same}; ΣΩ under those traces above their pick's {excess}")
+        if exact is not None:
+            same, excess = compare(mine, exact)
+            say(f"  picks equal to the exact traces' at {budgets}: {same}; ΣΩ under the exact "
+                f"traces above the exact pick's {excess}")
+        out.append((f"decision rule (e, {method})", df))
+    for k, ref_df in enumerate(frames05):
+        stable, info = sensitivity.decision_is_stable(
+            qerr, ref_df.loc[qerr.index, "avg_trace"].to_numpy(float),
+            ref_df.loc[qerr.index, "avg_trace_se"].to_numpy(float), inp, budgets,
+            bits=bits, z=1.0, seed=seed)
+        say(f"Hutchinson tol-{pick_tol or 0.05} picks (run {k}) unchanged by every ±1 SE "
+            f"perturbation tried: {stable} ({info['n_checked']} tried; first change: "
+            f"{info['changed_by']})")
+    if not frames05:
+        say("tol 0.05 was not run in this process: the pick comparison needs --tols with 0.05 "
+            "or --pick-tol 0.05")
+    return out + [(f"Hutchinson tol {pick_tol or 0.05}, run {k}", f)
+                  for k, f in enumerate(frames05)]
 
 
 def exact_picks_section(model: nn.Module, batches, budgets: list[float], fair: dict,
                         tols: list[float], others: list[tuple[str, pd.DataFrame]],
                         pick_tol: float | None, seed: int, dev: torch.device,
                         max_probes: int) -> None:
-    """(g): the Pareto picks of the exact Gauss-Newton traces (f) at ``budgets``, against the
-    picks of every Hutchinson frame at hand (the fair comparison's hmqat runs at each tol, and
-    (e)'s frames when it ran; without a frame at ``pick_tol`` one hmqat run at it is added):
-    same pick, and the pick's ΣΩ excess under the exact traces."""
+    """(g): the Pareto picks of the exact traces ((b) when the defaults resolved to them, else
+    (f) exact) at ``budgets``, against the picks of every other frame at hand (the Hutchinson
+    runs (b-h) at each tol, (f)'s projection runs, and (e)'s frames; without a Hutchinson frame
+    at ``pick_tol`` one run at it is added): same pick, and the pick's ΣΩ excess under the exact
+    traces."""
     from hmqat import search, sensitivity
 
     if pick_tol and pick_tol not in tols and not any(f"tol {pick_tol}" in n for n, _ in others):
         df = hessian.layer_traces(model, batches, tol=pick_tol, seed=seed + 555, progress=False,
-                                  device=dev, max_probes=max_probes * 8)
-        others = list(others) + [(f"hmqat tol {pick_tol} ({df.attrs['wall_s']:.0f} s)", df)]
-
+                                  device=dev, max_probes=max_probes * 8, method="hutchinson")
+        others = list(others) + [(f"Hutchinson tol {pick_tol} ({df.attrs['wall_s']:.0f} s)",
+                                  df)]
     tol0 = tols[0]
-    gn_frames = fair.get(tol0, {}).get("gn:None:frames", [])
-    if not gn_frames:
-        say("\n(g) skipped: no exact Gauss-Newton run (--gn-projections without 0)")
+    exact, t_ex_time = _exact_frame(fair, tol0)
+    if exact is None:
+        say("\n(g) skipped: no exact Gauss-Newton run in the fair comparison")
         return
     bits = (2, 3, 4, 5, 6, 8)
     qerr = sensitivity.omega_table(model, None, bits, variant="qerr_only", method="mse")
     inp = search.model_inputs(model, a_bits=4, policy="first_last_8")
-    t_ex = np.clip(gn_frames[0].loc[qerr.index, "avg_trace"].to_numpy(float), 0.0, None)
+    t_ex = np.clip(exact.loc[qerr.index, "avg_trace"].to_numpy(float), 0.0, None)
     q = qerr[list(bits)].to_numpy(float)
     p_ex = sensitivity._picks(qerr, t_ex, inp, budgets, bits)
 
     def exact_cost(pick: tuple[int, ...]) -> float:
         return float(sum(t_ex[i] * q[i, list(bits).index(b)] for i, b in enumerate(pick)))
-    say(f"\n## (g) picks from the exact Gauss-Newton traces (f) at {budgets}x (joint Ω, bits "
+    say(f"\n## (g) picks from the exact Gauss-Newton traces at {budgets}x (joint Ω, bits "
         f"{list(bits)})")
-    frames = [(f"hmqat tol {t}, repeat {k}", f) for t in tols
-              for k, f in enumerate(fair.get(t, {}).get("frames", []))] + list(others)
+    frames = ([(f"Hutchinson tol {t}, repeat {k}", f) for t in tols
+               for k, f in enumerate(fair.get(t, {}).get("hutch:frames", []))]
+              + [(f"{key.split(':')[1]} output-space probes per image, repeat {k}", f)
+                 for key, runs in fair.get(tol0, {}).items()
+                 if key.startswith("gn:") and key.endswith(":frames") and key != "gn:None:frames"
+                 for k, f in enumerate(runs)]
+              + list(others))
     for name, frame in frames:
         picks = sensitivity._picks(qerr, frame.loc[qerr.index, "avg_trace"].to_numpy(float),
                                    inp, budgets, bits)
         say(f"{name}: same pick as the exact traces {[a == b for a, b in zip(picks, p_ex)]}; "
             f"ΣΩ under the exact traces above the exact pick's "
             f"{[f'{exact_cost(a) / exact_cost(b) - 1:+.2%}' for a, b in zip(picks, p_ex)]}")
-    t_gn, t_ref = float(np.median(fair[tol0]["gn:None"])), float(np.median(fair[tol0]["ref"]))
-    say(f"exact_pick_ratio: {t_gn / t_ref:.4f}  (median time of gauss_newton_traces, exact, / "
-        f"fair reference median at tol {tol0}: the exact picks, no probe error; decision goal "
+    t_ref = float(np.median(fair[tol0]["ref"]))
+    say(f"exact_pick_ratio: {t_ex_time / t_ref:.4f}  (median time of the exact traces / fair "
+        f"reference median at tol {tol0}: the exact picks, no probe error; decision goal "
         f"<= 0.1)")
 
 
@@ -541,9 +603,14 @@ def main() -> None:
     ap.add_argument("--joint-probes", type=int, default=3)
     ap.add_argument("--lever-samples", type=int, default=512,
                     help="images for the micro-batch comparison (0 skips it)")
-    ap.add_argument("--gn-projections", type=int, nargs="*", default=[0, 2],
-                    help="(f) gauss_newton_traces runs in the fair comparison: 0 = exact, r >= 2 "
-                         "= r output-space probes per image; none to skip")
+    ap.add_argument("--gn-projections", type=int, nargs="*", default=[2],
+                    help="(f) gauss_newton_traces runs in the fair comparison: r >= 2 = r "
+                         "output-space probes per image, 0 = exact (what (b) computes when its "
+                         "defaults resolve to it); none to skip")
+    ap.add_argument("--decision-methods", nargs="+", default=["auto"],
+                    choices=list(hessian.METHODS),
+                    help="layer_traces(method=...) runs of the decision rule (e); 'auto' = the "
+                         "defaults")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu",
                     help="cpu, cuda, cuda:N or auto (cuda when available); default cpu")
@@ -582,13 +649,20 @@ def main() -> None:
     if "fair" in args.sections:
         say("\n## (a') FAIR reference (per-layer probes, batch "
             f"{args.batch_size}, kept first-order graph per batch, per-layer stopping, stratified "
-            "SE) vs (b) hmqat layer_traces defaults; both run to convergence, interleaved")
+            "SE) vs (b) hmqat layer_traces defaults (method 'auto') and (b-h) its Hutchinson "
+            "probes; all run to convergence, interleaved")
         gn = [None if r == 0 else r for r in args.gn_projections]
         fair = fair_comparison(model, batches, names, tols, reps, args.seed, dev,
                                args.max_probes, gn)
-        r0 = fair[tols[0]]["ratios"]
+        r0, f0 = fair[tols[0]]["ratios"], fair[tols[0]]["frames"][0]
+        what = (f"{f0.attrs['method']}"
+                + (", exact" if f0.attrs.get("projections", 0) is None else ""))
         say(f"\nfair_ratio: {np.median(r0):.4f}  (median over {len(r0)} interleaved repeats of "
-            f"time(b)/time(a') at tol {tols[0]}; goal <= 0.25)")
+            f"time(b)/time(a') at tol {tols[0]}; (b) = layer_traces defaults -> {what}, max "
+            f"rel_se {f0['rel_se'].max():.4f}; goal <= 0.25)")
+        h0 = fair[tols[0]]["hutch:ratios"]
+        say(f"fair_ratio_hutchinson: {np.median(h0):.4f}  (median over {len(h0)} interleaved "
+            f"repeats of time(b-h)/time(a') at tol {tols[0]})")
         for r in gn:
             g = fair[tols[0]][f"gn:{r}:ratios"]
             frame = fair[tols[0]][f"gn:{r}:frames"][0]
@@ -597,12 +671,13 @@ def main() -> None:
                 f"time(f)/time(a') at tol {tols[0]}; max rel_se {frame['rel_se'].max():.4f}"
                 f"{', exact: no probe error' if r is None else ''})")
         for t in tols[1:]:
-            say(f"fair_ratio_tol{t}: {np.median(fair[t]['ratios']):.4f}  (median over "
-                f"{len(fair[t]['ratios'])} repeats)")
+            say(f"fair_ratio_hutchinson_tol{t}: {np.median(fair[t]['hutch:ratios']):.4f}  "
+                f"(median over {len(fair[t]['hutch:ratios'])} repeats)")
     others: list[tuple[str, pd.DataFrame]] = []
     if "decision" in args.sections:
         others = decision_section(model, batches, args.budgets, args.seed, dev, fair, tols,
-                                  args.max_probes, args.pick_tol, args.fair_file, args.regret)
+                                  args.max_probes, args.pick_tol, args.fair_file, args.regret,
+                                  tuple(args.decision_methods))
     if "picks" in args.sections:
         exact_picks_section(model, batches, args.budgets, fair, tols, others, args.pick_tol,
                             args.seed, dev, args.max_probes)
@@ -616,14 +691,15 @@ def main() -> None:
         print(f"wrote {args.out}")
         return
 
-    # (b) hmqat, to convergence (the first fair-comparison run at --tol when there is one)
-    df = next((f for f in fair.get(args.tol, {}).get("frames", [])), None)
+    # (b-h) the Hutchinson probes, to convergence (the first fair-comparison run at --tol when
+    # there is one): the old sections compare probe estimators
+    df = next((f for f in fair.get(args.tol, {}).get("hutch:frames", [])), None)
     if df is None:
         df = hessian.layer_traces(model, batches, tol=args.tol, seed=args.seed, progress=False,
-                                  device=dev)
+                                  device=dev, method="hutchinson")
     t_hmqat = df.attrs["wall_s"]
-    say("\n## (b) hmqat layer_traces (defaults: probe='layer', micro_batch='auto' -> "
-        f"{df.attrs['micro_batch']}, stratified, adaptive)")
+    say("\n## (b-h) hmqat layer_traces, Hutchinson (method='hutchinson', probe='layer', "
+        f"micro_batch='auto' -> {df.attrs['micro_batch']}, stratified, adaptive)")
     say(f"wall {t_hmqat:.1f} s, {df.attrs['hvps']} HVPs in {df.attrs['sweeps']} sweeps over "
         f"{df.attrs['n_batches']} micro-batches, converged={df.attrs['converged']}, "
         f"max rel_se {df['rel_se'].max():.4f}")
@@ -648,10 +724,10 @@ def main() -> None:
         f"{t_hi / 3600:.2f} h)")
     z = (mean - df["trace"].to_numpy()) / np.sqrt(se ** 2 + (df["avg_trace_se"] *
                                                             df["n_params"]).to_numpy() ** 2)
-    say(f"per-layer agreement with (b): |z| median {np.median(np.abs(z)):.2f}, max "
+    say(f"per-layer agreement with (b-h): |z| median {np.median(np.abs(z)):.2f}, max "
         f"{np.abs(z).max():.2f} ({names[int(np.argmax(np.abs(z)))]}); "
         f"{int((np.abs(z) > 2).sum())}/{len(z)} layers beyond 2 sigma")
-    say(f"\nold_shared_probe_ratio (b)/(a) at equal error (every layer <= {args.tol:.0%} rel. "
+    say(f"\nold_shared_probe_ratio (b-h)/(a) at equal error (every layer <= {args.tol:.0%} rel. "
         f"SE, (a) extrapolated): {t_hmqat / t_need:.4f}x  (90 % interval "
         f"{t_hmqat / t_hi:.4f}-{t_hmqat / t_lo:.4f}x)")
 
@@ -678,7 +754,7 @@ def main() -> None:
     # (d) lever: docs/design.md §3's joint probe, and graph reuse
     dj = hessian.layer_traces(model, batches, tol=args.tol, seed=args.seed, progress=False,
                               probe="joint", min_probes=min(2, args.joint_probes),
-                              max_probes=args.joint_probes, device=dev)
+                              max_probes=args.joint_probes, device=dev, method="hutchinson")
     r_j = int(dj["probes"].max())
     _, t_need_j, (tj_lo, tj_hi) = extrapolate(dj["rel_se"].to_numpy(), r_j, args.tol,
                                                    dj.attrs["wall_s"] / r_j)

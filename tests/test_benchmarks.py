@@ -63,26 +63,33 @@ def test_hessian_benchmark_runs_on_the_given_device(tmp_path: Path) -> None:
         capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     text = out.read_text()
-    for needle in ("device: cpu", "## (b) hmqat layer_traces", "## (a) OLD reference",
-                   "old_shared_probe_ratio", "pyhessian: skipped (--pyhessian-probes 0)",
-                   "probe='joint'", "graph reuse at batch 32", "## (a') FAIR reference",
+    for needle in ("device: cpu", "## (b-h) hmqat layer_traces, Hutchinson",
+                   "## (a) OLD reference", "old_shared_probe_ratio",
+                   "pyhessian: skipped (--pyhessian-probes 0)", "probe='joint'",
+                   "graph reuse at batch 32", "## (a') FAIR reference",
                    "tol 0.5: repeat 1 reference", "## (e) decision-based stopping"):
         assert needle in text, needle
+    # (b) = the defaults: exact Gauss-Newton traces for ResNet-20 (no probe error)
     fair = [line for line in text.splitlines() if line.startswith("fair_ratio: ")]
     assert len(fair) == 1 and float(fair[0].split()[1]) > 0
-    for kind in ("exact", "2proj"):      # (f) gauss_newton_traces, interleaved with (a')
-        gn = [line for line in text.splitlines()
-              if line.startswith(f"fair_ratio_gauss_newton_{kind}: ")]
-        assert len(gn) == 1 and float(gn[0].split()[1]) > 0, kind
-    assert "tol 0.5: repeat 1 gauss-newton exact" in text and "exact: no probe error" in text
+    assert "layer_traces defaults -> gauss_newton, exact, max rel_se 0.0000" in fair[0]
+    assert "tol 0.5: repeat 1 hmqat defaults" in text and "method gauss_newton" in text
+    for key in ("fair_ratio_hutchinson", "fair_ratio_gauss_newton_2proj"):
+        line = [x for x in text.splitlines() if x.startswith(f"{key}: ")]
+        assert len(line) == 1 and float(line[0].split()[1]) > 0, key
     assert "## (g) picks from the exact Gauss-Newton traces" in text
-    for name in ("hmqat tol 0.5, repeat 1", "decision rule (e)", "hmqat tol 0.05, run 0"):
+    for name in ("Hutchinson tol 0.5, repeat 1", "2 output-space probes per image, repeat 0",
+                 "decision rule (e, auto)", "Hutchinson tol 0.05, run 0"):
         assert f"{name}: same pick as the exact traces [" in text, name
     ratio = [line for line in text.splitlines() if line.startswith("exact_pick_ratio: ")]
     assert len(ratio) == 1 and float(ratio[0].split()[1]) > 0
+    # (e) with the defaults: output-space probe rounds on the Gauss-Newton path
     dec = [line for line in text.splitlines() if line.startswith("decision_ratio: ")]
     assert len(dec) == 1 and float(dec[0].split()[1]) > 0
-    assert "within 0.5 relative ΣΩ of the pick" in text and "exceeds the tol-0.05 pick's by" in text
+    assert "[auto -> gauss_newton] stopped by the rule:" in text
+    assert "within 0.5 relative ΣΩ of the pick" in text
+    assert "picks equal to the Hutchinson tol-0.05 traces' (run 0)" in text
+    assert "picks equal to the exact traces' at [10.34]" in text
     # all 20 ResNet-20 layers are in the hmqat table
     assert sum(line.split()[0].endswith(("conv1", "conv2", "linear"))
                for line in text.splitlines() if line.strip()) >= 20
