@@ -229,10 +229,10 @@ def test_forged_section_table_is_refused(mixed, tmp_path) -> None:
         return payload
 
     bad = tmp_path / "forged.hmq"
-    for edit, msg in ((fewer_bytes, rf"says nbytes=\d+ but its shape and bits need \d+"),
+    for edit, msg in ((fewer_bytes, r"says nbytes=\d+ but its shape and bits need \d+"),
                       (other_bits, rf"has bits={bits - 1}, qn=-?\d+ but its layer records "
                                    rf"{bits} bits"),
-                      (layer_bits_too, rf"says nbytes=\d+ but its shape and bits need \d+"),
+                      (layer_bits_too, r"says nbytes=\d+ but its shape and bits need \d+"),
                       (overlap, r"starts at \d+, expected \d+ \(sections are back to back\)")):
         bad.write_bytes(_forge(path, edit))
         with pytest.raises(export.PackedFormatError, match=rf"{bad}: section '.*' {msg}"):

@@ -82,7 +82,7 @@ def test_yaml_errors_name_file_and_line(tmp_path):
     broken = SMOKE.replace("  03_qat:\n    qat_epochs: 1", "  03_qat:\n    qat_epochs: [1")
     line = broken.splitlines().index("    qat_epochs: [1") + 1
     d = _profile(tmp_path, broken)
-    with pytest.raises(pipeline.PipelineError, match=rf"smoke.yaml:\d+:\d+: YAML error: "):
+    with pytest.raises(pipeline.PipelineError, match=r"smoke.yaml:\d+:\d+: YAML error: "):
         pipeline.load_params("smoke", d)
     try:
         pipeline.load_params("smoke", d)

@@ -167,7 +167,6 @@ train.fit(model, tr, te, train.TrainConfig(epochs=3, lr=0.05, checkpoint=sys.arg
 
 
 def test_resume_after_kill_9_is_bit_identical(tmp_path):
-    import os
     import signal
     import subprocess
     import sys

@@ -31,7 +31,6 @@ import pandas as pd
 import papermill as pm
 import torch
 import torchvision.transforms as T
-import yaml
 
 from .. import data
 from ..data import TensorImages
