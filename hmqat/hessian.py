@@ -1046,7 +1046,7 @@ def gauss_newton_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
             if stop_rule(df):
                 stopped = True
                 break
-            if 2 * total >= n_out:                      # another round costs as much as exact
+            if 2 * total >= n_out:          # doubling reaches K products per image: go exact
                 parts, total = [one_round(None)], None
             else:
                 parts.append(one_round(total))
