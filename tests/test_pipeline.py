@@ -243,3 +243,25 @@ def test_attempts_count_an_interrupted_attempt(tmp_path):
             raise RuntimeError("boom")
     left = json.loads(path.read_text())
     assert left["earlier_s"] == [] and left["current"]["elapsed_s"] >= 0
+
+
+def test_executed_copies_hold_no_absolute_paths(tmp_path):
+    """Warnings in cell outputs name library files: the repository root and the environment's
+    prefix are cut, as are papermill's recorded paths."""
+    import sys
+
+    site = f"{Path(sys.prefix).resolve()}/lib/site.py:1: FutureWarning: x\n"
+    mine = f"{ROOT.resolve()}/hmqat/hessian.py:9: UserWarning: y\n"
+    nb = {"metadata": {"papermill": {"input_path": str(ROOT / "notebooks" / "a.ipynb"),
+                                     "output_path": str(tmp_path / "a.ipynb")}},
+          "cells": [{"cell_type": "code", "outputs": [
+              {"output_type": "stream", "name": "stderr", "text": [site, mine]},
+              {"output_type": "error", "traceback": [mine]}]}]}
+    out = tmp_path / "a.ipynb"
+    out.write_text(json.dumps(nb))
+    pipeline._relative_paths(ROOT / "notebooks" / "a.ipynb", out)
+    text = out.read_text()
+    assert str(ROOT.resolve()) not in text and str(Path(sys.prefix).resolve()) not in text
+    got = json.loads(text)
+    assert got["cells"][0]["outputs"][0]["text"][1] == "hmqat/hessian.py:9: UserWarning: y\n"
+    assert got["metadata"]["papermill"]["input_path"] == "notebooks/a.ipynb"

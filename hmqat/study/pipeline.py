@@ -137,10 +137,12 @@ class _Echo:
 _KERNEL_ARGS = ["--IPKernelApp.log_level=CRITICAL"]
 
 
-def _relative_paths(nb_in: Path, nb_out: Path) -> None:
-    """Papermill records the absolute input/output paths in the executed copy's metadata;
-    replace them by ``notebooks/<name>`` and ``executed/<name>`` (committed files hold no
-    absolute path of the build machine, docs/method.md §8)."""
+def _relative_paths(nb_in: Path, nb_out: Path, roots: Sequence[str | Path] | None = None) -> None:
+    """Committed executed copies hold no absolute path of the build machine (docs/method.md §8):
+    papermill's recorded input/output paths become ``notebooks/<name>`` and ``executed/<name>``,
+    and in the cells' text outputs (warnings and tracebacks name library files) every prefix in
+    ``roots`` (default: the repository root and ``sys.prefix``, the environment) is cut to a
+    relative path (``.venv/lib/...``) or ``<env>``."""
     if not nb_out.exists():
         return
     nb = json.loads(nb_out.read_text(encoding="utf-8"))
@@ -148,7 +150,22 @@ def _relative_paths(nb_in: Path, nb_out: Path) -> None:
     if isinstance(meta, dict):
         meta["input_path"] = f"notebooks/{nb_in.name}"
         meta["output_path"] = f"executed/{nb_out.name}"
-        atomic_write_text(nb_out, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+    subs = [(f"{Path(r).resolve()}/", "") for r in (roots if roots is not None else [ROOT])]
+    subs.append((f"{Path(sys.prefix).resolve()}/", "<env>/"))
+
+    def cut(text: str) -> str:
+        for old, new in subs:
+            text = text.replace(old, new)
+        return text
+
+    for cell in nb.get("cells", []):
+        for out in cell.get("outputs", []):
+            if "text" in out:
+                out["text"] = [cut(t) for t in out["text"]] if isinstance(out["text"], list) \
+                    else cut(out["text"])
+            if "traceback" in out:
+                out["traceback"] = [cut(t) for t in out["traceback"]]
+    atomic_write_text(nb_out, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
 
 def _run_notebook(nb_in: Path, nb_out: Path, params: dict[str, Any], timeout: int | None) -> None:
