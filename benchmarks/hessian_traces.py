@@ -401,6 +401,39 @@ def fair_comparison(model: nn.Module, batches, names: list[str], tols: list[floa
     return out
 
 
+class PickJudge:
+    """(e), (g): the joint-Ω Pareto picks at ``budgets`` (bits 2–8, 4-bit activations,
+    first/last at 8) from a frame's traces, and how two picks compare under a frame's traces."""
+
+    BITS = (2, 3, 4, 5, 6, 8)
+
+    def __init__(self, model: nn.Module, budgets: list[float]) -> None:
+        from hmqat import search, sensitivity
+
+        self.sens, self.budgets = sensitivity, budgets
+        self.qerr = sensitivity.omega_table(model, None, self.BITS, variant="qerr_only",
+                                            method="mse")
+        self.inp = search.model_inputs(model, a_bits=4, policy="first_last_8")
+        self.q = self.qerr[list(self.BITS)].to_numpy(float)
+
+    def traces(self, frame: pd.DataFrame) -> np.ndarray:
+        return frame.loc[self.qerr.index, "avg_trace"].to_numpy(float)
+
+    def picks(self, frame: pd.DataFrame) -> list[tuple[int, ...]]:
+        return self.sens._picks(self.qerr, self.traces(frame), self.inp, self.budgets, self.BITS)
+
+    def compare(self, mine: list, frame: pd.DataFrame) -> tuple[list[bool], list[str]]:
+        """Same pick as ``frame``'s at each budget, and the ΣΩ of ``mine`` above ``frame``'s
+        pick under ``frame``'s traces."""
+        t = np.clip(self.traces(frame), 0.0, None)
+
+        def cost(pick: tuple[int, ...]) -> float:
+            return float(sum(t[i] * self.q[i, self.BITS.index(b)] for i, b in enumerate(pick)))
+        theirs = self.picks(frame)
+        return ([a == b for a, b in zip(mine, theirs)],
+                [f"{cost(a) / cost(b) - 1.0:+.2%}" for a, b in zip(mine, theirs)])
+
+
 def _exact_frame(fair: dict, tol0: float) -> tuple[pd.DataFrame | None, float | None]:
     """The exact traces of the fair comparison and their median time: (b)'s frames when the
     defaults resolved to the exact form, else (f)'s exact runs; (None, None) without either."""
@@ -424,12 +457,10 @@ def decision_section(model: nn.Module, batches, budgets: list[float], seed: int,
     path; "hutchinson": parameter-space probes) vs the fair reference; its picks vs the
     Hutchinson traces at ``pick_tol`` (0.05) and vs the exact traces (same pick, and the pick's
     ΣΩ excess under the compared traces)."""
-    from hmqat import search, sensitivity
+    from hmqat import sensitivity
 
-    bits = (2, 3, 4, 5, 6, 8)
-    qerr = sensitivity.omega_table(model, None, bits, variant="qerr_only", method="mse")
-    inp = search.model_inputs(model, a_bits=4, policy="first_last_8")
-    q = qerr[list(bits)].to_numpy(float)
+    judge = PickJudge(model, budgets)
+    bits, qerr = judge.BITS, judge.qerr
     tol0 = tols[0]
     t_ref = float(np.median(fair[tol0]["ref"])) if tol0 in fair else None
     if t_ref is None and fair_file is not None and fair_file.exists():
@@ -437,20 +468,6 @@ def decision_section(model: nn.Module, batches, budgets: list[float], seed: int,
                 fair_file.read_text().splitlines()
                 if line.startswith(f"tol {tol0}: repeat") and " reference " in line]
         t_ref = float(np.median(refs)) if refs else None
-
-    def picks_of(frame: pd.DataFrame) -> list[tuple[int, ...]]:
-        return sensitivity._picks(qerr, frame.loc[qerr.index, "avg_trace"].to_numpy(float), inp,
-                                  budgets, bits)
-
-    def compare(mine: list, frame: pd.DataFrame) -> tuple[list[bool], list[str]]:
-        """Same pick as ``frame``'s, and ΣΩ excess of mine under ``frame``'s traces."""
-        t = np.clip(frame.loc[qerr.index, "avg_trace"].to_numpy(float), 0.0, None)
-
-        def cost(pick: tuple[int, ...]) -> float:
-            return float(sum(t[i] * q[i, list(bits).index(b)] for i, b in enumerate(pick)))
-        theirs = picks_of(frame)
-        return ([a == b for a, b in zip(mine, theirs)],
-                [f"{cost(a) / cost(b) - 1.0:+.2%}" for a, b in zip(mine, theirs)])
 
     say(f"\n## (e) decision-based stopping (budgets {budgets}x, joint Ω, bits {list(bits)}, "
         f"±1.96 SE, {2 * len(qerr) + 32} perturbations per check; "
@@ -489,20 +506,20 @@ def decision_section(model: nn.Module, batches, budgets: list[float], seed: int,
             say(f"{key}: {t_dec / t_ref:.4f}  (time(e, {method}) / fair reference median "
                 f"{t_ref:.1f} s at tol {tol0}"
                 f"{'' if tol0 in fair else f', read from {fair_file.name}'}; goal <= 0.1)")
-        mine = picks_of(df)
+        mine = judge.picks(df)
         for k, ref_df in enumerate(frames05):
-            same, excess = compare(mine, ref_df)
+            same, excess = judge.compare(mine, ref_df)
             say(f"  picks equal to the Hutchinson tol-{pick_tol or 0.05} traces' (run {k}) at "
                 f"{budgets}: {same}; ΣΩ under those traces above their pick's {excess}")
         if exact is not None:
-            same, excess = compare(mine, exact)
+            same, excess = judge.compare(mine, exact)
             say(f"  picks equal to the exact traces' at {budgets}: {same}; ΣΩ under the exact "
                 f"traces above the exact pick's {excess}")
         out.append((f"decision rule (e, {method})", df))
     for k, ref_df in enumerate(frames05):
         stable, info = sensitivity.decision_is_stable(
-            qerr, ref_df.loc[qerr.index, "avg_trace"].to_numpy(float),
-            ref_df.loc[qerr.index, "avg_trace_se"].to_numpy(float), inp, budgets,
+            qerr, judge.traces(ref_df),
+            ref_df.loc[qerr.index, "avg_trace_se"].to_numpy(float), judge.inp, budgets,
             bits=bits, z=1.0, seed=seed)
         say(f"Hutchinson tol-{pick_tol or 0.05} picks (run {k}) unchanged by every ±1 SE "
             f"perturbation tried: {stable} ({info['n_checked']} tried; first change: "
@@ -523,8 +540,6 @@ def exact_picks_section(model: nn.Module, batches, budgets: list[float], fair: d
     runs (b-h) at each tol, (f)'s projection runs, and (e)'s frames; without a Hutchinson frame
     at ``pick_tol`` one run at it is added): same pick, and the pick's ΣΩ excess under the exact
     traces."""
-    from hmqat import search, sensitivity
-
     if pick_tol and pick_tol not in tols and not any(f"tol {pick_tol}" in n for n, _ in others):
         df = hessian.layer_traces(model, batches, tol=pick_tol, seed=seed + 555, progress=False,
                                   device=dev, max_probes=max_probes * 8, method="hutchinson")
@@ -535,17 +550,9 @@ def exact_picks_section(model: nn.Module, batches, budgets: list[float], fair: d
     if exact is None:
         say("\n(g) skipped: no exact Gauss-Newton run in the fair comparison")
         return
-    bits = (2, 3, 4, 5, 6, 8)
-    qerr = sensitivity.omega_table(model, None, bits, variant="qerr_only", method="mse")
-    inp = search.model_inputs(model, a_bits=4, policy="first_last_8")
-    t_ex = np.clip(exact.loc[qerr.index, "avg_trace"].to_numpy(float), 0.0, None)
-    q = qerr[list(bits)].to_numpy(float)
-    p_ex = sensitivity._picks(qerr, t_ex, inp, budgets, bits)
-
-    def exact_cost(pick: tuple[int, ...]) -> float:
-        return float(sum(t_ex[i] * q[i, list(bits).index(b)] for i, b in enumerate(pick)))
+    judge = PickJudge(model, budgets)
     say(f"\n## (g) picks from the exact Gauss-Newton traces at {budgets}x (joint Ω, bits "
-        f"{list(bits)})")
+        f"{list(judge.BITS)})")
     frames = ([(f"Hutchinson tol {t}, repeat {k}", f) for t in tols
                for k, f in enumerate(fair.get(t, {}).get("hutch:frames", []))]
               + [(f"{key.split(':')[1]} output-space probes per image, repeat {k}", f)
@@ -554,11 +561,9 @@ def exact_picks_section(model: nn.Module, batches, budgets: list[float], fair: d
                  for k, f in enumerate(runs)]
               + list(others))
     for name, frame in frames:
-        picks = sensitivity._picks(qerr, frame.loc[qerr.index, "avg_trace"].to_numpy(float),
-                                   inp, budgets, bits)
-        say(f"{name}: same pick as the exact traces {[a == b for a, b in zip(picks, p_ex)]}; "
-            f"ΣΩ under the exact traces above the exact pick's "
-            f"{[f'{exact_cost(a) / exact_cost(b) - 1:+.2%}' for a, b in zip(picks, p_ex)]}")
+        same, excess = judge.compare(judge.picks(frame), exact)
+        say(f"{name}: same pick as the exact traces {same}; ΣΩ under the exact traces above the "
+            f"exact pick's {excess}")
     t_ref = float(np.median(fair[tol0]["ref"]))
     say(f"exact_pick_ratio: {t_ex_time / t_ref:.4f}  (median time of the exact traces / fair "
         f"reference median at tol {tol0}: the exact picks, no probe error; decision goal "
