@@ -347,8 +347,8 @@ def test_gauss_newton_bad_inputs_raise(kwargs, match):
 
 def test_gauss_newton_rounds_double_until_the_stop_rule_holds_then_go_exact():
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 10)).double()
-    batches = make_batches((5,), sizes=(6, 5), classes=10)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 32)).double()   # K = 32
+    batches = make_batches((5,), sizes=(6, 5), classes=32)
     exact = hessian.gauss_newton_traces(model, batches)
     seen: list[int] = []
 
@@ -364,10 +364,21 @@ def test_gauss_newton_rounds_double_until_the_stop_rule_holds_then_go_exact():
     never: list[int] = []
     df = hessian.gauss_newton_traces(
         model, batches, projections=2, stop_rule=lambda d: never.append(int(d["probes"].max())))
-    # 2, 4, 8 probes per image; a fourth round would reach the 10 outputs: exact instead
+    # 2, 4, 8 probes per image (8 = K/4); a fourth round would pass K/4: exact instead
     assert never == [2, 4, 8] and df.attrs["projections"] is None and df.attrs["rounds"] == 4
-    assert not df.attrs["stopped_by_rule"] and df.attrs["vjps"] == 11 * (2 + 2 + 4 + 10)
+    assert not df.attrs["stopped_by_rule"] and df.attrs["vjps"] == 11 * (2 + 2 + 4 + 32)
     np.testing.assert_allclose(df["trace"], exact["trace"], rtol=1e-12)
+    # K = 10 (ResNet-20 on CIFAR-10): 4 probes would pass K/4, so one round of 2, then exact
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 10)).double()
+    batches = make_batches((5,), sizes=(6, 5), classes=10)
+    never.clear()
+    df = hessian.gauss_newton_traces(
+        model, batches, projections=2, stop_rule=lambda d: never.append(int(d["probes"].max())))
+    assert never == [2] and df.attrs["projections"] is None and df.attrs["rounds"] == 2
+    assert df.attrs["vjps"] == 11 * (2 + 10)
+    np.testing.assert_allclose(df["trace"], hessian.gauss_newton_traces(model, batches)["trace"],
+                               rtol=1e-12)
     # layer_traces hands its stop_rule to the Gauss-Newton path (first round: GN_FIRST_ROUND)
     lt = layer_traces(model, batches, method="auto", stop_rule=lambda d: True, progress=False)
     assert lt.attrs["method"] == "gauss_newton" and lt.attrs["probe"] == "output"
