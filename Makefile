@@ -34,8 +34,9 @@ setup: $(STAMP)
 reproduce: $(STAMP)
 	$(BIN)/python -m hmqat.study.pipeline --profile $(PROFILE)
 
+# One pytest worker per core (pytest-xdist); each test file stays on one worker (module fixtures).
 test: $(STAMP)
-	TQDM_DISABLE=1 $(BIN)/python -m pytest -q tests
+	TQDM_DISABLE=1 $(BIN)/python -m pytest -q -n auto --dist loadfile tests
 
 bench: $(STAMP)
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -10,6 +10,14 @@ os.environ["HMQAT_HEADLESS"] = "1"
 # also for module-scoped fixtures (the smoke pipeline), which run before _isolated_env
 for _key in ("HMQAT_DATA_DIR", "HMQAT_WEIGHTS_DIR"):
     os.environ.pop(_key, None)
+# Under pytest-xdist (`make test`: one worker per core) each worker gets its share of the cores,
+# so workers do not oversubscribe them; the env var reaches the notebook kernels papermill starts.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)
