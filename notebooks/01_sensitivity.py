@@ -163,9 +163,15 @@ traces = hessian.layer_traces(model, calib, tol=trace_tol, max_probes=trace_max_
                               device=study.dev, cache_dir=study.root / "cache",
                               method=trace_method)
 runtime.atomic_write_text(study.path("data", "traces.csv"), traces.to_csv())
-print(f"method {traces.attrs['method']}: up to {traces['probes'].max()} probes per layer "
-      f"({traces.attrs['hvps']} HVPs), {traces.attrs['wall_s']:.1f} s, converged: "
-      f"{traces.attrs['converged']}")
+if traces.attrs["method"] == "gauss_newton":      # exact (or output-space probes): VJPs, no HVPs
+    k = traces.attrs["projections"]
+    how = "exact" if k is None else f"{k} output-space probes per image"
+    print(f"method gauss_newton, {how}: {traces.attrs['vjps']} VJPs, "
+          f"{traces.attrs['wall_s']:.1f} s")
+else:                                            # Hutchinson: HVPs until rel_se <= tol
+    print(f"method hutchinson: up to {traces['probes'].max()} probes per layer "
+          f"({traces.attrs['hvps']} HVPs), {traces.attrs['wall_s']:.1f} s, converged: "
+          f"{traces.attrs['converged']}")
 traces[[c for c in ("n_params", "avg_trace", "avg_trace_se", "rel_se", "probes", "data_se")
         if c in traces]]
 
