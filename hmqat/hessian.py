@@ -646,8 +646,8 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
     ``avg_trace_se`` 0, ``probes`` 0, ``converged`` True and a ``data_se`` column; ``tol``,
     ``max_probes``, ``min_probes`` and ``probe`` do not apply to it. With a ``stop_rule`` the
     Gauss-Newton path draws :data:`GN_FIRST_ROUND` output-space probes per image, doubles them
-    until the rule holds, and computes the exact form when that is no dearer
-    (:func:`gauss_newton_traces`).
+    until the rule holds while the total stays within a quarter of the outputs, and computes
+    the exact form past that (:func:`gauss_newton_traces`).
 
     Under ``torchrun`` (an initialised torch.distributed group of N > 1 processes) the work is
     split over the ranks and every rank returns the frame one process would compute from the
