@@ -40,7 +40,7 @@ of the mean loss over them, BN in eval mode):
       sensitivity.decision_stop_rule(model, --budgets)``: probing stops once no perturbation of
       the traces within ±1.96 SE changes the joint-Ω Pareto pick at any requested budget. With
       the defaults ("auto") the Gauss-Newton path draws 2 output-space probes per image and
-      doubles them until the rule holds (exact once that is no dearer); --decision-methods
+      doubles them while they stay within K/4 per image, then goes exact; --decision-methods
       hutchinson adds the parameter-space probes. ``decision_ratio`` = its time / the fair
       reference at the first tol; whether its picks equal those of the Hutchinson traces at tol
       0.05 (run in this process) and those of the exact traces. Also: whether the tol-0.05
