@@ -80,8 +80,8 @@ class NonFiniteLossError(FloatingPointError):
 def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | None = None,
              max_batches: int | None = None, *, all_reduce: bool = False,
              check: bool = True,
-             criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-             ) -> dict[str, float]:
+             criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+             per_image: bool = False) -> dict[str, Any]:
     """Top-1 accuracy (percent) and mean loss of ``model`` over ``loader``: cross-entropy, or
     ``criterion`` (a batch-mean loss such as ``nn.CrossEntropyLoss()``, weighted by batch size).
 
@@ -93,12 +93,21 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | No
     ``all_reduce=True`` under torch.distributed, ``loader`` is this rank's shard (see
     :func:`hmqat.distributed.shard_eval_loader`) and the sums of correct predictions, loss and
     samples are all-reduced, so every rank returns the numbers of the whole set.
+
+    ``per_image=True`` also returns ``correct``: a bool numpy array, one entry per image in the
+    loader's order (the unit of :func:`hmqat.stats.crossed_paired_difference`, which needs
+    every arm scored on the same images in the same order). Not with ``all_reduce``: a rank
+    sees only its shard.
     """
+    if per_image and all_reduce:
+        raise ValueError("evaluate(per_image=True) needs the whole loader on one process; "
+                         "evaluate the unsharded loader on rank 0 instead of all_reduce=True")
     model = unwrap(model)
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     correct, loss_sum, n = 0, 0.0, 0
+    hits: list[torch.Tensor] = []
     try:
         for i, (x, y) in enumerate(loader):
             if max_batches is not None and i >= max_batches:
@@ -107,7 +116,10 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | No
             out = model(x)
             loss_sum += (F.cross_entropy(out, y, reduction="sum").item() if criterion is None
                          else float(criterion(out, y)) * x.shape[0])
-            correct += (out.argmax(1) == y).sum().item()
+            hit = out.argmax(1) == y
+            correct += hit.sum().item()
+            if per_image:
+                hits.append(hit.cpu())
             n += len(y)
     finally:
         model.train(was_training)
@@ -121,7 +133,10 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | No
         raise NonFiniteLossError(f"evaluate(): the loss is {loss_sum / n} on {n} images and "
                                  f"{bad or 'every tensor is finite (the outputs overflow)'}; no "
                                  f"top-1 is reported for a non-finite model")
-    return {"top1": 100.0 * correct / n, "loss": loss_sum / n, "n": n}
+    result: dict[str, Any] = {"top1": 100.0 * correct / n, "loss": loss_sum / n, "n": n}
+    if per_image:
+        result["correct"] = torch.cat(hits).numpy()
+    return result
 
 
 # --------------------------------------------------------------------------------------------

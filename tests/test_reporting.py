@@ -250,3 +250,32 @@ def test_paired_comparisons_match_a_hand_computed_t_interval():
     assert "a screen, not a result" in reporting.describe_comparison(one)
     with pytest.raises(reporting.ReportingError, match="no runs labelled"):
         reporting.paired_comparisons(runs, [("HMQAT =W4A4 size", "uniform W4A4")])
+
+
+def test_paired_comparisons_carry_the_test_images_when_runs_keep_their_bits():
+    """With per-image bits (runs.pack_correct) the interval is the crossed seeds × images one
+    of hmqat.stats, computed from the same matrices by hand; without them, the seed-only t."""
+    from hmqat import stats
+    from hmqat.study import runs as runs_mod
+    rng = np.random.default_rng(0)
+    m = 50
+    base = rng.random((3, m)) < 0.8
+    flips = rng.random((3, m)) < 0.1
+    other = np.where(flips, ~base, base)
+    rows = []
+    for label, bits in (("HMQAT =W3A4 size", base), ("uniform W3A4", other)):
+        for k in range(3):
+            rows.append({"label": label, "seed": k, "avg_bits": 3.0, "size_mb": 0.1,
+                         "compression": 10.0, "bops": 1e9, "test_top1": 100 * bits[k].mean(),
+                         "test_correct": runs_mod.pack_correct(bits[k]), "n_test": m})
+    frame = pd.DataFrame(rows)
+    row = reporting.paired_comparisons(frame, [("HMQAT =W3A4 size", "uniform W3A4")]).iloc[0]
+    want = stats.crossed_paired_difference(100.0 * base, 100.0 * other)
+    assert row["interval"] == "seeds × images" and row["images"] == m
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((want.low, want.high))
+    assert "50 test images" in reporting.describe_comparison(row)
+    seed_only = reporting.paired_comparisons(frame.drop(columns="test_correct"),
+                                             [("HMQAT =W3A4 size", "uniform W3A4")]).iloc[0]
+    t = stats.paired_difference(100 * base.mean(1), 100 * other.mean(1))
+    assert seed_only["interval"] == "seeds only"
+    assert (seed_only["ci_low"], seed_only["ci_high"]) == pytest.approx((t.low, t.high))

@@ -126,3 +126,33 @@ def test_test_loader_is_read_once_into_test_top1_under_its_own_identity(setup, t
     again = _run(setup, tmp_path, test_loader=test)
     assert again.cached and again.run_id == with_test.run_id
     assert again.record["test_top1"] == with_test.record["test_top1"]
+
+
+def test_records_keep_which_images_were_right(setup, tmp_path):
+    """result.json keeps one bit per evaluated image, in loader order, for the eval split and
+    the test split; they reproduce top1/test_top1 and survive the read-back of a finished run."""
+    import numpy as np
+    test = data.make_loader(data.synthetic_cifar(24, seed=7), 8)
+    run = _run(setup, tmp_path, test_loader=test)
+    ev = train.evaluate(run.model, setup[2], per_image=True)
+    te = train.evaluate(run.model, test, per_image=True)
+    val_bits = runs.unpack_correct(run.record["correct"], run.record["n_val"])
+    test_bits = runs.unpack_correct(run.record["test_correct"], run.record["n_test"])
+    assert np.array_equal(val_bits, ev["correct"]) and np.array_equal(test_bits, te["correct"])
+    assert 100.0 * test_bits.mean() == pytest.approx(run.record["test_top1"])
+    again = _run(setup, tmp_path, test_loader=test)
+    m = runs.correct_matrix([again.record, run.record])
+    assert m.shape == (2, 24) and np.array_equal(m[0], 100.0 * test_bits)
+    assert runs.correct_matrix([{"test_top1": 1.0}]) is None   # a record from before the bits
+
+
+def test_pack_correct_round_trips_and_refuses_a_wrong_length():
+    import numpy as np
+    bits = np.array([1, 0, 1, 1, 0, 0, 0, 1, 1, 1, 0], dtype=bool)
+    assert np.array_equal(runs.unpack_correct(runs.pack_correct(bits), 11), bits)
+    with pytest.raises(runs.RunError, match="corrupt"):
+        runs.unpack_correct(runs.pack_correct(bits), 30)
+    with pytest.raises(ValueError, match="per_image=True"):
+        train.evaluate(models.create_model("resnet20", pretrained=False),
+                       data.make_loader(data.synthetic_cifar(8, seed=0), 8),
+                       per_image=True, all_reduce=True)

@@ -315,15 +315,26 @@ def seeded_headline(runs: pd.DataFrame, fp32_top1: float, *, value: str = "test_
     return out.sort_values("size MB", ascending=False, kind="stable").reset_index(drop=True)
 
 
+#: The per-image column (:func:`hmqat.study.runs.pack_correct`) and image count behind a score.
+PER_IMAGE = {"test_top1": ("test_correct", "n_test"), "val_top1": ("correct", "n_val")}
+
+
 def paired_comparisons(runs: pd.DataFrame, pairs: Sequence[tuple[str, str]], *,
                        value: str = "test_top1", confidence: float = 0.95,
                        size_tol: float = 0.01) -> pd.DataFrame:
-    """``a − b`` of ``value`` paired by seed, with a ``confidence`` t interval
-    (:func:`hmqat.stats.paired_difference`), for each ``(a, b)`` label pair. Columns: a, b,
-    seeds, size gap % and BOPs ratio of a to b, diff, ci_low, ci_high, significant (the CI
-    excludes 0), equal_size (|size gap| <= ``size_tol``). With fewer than 2 shared seeds the
-    difference is shown and the interval is NaN: one seed screens, it does not decide."""
+    """``a − b`` of ``value`` paired by seed, with a ``confidence`` interval, for each
+    ``(a, b)`` label pair. Columns: a, b, seeds, images, size gap % and BOPs ratio of a to b,
+    diff, ci_low, ci_high, half_width, interval, significant (the CI excludes 0), equal_size
+    (|size gap| <= ``size_tol``).
+
+    When ``runs`` carries the per-image bits of ``value`` (:data:`PER_IMAGE`: e.g.
+    ``test_correct`` and ``n_test`` for ``test_top1``) for every paired seed, the interval is
+    :func:`hmqat.stats.crossed_paired_difference` over seeds *and* images (``interval`` =
+    "seeds × images"); otherwise the seed-only paired t interval, which treats the evaluation
+    images as fixed (``interval`` = "seeds only"). With fewer than 2 shared seeds the difference
+    is shown and the interval is NaN: one seed screens, it does not decide."""
     _check_runs(runs, value)
+    bits_col, n_col = PER_IMAGE.get(value, (None, None))
     rows = []
     for a, b in pairs:
         wide = runs[runs["label"].isin([a, b])].pivot_table(index="seed", columns="label",
@@ -336,17 +347,43 @@ def paired_comparisons(runs: pd.DataFrame, pairs: Sequence[tuple[str, str]], *,
         ra = runs[runs["label"] == a].iloc[0]
         rb = runs[runs["label"] == b].iloc[0]
         gap = float(ra["size_mb"]) / float(rb["size_mb"]) - 1.0
-        row = {"a": a, "b": b, "seeds": len(both), "size gap %": 100 * gap,
+        row = {"a": a, "b": b, "seeds": len(both), "images": 0, "size gap %": 100 * gap,
                "BOPs ratio": float(ra["bops"]) / float(rb["bops"]),
                "diff": float((both[a] - both[b]).mean()) if len(both) else math.nan,
-               "ci_low": math.nan, "ci_high": math.nan, "significant": False,
-               "equal_size": abs(gap) <= size_tol}
+               "ci_low": math.nan, "ci_high": math.nan, "half_width": math.nan,
+               "interval": "", "significant": False, "equal_size": abs(gap) <= size_tol}
         if len(both) >= 2:
-            d = stats.paired_difference(both[a], both[b], confidence)
-            row.update(diff=d.mean, ci_low=d.low, ci_high=d.high,
+            mats = _per_image(runs, (a, b), list(both.index), bits_col, n_col)
+            if mats is not None:
+                d = stats.crossed_paired_difference(mats[0], mats[1], confidence)
+                row.update(images=d.n_images, interval="seeds × images")
+            else:
+                d = stats.paired_difference(both[a], both[b], confidence)
+                row.update(interval="seeds only")
+            row.update(diff=d.mean, ci_low=d.low, ci_high=d.high, half_width=d.half_width,
                        significant=d.excludes_zero)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _per_image(runs: pd.DataFrame, labels: Sequence[str], seeds: Sequence[Any],
+               bits_col: str | None, n_col: str | None) -> list | None:
+    """Each label's (seeds, images) matrix of 100 × correct over ``seeds``, or None when a
+    run lacks its per-image bits."""
+    from .runs import correct_matrix   # study-internal: the packing lives with the records
+    if bits_col is None or bits_col not in runs.columns or n_col not in runs.columns:
+        return None
+    out = []
+    for label in labels:
+        sub = runs[runs["label"] == label].drop_duplicates("seed").set_index("seed")
+        recs = [{bits_col: sub.at[s, bits_col], n_col: sub.at[s, n_col]} for s in seeds]
+        if any(not isinstance(r[bits_col], str) for r in recs):
+            return None
+        out.append(correct_matrix(recs, bits_col, n_col))
+    if out[0].shape != out[1].shape:
+        raise ReportingError(f"{labels[0]!r} and {labels[1]!r} were scored on different "
+                             f"image counts ({out[0].shape[1]} vs {out[1].shape[1]})")
+    return out
 
 
 def equal_size_pairs(labels: Sequence[str]) -> list[tuple[str, str]]:
@@ -371,5 +408,8 @@ def describe_comparison(row: Mapping[str, Any]) -> str:
         return head + f", {int(row['seeds'])} seed, no interval: a screen, not a result."
     verdict = ("the interval excludes 0" if row["significant"]
                else "the interval includes 0: no difference shown")
+    over = f"{int(row['seeds'])} seeds"
+    if int(row.get("images", 0) or 0):
+        over += f" and {int(row['images'])} test images"
     return (head + f", 95 % CI [{row['ci_low']:+.2f}, {row['ci_high']:+.2f}] over "
-                   f"{int(row['seeds'])} seeds; {verdict}.")
+                   f"{over}; {verdict}.")

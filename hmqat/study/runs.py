@@ -1,6 +1,11 @@
 """One trained QAT run, the way notebooks 03 and 04 and the torchrun command line all train:
 :func:`qat_run` (docs/design.md §3).
 
+Each record also keeps which images the model got right (``correct``, and ``test_correct`` with
+a test read): a packed bit string, one bit per image in the loader's order
+(:func:`pack_correct`), so paired comparisons can carry the finite test set's noise as well as
+the seeds' (:func:`hmqat.stats.crossed_paired_difference`).
+
 A run lives in ``run_dir/<run id>/``: ``spec.json`` (what defines it), ``checkpoint.pt`` (every
 epoch, resumed after an interruption) and ``result.json`` (written atomically once the run has
 finished and been evaluated; a later call reads it instead of training). The run id is the first
@@ -11,6 +16,7 @@ new run instead of silently resuming an old one.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import time
@@ -18,6 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -27,7 +34,8 @@ from ..runtime import atomic_write_json, model_fingerprint, read_json
 from ..transitions import (BNReestimation, OscillationTracker, PrecisionTransition, Recipe,
                            make_callbacks)
 
-__all__ = ["QATRun", "RunError", "data_key", "qat_run", "recipe_batches", "run_identity"]
+__all__ = ["QATRun", "RunError", "correct_matrix", "data_key", "pack_correct", "qat_run",
+           "recipe_batches", "run_identity", "unpack_correct"]
 
 
 class RunError(ValueError):
@@ -75,6 +83,35 @@ def run_identity(fp32_key: str, bit_config: Mapping[str, int], recipe: Recipe,
     }
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
     return digest[:16], spec
+
+
+def pack_correct(correct: np.ndarray) -> str:
+    """One bit per image (1 = top-1 correct), packed and base64-encoded for a JSON record."""
+    return base64.b64encode(np.packbits(np.asarray(correct, dtype=bool)).tobytes()).decode()
+
+
+def unpack_correct(text: str, n: int) -> np.ndarray:
+    """The bool array of :func:`pack_correct` for ``n`` images."""
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))
+    if len(bits) < n or bits[n:].any():
+        raise RunError(f"a packed per-image record holds {len(bits)} bits, not {n} images: "
+                       "the result.json is corrupt; delete its run folder to retrain")
+    return bits[:n].astype(bool)
+
+
+def correct_matrix(records: Iterable[Mapping[str, Any]], key: str = "test_correct",
+                   n_key: str = "n_test") -> np.ndarray | None:
+    """(seeds, images) matrix of 100 × correct from run records in seed order, or None when
+    any record lacks ``key`` (a run recorded before per-image results, or a sharded eval)."""
+    rows = []
+    for rec in records:
+        if not rec.get(key):
+            return None
+        rows.append(100.0 * unpack_correct(rec[key], int(rec[n_key])))
+    if len({len(r) for r in rows}) > 1:
+        raise RunError(f"runs scored on different image counts {[len(r) for r in rows]}; "
+                       "paired runs must share the evaluation split")
+    return np.stack(rows) if rows else None
 
 
 @dataclass
@@ -205,14 +242,18 @@ def qat_run(fp32_model: nn.Module, bit_config: Mapping[str, int], recipe: Recipe
         return QATRun(run_id, folder, {**read_json(result_path), "cached": True}, qmodel)
     t0 = time.perf_counter()
     shard, sharded = shard_eval_loader(eval_loader)   # under torchrun: each rank its share
-    ev = train.evaluate(qmodel, shard, all_reduce=sharded)
+    ev = train.evaluate(qmodel, shard, all_reduce=sharded, per_image=not sharded)
     if test_loader is not None:
         shard, sharded = shard_eval_loader(test_loader)
-        test = train.evaluate(qmodel, shard, all_reduce=sharded)
+        test = train.evaluate(qmodel, shard, all_reduce=sharded, per_image=not sharded)
     record = _record(run_id, digest, qmodel, history, ev, time.perf_counter() - t0, recipe,
                      callbacks, policy, input_size)
+    if "correct" in ev:
+        record["correct"] = pack_correct(ev["correct"])
     if test_loader is not None:
         record.update(test_top1=test["top1"], test_loss=test["loss"], n_test=test["n"])
+        if "correct" in test:
+            record["test_correct"] = pack_correct(test["correct"])
     if is_main():
         atomic_write_json(result_path, record)
     return QATRun(run_id, folder, {**record, "cached": False}, qmodel)
