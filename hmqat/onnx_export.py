@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import quant
+from .export import ExportError, check_finite
 
 __all__ = ["OPSET", "check_onnx", "export_onnx"]
 
@@ -97,8 +98,8 @@ class _ExportLayer(nn.Module):
         super().__init__()
         wq = layer.weight_quantizer
         if not wq.per_channel:
-            raise ValueError("export_onnx: per-tensor weight steps are not supported; quantize "
-                             "with per_channel=True (the default)")
+            raise ExportError("export_onnx: per-tensor weight steps are not supported; quantize "
+                              "with per_channel=True (the default)")
         w = layer.weight.detach()
         self.register_buffer("codes", wq.int_repr(w, torch.int8))
         self.register_buffer("scale", wq.step.detach().clamp_min(quant.MIN_STEP).float().clone())
@@ -109,8 +110,8 @@ class _ExportLayer(nn.Module):
         self.conv = None
         if isinstance(layer, nn.Conv2d):
             if layer.padding_mode != "zeros":
-                raise ValueError(f"export_onnx: padding_mode={layer.padding_mode!r} is not "
-                                 "supported; only 'zeros'")
+                raise ExportError(f"export_onnx: padding_mode={layer.padding_mode!r} is not "
+                                  "supported; only 'zeros'")
             self.conv = dict(stride=layer.stride, padding=layer.padding,
                              dilation=layer.dilation, groups=layer.groups)
 
@@ -127,13 +128,14 @@ def _frozen(qmodel: nn.Module) -> nn.Module:
     """A deep copy with every quantized layer replaced by its :class:`_ExportLayer`."""
     layers = quant.quantized_layers(qmodel)
     if not layers:
-        raise ValueError("export_onnx: the model has no QConv2d/QLinear; quantize it with "
-                         "hmqat.quant.quantize_model first")
+        raise ExportError("export_onnx: the model has no QConv2d/QLinear; quantize it with "
+                          "hmqat.quant.quantize_model first")
     uninit = [n for n, m in layers.items()
               if m.act_quantizer is not None and not bool(m.act_quantizer.initialized)]
     if uninit:
-        raise ValueError(f"export_onnx: activation steps of {uninit[:3]} are not initialised; "
-                         "run hmqat.quant.calibrate_activations(model, batches) first")
+        raise ExportError(f"export_onnx: activation steps of {uninit[:3]} are not initialised; "
+                          "run hmqat.quant.calibrate_activations(model, batches) first")
+    check_finite(qmodel, "export_onnx")
     model = copy.deepcopy(qmodel).eval().float()
     for name, layer in quant.quantized_layers(model).items():
         quant.replace_module(model, name, _ExportLayer(layer))
@@ -177,9 +179,11 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_input: torch
     """Write ``qmodel`` (a calibrated fake-quantized model, left untouched) to ``path`` as ONNX
     with QDQ nodes (module docstring). ``example_input``: one batch of the model's input shape;
     the batch dimension is dynamic. Returns {"path", "opset", "nodes": {op: count},
-    "weights": {"int4": n, "int8": m}, "bytes"}."""
+    "weights": {"int4": n, "int8": m}, "bytes"}. Raises :class:`hmqat.export.ExportError`
+    naming the tensor if a weight, step or other tensor holds a NaN or inf (they have no integer
+    code: a NaN weight would be exported as code 0, an inf one as Q_P)."""
+    model = _frozen(qmodel)   # refuses an unquantized, uncalibrated or non-finite model
     onnx = _require_onnx()
-    model = _frozen(qmodel)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
