@@ -35,6 +35,7 @@ import pandas as pd
 
 from .. import stats
 from ..runtime import atomic_write_json, atomic_write_text, manifest, read_json
+from .runs import correct_matrix
 
 __all__ = [
     "HEADLINE_COLUMNS",
@@ -370,7 +371,6 @@ def _per_image(runs: pd.DataFrame, labels: Sequence[str], seeds: Sequence[Any],
                bits_col: str | None, n_col: str | None) -> list | None:
     """Each label's (seeds, images) matrix of 100 × correct over ``seeds``, or None when a
     run lacks its per-image bits."""
-    from .runs import correct_matrix   # study-internal: the packing lives with the records
     if bits_col is None or bits_col not in runs.columns or n_col not in runs.columns:
         return None
     out = []
