@@ -226,6 +226,7 @@ def test_seeded_headline_mean_std_and_bops_next_to_size():
     assert row["± std"] == pytest.approx(np.std([89.0, 89.8, 88.7], ddof=1))
     assert row["seeds"] == 3 and row["BOPs (G)"] == pytest.approx(0.51)
     assert row["% of FP32"] == pytest.approx(100 * row["test top-1"] / 92.0)
+    assert row["W-only compression"] == pytest.approx(32 / row["avg bits"])   # HAWQ's count
     assert row["val top-1"] == pytest.approx(row["test top-1"] + 5)
     assert list(table["size MB"]) == sorted(table["size MB"], reverse=True)
     with pytest.raises(reporting.ReportingError, match="test_top1"):

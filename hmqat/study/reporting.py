@@ -288,7 +288,8 @@ def _check_runs(runs: pd.DataFrame, value: str) -> None:
 
 def seeded_headline(runs: pd.DataFrame, fp32_top1: float, *, value: str = "test_top1"
                     ) -> pd.DataFrame:
-    """One row per config over its seeds: avg bits, size, compression, BOPs (G) next to size
+    """One row per config over its seeds: avg bits, size, compression (of the whole model, Eq. S)
+    and the weights-only compression 32 / avg bits (HAWQ's count), BOPs (G) next to size
     (Eq. S, Eq. B; docs/design.md §3.1), the mean and std of ``value`` over seeds, the seed
     count, ``% of FP32`` of the mean, and the mean validation top-1 when ``val_top1`` is a
     column (a ranking score, optimistic in absolute terms: docs/method.md §8). Largest first."""
@@ -304,6 +305,8 @@ def seeded_headline(runs: pd.DataFrame, fp32_top1: float, *, value: str = "test_
         "avg bits": first.loc[summary["label"], "avg_bits"].to_numpy(float),
         "size MB": first.loc[summary["label"], "size_mb"].to_numpy(float),
         "compression": first.loc[summary["label"], "compression"].to_numpy(float),
+        # weights only (32 / average weight bits), the way HAWQ counts its 13.11x
+        "W-only compression": 32.0 / first.loc[summary["label"], "avg_bits"].to_numpy(float),
         "BOPs (G)": first.loc[summary["label"], "bops"].to_numpy(float) / 1e9,
         "test top-1": summary["mean"].to_numpy(float),
         "± std": summary["std"].to_numpy(float),
