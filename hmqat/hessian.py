@@ -12,8 +12,10 @@ losses and the Hessian of the whole set is the size-weighted mean of the batch H
 
 Every (micro-)batch b is a stratum that gets the same number of probes, each probe drawn
 independently, so the calibration-set trace is estimated without data-sampling variance and the SE
-measures the probe noise only. The estimand is the trace of the Hessian of the loss on *these*
-batches; how well they represent the data set is the caller's choice of ``n_samples``.
+measures the probe noise only. The estimand is the trace of the Hessian of the mean loss over
+*these* images, whatever the micro-batching; how well they represent the data set is the caller's
+choice of ``n_samples``. Eq. H3 holds only for a per-sample mean criterion, so a summed or
+class-weighted loss is refused up front (:func:`check_criterion`), as are NaN/inf weights.
 
 Measured choices (pretrained ResNet-20, CIFAR-10 JPEG mirror, 2-core shared CPU, 1 thread;
 ``benchmarks/hessian_traces.py`` reproduces the numbers in results/bench/hessian_traces.txt):
@@ -82,9 +84,11 @@ from torch import nn
 from . import distributed as hdist
 from . import runtime
 from .models import LayerInfo, quantizable_layers
+from .train import first_nonfinite
 
 __all__ = [
     "CPU_MICRO_BATCH",
+    "CRITERION_RTOL",
     "PROBE_MODES",
     "GN_AUTO_MAX_OUTPUTS",
     "GN_CHECK_RTOL",
@@ -95,6 +99,8 @@ __all__ = [
     "NotPiecewiseLinearError",
     "cache_key",
     "check_batches",
+    "check_criterion",
+    "check_finite_model",
     "gauss_newton_traces",
     "group_product",
     "hessian_vector_product",
@@ -112,6 +118,11 @@ METHODS = ("hutchinson", "gauss_newton", "auto")   # layer_traces(method=...)
 CPU_MICRO_BATCH = 16     # measured default on CPU (see module docstring)
 _MIN_DOF = 8             # min_probes=None: smallest r with n_batches·(r-1) >= 8 (SE degrees of freedom)
 _GROWTH = 0.8            # fraction of the predicted remaining probes scheduled in the next sweep
+#: Largest |criterion(z, y) − mean_n criterion(z_n, y_n)| / scale that :func:`check_criterion`
+#: accepts as rounding (float32 logits round at ~1e-7; a summed or class-weighted loss is off
+#: by a factor or by O(1)).
+CRITERION_RTOL = 1e-4
+_CRITERION_IMAGES = 8    # images check_criterion compares batch and per-sample losses on
 COLUMNS = ["n_params", "trace", "avg_trace", "avg_trace_se", "rel_se", "probes", "samples", "kind"]
 
 
@@ -175,6 +186,14 @@ def check_batches(batches: Iterable[Any]) -> list[tuple[torch.Tensor, torch.Tens
         if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
             raise HessianError(f"batches[{i}]: x has {x.shape[0]} samples and y has {y.shape[0]}; "
                                "each batch needs the same, non-zero number of inputs and targets")
+        for what, t in (("x", x), ("y", y)):
+            if t.is_floating_point():
+                bad = int((~torch.isfinite(t)).sum())
+                if bad:
+                    raise HessianError(
+                        f"batches[{i}]: {what} holds {bad} NaN/inf of {t.numel()} values, so "
+                        "every trace would be NaN; fix the data pipeline that made them (decoding, "
+                        "normalisation) or drop that batch")
         out.append((x, y))
     if not out:
         raise HessianError("batches is empty: pass at least one (x, y) calibration batch, e.g. "
@@ -204,6 +223,139 @@ def _check_settings(tol: float, max_probes: int, min_probes: int | None, probe: 
             or (_is_int(micro_batch) and micro_batch >= 1)):
         raise HessianError(f"micro_batch={micro_batch!r}: use 'auto', None (keep the batches) or "
                            "an int >= 1")
+
+
+def check_finite_model(model: nn.Module, where: str = "layer_traces") -> None:
+    """Raise HessianError naming the first parameter or floating-point buffer (BN running
+    statistics) that holds NaN/inf: the traces of such a model are NaN, and finding that out
+    after the whole measurement would blame the traces instead of the weight."""
+    bad = first_nonfinite(model)
+    if bad is not None:
+        raise HessianError(
+            f"{where}: the model is not finite: {bad}, so every trace would be NaN; nothing was "
+            "measured. Load a finite checkpoint (the run that wrote this one diverged, or the "
+            "file is damaged) or find the step that wrote the NaN/inf")
+
+
+def _loss_settings(fn: nn.Module) -> dict[str, Any]:
+    """The settings of a loss module that its repr hides: plain attributes (reduction,
+    label_smoothing, ignore_index, ...) that differ from a default-built instance of its type,
+    and its tensor buffers (class weights, pos_weight) as "<shape> sha256:<12 hex>". Only
+    torch.nn's own losses are built for the comparison; a user's module lists every attribute."""
+    ref: Any = None
+    if type(fn).__module__.startswith("torch.nn"):
+        try:
+            ref = type(fn)()
+        except TypeError:       # a torch module that needs arguments: list every attribute
+            ref = None
+    out: dict[str, Any] = {}
+    for k, v in vars(fn).items():
+        if k.startswith("_") or k == "training" or not isinstance(v, (bool, int, float, str)):
+            continue
+        if ref is None or getattr(ref, k, object()) != v:
+            out[k] = v
+    for k, b in fn.named_buffers():
+        h = hashlib.sha256()
+        runtime.hash_tensor(h, b)
+        out[k] = f"<{list(b.shape)} sha256:{h.hexdigest()[:12]}>"
+    return out
+
+
+def _criterion_name(fn: Callable) -> str:
+    """A readable name for a criterion in messages: nn.CrossEntropyLoss(reduction='sum',
+    weight=<[10] ...>) for a loss module (the settings its repr hides), else its qualified name."""
+    if isinstance(fn, nn.Module):
+        extra = ", ".join(f"{k}={v!r}" if not str(v).startswith("<") else f"{k}={v}"
+                          for k, v in _loss_settings(fn).items())
+        return f"nn.{type(fn).__name__}({extra})" if type(fn).__module__.startswith("torch.nn") \
+            else f"{type(fn).__qualname__}({extra})"
+    return getattr(fn, "__qualname__", type(fn).__qualname__)
+
+
+def _mean_fix(fn: Callable) -> str:
+    """The criterion to pass instead of a non-mean one (the fix part of check_criterion)."""
+    if isinstance(fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        return f"pass nn.{type(fn).__name__}() (reduction='mean', no class weights)"
+    if isinstance(fn, nn.Module) and hasattr(fn, "reduction"):
+        return f"pass nn.{type(fn).__name__}(reduction='mean')" \
+            if type(fn).__module__.startswith("torch.nn") else "set reduction='mean'"
+    return ("pass a criterion that returns the mean over the batch of per-sample losses (for a "
+            "summed loss: lambda z, y: loss(z, y) / len(y))")
+
+
+def _model_logits(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The model's outputs for ``x`` in eval mode without gradient (train/eval flags restored)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            return model(x.to(device))
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def check_criterion(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                    device: torch.device, where: str = "layer_traces") -> int:
+    """Refuse a criterion that is not a per-sample mean; return the model's number of outputs.
+
+    Both trace paths measure one estimand, the Hessian of the *mean* loss over the calibration
+    images, (1/N) Σ_n ℓ_n: Hutchinson as Σ_b (n_b/N) H_b over micro-batch losses (Eq. H3),
+    Gauss-Newton as (1/N) Σ_n J_nᵀΛ_nJ_n from each image's loss alone (Eq. H6). That holds only
+    when the criterion's value on a batch is the mean of its values on the single samples. A
+    summed loss makes Eq. H3 give (micro-batch/N) × the summed loss's Hessian, and a
+    class-weighted cross-entropy (Σ w_y ℓ / Σ w_y) has a normaliser that depends on each
+    micro-batch's labels; neither is the same number on the two paths or for two micro-batch
+    sizes. Checked by the loss's settings (reduction 'sum'/'none', CE/NLL ``weight``) and, for
+    any criterion, on the first :data:`_CRITERION_IMAGES` images: criterion(z, y) against the
+    mean of criterion(z[n:n+1], y[n:n+1]) within :data:`CRITERION_RTOL`. Raises HessianError
+    naming the loss, what is wrong with it and the criterion to pass instead."""
+    name = _criterion_name(criterion)
+    head = (f"{where}: criterion {name} is not a per-sample mean loss, and the traces are those "
+            "of the mean loss over the calibration images (docs/design.md §3.2)")
+    reduction = getattr(criterion, "reduction", "mean") if isinstance(criterion, nn.Module) \
+        else "mean"
+    if reduction in ("sum", "none"):
+        why = ("it sums over the samples, so each micro-batch's Hessian would be its size times "
+               "the mean's and the result would depend on micro_batch" if reduction == "sum"
+               else "it returns one loss per sample, not a number to differentiate twice")
+        raise HessianError(f"{head}: reduction={reduction!r}: {why}; {_mean_fix(criterion)}")
+    if isinstance(criterion, (nn.CrossEntropyLoss, nn.NLLLoss)) \
+            and getattr(criterion, "weight", None) is not None:
+        raise HessianError(
+            f"{head}: its class weights make it the weighted mean Σ w_y·ℓ / Σ w_y, whose "
+            "normaliser depends on each micro-batch's labels, so the two trace methods and two "
+            f"micro-batch sizes would measure different things; {_mean_fix(criterion)}")
+    xs, ys, n = [], [], 0
+    for x, y in batches:
+        xs.append(x[:_CRITERION_IMAGES - n])
+        ys.append(y[:_CRITERION_IMAGES - n])
+        n += xs[-1].shape[0]
+        if n >= _CRITERION_IMAGES:
+            break
+    x, y = torch.cat(xs), torch.cat(ys).to(device)
+    z = _model_logits(model, x, device)
+    with torch.no_grad():
+        loss = criterion(z, y)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise HessianError(f"{head}: it returns {shape} for {n} images, not one number; "
+                               f"{_mean_fix(criterion)}")
+        per = torch.stack([criterion(z[k:k + 1], y[k:k + 1]).reshape(()) for k in range(n)])
+    total, mean = float(loss), float(per.double().mean())
+    if not (math.isfinite(total) and math.isfinite(mean)):
+        raise HessianError(f"{where}: criterion {name} gives {total} on the first {n} "
+                           "calibration images (finite logits): check the targets (e.g. labels "
+                           "outside the model's classes or all equal to ignore_index)")
+    scale = max(abs(total), float(per.double().abs().mean()), 1e-30)
+    if n >= 2 and abs(total - mean) > CRITERION_RTOL * scale:
+        why = ("it sums over the samples" if abs(total - n * mean) <= CRITERION_RTOL * n * scale
+               else "it is not the mean of its per-sample values (a weighted mean, or a loss "
+                    "that couples the samples)")
+        raise HessianError(f"{head}: on the first {n} images it gives {total:.6g}, the mean of "
+                           f"its per-sample values is {mean:.6g}: {why}; {_mean_fix(criterion)}")
+    return int(z.shape[1])
 
 
 def _default_dtype_call(dtype: torch.dtype | None, fn: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -376,9 +528,12 @@ def cache_key(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tens
 
 
 def _describe(fn: Callable) -> str:
-    """A session-independent name for the criterion (repr of a module, else its qualified name)."""
+    """A session-independent name for the criterion in the cache key: the repr of a module plus
+    the settings its repr hides (:func:`_loss_settings`: label_smoothing, class weights, ...;
+    none for a default-built loss, whose key is unchanged), else its qualified name."""
     if isinstance(fn, nn.Module):
-        return repr(fn)
+        extra = _loss_settings(fn)
+        return repr(fn) if not extra else f"{fn!r} {json.dumps(extra, sort_keys=True)}"
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
 
 
@@ -627,6 +782,14 @@ def _frame(infos: list[LayerInfo], samples: _Samples, n_batches: int) -> pd.Data
     return df[COLUMNS]
 
 
+def _warn_fallback(why: str) -> None:
+    """Warn (UserWarning, pointing at layer_traces' caller) that ``method='auto'`` measures with
+    Hutchinson probes (an estimate with a standard error) instead of the exact traces, and why."""
+    warnings.warn(f"layer_traces(method='auto'): using Hutchinson probes (an estimate with a "
+                  f"standard error, not the exact traces) because {why}. Pass "
+                  "method='hutchinson' to choose the probes explicitly.", stacklevel=3)
+
+
 def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
                  layers: Sequence[str] | None = None, tol: float = 0.05, max_probes: int = 100,
                  min_probes: int | None = None, seed: int = 0,
@@ -641,13 +804,14 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
     ``method="auto"`` (default) computes them exactly with :func:`gauss_newton_traces` when its
     piecewise-linearity check passes and the model has at most :data:`GN_AUTO_MAX_OUTPUTS`
     outputs (it costs one product per output and image), with the probes described below
-    otherwise; ``"hutchinson"`` always uses the probes; ``"gauss_newton"`` always the exact
-    form (raises :class:`NotPiecewiseLinearError` for a smooth network). The exact frame has
-    ``avg_trace_se`` 0, ``probes`` 0, ``converged`` True and a ``data_se`` column; ``tol``,
-    ``max_probes``, ``min_probes`` and ``probe`` do not apply to it. With a ``stop_rule`` the
-    Gauss-Newton path draws :data:`GN_FIRST_ROUND` output-space probes per image, doubles them
-    until the rule holds while the total stays within a quarter of the outputs, and computes
-    the exact form past that (:func:`gauss_newton_traces`).
+    otherwise (a UserWarning says which condition failed); ``"hutchinson"`` always uses the
+    probes; ``"gauss_newton"`` always the exact form (raises :class:`NotPiecewiseLinearError`
+    for a smooth network). The exact frame has ``avg_trace_se`` 0, ``probes`` 0, ``converged``
+    True and a ``data_se`` column; ``tol``, ``max_probes``, ``min_probes`` and ``probe`` do not
+    apply to it. With a ``stop_rule`` the Gauss-Newton path draws :data:`GN_FIRST_ROUND`
+    output-space probes per image, doubles them until the rule holds while the total stays
+    within a quarter of the outputs, and computes the exact form past that
+    (:func:`gauss_newton_traces`).
 
     Under ``torchrun`` (an initialised torch.distributed group of N > 1 processes) the work is
     split over the ranks and every rank returns the frame one process would compute from the
@@ -687,7 +851,8 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
             eval mode (BN running statistics). Its train/eval flags, requires_grad flags and
             device are restored afterwards.
         batches: list of (x, y) calibration batches (e.g. ``data.calibration_batches``). The
-            estimand is the Hessian of the size-weighted mean loss over all of them.
+            estimand, on both paths and for any micro-batching, is the Hessian of the mean loss
+            over all their images, (1/N) Σ_n ℓ_n.
         layers: module names (default: every Conv2d/Linear, ``models.quantizable_layers``;
             names of the unwrapped module, without DDP's ``module.`` prefix).
         tol: stop when every layer's SE/|trace| <= tol.
@@ -697,13 +862,18 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
             giving >= 8 degrees of freedom to the SE (n_batches·(r-1) >= 8).
         seed: seeds one CPU generator per layer (global RNG untouched); same seed, same result.
         device: where to compute (default: the model's device).
-        criterion: mean-reduced loss ``criterion(logits, y)``; default ``nn.CrossEntropyLoss()``.
+        criterion: a per-sample mean loss ``criterion(logits, y)``; default
+            ``nn.CrossEntropyLoss()``. Checked up front (:func:`check_criterion`): reduction
+            'sum'/'none', class-weighted CE/NLL, or a loss whose batch value is not the mean of
+            its per-sample values raise HessianError naming the loss and the fix.
         cache_dir: a folder for the JSON cache keyed by :func:`cache_key`; None disables it.
         progress: show a tqdm bar (plain text when HMQAT_HEADLESS is set).
         probe: "layer" (default, one HVP per layer) or "joint" (one HVP over all active layers,
             docs/design.md §3's form); see the module docstring for the measurements behind the default.
         micro_batch: split batches into chunks of this many samples ("auto": 16 on CPU, the
-            caller's batches elsewhere; None: never split). Does not change the estimand.
+            caller's batches elsewhere; None: the caller's batches, never split), on both paths
+            (the Gauss-Newton path vectorises over one chunk at a time). Does not change the
+            estimand.
         stop_rule: decision-based stopping (docs/method.md §3), e.g.
             ``sensitivity.decision_stop_rule(model, [10.34])``: called with the current frame
             after every sweep; True stops probing before ``tol`` is reached (``attrs
@@ -717,9 +887,14 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
         n_batches, n_samples (images), hvps, sweeps, device, world_size, version.
 
     Raises:
-        HessianError: unknown layer names (lists the valid ones), empty or malformed batches,
-            tol <= 0, bad probe counts or modes; under torch.distributed, ranks whose model,
-            batches or settings differ from rank 0's.
+        HessianError: unknown layer names (lists the valid ones), empty, malformed or
+            non-finite batches, tol <= 0, bad probe counts or modes, a NaN/inf parameter or
+            buffer (named), a criterion that is not a per-sample mean; under
+            torch.distributed, ranks whose model, batches or settings differ from rank 0's.
+
+    Warns:
+        UserWarning: ``method="auto"`` falls back to the probes (more than
+            :data:`GN_AUTO_MAX_OUTPUTS` outputs, or the Gauss-Newton check failed), saying why.
     """
     _check_settings(tol, max_probes, min_probes, probe, micro_batch)
     if method not in METHODS:
@@ -748,6 +923,9 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
         fingerprint = cache_key(model, batches, settings)
         _check_same_inputs(fingerprint)
         key = fingerprint if cache_dir is not None else None
+    # after the same-inputs check, so under torchrun every rank refuses together
+    check_finite_model(model, "layer_traces")
+    n_out = check_criterion(model, batches, criterion, home, "layer_traces")
     if cache_dir is not None and key is not None:
         path = _cache_path(cache_dir, key)
         cached = _read_cache(path, key) if hdist.is_main() else None
@@ -757,23 +935,23 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
         if cached is not None:
             log.info("layer_traces: cache hit %s", path)
             return cached
-    if method == "auto":
-        n_out = _out_features(model, batches[0][0][:1], home)
-        if n_out > GN_AUTO_MAX_OUTPUTS:
-            log.info("layer_traces(method='auto'): %d outputs > %d, using Hutchinson probes",
-                     n_out, GN_AUTO_MAX_OUTPUTS)
-            method = "hutchinson"
+    if method == "auto" and n_out > GN_AUTO_MAX_OUTPUTS:
+        _warn_fallback(f"the model has {n_out} outputs > GN_AUTO_MAX_OUTPUTS = "
+                       f"{GN_AUTO_MAX_OUTPUTS}, where the exact form (one product per output and "
+                       "image) costs more than the probes")
+        method = "hutchinson"
     if method != "hutchinson":
         try:
             df = gauss_newton_traces(model, batches, layers=[i.name for i in infos],
                                      criterion=criterion, device=device, seed=seed,
-                                     micro_batch=mb if mb is not None else CPU_MICRO_BATCH,
+                                     micro_batch=mb,
                                      projections=None if stop_rule is None else GN_FIRST_ROUND,
                                      stop_rule=stop_rule)
         except NotPiecewiseLinearError as exc:
             if method == "gauss_newton":
                 raise
-            log.info("layer_traces(method='auto'): %s; using Hutchinson probes", exc)
+            reason = str(exc).removesuffix(_GN_ADVICE)
+            _warn_fallback(f"the Gauss-Newton check failed: {reason}")
         else:
             df.attrs.update({"seed": seed, "tol": float(tol), "converged": True,
                              "cache_key": key, "max_probes": 0, "min_probes": 0,
@@ -877,12 +1055,17 @@ def _loss_factor(criterion: Callable, z: torch.Tensor, y: torch.Tensor) -> torch
     return evecs * evals.clamp_min(0).sqrt()[:, None, :]
 
 
+_GN_ADVICE = "; use hessian.layer_traces(method='hutchinson') for this model"
+
+
 def _gn_check(model: nn.Module, criterion: Callable, x: torch.Tensor, y: torch.Tensor,
               names: Sequence[str], state: dict[str, torch.Tensor], seed: int) -> None:
     """The identity H_ii = G_ii holds when the logits are piecewise linear in W_i (ReLU, eval-mode
     BN, conv, linear, pooling, residual sums): ∂²z/∂W_i² = 0. Check it on one batch: for one
     Rademacher v per layer, vᵀHv (double backward) against vᵀGv = Σ_n uᵀΛu/N with u = J v
-    (forward mode); a smooth activation or train-mode BN makes them differ."""
+    (forward mode); a smooth activation or train-mode BN makes them differ. The criterion has
+    passed :func:`check_criterion` (a per-sample mean, so vᵀGv is the Gauss-Newton part of the
+    same loss), which leaves the model as the cause, and the message says so."""
     gen = torch.Generator().manual_seed(seed)
     for name in names:
         w = state[name]
@@ -891,7 +1074,11 @@ def _gn_check(model: nn.Module, criterion: Callable, x: torch.Tensor, y: torch.T
         def logits(wi: torch.Tensor) -> torch.Tensor:
             return torch.func.functional_call(model, {**state, name: wi}, (x,))
 
-        z, u = torch.func.jvp(logits, (w,), (v,))
+        with warnings.catch_warnings():   # torch's first forward-mode AD call compiles its JVP
+            # decompositions with torch.jit.script, which warns FutureWarning: torch's, not ours
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
+                                    category=FutureWarning)
+            z, u = torch.func.jvp(logits, (w,), (v,))
         f = _loss_factor(criterion, z.detach(), y)
         vgv = float((torch.einsum("bc,bck->bk", u, f) ** 2).sum(1).mean())
         wg = w.detach().requires_grad_(True)
@@ -901,22 +1088,10 @@ def _gn_check(model: nn.Module, criterion: Callable, x: torch.Tensor, y: torch.T
         if abs(vhv - vgv) > GN_CHECK_RTOL * max(abs(vhv), 1e-30):
             raise NotPiecewiseLinearError(
                 f"layer {name.removesuffix('.weight')!r}: vᵀHv = {vhv:.6g} but the Gauss-Newton "
-                f"part vᵀGv = {vgv:.6g}; the logits are not piecewise linear in this layer's "
+                f"part vᵀGv = {vgv:.6g} of the loss {_criterion_name(criterion)} (a per-sample "
+                "mean, checked); the logits are not piecewise linear in this layer's "
                 "weights (a smooth activation such as SiLU/GELU/tanh, or BN in train mode), so "
-                "the exact Gauss-Newton traces would miss the remaining term; use "
-                "hessian.layer_traces (Hutchinson) for this model")
-
-
-def _out_features(model: nn.Module, x: torch.Tensor, device: torch.device) -> int:
-    """The number of logits the model gives one input (eval mode, no gradient)."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            return int(model(x.to(device)).shape[1])
-    finally:
-        for m, training in modes:
-            m.training = training
+                f"the exact Gauss-Newton traces would miss the remaining term{_GN_ADVICE}")
 
 
 def gauss_newton_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -944,7 +1119,10 @@ def gauss_newton_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
     (≥ 2) uses Eq. H7 with r output-space probes per image: r products per image instead of C,
     an unbiased estimate with a stratified SE (each image a stratum, as in Eq. H4). Either way
     the estimand is the trace of the Hessian of the mean loss over *these* images, the same as
-    :func:`layer_traces`'. ``check`` first verifies that Eq. H5's second term vanishes on the
+    :func:`layer_traces`' (a criterion that is not a per-sample mean is refused up front,
+    :func:`check_criterion`, as is a model with a NaN/inf weight). ``micro_batch``: images
+    vectorised at once (None: each of the caller's batches whole); it does not change the
+    result. ``check`` first verifies that Eq. H5's second term vanishes on the
     first micro-batch (vᵀHv against vᵀGv per layer, :data:`GN_CHECK_RTOL`) and raises
     HessianError naming the layer if not; then use :func:`layer_traces`.
 
@@ -974,7 +1152,8 @@ def gauss_newton_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
     criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
     if micro_batch is not None and (not _is_int(micro_batch) or micro_batch < 1):
         raise HessianError(f"micro_batch={micro_batch!r}; use a positive int (images per "
-                           "vectorised chunk; memory grows with it × outputs × weights) or None")
+                           "vectorised chunk; memory grows with it × outputs × weights) or None "
+                           "(the caller's batches, unsplit)")
     if projections is not None and (not _is_int(projections) or projections < 2):
         raise HessianError(f"projections={projections!r}; use None (exact, C products per image) "
                            "or an int >= 2 (output-space probes per image; 2 is the fewest that "
@@ -984,6 +1163,8 @@ def gauss_newton_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
                            "the exact form (projections=None) has no probe error to stop on")
     chunks = _split(batches, micro_batch)
     infos = select_layers(model, layers, (1,) + tuple(batches[0][0].shape[1:]), home)
+    check_finite_model(model, "gauss_newton_traces")
+    check_criterion(model, batches, criterion, home, "gauss_newton_traces")
     modules = dict(model.named_modules())
     names = [f"{i.name}.weight" for i in infos]
     params = [modules[i.name].weight for i in infos]
