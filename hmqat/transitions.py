@@ -39,6 +39,12 @@ each configured by its own validated dataclass, and :class:`Recipe` bundles the 
 
 * **BatchNorm re-estimation** (:class:`BNConfig`; Nagel et al. 2022, :func:`hmqat.bn.reestimate_bn`)
   after every transition and/or at the end of the run (:class:`BNReestimation`).
+* **The frontier walk** (the abstract's "along the accuracy-size Pareto frontier";
+  :class:`WalkConfig`, :func:`frontier_transition`): from one Pareto config's trained model to
+  the next smaller one, only the layers whose width changes switch (:func:`switch_layers`, their
+  weight steps re-initialised by Eq. T2), a scale-only phase trains the steps alone and reports
+  how far they moved (:func:`step_movement`), then a short full fine-tune. The driver with run
+  identities, resume, evaluation and export is :func:`hmqat.study.walk.walk_frontier`.
 
 LSQ's own transition-aware step gradient is the quantizer itself (:mod:`hmqat.quant`), so
 "plain LSQ" is QAT without these callbacks. :func:`make_callbacks` turns a recipe into callbacks:
@@ -57,8 +63,10 @@ import math
 import numbers
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
@@ -66,6 +74,8 @@ import torch.nn.functional as F
 
 from . import bn as hbn
 from . import quant
+from . import train as htrain
+from .runtime import seed_everything
 from .train import Callback, TrainState
 
 __all__ = [
@@ -81,13 +91,22 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "TransitionConfig",
+    "WalkConfig",
+    "WalkError",
     "dampening_loss",
     "distillation_loss",
+    "frontier_transition",
     "ladder_stages",
     "make_callbacks",
     "parse_stages",
+    "phase_configs",
     "ramp",
     "reestimate_bn_with_drift",
+    "scale_only_phase",
+    "split_steps",
+    "step_movement",
+    "switch_layers",
+    "validate_frontier",
 ]
 
 SCHEDULES: tuple[str, ...] = ("cosine", "linear")
@@ -1288,3 +1307,335 @@ def make_callbacks(recipe: Recipe | Mapping[str, Any] | None,
     if recipe.bn.at_end:
         cbs.append(BNReestimation(batches, recipe.bn.images))
     return cbs
+
+
+# --------------------------------------------------------------------------------------------
+# The frontier walk: one transition between neighbouring Pareto configs
+# --------------------------------------------------------------------------------------------
+class WalkError(RecipeError):
+    """Bad input to the frontier walk (configs, phase settings); the message names the fix."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class WalkConfig:
+    """Phase settings of every transition of the frontier walk (docs/method.md §5; the driver
+    is :func:`hmqat.study.walk.walk_frontier`).
+
+    Attributes:
+        scale_steps: optimizer steps of the scale-only phase after each switch (0: none). Only
+            the step sizes (every weight and activation quantizer's) train; weights, biases and
+            BN affine parameters are frozen.
+        scale_lr: the steps' learning rate in that phase, held constant (no cosine: a cosine
+            over a few dozen steps halves the mean rate and ends at zero, and the phase exists
+            to move the steps).
+        finetune_steps: optimizer steps of the full fine-tune that follows (>= 1), cosine from
+            ``finetune_lr`` with no warm-up.
+        finetune_lr: the fine-tune's weight learning rate (None: the QAT config's ``lr``); the
+            steps keep the QAT config's ``step_lr`` (None: this rate).
+        moved_threshold: the scale phase "has failed" when the median relative step change
+            |s_after/s_before − 1| over the switched layers' steps is below this (1 %).
+    """
+
+    scale_steps: int
+    scale_lr: float
+    finetune_steps: int
+    finetune_lr: float | None = None
+    moved_threshold: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.scale_steps) or self.scale_steps < 0:
+            raise WalkError(f"walk.scale_steps={self.scale_steps!r}; use an int >= 0 (optimizer "
+                            f"steps of the scale-only phase, 0 for none)")
+        if not _is_number(self.scale_lr) or self.scale_lr <= 0:
+            raise WalkError(f"walk.scale_lr={self.scale_lr!r}; use a learning rate > 0 for the "
+                            f"step sizes in the scale-only phase")
+        if not _is_int(self.finetune_steps) or self.finetune_steps < 1:
+            raise WalkError(f"walk.finetune_steps={self.finetune_steps!r}; use an int >= 1 (every "
+                            f"point ends with a full fine-tune, whose checkpoint is the point's "
+                            f"model)")
+        if self.finetune_lr is not None and (not _is_number(self.finetune_lr)
+                                             or self.finetune_lr <= 0):
+            raise WalkError(f"walk.finetune_lr={self.finetune_lr!r}; use a learning rate > 0, or "
+                            f"None for the QAT config's lr")
+        if not _is_number(self.moved_threshold) or not 0 < self.moved_threshold < 1:
+            raise WalkError(f"walk.moved_threshold={self.moved_threshold!r}; use a fraction in "
+                            f"(0, 1), e.g. 0.01 (1 %)")
+
+    @classmethod
+    def from_value(cls, value: WalkConfig | Mapping[str, Any]) -> WalkConfig:
+        """A WalkConfig from itself or a dict (unknown keys are an error naming them)."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise WalkError(f"walk must be a WalkConfig or a dict, got {type(value).__name__}; "
+                            f"e.g. {{'scale_steps': 20, 'scale_lr': 0.01, 'finetune_steps': 300}}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        missing = sorted(f.name for f in fields(cls) if f.name not in value
+                         and f.name in ("scale_steps", "scale_lr", "finetune_steps"))
+        if unknown or missing:
+            problems = "; ".join(p for p in (unknown and f"unknown key(s) {unknown}",
+                                             missing and f"missing key(s) {missing}") if p)
+            raise WalkError(f"walk: {problems}; the keys are {sorted(known)} (scale_steps, "
+                            f"scale_lr and finetune_steps are required)")
+        return cls(**value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def validate_frontier(fp32_model: nn.Module, configs: Any, *, a_bits: int | None = 4,
+                      per_channel: bool = True, policy: str = "first_last_8",
+                      input_size: tuple[int, ...] = quant.DEFAULT_INPUT_SIZE
+                      ) -> list[tuple[str, dict[str, int], float]]:
+    """Check the walk's ``configs`` — ``[(label, bit_config), ...]`` (or an ordered dict
+    ``{label: bit_config}``) from the largest model to the smallest — before anything trains:
+    every config valid for ``fp32_model`` under ``policy``, labels distinct, sizes (Eq. S,
+    :func:`hmqat.quant.model_size_mb`) strictly decreasing. Returns ``[(label, config, MB)]``;
+    the first problem raises one :class:`WalkError` naming the entry and the fix."""
+    if not isinstance(fp32_model, nn.Module) or quant.is_quantized(fp32_model):
+        raise WalkError("the frontier walk starts from the FP32 model; pass it unquantized (not "
+                        "a model with QConv2d/QLinear layers)")
+    if isinstance(configs, Mapping):
+        configs = list(configs.items())
+    if isinstance(configs, (str, bytes)) or not isinstance(configs, Iterable):
+        raise WalkError(f"configs must be a list of (label, bit_config) pairs, got "
+                        f"{type(configs).__name__}")
+    items = list(configs)
+    if not items:
+        raise WalkError("configs is empty; give [(label, bit_config), ...] from the largest model "
+                        "to the smallest, e.g. the frontier's picks at decreasing budgets")
+    out: list[tuple[str, dict[str, int], float]] = []
+    for i, item in enumerate(items):
+        if isinstance(item, (str, bytes)) or not isinstance(item, Sequence) or len(item) != 2:
+            raise WalkError(f"configs[{i}] = {item!r:.80}; each entry is a (label, bit_config) "
+                            f"pair")
+        label, config = item
+        if not isinstance(label, str) or not label:
+            raise WalkError(f"configs[{i}] label = {label!r}; give a non-empty string, e.g. "
+                            f"'10.34x'")
+        if label in [lab for lab, _, _ in out]:
+            raise WalkError(f"configs[{i}] label {label!r} is used twice; every point needs its "
+                            f"own label")
+        try:
+            quant.validate_bit_config(fp32_model, config, policy=policy, input_size=input_size)
+        except quant.BitConfigError as exc:
+            raise WalkError(f"configs[{i}] ({label!r}): {exc}") from None
+        config = {k: int(v) for k, v in config.items()}
+        size = quant.model_size_mb(fp32_model, config, a_bits, per_channel=per_channel,
+                                   input_size=input_size)
+        if out and size >= out[-1][2]:
+            raise WalkError(f"configs[{i}] ({label!r}) is {size:.6g} MB, not smaller than "
+                            f"configs[{i - 1}] ({out[-1][0]!r}) at {out[-1][2]:.6g} MB; the walk "
+                            f"goes from the largest model to the smallest: order configs by "
+                            f"decreasing size and drop configs of equal size")
+        out.append((label, config, size))
+    return out
+
+
+def switch_layers(qmodel: nn.Module, bit_config: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+    """Move ``qmodel`` (in place) to ``bit_config``, touching only the layers whose weight width
+    changes: their weight quantizer gets the new bits and the data re-init of a precision
+    transition (Eq. T2: the MSE-optimal step of the current weights, as ``reinit="data"`` does).
+    Every other step — unchanged layers' and all activation quantizers' — is left as it is.
+
+    Returns ``{layer: (old bits, new bits)}`` of the switched layers, in model order."""
+    layers = quant.quantized_layers(qmodel)
+    if not layers:
+        raise WalkError("switch_layers needs a quantized model (QConv2d/QLinear); quantize it "
+                        "with hmqat.quant.quantize_model or train it with hmqat.train.qat first")
+    unknown = sorted(set(bit_config) - set(layers))
+    missing = [n for n in layers if n not in bit_config]
+    if unknown or missing:
+        raise WalkError(f"switch_layers: bit config has unknown layer(s) {unknown[:4]} and lacks "
+                        f"{missing[:4]}; give bits for exactly the model's quantized layers "
+                        f"(hmqat.quant.bit_config_of(model) lists them)")
+    bad = {n: b for n, b in bit_config.items()
+           if not _is_int(b) or int(b) not in quant.SUPPORTED_BITS}
+    if bad:
+        raise WalkError(f"switch_layers: unsupported bits {bad}; use ints in "
+                        f"{quant.SUPPORTED_BITS}")
+    changed: dict[str, tuple[int, int]] = {}
+    for name, layer in layers.items():
+        q, new = layer.weight_quantizer, int(bit_config[name])
+        if new != q.bits:
+            changed[name] = (q.bits, new)
+            q.set_bits(new, "mse", x=layer.weight.detach())
+    return changed
+
+
+def step_movement(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor],
+                  threshold: float = 0.01) -> dict[str, Any]:
+    """How far a scale-only phase moved the steps: r = |s_after/s_before − 1| over every step
+    entry (per channel) of the layers in ``before``, in float64. Returns ``step_median`` and
+    ``step_max`` of r (median: numpy's, the mean of the middle two for an even count),
+    ``scale_phase_moved`` (median >= ``threshold``) and ``step_movement_layers``
+    ({layer: {"median", "max"}})."""
+    if not before:
+        raise WalkError("step_movement: no switched layer to measure")
+    per_layer, allr = {}, []
+    for name, s0 in before.items():
+        r = (after[name].detach().double().cpu() / s0.detach().double().cpu() - 1.0).abs()
+        r = r.reshape(-1).numpy()
+        per_layer[name] = {"median": float(np.median(r)), "max": float(r.max())}
+        allr.append(r)
+    r = np.concatenate(allr)
+    median = float(np.median(r))
+    return {"step_median": median, "step_max": float(r.max()),
+            "scale_phase_moved": bool(median >= threshold), "step_movement_layers": per_layer}
+
+
+def split_steps(steps: int, per_epoch: int) -> tuple[int, int]:
+    """``(epochs, steps per epoch)`` for :func:`hmqat.train.fit` that train exactly ``steps``
+    optimizer steps with at most ``per_epoch`` (the loader's length) per epoch, in the fewest
+    epochs: fit checkpoints after every epoch, so a phase resumes at an epoch boundary."""
+    if not _is_int(steps) or steps < 1:
+        raise WalkError(f"split_steps: steps={steps!r}; use an int >= 1")
+    if not _is_int(per_epoch) or per_epoch < 1:
+        raise WalkError(f"split_steps: the training loader yields {per_epoch!r} batches per "
+                        f"epoch; it needs at least one")
+    for epochs in range(-(-steps // per_epoch), steps + 1):
+        if steps % epochs == 0:
+            return epochs, steps // epochs
+    raise AssertionError("unreachable: epochs = steps always divides")   # pragma: no cover
+
+
+def phase_configs(cfg: htrain.TrainConfig, walk: WalkConfig, per_epoch: int, *,
+                  folder: str | Path | None = None
+                  ) -> tuple[htrain.TrainConfig | None, htrain.TrainConfig]:
+    """The TrainConfigs of one transition's two phases, derived from the QAT config ``cfg``:
+    the scale-only phase (None when ``walk.scale_steps`` is 0; lr = step_lr = ``scale_lr``) and
+    the fine-tune (lr ``finetune_lr`` or cfg.lr, cfg's step_lr), both without warm-up and
+    ``split_steps`` long, checkpointed to ``folder/scale.pt`` and ``folder/finetune.pt``."""
+    def ckpt(name: str) -> str | None:
+        return None if folder is None else str(Path(folder) / name)
+
+    scale = None
+    if walk.scale_steps:
+        e, m = split_steps(walk.scale_steps, per_epoch)
+        scale = replace(cfg, lr=walk.scale_lr, step_lr=walk.scale_lr, warmup_steps=0, epochs=e,
+                        max_steps_per_epoch=m, checkpoint=ckpt("scale.pt"))
+    e, m = split_steps(walk.finetune_steps, per_epoch)
+    finetune = replace(cfg, lr=walk.finetune_lr if walk.finetune_lr is not None else cfg.lr,
+                       warmup_steps=0, epochs=e, max_steps_per_epoch=m,
+                       checkpoint=ckpt("finetune.pt"))
+    return scale, finetune
+
+
+class _ConstantLR(Callback):
+    """Holds every group's learning rate at base_lr × lr_mult: the loop sets the cosine rate
+    before ``on_step_start``, which overrides it (the scale-only phase's constant rate)."""
+
+    def on_step_start(self, state: TrainState) -> None:
+        for g in state.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * g.get("lr_mult", 1.0)
+
+
+class _EpochShift:
+    """A training loader whose epoch ``e`` is the wrapped loader's epoch ``e + offset``: every
+    phase of the walk reads the next epochs of the data stream, as one long run would, instead
+    of replaying epoch 0 (data order still depends only on (seed, epoch), so resume is exact)."""
+
+    def __init__(self, loader: Any, offset: int):
+        self.loader, self.offset = loader, int(offset)
+        self.batch_size = getattr(loader, "batch_size", None)
+
+    def set_epoch(self, epoch: int) -> None:
+        htrain._set_epoch(self.loader, epoch + self.offset)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def _shift(loader: Any, offset: int) -> Any:
+    return loader if offset == 0 else _EpochShift(loader, offset)
+
+
+def _is_step(name: str) -> bool:
+    """A quantizer step Parameter, by the rule of :func:`hmqat.train.param_groups`."""
+    return name.endswith(".step") or name == "step"
+
+
+def scale_only_phase(qmodel: nn.Module, train_loader: Any, cfg: htrain.TrainConfig, *,
+                     callbacks: Iterable[Callback] = (), device: Any = None,
+                     run_info: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Train only the step sizes of ``qmodel`` for ``cfg``'s steps at a constant rate
+    (``cfg.step_lr``): every other Parameter has ``requires_grad`` False during the phase, so
+    :func:`hmqat.train.fit` builds an optimizer over the "steps" group alone. BatchNorm running
+    statistics follow ``cfg.freeze_bn`` as in every phase. Returns fit's history."""
+    frozen = [p for n, p in qmodel.named_parameters() if p.requires_grad and not _is_step(n)]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        return htrain.fit(qmodel, train_loader, None, cfg, callbacks=[_ConstantLR(), *callbacks],
+                          device=device, run_info=run_info)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def frontier_transition(qmodel: nn.Module, bit_config: Mapping[str, int], train_loader: Any,
+                        cfg: htrain.TrainConfig, walk: WalkConfig, *,
+                        folder: str | Path | None = None, epoch_offset: int = 0,
+                        scale_callbacks: Iterable[Callback] = (),
+                        finetune_callbacks: Iterable[Callback] = (), device: Any = None,
+                        run_info: dict[str, Any] | None = None, label: str = "") -> dict[str, Any]:
+    """One step of the frontier walk, in place on ``qmodel`` (the previous point's trained
+    model; docs/method.md §5):
+
+    1. :func:`switch_layers`: only the layers whose width changes get the new bits and the
+       data re-init of their steps (Eq. T2);
+    2. the scale-only phase (:func:`scale_only_phase`, ``walk.scale_steps`` steps at
+       ``walk.scale_lr``) and its :func:`step_movement` over the switched layers' steps; a
+       median below ``walk.moved_threshold`` warns (the phase has failed) and is recorded as
+       ``scale_phase_moved=False``, it does not stop the walk;
+    3. a full fine-tune of ``walk.finetune_steps`` steps (cosine).
+
+    Both phases run :func:`hmqat.train.fit` with checkpoints in ``folder`` (see
+    :func:`phase_configs`) and ``run_info`` as their identity, so an interrupted transition
+    resumes; the phases read the loader's epochs from ``epoch_offset`` on. The torch seed is
+    reset to ``cfg.seed`` before each phase. Returns the transition's record: changed layers
+    and their old bits, the movement statistics (None without a scale phase), the phases'
+    history (``phase`` = "scale" / "finetune"), ``steps`` and ``epochs`` spent.
+    """
+    walk = WalkConfig.from_value(walk)
+    changed = switch_layers(qmodel, bit_config)
+    layers = quant.quantized_layers(qmodel)
+    before = {n: layers[n].weight_quantizer.step.detach().clone() for n in changed}
+    scale_cfg, ft_cfg = phase_configs(cfg, walk, len(train_loader), folder=folder)
+    info = dict(run_info or {})
+    record: dict[str, Any] = {
+        "changed_layers": list(changed), "bits_before": {n: o for n, (o, _) in changed.items()},
+        "step_median": None, "step_max": None, "scale_phase_moved": None,
+        "step_movement_layers": {}}
+    history: list[dict[str, Any]] = []
+    epochs = 0
+    if scale_cfg is not None:
+        seed_everything(cfg.seed)
+        hist = scale_only_phase(qmodel, _shift(train_loader, epoch_offset), scale_cfg,
+                                callbacks=scale_callbacks, device=device,
+                                run_info={**info, "phase": "scale"})
+        history += [{"phase": "scale", **h} for h in hist]
+        epochs += scale_cfg.epochs
+        if changed:
+            record.update(step_movement(
+                before, {n: layers[n].weight_quantizer.step for n in changed},
+                walk.moved_threshold))
+            if not record["scale_phase_moved"]:
+                warnings.warn(
+                    f"frontier walk {label!r}: the scale-only phase moved the switched layers' "
+                    f"steps by a median of {record['step_median']:.3%} (max "
+                    f"{record['step_max']:.3%}), below {walk.moved_threshold:.0%}: the phase has "
+                    f"failed; raise walk.scale_lr (now {walk.scale_lr:g}) or walk.scale_steps "
+                    f"(now {walk.scale_steps})", RuntimeWarning, stacklevel=2)
+    seed_everything(cfg.seed)
+    hist = htrain.fit(qmodel, _shift(train_loader, epoch_offset + epochs), None, ft_cfg,
+                      callbacks=finetune_callbacks, device=device,
+                      run_info={**info, "phase": "finetune"})
+    history += [{"phase": "finetune", **h} for h in hist]
+    epochs += ft_cfg.epochs
+    record.update(history=history, steps=walk.scale_steps + walk.finetune_steps, epochs=epochs)
+    return record
