@@ -20,7 +20,8 @@ export OMP_WAIT_POLICY ?= PASSIVE
 help:
 	@echo "make reproduce [PROFILE=quick|smoke|paper|imagenet]  set up, then run the study"
 	@echo "make test                                            set up, then run the tests"
-	@echo "make bench | make lab | make clean | make clean-cache"
+	@echo "make lab [LAB_ARGS=\"--port 8890 --no-browser\"]        JupyterLab on notebooks/ (adds --allow-root as root)"
+	@echo "make bench | make clean | make clean-cache"
 
 # Idempotent set-up: reinstalls only when requirements.txt or pyproject.toml change.
 $(STAMP): requirements.txt pyproject.toml
@@ -38,20 +39,31 @@ reproduce: $(STAMP)
 test: $(STAMP)
 	TQDM_DISABLE=1 $(BIN)/python -m pytest -q -n auto --dist loadfile tests
 
-bench: $(STAMP)
-	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+# Every speed benchmark; benchmarks/lab_e2e.py is a browser check of `make lab` (needs Chromium), not
+# a benchmark, so it is left out (README, "Check the lab in a browser").
+BENCHES := $(filter-out benchmarks/lab_e2e.py,$(wildcard benchmarks/*.py))
 
-# The kernels run in notebooks/: resolve the data/weights/cache folders against this folder, as
-# `make reproduce` does, so the README's relative `export HMQAT_DATA_DIR=../shared/...` works.
+bench: $(STAMP)
+	@for b in $(BENCHES); do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# The kernels run in notebooks/: resolve the data/weights/cache folders against this folder (the
+# repository root; `~/` is expanded), as `make reproduce` does, so a relative path set in the shell
+# that runs `make` keeps working. LAB_ARGS go to `jupyter lab` (e.g. LAB_ARGS="--port 8890
+# --no-browser"); as root (containers, cloud VMs) jupyter refuses to start without --allow-root,
+# so it is added unless LAB_ARGS has it. LAB_UID is the user id that decides it (tests set it).
 LAB_VARS := HMQAT_DATA_DIR HMQAT_WEIGHTS_DIR HMQAT_CACHE_DIR
-LAB_ENV  := $(foreach v,$(LAB_VARS),$(if $($(v)),$(v)=$(abspath $($(v)))))
+LAB_ENV  := $(foreach v,$(LAB_VARS),$(if $($(v)),$(v)=$(abspath $(patsubst ~/%,$(HOME)/%,$($(v))))))
+LAB_ARGS ?=
+LAB_UID  := $(shell id -u 2>/dev/null)
+LAB_ROOT := $(if $(filter 0,$(LAB_UID)),$(if $(filter --allow-root,$(LAB_ARGS)),,--allow-root))
 
 lab: $(STAMP)
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (hmqat)"
-	@$(foreach v,$(LAB_VARS),echo "$(v)=$(if $($(v)),$(abspath $($(v))),(unset))";)
+	@$(foreach v,$(LAB_VARS),echo "$(v)=$(if $($(v)),$(abspath $(patsubst ~/%,$(HOME)/%,$($(v)))),(unset))";)
 	@$(if $(HMQAT_DATA_DIR),,echo "HMQAT_DATA_DIR is unset: notebook 00 downloads CIFAR-10 with torchvision (needs internet)";)
+	@$(if $(LAB_ROOT),echo "running as root: adding --allow-root (jupyter refuses root without it)";)
 	@echo "lab runs write to results/lab/ (git-ignored)"
-	HMQAT_HEADLESS= $(LAB_ENV) $(BIN)/jupyter lab notebooks/
+	HMQAT_HEADLESS= $(LAB_ENV) $(BIN)/jupyter lab notebooks/ $(LAB_ROOT) $(LAB_ARGS)
 
 clean:
 	rm -rf results/smoke .pytest_cache

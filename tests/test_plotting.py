@@ -67,6 +67,81 @@ def ablation_frame() -> pd.DataFrame:
                          "top1": [90.5, 90.1, 87.0, 86.0, 88.0, 90.5, 90.2]})
 
 
+def kendall_frame() -> pd.DataFrame:
+    return pd.DataFrame({"predictor": ["omega_joint", "omega_qerr_only", "n_2bit", "avg_bits"],
+                         "kendall_tau": [0.47, 0.50, 0.58, 0.10],
+                         "tau_low": [0.32, 0.36, 0.45, -0.09],
+                         "tau_high": [0.59, 0.62, 0.71, 0.30]})
+
+
+def ptq_frontier_frame() -> pd.DataFrame:
+    """Two targets; at 10.34× the joint and qerr_only picks are the same point."""
+    rows = []
+    for target, actual, top in ((6.0, 6.0136, 87.4), (10.34, 10.3500, 82.3)):
+        for j in range(4):
+            rows.append({"target_compression": target, "kind": "random", "name": str(j),
+                         "compression_actual": target * (0.99 + 0.005 * j), "top1": top - 3 - j})
+        rows += [{"target_compression": target, "kind": "pick", "name": "joint",
+                  "compression_actual": actual, "top1": top},
+                 {"target_compression": target, "kind": "pick", "name": "qerr_only",
+                  "compression_actual": actual if target > 10 else 6.0040,
+                  "top1": top if target > 10 else top + 0.5},
+                 {"target_compression": target, "kind": "pick", "name": "param_size",
+                  "compression_actual": actual, "top1": top - 6}]
+    return pd.DataFrame(rows)
+
+
+def seeded_runs() -> pd.DataFrame:
+    """Three seeds of two mixed configs and two uniform ones (notebook 03's qat_results)."""
+    top = {"HMQAT =W3A4 size": [86.5, 86.8, 86.6], "uniform W3A4": [86.7, 86.8, 86.7],
+           "HMQAT 13.11x": [85.2, 85.5, 85.6], "uniform W2A4": [84.5, 84.6, 84.7]}
+    size = {"HMQAT =W3A4 size": 0.1049, "uniform W3A4": 0.1049, "HMQAT 13.11x": 0.0782,
+            "uniform W2A4": 0.0727}
+    return pd.DataFrame([{"label": lab, "kind": "uniform" if lab.startswith("uniform")
+                          else "mixed", "seed": k, "test_top1": v, "size_mb": size[lab],
+                          "compression": 1.0 / size[lab]}
+                         for lab, vals in top.items() for k, v in enumerate(vals)])
+
+
+def seeded_means(runs: pd.DataFrame) -> pd.DataFrame:
+    return (runs.groupby(["label", "kind"], sort=False)
+            .agg(size_mb=("size_mb", "first"), compression=("compression", "first"),
+                 top1=("test_top1", "mean"), top1_std=("test_top1", "std")).reset_index())
+
+
+def transition_frame() -> pd.DataFrame:
+    """The diagnostics of two ladder arms, plain LSQ + BN and a ladder arm + BN, seed 0 (and
+    one seed-1 row that must be ignored)."""
+    rows = []
+    arms = {"range/8>T/step_lr=lr/10": [(0, "transition", 0.3, 0.3, 0.02),
+                                        (50, "transition", 2.2, 2.2, 0.7),
+                                        (300, "end", 2.1, None, 0.7)],
+            "data+so/8>4>T/step_lr=lr/10": [(0, "transition", 1.0, 0.3, 0.05),
+                                            (20, "scale_only_end", 1.0, None, 0.05),
+                                            (25, "transition", 1.0, 1.4, 0.2),
+                                            (50, "transition", 1.0, 3.0, 0.4),
+                                            (300, "end", 1.02, None, 0.4)]}
+    for i, (arm, events) in enumerate(arms.items()):
+        for step, when, ratio, carried, zero in events:
+            rows.append({"step": step, "when": when, "kind": "weight", "layer": "layer3.1.conv2",
+                         "step_ratio": ratio, "range_ratio": carried, "zero_frac": zero,
+                         "arm": arm, "seed": 0, "run_id": f"r{i}"})
+        for step, bits, jump in ((0, "8", None), (50, "target", 0.25 + 0.05 * i)):
+            rows.append({"step": step, "when": "transition", "kind": "loss", "layer": None,
+                         "bits": bits, "loss_before": None if jump is None else 0.1,
+                         "loss_after": 0.2 if jump is None else 0.1 + jump, "arm": arm,
+                         "seed": 0, "run_id": f"r{i}"})
+    for j, arm in enumerate(["lsq/step_lr=lr/10+bn", "data+so/8>4>T/step_lr=lr/10+bn"]):
+        for k, layer in enumerate(["bn1", "layer1.0.bn1", "layer1.0.bn2"]):
+            rows.append({"step": 300, "when": "end", "kind": "bn", "layer": layer,
+                         "mean_shift": 0.02 / (k + 1) + 0.001 * j, "arm": arm, "seed": 0,
+                         "run_id": f"b{j}"})
+    rows.append({"step": 0, "when": "transition", "kind": "weight", "layer": "layer3.1.conv2",
+                 "step_ratio": 9.0, "range_ratio": 9.0, "zero_frac": 0.9,
+                 "arm": "range/8>T/step_lr=lr/10", "seed": 1, "run_id": "r9"})
+    return pd.DataFrame(rows)
+
+
 def histories() -> dict[str, list[dict]]:
     return {name: [{"epoch": e + 1, "val_top1": 80 + e + i, "train_loss": 1.0 / (e + 1)}
                    for e in range(4)] for i, name in enumerate(["W4", "mixed 10×"])}
@@ -80,6 +155,12 @@ BUILDERS = {
     "accuracy_size": lambda: P.plot_accuracy_size(accuracy_frame(), fp32_top1=91.5),
     "ablation": lambda: P.plot_ablation(ablation_frame(), subtitle="s"),
     "training_curves": lambda: P.plot_training_curves(histories(), ["val_top1", "train_loss"]),
+    "kendall": lambda: P.plot_kendall(kendall_frame(), subtitle="s"),
+    "ptq_frontier": lambda: P.plot_ptq_frontier(ptq_frontier_frame(), subtitle="s"),
+    "accuracy_size_paired": lambda: P.plot_accuracy_size(
+        seeded_means(seeded_runs()), yerr="top1_std", fp32_top1=87.6, runs=seeded_runs()),
+    "transition_diagnostics": lambda: P.plot_transition_diagnostics(
+        transition_frame(), "layer3.1.conv2", title="t", subtitle="s"),
 }
 
 
@@ -401,7 +482,8 @@ def test_sensitivity_figures_draw_and_count_undrawable_points(tmp_path):
                           "name": ["joint", "0", "1", "2"] * 2, "top1": rng.random(8) * 90})
     figs = [P.plot_noise_check(noise), P.plot_additivity(add), P.plot_kendall(kendall),
             P.plot_ptq_frontier(front)]
-    assert [t.get_text() for t in figs[2].axes[0].get_yticklabels()] == ["n_2bit", "joint"]
+    assert [t.get_text() for t in figs[2].axes[0].get_yticklabels()] == [
+        "count of 2-bit layers (n_2bit)", "HMQAT Ω: trace × quant. error (joint)"]
     for i, f in enumerate([fig] + figs):
         paths = P.savefig(f, tmp_path / f"f{i}")
         assert paths[0].read_bytes()[:8] == PNG_MAGIC
@@ -424,3 +506,191 @@ def test_qat_level_figure_plots_each_config_against_omega_and_ptq_top1():
                                      "tau_low": [0.3], "tau_high": [0.7]}), xlabel="τ after QAT")
     assert k.axes[0].get_xlabel() == "τ after QAT"
     plt.close(k)
+
+
+# --------------------------------------------------------------------------------------------
+# readable figures (issue 27 item 8, issue 24 item 6)
+# --------------------------------------------------------------------------------------------
+#: The quick run's subtitle that squeezed sensitivity_kendall.png into a 2,161-px-wide canvas.
+LONG_SUBTITLE = ("CIFAR-10 (JPEG q75 mirror), quick profile; measured on the 5,000-image "
+                 "validation hold-out of the train split (seed 0); calibration from train minus "
+                 "validation")
+
+
+def _canvas_share(fig) -> tuple[float, float]:
+    """(saved canvas width / figure width, union of the axes' widths / saved canvas width):
+    the canvas is the tight bounding box that savefig(bbox_inches="tight") writes."""
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    canvas = fig.get_tightbbox(r).width * fig.dpi           # inches -> display pixels
+    boxes = [ax.get_window_extent(r) for ax in fig.axes if ax.get_visible()]
+    axes = max(b.x1 for b in boxes) - min(b.x0 for b in boxes)
+    return canvas / (fig.get_figwidth() * fig.dpi), axes / canvas
+
+
+@pytest.mark.parametrize("name,build", [
+    ("kendall", lambda sub: P.plot_kendall(kendall_frame(), subtitle=sub)),
+    ("ptq_frontier", lambda sub: P.plot_ptq_frontier(ptq_frontier_frame(), subtitle=sub)),
+    ("accuracy_size", lambda sub: P.plot_accuracy_size(accuracy_frame(), subtitle=sub)),
+    ("accuracy_size_paired", lambda sub: P.plot_accuracy_size(
+        seeded_means(seeded_runs()), runs=seeded_runs(), subtitle=sub)),
+    ("ablation", lambda sub: P.plot_ablation(ablation_frame(), subtitle=sub)),
+    ("transition_diagnostics", lambda sub: P.plot_transition_diagnostics(
+        transition_frame(), "layer3.1.conv2", title="Precision-transition diagnostics",
+        subtitle=sub)),
+])
+def test_long_subtitle_wraps_instead_of_widening_the_canvas(name, build):
+    fig = build(LONG_SUBTITLE)
+    widening, share = _canvas_share(fig)
+    assert widening <= 1.02, name              # the title block fits the figure's width
+    assert share >= 0.5, name                  # the plot keeps at least half the canvas
+    suptitle = fig.get_suptitle()
+    assert suptitle.count("\n") >= 2 and suptitle.replace("\n", " ").endswith(LONG_SUBTITLE)
+    plt.close(fig)
+
+
+def test_wrap_to_width_keeps_every_word_and_each_line_fits():
+    with P.use_style():
+        fig, _ = plt.subplots(figsize=(3.4, 2.4))
+        text = P.wrap_to_width(fig, LONG_SUBTITLE + "\nsecond paragraph", "medium")
+        r = fig.canvas.get_renderer()
+        prop = mpl.font_manager.FontProperties(size="medium")
+        widths = [r.get_text_width_height_descent(line, prop, ismath=False)[0]
+                  for line in text.split("\n")]
+    assert text.split() == (LONG_SUBTITLE + " second paragraph").split()
+    assert text.split("\n")[-1] == "second paragraph"            # an existing break is kept
+    assert len(widths) >= 4 and max(widths) <= 0.92 * 3.4 * fig.dpi
+    plt.close(fig)
+
+
+def test_kendall_rows_are_named_in_plain_words_with_a_caption():
+    fig = P.plot_kendall(kendall_frame())
+    ticks = fig.axes[0].get_yticklabels()
+    assert [t.get_text() for t in ticks] == [
+        "average bits (avg_bits)", "HMQAT Ω: trace × quant. error (joint)",
+        "quant. error alone (qerr_only)", "count of 2-bit layers (n_2bit)"]
+    assert [t.get_fontweight() for t in ticks] == ["normal", "bold", "normal", "normal"]
+    caption = fig._supxlabel.get_text().replace("\n", " ")
+    assert caption.startswith("τ: how well a predictor orders the configs")
+    assert "quant. error = ‖Q(W) − W‖²" in caption
+    plt.close(fig)
+    fig = P.plot_kendall(kendall_frame(), caption=None)
+    assert fig._supxlabel is None
+    plt.close(fig)
+    assert P.predictor_label("omega_permuted_trace") == "error × shuffled traces (permuted_trace)"
+    assert P.predictor_label("my_own") == "my_own"
+
+
+def test_ptq_frontier_draws_picks_at_their_true_compression():
+    fig = P.plot_ptq_frontier(ptq_frontier_frame())
+    left, right = fig.axes
+    assert [ax.get_title() for ax in (left, right)] == ["≈ 6×", "≈ 10.34×"]
+    picks = {c.get_label(): c.get_offsets()[0].tolist() for c in left.collections
+             if c.get_label().endswith(")")}
+    assert picks == {"HMQAT Ω: trace × quant. error (joint)": [6.0136, 87.4],
+                     "quant. error alone (qerr_only)": [6.004, 87.9],
+                     "layer size alone (param_size)": [6.0136, 81.4]}
+    rnd = next(c for c in left.collections if c.get_label() == "random, same size")
+    assert rnd.get_offsets()[:, 0].tolist() == [6.0 * (0.99 + 0.005 * j) for j in range(4)]
+    assert [t.get_text() for t in right.texts] == ["same point: joint, qerr_only"]
+    assert left.texts == [] or all("same point" not in t.get_text() for t in left.texts)
+    legend = fig.legends[0]
+    assert "x: each config's own compression." in legend.get_title().get_text().replace("\n", " ")
+    plt.close(fig)
+
+
+def _ablation_runs() -> pd.DataFrame:
+    return pd.DataFrame({"group": ["allocation"] * 5,
+                         "variant": ["hmqat-joint", "hmqat-qerr_only", "random", "random", "ilp"],
+                         "top1": [89.68, 89.32, 85.42, 83.54, 89.68],
+                         "run_id": ["d98e", "7e89", "3e3e", "fe0f", "d98e"]})
+
+
+def test_ablation_shows_a_run_shared_by_two_variants_once_and_says_so():
+    fig = P.plot_ablation(_ablation_runs())
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [
+        "hmqat-joint = ilp (trace × quant. error)", "hmqat-qerr_only (quant. error alone)",
+        "random"]
+    assert len(ax.patches) == 3
+    assert fig._supxlabel.get_text() == ("hmqat-joint and ilp picked the same config: one run, "
+                                         "shown once.")
+    plt.close(fig)
+    distinct = _ablation_runs().assign(run_id=["a", "b", "c", "d", "e"])   # different runs
+    unknown = _ablation_runs().assign(run_id=[None, "b", "c", "d", None])  # ids not recorded
+    for frame in (distinct, unknown):
+        fig = P.plot_ablation(frame)
+        assert [t.get_text() for t in fig.axes[0].get_yticklabels()][-1] == "ilp"
+        assert fig._supxlabel is None
+        plt.close(fig)
+
+
+def test_accuracy_size_paired_panel_matches_a_hand_computed_interval():
+    runs = seeded_runs()
+    assert P.nearest_uniform_pairs(seeded_means(runs)) == [
+        ("HMQAT =W3A4 size", "uniform W3A4"), ("HMQAT 13.11x", "uniform W2A4")]
+    fig = P.plot_accuracy_size(seeded_means(runs), yerr="top1_std", runs=runs)
+    main, paired = fig.axes
+    assert main.get_xlabel() == "model size (MB)"               # the first axes stay the main plot
+    # =W3A4 size − W3A4 per seed: -0.2, 0.0, -0.1 -> mean -0.1, sd 0.1,
+    # half-width t(0.975, 2) * 0.1 / sqrt(3) = 4.302653 * 0.057735 = 0.248414
+    dots = paired.collections[0].get_offsets()[:, 0]
+    assert dots.tolist() == pytest.approx([-0.2, 0.0, -0.1], abs=1e-9)
+    texts = [t.get_text() for t in paired.texts]
+    assert texts[0] == "-0.10 [-0.35, +0.15]"
+    # 13.11x − W2A4: 0.7, 0.9, 0.9 -> mean 0.8333, sd 0.11547, half 0.286835
+    assert texts[1] == "+0.83 [+0.55, +1.12]"
+    assert [t.get_text() for t in paired.get_yticklabels()] == [
+        "HMQAT =W3A4 size\n− uniform W3A4, size +0.0 %",
+        "HMQAT 13.11x\n− uniform W2A4, size +7.6 %"]
+    assert "reporting.paired_interval" in fig._supxlabel.get_text().replace("\n", " ")
+    plt.close(fig)
+    one = runs[runs["seed"] == 0]
+    fig = P.plot_accuracy_size(seeded_means(runs), runs=one)
+    assert fig.axes[1].texts[0].get_text() == "-0.20 (1 seed: no interval)"
+    plt.close(fig)
+    with pytest.raises(PlotError, match=r"runs lacks column\(s\) \['seed'\]"):
+        P.plot_accuracy_size(seeded_means(runs), runs=runs.drop(columns="seed"))
+    with pytest.raises(PlotError, match=r"pairs name label\(s\) \['uniform W4A4'\]"):
+        P.plot_accuracy_size(seeded_means(runs), runs=runs,
+                             pairs=[("HMQAT 13.11x", "uniform W4A4")])
+
+
+def test_arm_label_spells_out_the_transition_arms():
+    assert P.arm_label("data+so/8>4>T/step_lr=lr/10") == (
+        "data re-init + scale-only phase (Eq. T2), 8 → 4 → T bits, step lr = lr/10")
+    assert P.arm_label("range/8>T/step_lr=lr/10", step_lr=False) == (
+        "range re-init (Eq. T1), 8 → T bits")
+    assert P.arm_label("data+so/none/step_lr=lr") == (
+        "data re-init + scale-only phase (Eq. T2), target from step 0, step lr = lr")
+    assert P.arm_label("lsq/step_lr=lr/10+bn") == "plain LSQ, step lr = lr/10, BN re-estimated"
+    assert P.arm_label("something else") == "something else"
+
+
+def test_transition_diagnostics_is_one_view_with_its_legend_clear_of_the_data():
+    fig = P.plot_transition_diagnostics(transition_frame(), "layer3.1.conv2")
+    assert len(fig.axes) == 4
+    step_ax = fig.axes[0]
+    # seed 0 only: the seed-1 row (ratio 9) is not drawn
+    ys = np.concatenate([l.get_ydata() for l in step_ax.lines if l.get_label() != "_nolegend_"])
+    assert 9.0 not in ys
+    assert [t.get_text() for t in fig.axes[1].get_xticklabels()] == [
+        "transition\nstep 0", "scale-only end\nstep 20", "transition\nstep 25",
+        "transition\nstep 50", "end of training\nstep 300"]
+    legend = fig.legends[0]
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels == ["range re-init (Eq. T1), 8 → T bits",
+                      "data re-init + scale-only phase (Eq. T2), 8 → 4 → T bits",
+                      "what Eq. T1 (range) would carry",
+                      "plain LSQ, BN re-estimated",
+                      "data re-init + scale-only phase (Eq. T2), 8 → 4 → T bits, BN re-estimated"]
+    assert "Every arm: step lr = lr/10." in legend.get_title().get_text().replace("\n", " ")
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    box = legend.get_window_extent(r)
+    assert not any(box.overlaps(ax.get_window_extent(r)) for ax in fig.axes)
+    every_text = [t.get_text() for ax in fig.axes for t in ax.texts + ax.get_xticklabels()]
+    assert not any("step_lr=" in t or "data+so/" in t for t in every_text + labels)
+    plt.close(fig)
+    with pytest.raises(PlotError, match="no weight diagnostics for layer 'fc'"):
+        P.plot_transition_diagnostics(transition_frame(), "fc")

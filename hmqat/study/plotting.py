@@ -3,8 +3,11 @@
 Every ``plot_*`` function returns a matplotlib Figure drawn under :func:`use_style` (seaborn
 "paper" context, "ticks" style, colour-blind palette, constrained layout, sizes 3.4–7 in) and
 takes ``title`` and ``subtitle``; put the data label and profile in the subtitle so each figure
-names its data (``reporting.describe_data``). Figures stay readable in greyscale: series differ
-by marker, line style or hatch, and heat-map cells carry their number. Save with
+names its data (``reporting.describe_data``). Titles, subtitles and captions are wrapped to the
+figure's width (:func:`wrap_to_width`), so a long data label adds lines instead of shrinking the
+plot; code names of predictors and arms come with plain words (:func:`predictor_label`,
+:func:`arm_label`). Figures stay readable in greyscale: series differ by marker, line style or
+hatch, and heat-map cells carry their number. Save with
 :func:`savefig`, which writes ``<stem>.png`` (200 dpi) and ``<stem>.pdf`` (TrueType fonts, no
 creation date, so the bytes are stable across reruns) atomically, displays it inline when run in
 a Jupyter kernel, and closes the figure.
@@ -35,13 +38,17 @@ from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
 from scipy.stats import spearmanr
 
 from ..runtime import atomic_write_bytes, in_notebook
+from . import reporting
 
 __all__ = [
     "HATCHES",
     "LINESTYLES",
     "MARKERS",
+    "PREDICTOR_WORDS",
     "PlotError",
+    "arm_label",
     "plot_ablation",
+    "nearest_uniform_pairs",
     "plot_accuracy_size",
     "plot_additivity",
     "plot_bit_heatmap",
@@ -55,8 +62,10 @@ __all__ = [
     "plot_single_layer",
     "plot_training_curves",
     "plot_transition_diagnostics",
+    "predictor_label",
     "savefig",
     "use_style",
+    "wrap_to_width",
 ]
 
 #: Series styles that survive greyscale printing (used in this order).
@@ -138,11 +147,102 @@ def _require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
         raise PlotError(f"{what} is empty; there is nothing to plot")
 
 
+def _text_width_px(fig: Figure, text: str, fontsize: str | float) -> float:
+    """Width of ``text`` in display pixels at ``fontsize``, as the figure's renderer draws it."""
+    prop = mpl.font_manager.FontProperties(size=fontsize)
+    try:
+        renderer = fig.canvas.get_renderer()
+        return float(renderer.get_text_width_height_descent(text, prop, ismath=False)[0])
+    except AttributeError:       # a canvas without a renderer: ~0.6 em per character
+        return 0.6 * prop.get_size_in_points() * len(text) * fig.dpi / 72
+
+
+def wrap_to_width(fig: Figure, text: str, fontsize: str | float = "medium",
+                  fraction: float = 0.92) -> str:
+    """``text`` with its words wrapped so that no line is wider than ``fraction`` of the
+    figure's width (measured with the figure's renderer). Existing line breaks are kept.
+
+    A title or caption wider than the figure does not shrink the figure: ``savefig(...,
+    bbox_inches="tight")`` widens the saved canvas to hold it, so the axes end up in a
+    fraction of the image (the subtitle of the quick run's Kendall figure made a 2,161-px-wide
+    PNG whose plot filled a third of it). Every figure's title, subtitle and caption go
+    through this function."""
+    limit = fraction * fig.get_figwidth() * fig.dpi
+    out: list[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            trial = f"{line} {word}" if line else word
+            if line and _text_width_px(fig, trial, fontsize) > limit:
+                out.append(line)
+                line = word
+            else:
+                line = trial
+        out.append(line)
+    return "\n".join(out)
+
+
 def _titles(fig: Figure, title: str | None, subtitle: str | None) -> None:
-    """Title (bold) and subtitle (data label + profile) as the figure's suptitle."""
-    lines = [t for t in (title, subtitle) if t]
+    """Title and subtitle (data label + profile) as the figure's suptitle, each wrapped to
+    the figure's width (:func:`wrap_to_width`), so a long data label adds lines, not width."""
+    lines = [wrap_to_width(fig, t, "medium") for t in (title, subtitle) if t]
     if lines:
         fig.suptitle("\n".join(lines), fontsize="medium")
+
+
+def _legend_below(fig: Figure, handles: Sequence[Any], labels: Sequence[str], *,
+                  caption: str | None = None, max_cols: int = 3) -> mpl.legend.Legend:
+    """One legend for the whole figure, under the axes (outside the data), with ``caption``
+    (wrapped) as its title; as many columns (≤ ``max_cols``) as fit the figure's width."""
+    title = wrap_to_width(fig, caption, "x-small") if caption else None
+    ncols = max(1, min(max_cols, len(handles)))
+    while True:
+        legend = fig.legend(handles=list(handles), labels=list(labels),
+                            loc="outside lower center", ncols=ncols, fontsize="x-small",
+                            frameon=False, title=title, title_fontsize="x-small",
+                            alignment="left")
+        legend.get_title().set_color("0.2")
+        fig.canvas.draw()
+        if ncols == 1 or legend.get_window_extent().width <= fig.get_figwidth() * fig.dpi:
+            return legend
+        legend.remove()
+        ncols -= 1
+
+
+def _caption(fig: Figure, text: str | None) -> None:
+    """A caption under the axes (the figure's supxlabel, so constrained layout makes room for
+    it), wrapped to the figure's width: where a figure's labels need plain words."""
+    if text:
+        fig.supxlabel(wrap_to_width(fig, text, "x-small"), fontsize="x-small", color="0.2",
+                      multialignment="left")
+
+
+#: Plain words for the study's predictors and Ω variants (docs/method.md §3, the variants
+#: table), used by the figures that show them by code name.
+PREDICTOR_WORDS: dict[str, str] = {
+    "joint": "HMQAT Ω: trace × quant. error",
+    "trace_size": "trace × step size²",
+    "trace": "trace alone",
+    "param_size": "layer size alone",
+    "qerr_only": "quant. error alone",
+    "size_only": "quant. error alone",
+    "permuted_trace": "error × shuffled traces",
+    "random": "error × shuffled traces",
+    "fisher": "diagonal Fisher × error²",
+    "exact_quad": "exact ΔWᵀHΔW",
+    "n_2bit": "count of 2-bit layers",
+    "avg_bits": "average bits",
+    "loss_increase": "PTQ loss increase",
+}
+
+
+def predictor_label(name: str) -> str:
+    """``"quant. error alone (qerr_only)"`` for ``"omega_qerr_only"`` or ``"qerr_only"``: the
+    plain words of :data:`PREDICTOR_WORDS` with the code name that the tables use; an unknown
+    name stays as it is."""
+    code = str(name).removeprefix("omega_")
+    words = PREDICTOR_WORDS.get(code)
+    return f"{words} ({code})" if words else code
 
 
 def _size(width: float, height: float) -> tuple[float, float]:
@@ -320,7 +420,7 @@ def plot_layer_traces(traces: pd.DataFrame, *,
         if scale == "log":
             kw = {"nonpositive": "clip"}
         getattr(ax, f"set_{vaxis}scale")(scale, **kw)
-        getattr(ax, f"set_{vaxis}label")(f"avg. trace Tr(H)/n  (±{n_se:g} SE)")
+        getattr(ax, f"set_{vaxis}label")("avg. trace Tr(H)/n  (exact: no probe error)" if traces["avg_trace_se"].eq(0).all() else f"avg. trace Tr(H)/n  (±{n_se:g} SE)")
         getattr(ax, f"set_{laxis}ticks")(pos, layers, fontsize="x-small",
                                          **({} if horizontal else {"rotation": 90}))
         getattr(ax, f"set_{laxis}label")("layer (network order)")
@@ -516,24 +616,112 @@ def plot_bit_heatmap(configs: Mapping[str, Mapping[str, int]], layers: Sequence[
 # --------------------------------------------------------------------------------------------
 # 5. Accuracy vs size
 # --------------------------------------------------------------------------------------------
+def nearest_uniform_pairs(df: pd.DataFrame, *, kind_col: str = "kind",
+                          label_col: str = "label", size_col: str = "size_mb"
+                          ) -> list[tuple[str, str]]:
+    """``(config, uniform)`` label pairs: every config whose kind is not "uniform…" with the
+    uniform config nearest to it in size (smallest |log size ratio|; exact for notebook 02's
+    "HMQAT =WbAa size" picks), in the order of ``df``."""
+    _require(df, [kind_col, label_col, size_col], "df")
+    rows = df.drop_duplicates(label_col)
+    is_uniform = rows[kind_col].astype(str).str.lower().str.contains("uniform")
+    uniform = rows[is_uniform]
+    if uniform.empty:
+        return []
+    pairs = []
+    for _, row in rows[~is_uniform].iterrows():
+        gap = np.abs(np.log(uniform[size_col].to_numpy(float) / float(row[size_col])))
+        pairs.append((str(row[label_col]), str(uniform[label_col].iloc[int(gap.argmin())])))
+    return pairs
+
+
+def _paired_panel(ax: plt.Axes, runs: pd.DataFrame, pairs: Sequence[tuple[str, str]],
+                  value: str, confidence: float) -> None:
+    """For each (a, b): every seed's a − b as a grey dot and the mean with its interval
+    (:func:`hmqat.study.reporting.paired_interval`: over seeds and test images when the runs
+    carry their per-image bits, else the paired t; one seed: the dot alone), top to bottom;
+    each row names the pair and a's size relative to b's."""
+    wide = runs.pivot_table(index="seed", columns="label", values=value, aggfunc="first")
+    size = runs.groupby("label")["size_mb"].first() if "size_mb" in runs else None
+    names = []
+    for i, (a, b) in enumerate(pairs):
+        both = wide[[a, b]].dropna()
+        d = (both[a] - both[b]).to_numpy(float)
+        ax.scatter(d, np.full(len(d), i), s=12, color="0.55", zorder=2)
+        if len(d) >= 2:
+            ci = reporting.paired_interval(runs, a, b, value=value, confidence=confidence)
+            ax.errorbar(ci.mean, i, xerr=[[ci.mean - ci.low], [ci.high - ci.mean]], fmt="D",
+                        ms=5, color="C0", mec="0.15", mew=0.4, capsize=3, lw=1.2, zorder=3)
+            ax.annotate(f"{ci.mean:+.2f} [{ci.low:+.2f}, {ci.high:+.2f}]", (ci.mean, i),
+                        xytext=(0, 5), textcoords="offset points", ha="center", va="bottom",
+                        fontsize="xx-small", color="C0")
+        elif len(d):
+            ax.annotate(f"{d.mean():+.2f} (1 seed: no interval)", (d.mean(), i),
+                        xytext=(0, 5), textcoords="offset points", ha="center",
+                        va="bottom", fontsize="xx-small")
+        gap = (f", size {100 * (size[a] / size[b] - 1):+.1f} %"
+               if size is not None and a in size and b in size else "")
+        names.append(f"{a}\n− {b}{gap}")
+    ax.axvline(0, color="0.3", lw=0.8, ls=":")
+    ax.set_yticks(range(len(pairs)), names, fontsize="x-small")
+    ax.set_ylim(len(pairs) - 0.4, -0.7)               # first pair on top, room for its text
+    ax.margins(x=0.15)
+    ax.set_xlabel("difference (points)")
+    ax.set_title("config − uniform, paired by seed", fontsize="small")
+
+
 def plot_accuracy_size(df: pd.DataFrame, *, x: str = "size_mb", y: str = "top1",
                        kind_col: str = "kind", label_col: str = "label",
                        fp32_top1: float | None = None, yerr: str | None = None,
                        title: str | None = "Top-1 accuracy vs model size",
-                       subtitle: str | None = None) -> Figure:
+                       subtitle: str | None = None, runs: pd.DataFrame | None = None,
+                       pairs: Sequence[tuple[str, str]] | None = None,
+                       value: str = "test_top1", confidence: float = 0.95) -> Figure:
     """Top-1 vs size. Each ``kind`` whose name contains "uniform" is drawn as separate points
     with distinct markers and direct text labels (``label_col``); every other kind (e.g. the
     mixed-precision method) is a line with markers, its points annotated with their
     ``compression`` (when that column exists). FP32 is a dashed horizontal line. Labels are
     placed clear of each other, the markers and the legend (:func:`_place_labels`).
     ``yerr``: a column of ± error (e.g. the std over seeds), drawn as error bars; ``x="bops"``
-    gives the accuracy-vs-compute figure (docs/method.md §8)."""
+    gives the accuracy-vs-compute figure (docs/method.md §8).
+
+    ``runs`` (one row per (label, seed), e.g. notebook 03's ``qat_results.json``; columns
+    label, seed, ``value``, and size_mb for the size gap) adds a panel on the right: for each
+    of ``pairs`` (default :func:`nearest_uniform_pairs` of ``df``), the difference
+    config − uniform of every seed and its mean with the ``confidence`` paired t interval
+    (:func:`hmqat.study.reporting.paired_interval`). That is the comparison the seeds support; ±SD
+    bars on the left show each config's own spread and invite an unpaired reading, which the
+    caption says."""
     _require(df, [x, y, kind_col] + ([yerr] if yerr else []), "df")
+    if runs is not None:
+        missing = [c for c in ("label", "seed", value) if c not in runs.columns]
+        if missing:
+            raise PlotError(f"runs lacks column(s) {missing}; pass one row per (label, seed) "
+                            f"with label, seed and {value!r} (notebook 03's qat_results.json)")
+        pairs = list(pairs) if pairs is not None else nearest_uniform_pairs(
+            df, kind_col=kind_col, label_col=label_col,
+            size_col="size_mb" if "size_mb" in df.columns else x)
+        unknown = sorted({l for p in pairs for l in p} - set(runs["label"].astype(str)))
+        if unknown:
+            raise PlotError(f"pairs name label(s) {unknown} that runs does not have; its "
+                            f"labels: {sorted(runs['label'].astype(str).unique())}")
     kinds = list(dict.fromkeys(df[kind_col].astype(str)))
     labels: list[tuple[str, list[tuple[float, float]], dict]] = []
     small: list[tuple[str, list[tuple[float, float]], dict]] = []
     with use_style():
-        fig, ax = plt.subplots(figsize=(5.0, 3.4))
+        if runs is not None and pairs:
+            fig, (ax, pax) = plt.subplots(1, 2, figsize=(7.0, 3.6), width_ratios=[1.45, 1])
+            _paired_panel(pax, runs.assign(label=runs["label"].astype(str)), pairs, value,
+                          confidence)
+            _caption(fig, f"Left: mean over seeds; bars ± SD, each config's own spread (not a "
+                          f"comparison). Right: the comparison, paired by seed (same seed = "
+                          f"same data order and initial noise): {value} of the config minus "
+                          f"that of the uniform config; grey dots: one seed each; diamond and "
+                          f"bar: their mean and {confidence:.0%} interval "
+                          f"(hmqat.study.reporting.paired_interval: over seeds and test "
+                          f"images when the runs carry per-image results).")
+        else:
+            fig, ax = plt.subplots(figsize=(5.0, 3.4))
         n_line = n_point = 0
         for kind in kinds:
             sub = df[df[kind_col].astype(str) == kind].sort_values(x)
@@ -594,26 +782,69 @@ def _zoomed_origin(low: float, high: float) -> float:
     return max(0.0, math.floor((low - 0.5 * (high - low)) / step) * step)
 
 
+def _same_runs(df: pd.DataFrame, x: str, group_col: str | None, key: str
+                ) -> dict[tuple[Any, str], list[str]]:
+    """{(group, first variant): [every variant]} for variants of one group whose rows are the
+    same trained runs (equal sets of ``key``, e.g. ``run_id``): two allocation methods that
+    picked the same config train one model, not two."""
+    merged: dict[tuple[Any, str], list[str]] = {}
+    for group, sub in (df.groupby(group_col, sort=False) if group_col else [(None, df)]):
+        seen: dict[frozenset, str] = {}
+        for variant, rows in sub.groupby(x, sort=False):
+            if rows[key].isna().any() or (rows[key].astype(str) == "").any():
+                continue                  # a variant without run ids is never merged
+            runs = frozenset(rows[key].astype(str))
+            if runs in seen:
+                merged.setdefault((group, seen[runs]), [seen[runs]]).append(str(variant))
+            else:
+                seen[runs] = str(variant)
+    return merged
+
+
+def _variant_label(variant: str) -> str:
+    """``"hmqat-qerr_only (quant. error alone)"``: an ablation's ``hmqat-<Ω variant>`` row with
+    the Ω's plain words (:data:`PREDICTOR_WORDS`); other variants unchanged."""
+    omega = variant.split(" = ")[0].removeprefix("hmqat-")
+    if not variant.startswith("hmqat-") or omega not in PREDICTOR_WORDS:
+        return variant
+    return f"{variant} ({PREDICTOR_WORDS[omega].removeprefix('HMQAT Ω: ')})"
+
+
 def plot_ablation(df: pd.DataFrame, *, x: str = "variant", y: str = "top1",
                   group_col: str | None = "group", err: str | None = None,
-                  title: str | None = "Ablations", subtitle: str | None = None) -> Figure:
+                  title: str | None = "Ablations", subtitle: str | None = None,
+                  run_col: str = "run_id") -> Figure:
     """Horizontal bars of ``y`` per ``x`` (variant), one panel per ``group_col`` value, one
     hatch per variant, mean value written past each bar. When the values are close, the axis
     starts at a round number below them and the x label says so (:func:`_zoomed_origin`).
     Several rows per variant (seeds) give ±SD error bars (seaborn ``errorbar="sd"``); ``err``
-    names a column of precomputed SDs instead."""
+    names a column of precomputed SDs instead.
+
+    Variants whose rows are the same runs (equal sets of ``run_col``, when that column exists;
+    e.g. ``ilp`` and ``hmqat-joint``, which pick the same config) are one bar, labelled
+    ``"hmqat-joint = ilp"``, and a caption says so. ``hmqat-<Ω variant>`` rows are named in
+    plain words too (:func:`predictor_label`)."""
     _require(df, [x, y] + ([group_col] if group_col else []) + ([err] if err else []), "df")
     if err and df.groupby([group_col, x] if group_col else [x]).size().max() > 1:
         raise PlotError(f"err={err!r} gives precomputed SDs, so each variant needs one row; "
                         f"pass err=None to compute SDs over repeated rows (seeds)")
     data = df.assign(**{x: df[x].astype(str)})
+    merged = _same_runs(data, x, group_col, run_col) if run_col in data.columns else {}
+    notes = []
+    for (group, first), variants in merged.items():
+        in_group = data[group_col] == group if group_col else True
+        data = data[~(in_group & data[x].isin(variants[1:]))]
+        data.loc[in_group & (data[x] == first), x] = " = ".join(variants)
+        notes.append(f"{' and '.join(variants)} picked the same config: one run, shown once")
+    data[x] = [_variant_label(v) for v in data[x]]
     groups = list(dict.fromkeys(data[group_col].astype(str))) if group_col else [None]
     sizes = [data[data[group_col].astype(str) == g][x].nunique() if g else data[x].nunique()
              for g in groups]
     with use_style():
         fig, axes = plt.subplots(len(groups), 1, squeeze=False, sharex=True,
                                  height_ratios=sizes,
-                                 figsize=_size(4.6, 0.28 * sum(sizes) + 0.55 * len(groups) + 1))
+                                 figsize=_size(2.6 + 0.07 * data[x].str.len().max(),
+                                               0.28 * sum(sizes) + 0.55 * len(groups) + 1))
         for ax, group in zip(axes[:, 0], groups):
             sub = data if group is None else data[data[group_col].astype(str) == group]
             order = list(dict.fromkeys(sub[x]))
@@ -645,6 +876,7 @@ def plot_ablation(df: pd.DataFrame, *, x: str = "variant", y: str = "top1",
         if left > 0:
             axes[-1, 0].set_xlabel(f"{axes[-1, 0].get_xlabel()} — axis starts at {left:g}")
         _titles(fig, title, subtitle)
+        _caption(fig, "; ".join(notes) + "." if notes else None)
     return fig
 
 
@@ -798,21 +1030,38 @@ def plot_additivity(df: pd.DataFrame, *,
 def plot_kendall(df: pd.DataFrame, *,
                  title: str | None = "Kendall τ at fixed size (bootstrap 95 % CI)",
                  subtitle: str | None = None,
-                 xlabel: str = "Kendall τ (ΣΩ vs PTQ loss increase)") -> Figure:
-    """τ per predictor with its CI as a horizontal error bar, sorted by τ."""
+                 xlabel: str = "Kendall τ (ΣΩ vs PTQ loss increase)",
+                 caption: str | None = "default") -> Figure:
+    """τ per predictor with its CI as a horizontal error bar, sorted by τ. Each row is named in
+    plain words with the tables' code name (:func:`predictor_label`); the reference ``joint``
+    (the Ω HMQAT allocates by) is drawn filled, the others open. ``caption`` (under the axes)
+    says how to read τ and the names; ``"default"`` writes one, None leaves it out."""
     _require(df, ["predictor", "kendall_tau", "tau_low", "tau_high"], "df")
     d = df.sort_values("kendall_tau")
+    codes = [str(p).removeprefix("omega_") for p in d["predictor"]]
+    if caption == "default":
+        caption = ("τ: how well a predictor orders the configs as the measured quantity "
+                   "does (1 = the same order, 0 = unrelated); bars: bootstrap 95 % CI over "
+                   "configs; bold, filled: joint, the Ω HMQAT allocates by. Each Ω is summed "
+                   "over the layers; trace = the layer's average Hessian trace, quant. error = "
+                   "‖Q(W) − W‖² of its weights.")
     with use_style():
-        fig, ax = plt.subplots(figsize=_size(4.2, 0.28 * len(d) + 1.2))
+        fig, ax = plt.subplots(figsize=_size(6.2, 0.3 * len(d) + 1.9))
         yy = np.arange(len(d))
         t = d["kendall_tau"].to_numpy(float)
-        ax.errorbar(t, yy, xerr=[t - d["tau_low"].to_numpy(float),
-                                 d["tau_high"].to_numpy(float) - t],
-                    fmt="o", ms=4, lw=0.9, color="0.2")
+        err = [t - d["tau_low"].to_numpy(float), d["tau_high"].to_numpy(float) - t]
+        ax.errorbar(t, yy, xerr=err, fmt="none", lw=0.9, color="0.2")
+        ref = np.array([c == "joint" for c in codes])
+        ax.scatter(t[~ref], yy[~ref], s=22, facecolor="white", edgecolor="0.15", zorder=3)
+        ax.scatter(t[ref], yy[ref], s=26, color="C0", edgecolor="0.15", zorder=3)
         ax.axvline(0, color="0.6", lw=0.7, ls=":")
-        ax.set_yticks(yy, [str(p).removeprefix("omega_") for p in d["predictor"]])
+        ax.set_yticks(yy, [predictor_label(c) for c in codes])
+        for tick, is_ref in zip(ax.get_yticklabels(), ref):
+            tick.set_fontweight("bold" if is_ref else "normal")
+        ax.set_ylim(-0.6, len(d) - 0.4)
         ax.set_xlabel(xlabel)
         _titles(fig, title, subtitle)
+        _caption(fig, caption)
     return fig
 
 
@@ -838,81 +1087,300 @@ def plot_qat_level(df: pd.DataFrame, *,
 def plot_ptq_frontier(df: pd.DataFrame, *,
                       title: str | None = "PTQ top-1: Pareto picks vs random configs of the "
                                           "same size",
-                      subtitle: str | None = None) -> Figure:
-    """Top-1 against the target compression: the random configs as a grey strip (median line),
-    each variant's pick as its own marker (slightly offset so ties stay visible)."""
+                      subtitle: str | None = None, caption: str | None = "default") -> Figure:
+    """One panel per target compression: top-1 against each config's **true** compression
+    (``compression_actual``; without that column, the target), the random configs of that
+    size as grey dots with their median as a dashed line, each variant's pick as its own open
+    marker (open, so picks that coincide stay visible), one legend for all panels below them.
+    Picks at the same point are also named in the panel. ``caption``: ``"default"`` explains
+    the variant names (:data:`PREDICTOR_WORDS`), None leaves it out."""
     _require(df, ["target_compression", "kind", "name", "top1"], "df")
+    xcol = "compression_actual" if "compression_actual" in df.columns else "target_compression"
+    targets = sorted(df["target_compression"].unique())
+    picks = df[df["kind"] == "pick"]
+    names = list(dict.fromkeys(picks["name"].astype(str)))
+    if caption == "default":
+        caption = ("Each pick: the config of that size on the exact Pareto frontier of one Ω "
+                   "variant; open markers on the same point nest (and are named in the panel). "
+                   + ("x: each config's own compression." if xcol == "compression_actual"
+                      else "x: the target compression (no compression_actual column)."))
     with use_style():
-        fig, ax = plt.subplots(figsize=_size(6.0, 3.6))
-        rnd = df[df["kind"] == "random"]
-        targets = sorted(df["target_compression"].unique())
-        ax.scatter(rnd["target_compression"], rnd["top1"], s=8, color="0.65", alpha=0.7,
-                   label="random, same size", zorder=1)
-        med = rnd.groupby("target_compression")["top1"].median()
-        ax.plot(med.index, med.to_numpy(), color="0.45", lw=1, ls="--", label="random median")
-        picks = df[df["kind"] == "pick"]
-        names = list(dict.fromkeys(picks["name"]))
-        span = (max(targets) - min(targets)) if len(targets) > 1 else 1.0
-        palette = sns.color_palette("colorblind", len(names))
-        for i, v in enumerate(names):
-            sub = picks[picks["name"] == v].sort_values("target_compression")
-            off = (i - (len(names) - 1) / 2) * 0.012 * span
-            ax.plot(sub["target_compression"] + off, sub["top1"], marker=MARKERS[i % 10],
-                    ls=LINESTYLES[i % len(LINESTYLES)], lw=0.8, ms=5, color=palette[i],
-                    mec="0.15", mew=0.3, label=v, zorder=3)
-        ax.set_xlabel("target compression (×)")
-        ax.set_ylabel("top-1 (%)")
-        ax.legend(fontsize="x-small", frameon=False, ncol=2)
+        fig, axes = plt.subplots(1, len(targets), squeeze=False,
+                                 figsize=_size(2.3 * len(targets) + 0.4, 4.4))
+        palette = sns.color_palette("colorblind", max(len(names), 1))
+        handles: dict[str, Any] = {}
+        for ax, target in zip(axes[0], targets):
+            here = df[df["target_compression"] == target]
+            rnd = here[here["kind"] == "random"]
+            if not rnd.empty:
+                handles["random"] = ax.scatter(rnd[xcol], rnd["top1"], s=10, color="0.6",
+                                               alpha=0.8, zorder=1, label="random, same size")
+                handles["median"] = ax.axhline(rnd["top1"].median(), color="0.45", lw=0.9,
+                                               ls="--", zorder=1, label="random median")
+            sub = here[here["kind"] == "pick"]
+            for i, name in enumerate(names):
+                row = sub[sub["name"].astype(str) == name]
+                if row.empty:
+                    continue
+                # drawn from large to small, so markers on the same point nest, not hide
+                handles[name] = ax.scatter(row[xcol], row["top1"], s=70 - 5 * i,
+                                           marker=MARKERS[i % len(MARKERS)], facecolor="none",
+                                           edgecolor=palette[i], linewidth=1.1, zorder=3 + i,
+                                           label=predictor_label(name))
+            ties = sub.groupby([sub[xcol].round(6), sub["top1"].round(6)])["name"].agg(list)
+            ties = [v for v in ties if len(v) > 1]
+            if ties:
+                ax.text(0.02, 0.02, "same point: " + "; ".join(", ".join(v) for v in ties),
+                        transform=ax.transAxes, fontsize="xx-small", va="bottom",
+                        wrap=True, bbox=LABEL_BOX)
+            ax.set_title(f"≈ {target:g}×", fontsize="small")
+            ax.xaxis.set_major_locator(MaxNLocator(3))
+            ax.xaxis.set_major_formatter(mpl.ticker.FormatStrFormatter("%.2f"))
+            ax.margins(x=0.25, y=0.12)
+        axes[0, 0].set_ylabel("top-1 (%)")
+        axes[0, len(targets) // 2].set_xlabel(
+            "compression (×) of each config" if xcol == "compression_actual"
+            else "target compression (×)")
         _titles(fig, title, subtitle)
+        _legend_below(fig, list(handles.values()), [h.get_label() for h in handles.values()],
+                      caption=caption)
     return fig
+
+
+#: Readable parts of the transition experiment's arm names (hmqat.study.ablation:
+#: ``"<re-init>/<ladder>/step_lr=<tag>"`` plus ``"+bn"``), docs/method.md §5.1 and §7.
+_REINIT_WORDS = {"lsq": "plain LSQ", "range": "range re-init (Eq. T1)",
+                 "data+so": "data re-init + scale-only phase (Eq. T2)"}
+_WHEN_WORDS = {"transition": "transition", "scale_only_end": "scale-only end",
+               "end": "end of training"}
+
+
+def arm_label(name: str, *, step_lr: bool = True) -> str:
+    """Plain words for a transition-experiment arm: ``"data+so/8>4>T/step_lr=lr/10+bn"`` →
+    ``"data re-init + scale-only phase (Eq. T2), 8 → 4 → T bits, step lr = lr/10, BN
+    re-estimated"`` (T = the layer's target width; ``step_lr=False`` leaves the step-lr part
+    out, for a figure whose arms all share it). A name of another form comes back as it is."""
+    base, bn = (name[:-3], True) if name.endswith("+bn") else (name, False)
+    parts = base.split("/")
+    if not parts or parts[0] not in _REINIT_WORDS:
+        return name
+    words = [_REINIT_WORDS[parts[0]]]
+    rest = parts[1:]
+    if rest and not rest[0].startswith("step_lr="):
+        ladder = rest.pop(0)
+        words.append("target from step 0" if ladder == "none"
+                     else ladder.replace(">", " → ") + " bits")
+    if rest and rest[0].startswith("step_lr=") and step_lr:
+        words.append("step lr = " + "/".join(rest).removeprefix("step_lr="))
+    if bn:
+        words.append("BN re-estimated")
+    return ", ".join(words)
+
+
+def _step_lr_tag(arms: Sequence[str]) -> str | None:
+    """The ``step_lr=…`` part every arm shares, else None."""
+    tags = {a.removesuffix("+bn").partition("/step_lr=")[2] or None for a in arms}
+    return tags.pop() if len(tags) == 1 else None
 
 
 def plot_transition_diagnostics(diag: pd.DataFrame, layer: str, *,
                                 title: str = "", subtitle: str = "") -> Figure:
-    """Four panels of the transition experiment (docs/method.md §7), on the screening (lowest)
-    seed: for ``layer`` (:func:`hmqat.study.ablation.worst_layer` picks the worst) the step / MSE-optimal step of every arm at each transition, scale-only-phase end and the
-    end of training (× what Eq. T1 would have carried) and its zero-code fraction; the task-loss
-    jump at each transition; the BN mean drift per BN layer removed by the final
-    re-estimation."""
+    """The transition experiment (docs/method.md §7) on the screening (lowest) seed, in one
+    view: (a) for ``layer`` (:func:`hmqat.study.ablation.worst_layer` picks the worst), the
+    step over the MSE-optimal step of every arm at each transition, scale-only-phase end and
+    the end of training, with × for what Eq. T1 would have carried; (b) its share of zero
+    codes at the same points (a and b share the x axis); (c) the task-loss jump at each
+    transition; (d) the BN mean drift per BN layer that the final re-estimation removes.
+    Arms keep one colour and marker in every panel, are named in plain words
+    (:func:`arm_label`) in one legend above the panels, and a caption explains the terms."""
+    _require(diag, ["seed", "arm", "kind", "layer", "when", "step"], "diag")
     seed = diag["seed"].min()                   # the screening seed: every arm ran on it
     runs = diag[(diag["seed"] == seed) & ~diag["arm"].str.endswith("+bn")]
     w = runs[(runs["kind"] == "weight") & (runs["layer"] == layer)].copy()
+    if w.empty:
+        raise PlotError(f"no weight diagnostics for layer {layer!r} on seed {seed}; layers: "
+                        f"{sorted(runs.loc[runs['kind'] == 'weight', 'layer'].unique())[:5]}…")
     when_rank = {"transition": 0, "scale_only_end": 1, "end": 2}
-    w["point"] = w["when"] + "@" + w["step"].astype(int).astype(str)
-    order = (w.assign(r=w["when"].map(when_rank)).sort_values(["step", "r"])["point"]
-             .drop_duplicates().tolist())
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
-    sns.pointplot(data=w, x="point", y="step_ratio", hue="arm", ax=axes[0], errorbar=None,
-                  order=order)
-    carried = w.dropna(subset=["range_ratio"])
-    if not carried.empty:
-        axes[0].scatter([order.index(p) for p in carried["point"]], carried["range_ratio"],
-                        marker="x", color="k", label="carried by range (Eq. T1)", zorder=5)
-    axes[0].axhline(1.0, color="grey", lw=0.8)
-    axes[0].set(yscale="log", ylabel="step / MSE-optimal step", xlabel="",
-                title=f"{layer}: step vs Eq. T2 optimum")
-    axes[0].legend(fontsize=7)
-    sns.pointplot(data=w, x="point", y="zero_frac", hue="arm", ax=axes[1], errorbar=None,
-                  order=order, legend=False)
-    axes[1].set(ylabel="fraction of zero codes", xlabel="", title=f"{layer}: zero codes")
-    loss = runs[runs["kind"] == "loss"].copy()
-    if not loss.empty:
-        loss["jump"] = (pd.to_numeric(loss["loss_after"], errors="coerce")
-                        - pd.to_numeric(loss["loss_before"], errors="coerce"))
-        loss["stage_bits"] = loss["bits"].astype(str) + "@" + loss["step"].astype(int).astype(str)
-        sns.barplot(data=loss.dropna(subset=["jump"]), x="stage_bits", y="jump", hue="arm",
-                    ax=axes[2], errorbar=None)
-    axes[2].axhline(0.0, color="grey", lw=0.8)
-    axes[2].set(ylabel="task loss: step at new width − step before", xlabel="stage@step",
-                title="loss jump at each transition")
+    w["step"] = w["step"].astype(int)
+    events = (w.assign(r=w["when"].map(when_rank)).sort_values(["step", "r"])[["when", "step"]]
+              .drop_duplicates().itertuples(index=False, name=None))
+    events = list(events)
+    pos = {e: i for i, e in enumerate(events)}
     bn = diag[(diag["kind"] == "bn") & (diag["when"] == "end") & (diag["seed"] == seed)]
-    if not bn.empty:
-        sns.barplot(data=bn, x="layer", y="mean_shift", hue="arm", ax=axes[3], errorbar=None)
-        axes[3].tick_params(axis="x", rotation=90, labelsize=6)
-    axes[3].set(ylabel="|Δμ| / σ (running mean drift)", xlabel="",
-                title="BN drift fixed by the final re-estimation")
-    for ax in axes[:2]:
-        ax.tick_params(axis="x", rotation=45, labelsize=7)
-    fig.suptitle(title + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    if "run_id" in diag.columns:    # an arm may have several runs on a seed: its first one
+        first = diag.groupby("arm", sort=False)["run_id"].first()
+        w = w[w["run_id"].to_numpy() == first.reindex(w["arm"]).to_numpy()]
+        bn = bn[bn["run_id"].to_numpy() == first.reindex(bn["arm"]).to_numpy()]
+    w = w.drop_duplicates(["arm", "when", "step"])
+    bn = bn.drop_duplicates(["arm", "layer"])
+    every = list(dict.fromkeys(list(w["arm"]) + list(runs.loc[runs["kind"] == "loss", "arm"])
+                               + list(bn["arm"])))
+    shared = _step_lr_tag(every)
+    bases = list(dict.fromkeys(a.removesuffix("+bn") for a in every))
+    palette = sns.color_palette("colorblind", max(len(bases), 1))
+    style = {b: {"color": palette[i], "marker": MARKERS[i % len(MARKERS)]}
+             for i, b in enumerate(bases)}
+    handles: dict[str, Any] = {}
+
+    def label(arm: str) -> str:
+        return arm_label(arm, step_lr=shared is None)
+
+    with use_style():
+        fig = plt.figure(figsize=(7.0, 7.6))
+        grid = fig.add_gridspec(3, 2, height_ratios=[1.1, 0.9, 1.2])
+        ax_step = fig.add_subplot(grid[0, :])
+        ax_zero = fig.add_subplot(grid[1, :], sharex=ax_step)
+        ax_loss = fig.add_subplot(grid[2, 0])
+        ax_bn = fig.add_subplot(grid[2, 1])
+        for arm, sub in w.groupby("arm", sort=False):
+            sub = sub.assign(x=[pos[(a, b)] for a, b in zip(sub["when"], sub["step"])])
+            sub = sub.sort_values("x")
+            st = style[arm]
+            (line,) = ax_step.plot(sub["x"], sub["step_ratio"], lw=1.1, ms=5, alpha=0.9,
+                                   label=label(arm), **st)
+            handles.setdefault(label(arm), line)
+            ax_zero.plot(sub["x"], sub["zero_frac"], lw=1.1, ms=5, alpha=0.9, **st)
+        if "range_ratio" in w:
+            carried = w.dropna(subset=["range_ratio"])
+            if not carried.empty:
+                handles["what Eq. T1 (range) would carry"] = ax_step.scatter(
+                    [pos[(a, b)] for a, b in zip(carried["when"], carried["step"])],
+                    carried["range_ratio"], marker="x", color="k", s=28, zorder=5,
+                    label="what Eq. T1 (range) would carry")
+        ax_step.axhline(1.0, color="0.5", lw=0.8, ls=":")
+        ax_step.set_yscale("log")
+        ax_step.yaxis.set_major_locator(mpl.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax_step.yaxis.set_major_formatter(mpl.ticker.FormatStrFormatter("%g"))
+        ax_step.yaxis.set_minor_formatter(mpl.ticker.NullFormatter())
+        ax_step.set_ylabel("step / MSE-optimal step")
+        ax_step.set_title(f"(a) {layer}: weight step size at each event (1 = optimal)",
+                          fontsize="small", loc="left")
+        ax_step.tick_params(axis="x", labelbottom=False)
+        ax_zero.set_ylabel("share of zero codes")
+        ax_zero.set_title(f"(b) {layer}: weights rounded to 0", fontsize="small", loc="left")
+        ax_zero.set_xticks(range(len(events)),
+                           [f"{_WHEN_WORDS.get(a, a)}\nstep {b}" for a, b in events],
+                           fontsize="x-small")
+        ax_zero.set_xlim(-0.5, len(events) - 0.5)
+
+        loss = runs[runs["kind"] == "loss"].copy()
+        if not loss.empty and {"loss_before", "loss_after", "bits"} <= set(loss.columns):
+            loss["jump"] = (pd.to_numeric(loss["loss_after"], errors="coerce")
+                            - pd.to_numeric(loss["loss_before"], errors="coerce"))
+            loss = loss.dropna(subset=["jump"])
+            loss["stage"] = [f"to {'T' if b == 'target' else b} bits\nstep {int(t)}"
+                             for b, t in zip(loss["bits"], loss["step"])]
+            stages = list(dict.fromkeys(loss.sort_values("step")["stage"]))
+            arms = list(dict.fromkeys(loss["arm"]))
+            width = 0.8 / max(len(arms), 1)
+            for j, arm in enumerate(arms):
+                sub = loss[loss["arm"] == arm]
+                xs = [stages.index(st) - 0.4 + (j + 0.5) * width for st in sub["stage"]]
+                bars = ax_loss.bar(xs, sub["jump"], width, color=style[arm]["color"],
+                                   edgecolor="0.2", linewidth=0.4,
+                                   hatch=HATCHES[bases.index(arm) % len(HATCHES)])
+                handles.setdefault(label(arm), bars)
+            ax_loss.set_xticks(range(len(stages)), stages, fontsize="x-small")
+        ax_loss.axhline(0.0, color="0.5", lw=0.8)
+        ax_loss.set_ylabel("task loss: after − before")
+        ax_loss.set_title("(c) loss jump at each transition", fontsize="small", loc="left")
+
+        if not bn.empty:
+            names = list(dict.fromkeys(bn["layer"]))
+            for arm, sub in bn.groupby("arm", sort=False):
+                base = arm.removesuffix("+bn")
+                (line,) = ax_bn.plot([names.index(n) for n in sub["layer"]], sub["mean_shift"],
+                                     lw=0.9, ms=3.5, ls="--", label=label(arm), **style[base])
+                handles.setdefault(label(arm), line)
+            ax_bn.set_xticks(range(len(names)), [n.replace("layer", "") for n in names],
+                             rotation=90, fontsize=5)
+        ax_bn.set_ylabel("|Δμ| / σ")
+        ax_bn.set_title("(d) BN mean drift removed by re-estimation", fontsize="small",
+                        loc="left")
+        _titles(fig, title, subtitle)
+        caption = (f"Seed {seed} (the screening seed), each arm's first run. T = the layer's "
+                   f"target bit width. Eq. T1 carries the step across a width change by the "
+                   f"range ratio; Eq. T2 re-initialises it to the MSE-optimal step from data; "
+                   f"the scale-only phase trains only the steps after a transition."
+                   + (f" Every arm: step lr = {shared}." if shared else ""))
+        _legend_below(fig, list(handles.values()), list(handles), caption=caption, max_cols=2)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# The budget axis (notebook 06)
+# --------------------------------------------------------------------------------------------
+def plot_budget_axis(table: pd.DataFrame, *, title: str | None = "Paired differences against "
+                     "the QAT budget", subtitle: str | None = None) -> Figure:
+    """One panel per pair of :func:`hmqat.study.budget.budget_table`: the paired test top-1
+    difference a − b at each budget with its 95 % interval (over seeds and test images where
+    the runs carry per-image bits), x = optimizer steps on a symmetric-log axis so 0 (PTQ)
+    sits beside the trained budgets. A dotted line marks 0."""
+    _require(table, ["steps", "budget", "pair", "diff", "ci_low", "ci_high"], "table")
+    pairs = list(dict.fromkeys(table["pair"]))
+    with use_style():
+        ncols = min(2, len(pairs))
+        nrows = math.ceil(len(pairs) / ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=_size(3.4 * ncols, 2.6 * nrows + 0.6),
+                                 squeeze=False, sharex=True)
+        steps = np.sort(table["steps"].unique())
+        for ax, name in zip(axes.flat, pairs):
+            sub = table[table["pair"] == name].sort_values("steps")
+            x = sub["steps"].to_numpy(float)
+            y = sub["diff"].to_numpy(float)
+            lo, hi = sub["ci_low"].to_numpy(float), sub["ci_high"].to_numpy(float)
+            has = np.isfinite(lo)
+            ax.plot(x, y, color="C0", lw=1, zorder=2)
+            ax.errorbar(x[has], y[has], yerr=[y[has] - lo[has], hi[has] - y[has]], fmt="o",
+                        ms=4, color="C0", capsize=3, zorder=3, label="mean, 95 % interval")
+            ax.scatter(x[~has], y[~has], marker="o", facecolor="white", edgecolor="C0", s=20,
+                       zorder=3, label="one seed: no interval")
+            ax.axhline(0, color="0.3", lw=0.8, ls=":")
+            ax.set_xscale("symlog", linthresh=max(1.0, float(steps[steps > 0].min())
+                                                  if (steps > 0).any() else 1.0))
+            ax.xaxis.set_major_locator(FixedLocator(steps))
+            ax.set_xticklabels([str(int(s)) for s in steps], fontsize="x-small")
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_title(wrap_to_width(fig, name, "small", 0.45), fontsize="small")
+            ax.set_ylabel("a − b (points)")
+        for ax in axes.flat[len(pairs):]:
+            ax.set_visible(False)
+        for ax in axes[-1]:
+            ax.set_xlabel("QAT steps (0 = post-training, BN re-estimated)")
+        _titles(fig, title, subtitle)
+        _caption(fig, "Each budget is its own cosine schedule; a point above the dotted line "
+                      "favours a (the mixed or Hessian-guided config). Intervals carry the "
+                      "training seeds and the finite test set (Eq. V).")
+    return fig
+
+
+def plot_budget_accuracy_size(runs: pd.DataFrame, *, title: str | None = "Test top-1 vs size "
+                              "at each QAT budget", subtitle: str | None = None) -> Figure:
+    """Test top-1 (mean over seeds, bars = range over seeds) against size for every arm, one
+    colour per budget; mixed configs are circles, uniform ones squares, random ones crosses."""
+    _require(runs, ["label", "seed", "steps", "budget", "size_mb", "test_top1"], "runs")
+    agg = (runs.groupby(["steps", "budget", "label"], sort=True)
+           .agg(mean=("test_top1", "mean"), lo=("test_top1", "min"), hi=("test_top1", "max"),
+                size_mb=("size_mb", "mean")).reset_index())
+    with use_style():
+        fig, ax = plt.subplots(figsize=_size(5.2, 3.6))
+        handles, labels = [], []
+        for i, (steps, sub) in enumerate(agg.groupby("steps", sort=True)):
+            color = f"C{i}"
+            for _, r in sub.iterrows():
+                marker = ("s" if r["label"].startswith("uniform") else
+                          "x" if r["label"].startswith("random") else "o")
+                ax.errorbar(r["size_mb"] * 1024, r["mean"],
+                            yerr=[[r["mean"] - r["lo"]], [r["hi"] - r["mean"]]], fmt=marker,
+                            color=color, ms=5, capsize=2, lw=0.8)
+            handles.append(mpl.lines.Line2D([], [], color=color, marker="o", ls=""))
+            labels.append(f"budget {sub['budget'].iloc[0]}")
+        for m, name in (("o", "mixed (HMQAT picks)"), ("s", "uniform"), ("x", "random")):
+            handles.append(mpl.lines.Line2D([], [], color="0.3", marker=m, ls=""))
+            labels.append(name)
+        ax.set_xlabel("model size (KB)")
+        ax.set_ylabel("test top-1 (%)")
+        _titles(fig, title, subtitle)
+        _legend_below(fig, handles, labels, caption="Mean over seeds; bars span the seeds.",
+                      max_cols=4)
     return fig

@@ -47,6 +47,7 @@ __all__ = [
     "describe_comparison",
     "equal_size_pairs",
     "paired_comparisons",
+    "paired_interval",
     "seeded_headline",
     "read_table",
     "update_manifest",
@@ -357,17 +358,28 @@ def paired_comparisons(runs: pd.DataFrame, pairs: Sequence[tuple[str, str]], *,
                "ci_low": math.nan, "ci_high": math.nan, "half_width": math.nan,
                "interval": "", "significant": False, "equal_size": abs(gap) <= size_tol}
         if len(both) >= 2:
-            mats = _per_image(runs, (a, b), list(both.index), bits_col, n_col)
-            if mats is not None:
-                d = stats.crossed_paired_difference(mats[0], mats[1], confidence)
-                row.update(images=d.n_images, interval="seeds × images")
-            else:
-                d = stats.paired_difference(both[a], both[b], confidence)
-                row.update(interval="seeds only")
-            row.update(diff=d.mean, ci_low=d.low, ci_high=d.high, half_width=d.half_width,
+            d = paired_interval(runs, a, b, value=value, confidence=confidence)
+            row.update(images=d.n_images,
+                       interval="seeds × images" if d.n_images else "seeds only",
+                       diff=d.mean, ci_low=d.low, ci_high=d.high, half_width=d.half_width,
                        significant=d.excludes_zero)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def paired_interval(runs: pd.DataFrame, a: str, b: str, *, value: str = "test_top1",
+                    confidence: float = 0.95) -> stats.PairedDifference:
+    """The interval of label ``a`` − label ``b`` over the seeds both ran (≥ 2): over seeds and
+    images when every run carries its per-image bits (:data:`PER_IMAGE`), else the seed-only
+    paired t interval. The one place tables and figures get a comparison's interval from."""
+    wide = runs[runs["label"].isin([a, b])].pivot_table(index="seed", columns="label",
+                                                         values=value, aggfunc="first")
+    both = wide[[a, b]].dropna()
+    bits_col, n_col = PER_IMAGE.get(value, (None, None))
+    mats = _per_image(runs, (a, b), list(both.index), bits_col, n_col)
+    if mats is not None:
+        return stats.crossed_paired_difference(mats[0], mats[1], confidence)
+    return stats.paired_difference(both[a], both[b], confidence)
 
 
 def _per_image(runs: pd.DataFrame, labels: Sequence[str], seeds: Sequence[Any],
