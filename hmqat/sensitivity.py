@@ -853,11 +853,24 @@ def ptq_evaluate(model: nn.Module, config: Mapping[str, int],
     ``a_bits``), activation steps from the first ``calib_max_batches`` calibration batches (2,
     as train.quantize_and_fit does), then BatchNorm re-estimated on all ``calib_batches``
     (hmqat.bn.reestimate_bn) with the quantizers active."""
+    q = ptq_model(model, config, calib_batches, a_bits=a_bits, policy=policy, init=init,
+                  per_channel=per_channel, bn_images=bn_images,
+                  calib_max_batches=calib_max_batches)
+    return _eval_mode_loss(q, eval_batches)
+
+
+def ptq_model(model: nn.Module, config: Mapping[str, int],
+              calib_batches: list[tuple[torch.Tensor, torch.Tensor]], *, a_bits: int | None = 4,
+              policy: str = "first_last_8", init: str = "lsq", per_channel: bool = True,
+              bn_images: int | None = None, calib_max_batches: int | None = 2) -> nn.Module:
+    """The quantized model :func:`ptq_evaluate` scores (a copy; ``model`` is unchanged): weights
+    at ``config``, activation steps from the first ``calib_max_batches`` batches, BatchNorm
+    re-estimated on ``calib_batches``. Zero QAT steps: the start of every QAT run."""
     q = quant.quantize_model(model, config, a_bits=a_bits, policy=policy, init=init,
                              per_channel=per_channel)
     quant.calibrate_activations(q, calib_batches, max_batches=calib_max_batches)
     reestimate_bn(q, calib_batches, max_images=bn_images)
-    return _eval_mode_loss(q, eval_batches)
+    return q
 
 
 class PTQCache:
