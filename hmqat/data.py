@@ -7,10 +7,17 @@ Where CIFAR-10 comes from is decided by ``root=`` or ``HMQAT_DATA_DIR`` (docs/de
 * an ImageFolder tree (``train/<class>/*``, ``test/<class>/*``, directly or under ``cifar10/``),
   e.g. the JPEG q75 mirror.
 
+An ImageFolder split must hold CIFAR-10's images per class (5,000 train, 1,000 test; checked
+before decoding, so a half-copied folder is an error, not a silently smaller test set); a subset
+on purpose says so with ``expected_counts=`` or ``HMQAT_EXPECTED_COUNTS`` (:data:`KNOWN_COUNTS`).
+
 Decoded images are cached once as uint8 tensors (``HMQAT_CACHE_DIR``, default
-``~/.cache/hmqat``), so later loads take about a second. :class:`TensorLoader` does the standard
-CIFAR augmentation (4-pixel padded random crop, horizontal flip) and normalisation on whole
-batches, with no per-image PIL work.
+``~/.cache/hmqat``), so later loads take about a second. The cache carries a sha256 of its
+tensors, checked on every load (a damaged cache is deleted and rebuilt, with a warning), and it
+is optional: when it cannot be written (disk full, read-only, not a folder) a warning names the
+folder and the images are used without it. :class:`TensorLoader` does the standard CIFAR
+augmentation (4-pixel padded random crop, horizontal flip) and normalisation on whole batches,
+with no per-image PIL work.
 
     >>> from hmqat import data
     >>> train = data.load_cifar10(split="train")           # HMQAT_DATA_DIR or download
@@ -21,13 +28,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import socket
 import urllib.error
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence, Union
 
 import torch
 import torchvision
@@ -36,11 +45,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.datasets import ImageFolder
 from torchvision.io import ImageReadMode, decode_image, read_file, write_png
 
-from .runtime import CheckpointError, atomic_torch_save, load_checkpoint
+from .runtime import CheckpointError, atomic_torch_save, hash_tensor, load_checkpoint
 
 __all__ = [
     "CIFAR10_CLASSES",
     "DatasetError",
+    "ExpectedCounts",
+    "KNOWN_COUNTS",
     "TensorImages",
     "TensorLoader",
     "calibration_batches",
@@ -49,7 +60,9 @@ __all__ = [
     "load_cifar10",
     "holdout_indices",
     "load_dataset",
+    "split_record",
     "split_train_val",
+    "VAL_SOURCES",
     "make_loader",
     "synthetic_cifar",
     "write_synthetic_imagefolder",
@@ -61,6 +74,15 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 _IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
+
+#: Images per class in each split of the datasets whose size is known. An ImageFolder split
+#: holding other counts is refused (a copy that stopped half-way), unless the caller declares a
+#: subset with ``expected_counts`` (see :func:`load_cifar10`).
+KNOWN_COUNTS: dict[str, dict[str, int]] = {"cifar10": {"train": 5000, "test": 1000}}
+#: ``expected_counts``: None (the known counts, or ``HMQAT_EXPECTED_COUNTS``), "skip", an
+#: int (images per class in every split) or ``{split: images per class}``.
+ExpectedCounts = Union[None, str, int, Mapping[str, int]]
+_COUNTS_ENV = "HMQAT_EXPECTED_COUNTS"
 
 
 class DatasetError(RuntimeError):
@@ -202,14 +224,170 @@ def _check_cifar_classes(split_dir: Path, classes: tuple[str, ...]) -> None:
                        f"CIFAR10_CLASSES[i] as the pretrained weights expect")
 
 
+_OVERRIDE_HINT = (f"pass expected_counts={{'train': N, 'test': M}} (images per class) or "
+                  f"'skip' to load_dataset()/load_cifar10(), or export {_COUNTS_ENV}=train=N,"
+                  f"test=M (or skip) for the pipeline and notebooks")
+
+
+def _parse_counts_env(text: str) -> ExpectedCounts:
+    """``HMQAT_EXPECTED_COUNTS`` as an ``expected_counts`` value: "skip", "N" or
+    "train=N,test=M"; anything else raises :class:`DatasetError` naming the variable."""
+    text = text.strip()
+    if text == "skip":
+        return "skip"
+    try:
+        if "=" not in text:
+            return int(text)
+        return {k.strip(): int(v) for k, v in (item.split("=", 1) for item in text.split(","))}
+    except ValueError:
+        raise DatasetError(f"{_COUNTS_ENV}={text!r} is not understood; use skip, a number of "
+                           f"images per class, or train=N,test=M") from None
+
+
+def _per_class_count(expected: ExpectedCounts, split: str, dataset: str = "cifar10"
+                     ) -> int | None:
+    """The number of images each class of ``split`` must hold, or None (not checked).
+
+    ``expected``: None = ``HMQAT_EXPECTED_COUNTS`` when set, else :data:`KNOWN_COUNTS`;
+    "skip"; an int for every split; or ``{split: int}`` (a split it does not name gets the
+    known count). A malformed value raises :class:`DatasetError` naming it."""
+    source = "expected_counts"
+    if expected is None and os.environ.get(_COUNTS_ENV, "").strip():
+        expected, source = _parse_counts_env(os.environ[_COUNTS_ENV]), _COUNTS_ENV
+    if expected is None:
+        return KNOWN_COUNTS[dataset][split]
+    if expected == "skip":
+        return None
+    if isinstance(expected, Mapping):
+        unknown = [k for k in expected if k not in KNOWN_COUNTS[dataset]]
+        if unknown:
+            raise DatasetError(f"{source} names unknown splits {unknown}; use "
+                               f"{list(KNOWN_COUNTS[dataset])}, e.g. {{'train': 500, "
+                               f"'test': 100}} (images per class)")
+        value = expected.get(split, KNOWN_COUNTS[dataset][split])
+    else:
+        value = expected
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise DatasetError(f"{source} = {expected!r}: expected None, 'skip', a positive number "
+                           f"of images per class, or {{split: that number}}")
+    return value
+
+
+def _count_group(names: Sequence[str], n: int, want: int) -> str:
+    """"ship has 500 (500 short)", or for several classes with the same count "bird, cat, +3
+    more have 1 (4999 short each)"."""
+    diff = f"{want - n} short" if n < want else f"{n - want} extra"
+    if len(names) == 1:
+        return f"{names[0]} has {n} ({diff})"
+    shown = ", ".join(names[:4]) + (f", +{len(names) - 4} more" if len(names) > 4 else "")
+    return f"{shown} have {n} ({diff} each)"
+
+
+def _check_counts(split_dir: Path, split: str, classes: tuple[str, ...], labels: Sequence[int],
+                  expected: ExpectedCounts) -> None:
+    """Every class folder of ``split_dir`` must hold :func:`_per_class_count` images: a copy
+    that stopped half-way (one class empty, another half full) would otherwise load as a
+    smaller split and every accuracy on it would be silently off. Raise one
+    :class:`DatasetError` naming the folder, each class off and by how much, and the
+    override for a subset on purpose. Runs on the file list, before any image is decoded."""
+    want = _per_class_count(expected, split)
+    if want is None:
+        return
+    have = torch.bincount(torch.tensor(labels, dtype=torch.long), minlength=len(classes))
+    off = [(c, int(n)) for c, n in zip(classes, have.tolist()) if n != want]
+    if not off:
+        return
+    details = ", ".join(_count_group([c for c, m in off if m == n], n, want)
+                        for n in sorted({n for _, n in off}))
+    cause = ("the copy looks incomplete (interrupted?): copy the folder again from a complete "
+             "source" if all(n < want for _, n in off) else
+             "remove the stray files or copy the folder again from a complete source")
+    raise DatasetError(f"{split_dir}: {len(off)} of {len(classes)} classes do not hold the "
+                       f"expected {want} images each ({details}; {int(have.sum())} images "
+                       f"instead of {want * len(classes)}); {cause}. If this is a subset on "
+                       f"purpose, {_OVERRIDE_HINT}")
+
+
+#: Decode-cache folders (or files) this process has warned about and no longer writes to: one
+#: warning per folder, not one per split or per load.
+_CACHE_OFF: set[Path] = set()
+
+
+def _cache_off(where: Path, problem: str) -> None:
+    """Warn, once per path and process, that the decode cache at ``where`` (its folder, or one
+    cache file) is not used (``problem``: why, and the fix), and stop writing there; loading
+    goes on without it."""
+    if where in _CACHE_OFF:
+        return
+    _CACHE_OFF.add(where)
+    warnings.warn(f"decode cache not used: {problem}; going on without it (the images are "
+                  f"decoded on every load: slower, same data)", RuntimeWarning, stacklevel=4)
+
+
+def _cache_file(split: str, files: Sequence[Path]) -> Path | None:
+    """Where the decoded ``split`` is cached, or None when the cache cannot be used there: the
+    folder (or one above it) or the cache file's own name exists as something else. Checked
+    before decoding, with one warning naming the path (:func:`_cache_off`)."""
+    folder = _cache_dir()
+    existing = next((p for p in (folder, *folder.parents) if p.exists() or p.is_symlink()),
+                    None)
+    if existing is not None and not existing.is_dir():
+        what = ("exists and is not a folder" if existing == folder else
+                f"cannot be created: {existing} is not a folder")
+        _cache_off(folder, f"the cache folder {folder} {what}; move that away or set "
+                           f"HMQAT_CACHE_DIR to a folder")
+        return None
+    cache = folder / f"imagefolder-{split}-{_fingerprint(files)}.pt"
+    if (cache.exists() or cache.is_symlink()) and not cache.is_file():
+        _cache_off(cache, f"the cache file {cache} exists and is not a file; remove it")
+        return None
+    return cache
+
+
+def _content_digest(images: torch.Tensor, labels: torch.Tensor,
+                    classes: Sequence[str]) -> str:
+    """sha256 of a decoded split (images' and labels' dtype, shape and bytes, class names):
+    stored in the decode cache and checked on load, so a flipped bit is caught."""
+    h = hashlib.sha256()
+    hash_tensor(h, images)
+    hash_tensor(h, labels)
+    h.update("\n".join(classes).encode())
+    return h.hexdigest()
+
+
+def _write_cache(cache: Path, ds: TensorImages) -> None:
+    """Save the decoded split with its :func:`_content_digest`, atomically. The cache is
+    optional: a failure to write it (disk full, read-only disk, no permission) warns once
+    naming the folder and returns; nothing half-written is left (atomic_write_bytes)."""
+    if cache.parent in _CACHE_OFF:      # failed here before in this process: do not retry
+        return
+    blob = {"images": ds.images, "labels": ds.labels, "classes": list(ds.classes),
+            "sha256": _content_digest(ds.images, ds.labels, ds.classes)}
+    try:
+        atomic_torch_save(blob, cache)
+    except OSError as exc:    # runtime.WriteError too (its errno is the underlying one)
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        _cache_off(cache.parent, f"could not write {cache.name} in the cache folder "
+                                 f"{cache.parent} ({why}); free space there, make it writable, "
+                                 f"or set HMQAT_CACHE_DIR to another folder")
+
+
 def _read_cache(cache: Path, n_files: int, classes: tuple[str, ...]) -> dict | None:
     """The decoded split cached at ``cache``, or None (and the file deleted, with a warning
-    naming it) when it is unreadable or does not match the image files."""
+    naming it) when it is unreadable, does not match the image files, or its tensors do not
+    hash to the sha256 stored with them (a flipped bit, a partial overwrite)."""
     try:
         blob = load_checkpoint(cache)
-        ok = (isinstance(blob, dict) and tuple(blob.get("classes", ())) == classes
-              and len(blob.get("labels", ())) == n_files == len(blob.get("images", ())))
+        ok = (isinstance(blob, dict) and isinstance(blob.get("images"), torch.Tensor)
+              and isinstance(blob.get("labels"), torch.Tensor)
+              and tuple(blob.get("classes", ())) == classes
+              and len(blob["labels"]) == n_files == len(blob["images"]))
         problem = "" if ok else "it does not match the image files"
+        if ok and "sha256" not in blob:
+            problem = "it carries no content digest (written by an older hmqat)"
+        elif ok and blob["sha256"] != _content_digest(blob["images"], blob["labels"], classes):
+            problem = ("its content does not match its sha256 digest: the file was damaged "
+                       "on disk")
     except CheckpointError as exc:  # "<path>: <what>; <what to do>": keep <what>, shortened
         what = str(exc).removeprefix(f"{cache}: ").split(";")[0]
         problem = what if len(what) <= 160 else what[:157] + "..."
@@ -217,11 +395,13 @@ def _read_cache(cache: Path, n_files: int, classes: tuple[str, ...]) -> dict | N
         return blob
     warnings.warn(f"decode cache {cache} is unusable ({problem}); deleted it and decoding the "
                   f"images again", RuntimeWarning, stacklevel=3)
-    cache.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):   # a read-only folder: the rewrite then warns
+        cache.unlink(missing_ok=True)
     return None
 
 
-def _load_imagefolder_split(base: Path, split: str, num_classes: int) -> TensorImages:
+def _load_imagefolder_split(base: Path, split: str, num_classes: int,
+                            expected_counts: ExpectedCounts = None) -> TensorImages:
     split_dir = base / split
     if not split_dir.is_dir():
         raise DatasetError(f"missing split folder {split_dir}. {_expected(base)}")
@@ -233,13 +413,17 @@ def _load_imagefolder_split(base: Path, split: str, num_classes: int) -> TensorI
         _check_cifar_classes(split_dir, classes)
     if not files:
         raise DatasetError(f"{split_dir} holds no image files ({', '.join(_IMG_EXT)}).")
-    cache = _cache_dir() / f"imagefolder-{split}-{_fingerprint(files)}.pt"
-    blob = _read_cache(cache, len(files), classes) if cache.exists() else None
+    _check_counts(split_dir, split, classes, labels, expected_counts)
+    cache = _cache_file(split, files)
+    blob = None
+    if cache is not None and cache.exists():
+        blob = _read_cache(cache, len(files), classes)
     if blob is not None:
         return TensorImages(blob["images"], blob["labels"], tuple(blob["classes"]), str(split_dir))
     images = _decode_files(files)
     ds = TensorImages(images, torch.tensor(labels, dtype=torch.long), classes, str(split_dir))
-    atomic_torch_save({"images": ds.images, "labels": ds.labels, "classes": list(classes)}, cache)
+    if cache is not None:
+        _write_cache(cache, ds)
     return ds
 
 
@@ -265,17 +449,26 @@ def _load_torchvision_split(base: Path | None, split: str) -> TensorImages:
                         f"torchvision:{folder}")
 
 
-def load_cifar10(root: str | os.PathLike | None = None, split: str = "train") -> TensorImages:
-    """Load a CIFAR-10 split as uint8 tensors (source chosen by ``root`` / ``HMQAT_DATA_DIR``)."""
+def load_cifar10(root: str | os.PathLike | None = None, split: str = "train", *,
+                 expected_counts: ExpectedCounts = None) -> TensorImages:
+    """Load a CIFAR-10 split as uint8 tensors (source chosen by ``root`` / ``HMQAT_DATA_DIR``).
+
+    ``expected_counts``: the images per class an ImageFolder split must hold, checked before
+    decoding. None: ``HMQAT_EXPECTED_COUNTS`` when set (``skip``, ``N`` or ``train=N,test=M``),
+    else CIFAR-10's 5,000 train / 1,000 test (:data:`KNOWN_COUNTS`); ``"skip"``: no check;
+    an int: that many per class; ``{"train": N, "test": M}``: per split, for a subset on
+    purpose. torchvision's files are verified by torchvision's own checksums instead.
+    """
     if split not in ("train", "test"):
         raise DatasetError(f"split must be 'train' or 'test', got {split!r}")
+    _per_class_count(expected_counts, split)          # a malformed override fails first
     root = root if root is not None else os.environ.get("HMQAT_DATA_DIR") or None
     if root is None:
         return _load_torchvision_split(None, split)
     layout, base = _find_layout(Path(root).expanduser().resolve(), root)
     if layout == "torchvision":
         return _load_torchvision_split(base, split)
-    return _load_imagefolder_split(base, split, num_classes=10)
+    return _load_imagefolder_split(base, split, num_classes=10, expected_counts=expected_counts)
 
 
 def holdout_indices(labels: torch.Tensor, n_val: int, seed: int = 0) -> torch.Tensor:
@@ -290,8 +483,9 @@ def holdout_indices(labels: torch.Tensor, n_val: int, seed: int = 0) -> torch.Te
     per = [n_val // len(classes) + (1 if i < n_val % len(classes) else 0)
            for i in range(len(classes))]
     if n_val < 0 or any(p > int(c) for p, c in zip(per, counts)):
-        raise DatasetError(f"cannot hold out {n_val} validation images from {len(labels)} "
-                           f"training images in {len(classes)} classes; lower val_size")
+        raise DatasetError(f"cannot hold out {n_val} validation images (stratified: "
+                           f"{max(per)} per class) from {len(labels)} images in {len(classes)} "
+                           f"classes (the smallest has {int(counts.min())}); lower val_size")
     g = torch.Generator().manual_seed(seed)
     picks = []
     for c, k in zip(classes.tolist(), per):
@@ -313,32 +507,67 @@ def split_train_val(ds: TensorImages, n_val: int, seed: int = 0
     return ds.subset(torch.nonzero(keep).flatten()), ds.subset(val_idx)
 
 
+#: Where the validation split may come from (``load_dataset(val_from=...)``).
+VAL_SOURCES = ("train", "test")
+
+
 def load_dataset(name: str, split: str, *, root: str | os.PathLike | None = None,
                  n_synthetic: int = 512, seed: int = 0, val_size: int = 0,
-                 val_seed: int = 0) -> TensorImages:
+                 val_seed: int = 0, expected_counts: ExpectedCounts = None,
+                 val_from: str = "train") -> TensorImages:
     """Profile-level entry point: ``cifar10`` or ``synthetic`` (tests, smoke profile).
 
-    ``split``: ``train``, ``val`` or ``test``. With ``val_size > 0``, ``train`` is the training
-    images minus a seeded, stratified hold-out of ``val_size`` images and ``val`` is that
-    hold-out (:func:`split_train_val`); ``val`` needs ``val_size > 0``.
+    ``split``: ``train``, ``val`` or ``test``. With ``val_size > 0`` a seeded, class-stratified
+    set of ``val_size`` images (:func:`holdout_indices`, seed ``val_seed``) is held out of the
+    split named by ``val_from``:
+
+    * ``"test"`` (the study's choice, docs/method.md §8): ``val`` is drawn from the test split
+      and ``test`` is the rest of it; ``train`` is the whole training split. Published weights
+      trained on the whole training split have seen neither ``val`` nor ``test``.
+    * ``"train"`` (for models trained from scratch here): ``val`` is drawn from the training
+      split, ``train`` is the rest of it and ``test`` the whole test split.
+
+    ``val`` needs ``val_size > 0``. ``expected_counts``: images per class of the CIFAR-10
+    folder's splits (:func:`load_cifar10`; counted before anything is held out); ignored for
+    ``synthetic``.
     """
     if split not in ("train", "val", "test"):
         raise DatasetError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    if val_from not in VAL_SOURCES:
+        raise DatasetError(f"val_from must be one of {VAL_SOURCES}, got {val_from!r}: 'test' "
+                           "holds validation out of the test split (unseen by published "
+                           "weights), 'train' out of the training split")
     if split == "val" and val_size <= 0:
-        raise DatasetError("split='val' needs val_size > 0 (the number of training images to "
-                           "hold out for validation)")
+        raise DatasetError(f"split='val' needs val_size > 0 (the number of {val_from} images "
+                           "to hold out for validation)")
+    source = "train" if split == "train" or (split == "val" and val_from == "train") else "test"
     if name == "cifar10":
-        full = load_cifar10(root, "test" if split == "test" else "train")
+        full = load_cifar10(root, source, expected_counts=expected_counts)
     elif name == "synthetic":
-        full = synthetic_cifar(n_synthetic if split != "test" else max(n_synthetic // 4, 64),
-                               seed=seed + (1 if split == "test" else 0))
+        full = synthetic_cifar(n_synthetic if source == "train" else max(n_synthetic // 4, 64),
+                               seed=seed + (1 if source == "test" else 0))
     else:
         raise DatasetError(f"unknown dataset {name!r}; use 'cifar10' or 'synthetic' here, and "
                            "imagenet_loaders() for ImageNet")
-    if split == "test" or val_size <= 0:
+    if val_size <= 0 or source != val_from:
         return full
-    train, val = split_train_val(full, val_size, val_seed)
-    return train if split == "train" else val
+    rest, val = split_train_val(full, val_size, val_seed)
+    return val if split == "val" else rest
+
+
+def split_record(full: TensorImages, val_size: int, val_seed: int) -> dict[str, Any]:
+    """What defines a validation hold-out of ``full``, for committing (params/splits/): the
+    sorted indices of :func:`holdout_indices` into ``full`` (its loading order), the labels they
+    were drawn from, and sha256 digests of both (the index digest names the split)."""
+    idx = holdout_indices(full.labels, val_size, val_seed)
+    labels = full.labels.tolist()
+    indices = idx.tolist()
+    source = "/".join(Path(str(full.source)).parts[-2:])   # no machine-specific prefix
+    return {"source": source, "n": len(full), "val_size": int(val_size),
+            "val_seed": int(val_seed), "num_classes": len(full.classes),
+            "labels_sha256": hashlib.sha256(json.dumps(labels).encode()).hexdigest(),
+            "val_indices_sha256": hashlib.sha256(json.dumps(indices).encode()).hexdigest(),
+            "val_indices": indices, "labels": labels}
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+
+from .runtime import CheckpointError, load_checkpoint
 
 __all__ = [
     "CIFAR_RESNET_DEPTHS",
@@ -30,9 +34,15 @@ __all__ = [
     "WeightsError",
     "create_model",
     "cifar_resnet",
+    "describe_state_dict",
+    "fit_weights",
+    "infer_arch",
+    "load_weights",
+    "read_weights",
     "load_pretrained",
     "quantizable_layers",
     "sha256_file",
+    "state_dict_from",
 ]
 
 CIFAR_RESNET_DEPTHS = (20, 32, 44, 56)
@@ -237,13 +247,147 @@ def load_pretrained(model: nn.Module, arch: str, *,
     path = _fetch_checkpoint(arch, weights_dir)
     # The akamaster files are pickled dicts holding a float and a state_dict: weights_only works.
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = state_dict_from(blob, path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise WeightsError(f"{path} does not fit {type(model).__name__}: missing keys {missing}, "
                            f"unexpected keys {unexpected}")
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# Loading weights from a file (an hmqat checkpoint or a plain state dict)
+# --------------------------------------------------------------------------------------------
+def state_dict_from(blob: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The model state dict inside a loaded checkpoint ``blob`` read from ``path``.
+
+    Accepts the formats people save: an hmqat checkpoint (``{"model": state_dict, ...}``,
+    :func:`hmqat.train.fit`, notebook 00), a ``{"state_dict": ...}`` wrapper (the published
+    CIFAR files) and a plain ``torch.save(model.state_dict())``; a DataParallel/DDP ``module.``
+    prefix on every key is stripped. Anything else raises :class:`CheckpointError` naming the
+    file and what it holds."""
+    state = blob
+    if isinstance(blob, Mapping):
+        for key in ("model", "state_dict"):
+            if isinstance(blob.get(key), Mapping):
+                state = blob[key]
+                break
+    if not isinstance(state, Mapping):
+        bad = [type(state).__name__]
+    else:
+        bad = [f"{k!r}: {type(v).__name__}" for k, v in state.items()
+               if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if bad or not state:
+        what = (f"entries that are not name -> tensor ({', '.join(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''})" if bad else "an empty state dict")
+        raise CheckpointError(
+            f"{path}: holds {what}; expected model weights: an hmqat checkpoint (a dict with a "
+            f"'model' state dict) or a plain state dict saved with torch.save(model.state_dict(), "
+            f"path)")
+    if all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return dict(state)
+
+
+def _blocks_per_stage(state: Mapping[str, torch.Tensor], stages: int) -> list[int]:
+    """Residual blocks in each of ``layer1..layer<stages>`` (0 where a stage is absent)."""
+    counts = []
+    for s in range(1, stages + 1):
+        idx = {int(m.group(1)) for k in state if (m := re.match(rf"layer{s}\.(\d+)\.", k))}
+        counts.append(len(idx))
+    return counts
+
+
+def infer_arch(state: Mapping[str, torch.Tensor]) -> tuple[str | None, str]:
+    """(arch, description) of the ResNet a state dict belongs to, read from its keys and shapes.
+
+    CIFAR ResNets (``linear`` head, three stages of ``n`` basic blocks) are ``resnet{6n+2}``;
+    torchvision ResNets (``fc`` head, four stages, bottleneck blocks when ``conv3`` is present)
+    are ``resnet{2·blocks+2}`` (basic) or ``resnet{3·blocks+2}`` (bottleneck). The description
+    adds the blocks per stage and the number of classes, e.g. ``"resnet32 (5 blocks per stage,
+    10 classes)"``; ``arch`` is None for a layout that is neither (the description then lists
+    a few keys)."""
+    head = next((state[k] for k in ("linear.weight", "fc.weight") if k in state), None)
+    classes = f", {head.shape[0]} classes" if head is not None and head.dim() == 2 else ""
+    if "linear.weight" in state:
+        blocks = _blocks_per_stage(state, 3)
+        if blocks[0] and len(set(blocks)) == 1:
+            name = f"resnet{6 * blocks[0] + 2}"
+            return name, f"{name} ({blocks[0]} blocks per stage{classes})"
+        return None, f"a CIFAR ResNet with {tuple(blocks)} blocks per stage{classes}"
+    if "fc.weight" in state:
+        blocks = _blocks_per_stage(state, 4)
+        per_block = 3 if any(".conv3." in k for k in state) else 2
+        depth = per_block * sum(blocks) + 2
+        kind = "bottleneck" if per_block == 3 else "basic"
+        return f"resnet{depth}", f"resnet{depth} ({tuple(blocks)} {kind} blocks{classes})"
+    keys = list(state)
+    return None, f"an unknown model (keys {keys[:3]}{' ...' if len(keys) > 3 else ''})"
+
+
+def describe_state_dict(state: Mapping[str, torch.Tensor]) -> str:
+    """One phrase naming the architecture of ``state`` (:func:`infer_arch`'s description)."""
+    return infer_arch(state)[1]
+
+
+def _mismatch(have: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor]) -> str:
+    """What differs between a file's state dict and a model's: missing and unexpected keys and
+    shape mismatches, a few of each; "" when they fit."""
+    missing = [k for k in want if k not in have]
+    unexpected = [k for k in have if k not in want]
+    shapes = [f"{k} {tuple(have[k].shape)} vs {tuple(want[k].shape)}" for k in want
+              if k in have and have[k].shape != want[k].shape]
+    parts = []
+    for label, items in (("keys the model needs but the file lacks", missing),
+                         ("keys the model does not have", unexpected),
+                         ("shapes differ (file vs model)", shapes)):
+        if items:
+            parts.append(f"{len(items)} {label}: {', '.join(items[:3])}"
+                         f"{', ...' if len(items) > 3 else ''}")
+    return "; ".join(parts)
+
+
+def read_weights(path: str | os.PathLike, *, fix: str | None = None) -> dict[str, torch.Tensor]:
+    """The state dict in the file ``path`` (an hmqat checkpoint or a plain state dict,
+    :func:`state_dict_from`), read with :func:`hmqat.runtime.load_checkpoint`: it never runs
+    code; a missing file says "not found" with ``fix``, an unreadable one "truncated or
+    corrupt". Cheap, so callers read the weights before any slow set-up (data, models)."""
+    return state_dict_from(load_checkpoint(path, fix=fix), path)
+
+
+def fit_weights(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                *, arch: str | None = None) -> nn.Module:
+    """Load ``state`` (read from ``path``) into ``model`` (strict, in place) and return it.
+
+    Weights of another architecture (e.g. ResNet-32 weights for a ResNet-20) raise one
+    :class:`CheckpointError` naming the file and both architectures (:func:`infer_arch`),
+    before the model is touched; any other mismatch lists the keys and shapes that differ.
+    ``arch``: the model's name as the user chose it (for the message)."""
+    want = model.state_dict()
+    problem = _mismatch(state, want)
+    if problem:
+        file_arch, file_desc = infer_arch(state)
+        model_arch, model_desc = infer_arch(want)
+        model_arch = arch or model_arch or type(model).__name__
+        if model_desc.startswith("an unknown model"):
+            model_desc = model_arch
+        if file_arch and file_desc != model_desc:
+            advice = (f"pass a checkpoint of {model_desc}" if file_arch == model_arch else
+                      f"pass a {model_arch} checkpoint, or set arch: {file_arch} to use this one")
+            raise CheckpointError(f"{path}: holds {file_desc} weights, but the model is "
+                                  f"{model_desc}; {advice} ({problem})")
+        raise CheckpointError(f"{path}: the weights do not fit the model {model_desc} "
+                              f"({problem}); pass a checkpoint saved from {model_arch}")
+    model.load_state_dict(state)
+    return model
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, *, arch: str | None = None,
+                 fix: str | None = None) -> nn.Module:
+    """Load the weights in ``path`` into ``model`` and return it: :func:`read_weights` then
+    :func:`fit_weights` (an hmqat checkpoint or a plain state dict; "not found" differs from
+    "corrupt"; another architecture is named with the file)."""
+    return fit_weights(model, read_weights(path, fix=fix), path, arch=arch)
 
 
 # --------------------------------------------------------------------------------------------

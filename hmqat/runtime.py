@@ -7,6 +7,8 @@ them in, so a crash leaves either the old file or the new one, never half of one
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -31,6 +33,9 @@ from tqdm.auto import tqdm as tqdm_auto
 
 __all__ = [
     "CheckpointError",
+    "CheckpointNotFoundError",
+    "WriteError",
+    "REPO_ROOT",
     "atomic_torch_save",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -42,12 +47,14 @@ __all__ = [
     "load_checkpoint",
     "manifest",
     "model_fingerprint",
+    "param_path",
     "progress",
     "read_json",
     "resolve_device",
     "seed_everything",
     "temporary_path",
     "to_json",
+    "write_error",
 ]
 
 
@@ -59,21 +66,72 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
+class WriteError(OSError):
+    """A file could not be written because of its disk: full, over quota, read-only, or not
+    writable by this user. One line naming the file, the cause and the fix; ``errno`` and
+    ``filename`` are those of the underlying ``OSError`` (so ``except OSError`` still works)."""
+
+    def __init__(self, message: str, code: int | None, filename: str):
+        super().__init__(code, message)
+        self.message, self.filename = message, filename
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# errno -> (cause, fix); {folder} is the folder that could not be written
+_WRITE_FAILURES = {
+    errno.ENOSPC: ("the disk is full (No space left on device)",
+                   "free space on the disk holding {folder} (`df -h {folder}` shows it) and rerun"),
+    errno.EDQUOT: ("the disk quota is exceeded",
+                   "free space within your quota on the disk holding {folder} and rerun"),
+    errno.EROFS: ("the file system is read-only",
+                  "remount it read-write, or use a folder on a writable disk"),
+    errno.EACCES: ("permission denied",
+                   "make {folder} writable by this user (e.g. `chmod u+w {folder}`) and rerun"),
+    errno.EPERM: ("operation not permitted",
+                  "make {folder} writable by this user (e.g. `chmod u+w {folder}`) and rerun"),
+}
+
+
+def write_error(path: str | os.PathLike, exc: OSError) -> OSError:
+    """``exc``, raised while writing ``path``, as a one-line :class:`WriteError` naming the file
+    (absolute), the cause and the fix when its errno is a disk problem (full, quota, read-only,
+    permissions); any other ``OSError`` (and an existing :class:`WriteError`) is returned as
+    is."""
+    if isinstance(exc, WriteError) or exc.errno not in _WRITE_FAILURES:
+        return exc
+    target = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(target)
+    cause, fix = _WRITE_FAILURES[exc.errno]
+    return WriteError(f"cannot write {target}: {cause}; {fix.format(folder=folder)}",
+                      exc.errno, target)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically: a temporary file in the same folder, fsync, then
     ``os.replace``. Parent folders are created; on any error the temporary file is removed and
-    the old file (if any) is untouched. Returns the path."""
+    the old file (if any) is untouched. A full, read-only or unwritable disk raises
+    :class:`WriteError` (one line: the file, the cause, the fix). Returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "xb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        err = write_error(path, exc)
+        if err is exc:
+            raise
+        raise err from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -98,16 +156,58 @@ class CheckpointError(ValueError):
     or was not written by :func:`hmqat.train.fit`. The message names the file."""
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint path names no file. Distinct from a file that exists but does not load (the
+    advice differs: fix the path, not delete the file); also a ``FileNotFoundError``."""
+
+
+#: The repository root (the folder holding ``hmqat/``, ``notebooks/`` and ``params/``).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def param_path(value: str | os.PathLike, base: str | os.PathLike | None = None) -> Path:
+    """A path given as a parameter (``params/<profile>.yaml``, a notebook's parameters cell) as
+    an absolute path: ``~`` is expanded and a relative path is taken from ``base`` (default: the
+    repository root, :data:`REPO_ROOT`), not from the current folder, which is ``notebooks/``
+    inside a notebook kernel and wherever the user stands on the command line."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else Path(base or REPO_ROOT) / path
+
+
+def _missing_checkpoint(path: str | os.PathLike, fix: str | None) -> CheckpointNotFoundError:
+    """The error for a checkpoint path that names no file: the path as given, the absolute path
+    it was looked up at (and from where, when it is relative) and ``fix``."""
+    where = Path(path).expanduser()
+    if where.is_absolute():
+        looked = f"no file {where}"
+    else:
+        looked = (f"no file {Path.cwd() / where} (the relative path {os.fspath(path)!r} was "
+                  f"resolved against the current folder {Path.cwd()})")
+    fix = fix or ("check the path (an absolute path avoids surprises), or create the "
+                  "checkpoint first")
+    return CheckpointNotFoundError(f"{path}: checkpoint not found: {looked}; {fix}")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *,
+                    fix: str | None = None) -> Any:
     """``torch.load(path, weights_only=True)`` with errors that name the file.
 
     Every file hmqat writes holds only tensors and plain containers, so nothing is ever
     unpickled as code: a file whose pickle asks for anything else (a ``__reduce__`` calling
     ``os.system``, a pickled class) raises :class:`CheckpointError` before it runs, and so does
-    a truncated or corrupt file.
+    a truncated or corrupt file. A path that names no file raises
+    :class:`CheckpointNotFoundError` with the absolute path looked at and ``fix`` (what the
+    caller's user should do, e.g. which parameter to set; a generic hint by default); a folder
+    or an unreadable file say so instead of calling the file corrupt.
     """
+    where = Path(path).expanduser()
+    if not where.exists():
+        raise _missing_checkpoint(path, fix)
+    if where.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file; "
+                              f"{fix or 'pass the path of the checkpoint file itself'}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(where, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln or "global" in ln]
         first = lines[0].rstrip(".") if lines else type(exc).__name__  # "...GLOBAL posix.system"
@@ -116,6 +216,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
             f"({first}); hmqat loads checkpoints with weights_only=True and never runs code from "
             f"one. Delete the file, or re-save a trusted one as torch.save(model.state_dict(), "
             f"path).") from None
+    except FileNotFoundError:    # removed between the check and the read
+        raise _missing_checkpoint(path, fix) from None
+    except PermissionError as exc:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({exc.strerror}); give this "
+                              f"user read access to it (chmod u+r) or copy it somewhere "
+                              f"readable") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc}); the file is "
                               f"truncated or corrupt: delete it (a training run then starts "

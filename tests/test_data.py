@@ -4,6 +4,13 @@ import torch
 from hmqat import data
 
 
+@pytest.fixture(autouse=True)
+def _tiny_trees_are_subsets(monkeypatch):
+    """The ImageFolder trees here hold a few images per class, not CIFAR-10's 5,000/1,000: say
+    they are subsets on purpose (the count check itself: tests/test_hostile_data.py)."""
+    monkeypatch.setenv("HMQAT_EXPECTED_COUNTS", "skip")
+
+
 def test_synthetic_shapes_and_determinism():
     a = data.synthetic_cifar(64, seed=3)
     b = data.synthetic_cifar(64, seed=3)

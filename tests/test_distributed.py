@@ -300,7 +300,8 @@ def test_study_reads_imagenet_for_the_notebooks(tmp_path, monkeypatch):
                                  batch_size=4, device="cpu", pretrained=False)
     assert model.fc.out_features == 4 and study.fp32_model().fc.out_features == 4
     assert len(study.train_loader()) == 3 and len(study.test_loader().dataset) == 12  # nb 03
-    assert study.data_label == "ImageNet (ImageFolder)"
+    assert study.data_label == ("ImageNet (ImageFolder); no validation split; test = ImageNet's "
+                                "validation set")
 
 
 def test_cli_results_folder_is_reused_by_the_notebooks(tmp_path, capsys):

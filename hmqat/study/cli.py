@@ -28,20 +28,24 @@ split evenly over the processes:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn as nn
 
-from .. import data, models, quant, train
+from .. import data, models, quant, train, transitions
 from ..distributed import (DistributedConfigError, cleanup, init_from_env, is_distributed,
                            is_main, world_size)
-from ..runtime import atomic_write_json, load_checkpoint, manifest, seed_everything
-from .pipeline import load_params
-from .runs import data_key, qat_run
+from ..locking import LockError, results_lock
+from ..runtime import CheckpointError, WriteError, atomic_write_json, manifest, seed_everything
+from . import params
+from .params import COMMON, NOTEBOOK_KEYS, Key, ParamsError, bit_width, integer
+from .pipeline import PipelineError, load_params
+from .runs import RunError, data_key, qat_run
 
 __all__ = ["main", "run"]
 
@@ -125,8 +129,57 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         if v is not None and k not in ("command", "profile"):
             out[k] = v
     if isinstance(out.get("recipe"), str):
-        out["recipe"] = json.loads(out["recipe"])
+        try:
+            out["recipe"] = json.loads(out["recipe"])
+        except json.JSONDecodeError as exc:
+            raise ParamsError(f"--recipe is not valid JSON ({exc.msg} at character {exc.pos}); "
+                              "give a JSON object, e.g. --recipe "
+                              "'{\"distillation\": {\"enabled\": true}}'") from None
     return out
+
+
+#: Options that are not profile keys, and their rules.
+_OPTION_KEYS = {
+    "uniform": Key(bit_width, "uniform weight bits instead of --config"),
+    "workers": Key(integer(0), "DataLoader workers per process"),
+    "image_size": Key(integer(1), "ImageNet image side in pixels"),
+}
+
+
+def _check_options(s: dict[str, Any], command: str) -> None:
+    """Every setting against the rule the profile schema (:mod:`hmqat.study.params`) has for
+    it, before any set-up: a bad option is one :class:`~hmqat.study.params.ParamsError` naming
+    the option, what is expected and why, not a traceback after minutes of data loading."""
+    rules = {k: COMMON[k] for k in _COMMON_KEYS}
+    rules["device"] = COMMON["device"]
+    rules.update({opt: NOTEBOOK_KEYS[section][key]
+                  for opt, (section, key) in _PROFILE_KEYS[command].items()})
+    rules.update(_OPTION_KEYS)
+    for key, rule in rules.items():
+        if s.get(key) is not None:      # None: left out, or null in the profile (checked there)
+            params.check_value(f"--{key.replace('_', '-')}", s[key], rule)
+    if command == "qat" and s.get("checkpoint"):
+        raise DistributedConfigError("qat keeps its checkpoint in its run folder "
+                                     "(<run dir>/<run id>/checkpoint.pt); pass --run-dir DIR "
+                                     "instead of --checkpoint")
+
+
+def _prepare(s: dict[str, Any], command: str) -> tuple[Path | None, str, dict[str, int] | None]:
+    """The files a run needs, checked before any set-up: (results folder or None, the
+    checkpoint path it writes, qat's bit config read from --config or None for --uniform)."""
+    results = Path(s["results"]) if s.get("results") else None
+    ckpt = s.get("checkpoint") or f"runs/{command}-{s['arch']}.pt"
+    if results is not None and command == "finetune" and not s.get("checkpoint"):
+        ckpt = str(results / "checkpoints" / f"fp32-{s['arch']}.pt")       # notebook 00's
+    if command == "finetune":
+        return results, ckpt, None
+    if results is not None and not s.get("fp32"):
+        s["fp32"] = str(results / "checkpoints" / f"fp32-{s['arch']}.pt")
+    if s.get("fp32") and not Path(s["fp32"]).exists():
+        raise DistributedConfigError(
+            f"FP32 checkpoint {s['fp32']} not found; run `-m hmqat.study.cli finetune` "
+            "(with the same --results) or notebook 00 first, or pass --fp32 FILE")
+    return results, ckpt, None if s.get("uniform") is not None else _read_config(s)
 
 
 def _data(s: dict[str, Any], dev: torch.device) -> tuple[Any, Any, int, int]:
@@ -149,61 +202,84 @@ def _data(s: dict[str, Any], dev: torch.device) -> tuple[Any, Any, int, int]:
     return tr, te, len(tr.classes), per_rank
 
 
-def _bit_config(s: dict[str, Any], model: nn.Module) -> dict[str, int]:
-    if s.get("results") and not s.get("config") and s.get("uniform") is None:
+def _read_config(s: dict[str, Any]) -> dict[str, int]:
+    """qat's bit config ``{layer: bits}`` from --config (default with --results: notebook 02's
+    ``configs.json``; ``--label`` picks one of its entries), checked before any set-up."""
+    if s.get("results") and not s.get("config"):
         s["config"] = str(Path(s["results"]) / "data" / "configs.json")
-    if s.get("uniform") is not None:
-        return quant.uniform_config(model, s["uniform"], policy=s["policy"])
     if not s.get("config"):
         raise DistributedConfigError("qat needs --config FILE.json (a bit config) or --uniform B")
-    cfg = json.loads(Path(s["config"]).read_text())
+    path = Path(s["config"])
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DistributedConfigError(f"--config {path} not found; pass a bit config JSON file "
+                                     "({layer: bits}), or --uniform B") from None
+    except (OSError, ValueError) as exc:
+        raise DistributedConfigError(f"--config {path} is not a readable JSON file ({exc}); "
+                                     "pass a bit config JSON file ({layer: bits})") from None
+    if not isinstance(cfg, dict):
+        raise DistributedConfigError(f"--config {path} holds a {type(cfg).__name__}; expected "
+                                     "a JSON object {layer: bits}")
     if s.get("label"):
         if s["label"] not in cfg:
             raise DistributedConfigError(f"--label {s['label']!r} is not in {s['config']}; "
                                          f"labels there: {sorted(cfg)}")
-        cfg = cfg[s["label"]]["config"]
+        entry = cfg[s["label"]]
+        cfg = entry.get("config") if isinstance(entry, dict) else None
+        if not isinstance(cfg, dict):
+            raise DistributedConfigError(f"entry {s['label']!r} of {path} has no 'config' "
+                                         "object {layer: bits}")
     elif cfg and all(isinstance(v, dict) for v in cfg.values()):
         raise DistributedConfigError(f"{s['config']} holds several configs {sorted(cfg)}; "
                                      "pick one with --label")
+    bad = {k: v for k, v in cfg.items() if bit_width(v) is not None}
+    if bad:
+        first = next(iter(bad))
+        raise DistributedConfigError(f"--config {path}: layer {first!r} has {bad[first]!r}; "
+                                     f"expected {bit_width(bad[first])} ({len(bad)} bad "
+                                     "entries)")
     return {k: int(v) for k, v in cfg.items()}
 
 
 def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Parse ``argv``, train, and return the history (every rank returns the same one)."""
+    """Parse ``argv``, train, and return the history (every rank returns the same one).
+
+    Every option and file is checked before any set-up (:func:`_check_options`,
+    :func:`_prepare`); with ``--results`` the first process holds that folder's lock
+    (:func:`hmqat.locking.results_lock`, as the pipeline does) for the whole run."""
     args = _parser().parse_args(argv)
     s = _settings(args)
+    _check_options(s, args.command)
+    results, ckpt, config = _prepare(s, args.command)
+    with contextlib.ExitStack() as stack:
+        if results is not None and os.environ.get("RANK", "0") == "0":
+            stack.enter_context(results_lock(results))
+        return _train(args.command, s, results, ckpt, config)
+
+
+def _train(command: str, s: dict[str, Any], results: Path | None, ckpt: str,
+           config: dict[str, int] | None) -> list[dict[str, Any]]:
+    """Set up the process group, data and model, then fine-tune or run QAT (``config``: the
+    bit config, None for ``--uniform``)."""
     dev = init_from_env(device=s["device"])
     seed_everything(s["seed"])  # the same random init on every rank and every rerun
     train_data, val_data, n_cls, per_rank = _data(s, dev)
-    results = Path(s["results"]) if s.get("results") else None
-    if args.command == "qat" and s.get("checkpoint"):
-        raise DistributedConfigError("qat keeps its checkpoint in its run folder "
-                                     "(<run dir>/<run id>/checkpoint.pt); pass --run-dir DIR "
-                                     "instead of --checkpoint")
-    ckpt = s.get("checkpoint") or f"runs/{args.command}-{s['arch']}.pt"
-    if results is not None and args.command == "finetune" and not s.get("checkpoint"):
-        ckpt = str(results / "checkpoints" / f"fp32-{s['arch']}.pt")       # notebook 00's
-    if results is not None and not s.get("fp32"):
-        s["fp32"] = str(results / "checkpoints" / f"fp32-{s['arch']}.pt")
     cfg = train.TrainConfig(epochs=s["epochs"], lr=s["lr"], weight_decay=s["wd"],
                             step_lr=s["step_lr"], seed=s["seed"], freeze_bn=s["freeze_bn"],
                             max_steps_per_epoch=s["max_steps"], checkpoint=ckpt,
                             sync_bn=s["sync_bn"])
-    if args.command == "finetune":
+    if command == "finetune":
         model, history = train.finetune(s["arch"], train_data, val_data, cfg, batch_size=per_rank,
                                         device=dev, pretrained=s["pretrained"], num_classes=n_cls)
     else:
         fp32 = models.create_model(s["arch"], pretrained=s["pretrained"] and not s.get("fp32"),
                                    num_classes=n_cls)
         if s.get("fp32"):
-            if not Path(s["fp32"]).exists():
-                raise DistributedConfigError(
-                    f"FP32 checkpoint {s['fp32']} not found; run `-m hmqat.study.cli finetune` "
-                    "(with the same --results) or notebook 00 first, or pass --fp32 FILE")
-            ck = load_checkpoint(s["fp32"])
-            fp32.load_state_dict(ck.get("model", ck) if isinstance(ck, dict) else ck)
+            models.load_weights(fp32, s["fp32"], arch=s["arch"])   # names file and both archs
         fp32.to(dev).eval()
-        bits = _bit_config(s, fp32)
+        bits = config if config is not None else quant.uniform_config(fp32, s["uniform"],
+                                                                     policy=s["policy"])
         train_loader, val_loader = train_data, val_data
         if isinstance(train_data, data.TensorImages):
             train_loader = data.make_loader(train_data, per_rank, train=True, seed=s["seed"],
@@ -219,17 +295,34 @@ def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                       eval_each_epoch=True)
         history, ckpt = run.record["history"], str(run.folder / "checkpoint.pt")
     if is_main():
-        summary = {"command": args.command, "settings": s, "world_size": world_size(),
+        summary = {"command": command, "settings": s, "world_size": world_size(),
                    "history": history, "manifest": manifest(s["seed"], dev)}
         atomic_write_json(Path(ckpt).with_suffix(".json"), summary)
-        print(f"[hmqat] {args.command} done on {world_size()} process(es): checkpoint {ckpt}, "
+        print(f"[hmqat] {command} done on {world_size()} process(es): checkpoint {ckpt}, "
               f"summary {Path(ckpt).with_suffix('.json')}", flush=True)
     return history
 
 
+#: What the command line reports as one ``[hmqat] ERROR`` line instead of a traceback.
+_USAGE_ERRORS = (ParamsError, PipelineError, DistributedConfigError)
+_ONE_LINE_ERRORS = _USAGE_ERRORS + (LockError, WriteError, CheckpointError, RunError,
+                                    data.DatasetError, models.WeightsError,
+                                    quant.BitConfigError, transitions.RecipeError,
+                                    train.NonFiniteLossError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m hmqat.study.cli``: exit status 0, or 1 with one ``[hmqat] ERROR: ...`` line
+    (printed by the first process only when every process fails alike: a bad option)."""
     try:
         run(argv)
+    except _ONE_LINE_ERRORS as exc:
+        rank = os.environ.get("RANK")
+        if rank in (None, "0") or not isinstance(exc, _USAGE_ERRORS):
+            where = f" (rank {rank})" if rank not in (None, "0") else ""
+            print(f"[hmqat] ERROR{where}: {' '.join(str(exc).split())}", file=sys.stderr,
+                  flush=True)
+        return 1
     finally:
         cleanup()
     return 0
