@@ -47,6 +47,11 @@ def test_every_notebook_ran_and_artifacts_are_well_formed(smoke_run):
         assert step["git_sha"] is None or len(step["git_sha"]) == 40
         assert isinstance(step["git_dirty"], bool) and step["finished_utc"].endswith("Z")
     assert "synthetic data" in (root / "README.md").read_text()
+    for step, outputs in pipeline.KEY_OUTPUTS.items():    # what "unchanged, skipped" requires
+        stamp = json.loads((root / ".stamps" / f"{step}.json").read_text())
+        assert stamp["key_outputs"] == [p.format(arch="resnet20") for p in outputs]
+        assert all((root / p).exists() for p in stamp["key_outputs"]), step
+        assert manifest["steps"][step]["failure"] is None
 
 
 def test_qat_level_check_and_budget_b_rows_in_the_smoke_run(smoke_run):
@@ -209,25 +214,36 @@ def test_smoke_run_scores_on_validation_and_reads_test_once(smoke_run):
         assert "no equal-size pick" in executed and "no equal-size pair" in readme
 
 
-def test_study_val_split_is_disjoint_seeded_and_train_excludes_it(tmp_path):
+@pytest.mark.parametrize("val_from", ["test", "train"])
+def test_study_val_split_is_disjoint_seeded_and_unseen(tmp_path, val_from):
+    """val_from='test' (the study's profiles): val and test are disjoint halves of the test
+    split and train is every training image; val_from='train': val is held out of train."""
     def make(seed, val_size=20):
         return pipeline.Study(str(tmp_path / f"r{seed}-{val_size}"), profile="smoke",
                               dataset="synthetic", n_synthetic=128, val_size=val_size,
-                              seed=seed, device="cpu")
+                              val_from=val_from, seed=seed, device="cpu")
     a, b = make(0), make(0)
-    tr, va = a.data("train"), a.data("val")
-    assert len(tr) + len(va) == 128 and len(va) == 20
+    tr, va, te = a.data("train"), a.data("val"), a.data("test")
+    full = make(0, val_size=0)
+    assert len(va) == 20
+    if val_from == "test":
+        assert len(tr) == len(full.data("train")) == 128
+        assert len(va) + len(te) == len(full.data("test"))
+    else:
+        assert len(tr) + len(va) == 128 and len(te) == len(full.data("test"))
 
     def rows(ds):
         return {tuple(x.flatten()[:64].tolist()) for x in ds.images}
-    assert not rows(tr) & rows(va)                       # disjoint
+    assert not rows(tr) & rows(va) and not rows(te) & rows(va)   # disjoint
     assert rows(va) == rows(b.data("val"))               # same seed, same hold-out
     assert a.data_key["val_size"] == 20 and a.data_key["eval_split"] == "val"
-    assert a.data_key != make(0, val_size=0).data_key    # another split, another run identity
+    assert a.data_key.get("val_from", "train") == val_from
+    assert a.data_key != full.data_key                   # another split, another run identity
     assert a.data_key != make(1).data_key                # another hold-out seed, too
-    assert "val_size" not in make(0, val_size=0).data_key   # = the torchrun CLI's key
+    assert "val_size" not in full.data_key               # = the torchrun CLI's key
+    assert ("test-split images" in a.split_label) == (val_from == "test")
     with pytest.raises(pipeline.PipelineError, match="val_size"):
-        make(0, val_size=0).data("val")
+        full.data("val")
 
 
 def test_attempts_count_an_interrupted_attempt(tmp_path):

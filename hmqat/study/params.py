@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +33,11 @@ from ..quant import INIT_METHODS, POLICIES, SUPPORTED_BITS
 from ..sensitivity import VARIANTS
 from ..transitions import Recipe
 
-__all__ = ["COMMON", "NOTEBOOKS", "NOTEBOOK_KEYS", "Key", "ParamsError", "read_profile",
-           "validate"]
+__all__ = ["COMMON", "NOTEBOOKS", "NOTEBOOK_KEYS", "Key", "ParamsError", "check_value",
+           "read_profile", "validate"]
 
 NOTEBOOKS = ("00_fp32_baseline", "01_sensitivity", "02_bit_allocation", "03_qat",
-             "04_ablations", "05_report")
+             "04_ablations", "05_report", "06_budget", "07_frontier_walk")
 
 
 class ParamsError(ValueError):
@@ -118,6 +119,16 @@ def recipe(v: Any) -> str | None:
     return None
 
 
+def walk_point(v: Any) -> str | None:
+    """A frontier-walk point: 'W<b>A<a> size' (the pick at a uniform config's size) or a
+    compression ratio > 1 (hmqat.study.walk_study.frontier_points checks the rest)."""
+    if isinstance(v, str) and v.startswith("W") and v.endswith(" size"):
+        return None
+    if _is_number(v) and v > 1:
+        return None
+    return "'W<b>A<a> size' or a compression ratio > 1"
+
+
 def device(v: Any) -> str | None:
     ok = isinstance(v, str) and (v in ("auto", "cpu", "cuda", "mps")
                                  or (v.startswith("cuda:") and v[5:].isdigit()))
@@ -141,8 +152,11 @@ COMMON: dict[str, Key] = {
     "n_synthetic": Key(integer(0), "synthetic training images (dataset: synthetic)"),
     "pretrained": Key(boolean, "start from the published weights"),
     "seed": Key(integer(0), "global seed (also the validation hold-out's seed)"),
-    "val_size": Key(integer(0), "training images held out as the validation split (0: none; "
+    "val_size": Key(integer(0), "images held out as the validation split (0: none; "
                     "docs/method.md §8)"),
+    "val_from": Key(choice(("test", "train")), "the split validation is drawn from: test (never "
+                    "seen by published or fine-tuned weights; the study's choice) or train "
+                    "(for models trained from scratch)"),
     "device": Key(device, "torch device"),
     "batch_size": Key(integer(1), "training batch size"),
     "bits": Key(list_of(bit_width), "candidate weight bit widths"),
@@ -192,6 +206,8 @@ NOTEBOOK_KEYS: dict[str, dict[str, Key]] = {
                      "comparison with a CI, docs/method.md §8)"),
         "recipe": Key(recipe, "transition/oscillation/distillation recipe"),
         "max_steps_per_epoch": _MAX_STEPS,
+        "choice_seeds": Key(list_of(integer(0), min_len=0), "seeds of the recipe-choice "
+                            "re-decision on validation (section 5; [] skips it)"),
     },
     "04_ablations": {
         "ablation_compression": Key(number(1, strict=True), "compression of the ablation configs"),
@@ -224,6 +240,37 @@ NOTEBOOK_KEYS: dict[str, dict[str, Key]] = {
         "transition_workers": Key(integer(1), "forked worker processes"),
     },
     "05_report": {},
+    "06_budget": {
+        "qat_lr": Key(number(0, strict=True), "QAT learning rate (notebook 03's)"),
+        "step_lr": Key(optional(number(0)), "quantizer step learning rate (notebook 03's)"),
+        "qat_wd": Key(number(0), "QAT weight decay (notebook 03's)"),
+        "recipe": Key(recipe, "QAT recipe (notebook 03's)"),
+        "seeds": Key(list_of(integer(0)), "paired training seeds at every budget"),
+        "budget_steps": Key(list_of(integer(0)), "QAT budgets in optimizer steps (0: PTQ; "
+                            "below an epoch: one cut epoch; above: whole epochs)"),
+        "random_budgets": Key(list_of(integer(0), min_len=0), "budgets of the allocation "
+                              "contrast against random same-size configs"),
+        "bn_batches": Key(integer(1), "training batches for the 0-step BN re-estimation"),
+        "target_half_width": Key(number(0, strict=True), "the CI half-width goal (points)"),
+    },
+    "07_frontier_walk": {
+        "qat_epochs": Key(integer(1), "QAT epochs of a direct run (notebook 03's)"),
+        "qat_lr": Key(number(0, strict=True), "QAT learning rate (notebook 03's)"),
+        "step_lr": Key(optional(number(0)), "quantizer step learning rate (notebook 03's)"),
+        "qat_wd": Key(number(0), "QAT weight decay (notebook 03's)"),
+        "recipe": Key(recipe, "QAT recipe (notebook 03's)"),
+        "max_steps_per_epoch": _MAX_STEPS,
+        "seeds": Key(list_of(integer(0)), "paired seeds of the walk and the direct runs"),
+        "walk_points": Key(list_of(walk_point, min_len=2), "the frontier points, largest first"),
+        "walk_scale_steps": Key(integer(0), "scale-only steps after each switch"),
+        "walk_scale_lr": Key(optional(number(0, strict=True)), "step lr of the scale-only phase "
+                             "(null: screened on one seed on validation)"),
+        "walk_screen_scale_lrs": Key(list_of(number(0, strict=True), min_len=0),
+                                     "candidate scale-phase step lrs for the screen"),
+        "walk_finetune_steps": Key(integer(1), "full fine-tune steps after each scale phase"),
+        "walk_finetune_lr": Key(optional(number(0, strict=True)), "fine-tune lr (null: qat_lr)"),
+        "walk_onnx": Key(boolean, "also export every point as ONNX"),
+    },
 }
 TOP_LEVEL = ("run", "common", "notebooks")
 
@@ -231,8 +278,35 @@ TOP_LEVEL = ("run", "common", "notebooks")
 # --------------------------------------------------------------------------------------------
 # Reading and checking
 # --------------------------------------------------------------------------------------------
+_SHOWN = 40          # characters of a value an error message shows
+
+
+def _short(v: Any) -> str:
+    """``repr(v)``, cut to :data:`_SHOWN` characters: an error never echoes a whole file."""
+    text = repr(v)
+    return text if len(text) <= _SHOWN else text[:_SHOWN - 1] + "…"
+
+
 def _describe(v: Any) -> str:
-    return f"{v!r} ({type(v).__name__})"
+    size = f", {len(v)} {'characters' if isinstance(v, str) else 'items'}" \
+        if isinstance(v, (str, list, tuple, Mapping)) and len(repr(v)) > _SHOWN else ""
+    return f"{_short(v)} ({type(v).__name__}{size})"
+
+
+def _names(items: list[Any]) -> str:
+    """A list of names for an error message: at most three, each cut (:func:`_short`)."""
+    shown = ", ".join(_short(x) for x in items[:3])
+    return f"[{shown}" + (f", and {len(items) - 3} more]" if len(items) > 3 else "]")
+
+
+def check_value(where: str, value: Any, key: Key) -> None:
+    """Raise :class:`ParamsError` ``"<where> = <value>: expected ... (<doc>)"`` unless ``value``
+    passes ``key``'s check: the schema's rules, for values given elsewhere (the command line of
+    :mod:`hmqat.study.cli`)."""
+    expected = key.check(value)
+    if expected is not None:
+        raise ParamsError(f"{where} = {_describe(value)}: expected {expected} ({key.doc})"
+                          f"{_hint(value)}")
 
 
 def _hint(v: Any) -> str:
@@ -246,7 +320,7 @@ def _hint(v: Any) -> str:
     return ""
 
 
-def _check_section(path: Path, section: str, values: Any, schema: Mapping[str, Key],
+def _check_section(path: str, section: str, values: Any, schema: Mapping[str, Key],
                    extra_ok: Mapping[str, Key] = {}) -> None:
     if values is None:
         values = {}
@@ -256,15 +330,15 @@ def _check_section(path: Path, section: str, values: Any, schema: Mapping[str, K
     allowed = {**extra_ok, **schema}
     for key, v in values.items():
         if key not in allowed:
-            raise ParamsError(f"{path}: unknown key {key!r} in section {section}; known keys: "
-                              f"{sorted(allowed)}")
+            raise ParamsError(f"{path}: unknown key {_short(key)} in section {section}; known "
+                              f"keys: {sorted(allowed)}")
         expected = allowed[key].check(v)
         if expected is not None:
             raise ParamsError(f"{path}: {section}.{key} = {_describe(v)}; expected {expected} "
                               f"({allowed[key].doc}){_hint(v)}")
 
 
-def _require(path: Path, section: str, values: Mapping[str, Any] | None,
+def _require(path: str, section: str, values: Mapping[str, Any] | None,
              schema: Mapping[str, Key]) -> None:
     missing = [k for k in schema if k not in (values or {})]
     if missing:
@@ -283,14 +357,16 @@ def check_names(names: Any, what: str, where: str) -> list[str]:
         raise ParamsError(f"{where}: {what} is empty; name at least one of {list(NOTEBOOKS)}")
     unknown = [n for n in names if n not in NOTEBOOKS]
     if unknown:
-        raise ParamsError(f"{where}: {what} names unknown notebooks {unknown}; known notebooks: "
-                          f"{list(NOTEBOOKS)}")
+        raise ParamsError(f"{where}: {what} names unknown notebooks {_names(unknown)}; known "
+                          f"notebooks: {list(NOTEBOOKS)}")
     return names
 
 
-def validate(cfg: Any, path: str | os.PathLike) -> dict[str, Any]:
-    """Check a parsed profile against the schema; return it (``{}`` sections filled in)."""
-    path = Path(path)
+def validate(cfg: Any, path: str | os.PathLike, *, name: str | None = None) -> dict[str, Any]:
+    """Check a parsed profile against the schema; return it (``{}`` sections filled in).
+    Errors start with ``name`` (default: ``path``); no error shows more than a few dozen
+    characters of any value."""
+    path = name or str(path)
     if cfg is None:
         cfg = {}
     if not isinstance(cfg, Mapping):
@@ -298,9 +374,9 @@ def validate(cfg: Any, path: str | os.PathLike) -> dict[str, Any]:
                           f"sections {list(TOP_LEVEL)}")
     unknown = [k for k in cfg if k not in TOP_LEVEL]
     if unknown:
-        raise ParamsError(f"{path}: unknown top-level section(s) {unknown}; known sections: "
-                          f"{list(TOP_LEVEL)}")
-    run = check_names(cfg["run"], "run", str(path)) if "run" in cfg else list(NOTEBOOKS)
+        raise ParamsError(f"{path}: unknown top-level section(s) {_names(unknown)}; known "
+                          f"sections: {list(TOP_LEVEL)}")
+    run = check_names(cfg["run"], "run", path) if "run" in cfg else list(NOTEBOOKS)
     _check_section(path, "common", cfg.get("common"), COMMON)
     _require(path, "common", cfg.get("common"), COMMON)
     notebooks = cfg.get("notebooks") or {}
@@ -309,8 +385,8 @@ def validate(cfg: Any, path: str | os.PathLike) -> dict[str, Any]:
                           f"mapping of notebook name: parameters")
     bad = [n for n in notebooks if n not in NOTEBOOKS]
     if bad:
-        raise ParamsError(f"{path}: unknown notebook sections {bad} under notebooks; known "
-                          f"notebooks: {list(NOTEBOOKS)}")
+        raise ParamsError(f"{path}: unknown notebook sections {_names(bad)} under notebooks; "
+                          f"known notebooks: {list(NOTEBOOKS)}")
     for name, values in notebooks.items():
         _check_section(path, f"notebooks.{name}", values, NOTEBOOK_KEYS[name], extra_ok=COMMON)
     for name in run:
@@ -338,18 +414,55 @@ def _strict_loader():
     return Loader
 
 
-def read_profile(path: str | os.PathLike) -> dict[str, Any]:
-    """Parse and :func:`validate` a profile file. YAML errors name the file, line and column."""
+#: The largest profile file read (the shipped ones are a few KiB).
+MAX_PROFILE_BYTES = 1 << 20
 
-    path = Path(path)
+
+def _read_text(path: Path, shown: str) -> str:
+    """The text of the profile file ``path`` (``shown`` names it in errors): a regular file of
+    at most :data:`MAX_PROFILE_BYTES` bytes of UTF-8, else :class:`ParamsError`."""
     try:
-        cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_strict_loader())
+        st = path.stat()
+    except OSError as exc:
+        raise ParamsError(f"{shown}: cannot read the profile ({exc.strerror}); "
+                          + ("point the link at an existing file or remove it"
+                             if path.is_symlink() else "check the path")) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ParamsError(f"{shown}: not a regular file; a profile is a YAML file "
+                          f"(start from params/smoke.yaml)")
+    if st.st_size > MAX_PROFILE_BYTES:
+        raise ParamsError(f"{shown}: {st.st_size:,} bytes, more than a profile's "
+                          f"{MAX_PROFILE_BYTES:,}; is it the right file? (start from "
+                          f"params/smoke.yaml)")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ParamsError(f"{shown}: cannot read the profile ({exc.strerror})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{shown}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset "
+                          f"{exc.start}); is it the right file? save it as UTF-8") from None
+
+
+def read_profile(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse and :func:`validate` a profile file. YAML errors name the file, line and column.
+
+    A profile that is a symbolic link is named with its target; no error shows its content
+    beyond a few dozen characters of the offending value, whatever the file is."""
+    path = Path(path)
+    shown = str(path)
+    if path.is_symlink():
+        shown = f"{path} (a link to {os.path.realpath(path)})"
+    text = _read_text(path, shown)
+    try:
+        cfg = yaml.load(text, Loader=_strict_loader())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
+        where = f"{shown}:{mark.line + 1}:{mark.column + 1}" if mark is not None else shown
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         context = getattr(exc, "context", None)
-        raise ParamsError(f"{where}: YAML error: {problem}"
-                          + (f" ({context})" if context else "")
+        raise ParamsError(f"{where}: YAML error: {problem[:200]}"
+                          + (f" ({context[:200]})" if context else "")
                           + "; fix the file (indentation, ':' after each key, quotes)") from None
-    return validate(cfg, path)
+    return validate(cfg, path, name=shown)
