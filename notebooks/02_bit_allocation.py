@@ -16,11 +16,15 @@
 # %% [markdown]
 # # 02 · Bit allocation: the exact Pareto frontier
 #
-# > - **You will:** compute the exact size–Ω Pareto frontier and pick budgets from it; compare it
-# >   with greedy, HAWQ-V3's ILP, random and uniform allocation.
-# > - **Prerequisites:** notebook 01 (the Ω table); what a Pareto frontier is; model size in bits.
-# > - **Run time with the lab defaults:** 0.4 min measured on this project's shared 2-core CPU
-# >   (load average 10–17), kernel start included.
+# > - **You will:** merge two layers' options into a Pareto frontier by hand; compute the exact
+# >   size–Ω Pareto frontier of the whole model and pick budgets from it; compare it with greedy,
+# >   HAWQ-V3's ILP, random and uniform allocation.
+# > - **Prerequisites:** notebooks 00 (the fine-tuned FP32 model: layer sizes and MACs) and 01 (the
+# >   Ω table); when they have not run, the first code cell runs them at the lab profile and says
+# >   so. What a Pareto frontier is; model size in bits.
+# > - **Run time with the lab defaults:** <!-- lab-time -->not yet measured (after a lab run, `python -m hmqat.study.lessons --write-times results/lab/manifest.json` writes it here)<!-- /lab-time -->
+# > - **Exercises:** 1 and 2 are checked by code (`lessons.check_…` after a `# YOUR CODE HERE`
+# >   cell); exercise 3 is open.
 #
 # Given the table $\Omega_i(b)$ from notebook 01, choosing bits is an optimisation problem:
 #
@@ -44,6 +48,8 @@ arch = "resnet20"
 dataset = "cifar10"
 n_synthetic = 0
 seed = 0
+val_size = 5000
+val_from = "test"
 device = "auto"
 batch_size = 128
 bits = [2, 3, 4, 5, 6, 8]
@@ -58,12 +64,15 @@ import statistics
 import time
 
 import pandas as pd
+from IPython.display import display
 
 from hmqat import quant, runtime, search
-from hmqat.study import plotting, reporting
+from hmqat.study import lessons, plotting, reporting
 from hmqat.study.pipeline import Study
 
 study = Study.from_params(globals())
+# notebooks 00 and 01, computed first (at the lab profile) when this notebook runs alone
+lessons.ensure_upstream(study, "02_bit_allocation")
 model = study.fp32_model()
 omega = study.omega("joint")
 # the search problem, built and validated once: Ω, weight counts, MACs at the study's input size,
@@ -72,7 +81,44 @@ problem = search.Problem.from_model(model, omega, bits, a_bits=a_bits, policy=po
                                     input_size=study.input_size)
 
 # %% [markdown]
-# ## 1. The whole frontier, exactly
+# ## 1. From scratch: two layers merged by hand
+# The dynamic program's one step is a **merge**. Take two free layers, a small one from the first
+# stage and a large one from the last. Each alone has one option per width: cost $n_i b_i$
+# bits, sensitivity $\Omega_i(b_i)$. Together they have every pair of options, with costs and
+# Ω's added. Sort the pairs by cost and keep a pair only when its ΣΩ is below that of every
+# cheaper pair: the rest are **dominated** (another pair is no larger and no worse) and no budget
+# ever picks them. The DP does exactly this, layer after layer, on lists that stay short
+# because the dominated states are dropped at every step. The cell checks the hand-made frontier
+# against `search.Problem(...).frontier()` on the same two layers.
+
+# %%
+n_params = search.model_inputs(model, a_bits=a_bits, policy=policy,
+                               input_size=study.input_size)["n_params"]
+free = [name for name in problem.layers if name not in problem.fixed]
+pair = (free[0], free[-1])                            # a stage-1 and a stage-3 conv
+options = {name: [(n_params[name] * b, float(omega.loc[name, b]), b) for b in bits]
+           for name in pair}
+merged = sorted(((ca + cb, oa + ob, {pair[0]: ba, pair[1]: bb})
+                 for ca, oa, ba in options[pair[0]] for cb, ob, bb in options[pair[1]]),
+                key=lambda t: (t[0], t[1]))
+by_hand, best = [], float("inf")
+for cost, om, config in merged:                       # cheapest first
+    if om < best:                                     # below every cheaper pair: not dominated
+        by_hand.append((cost, om, config))
+        best = om
+two = search.Problem(omega.loc[list(pair)], {name: n_params[name] for name in pair}, bits)
+library = two.frontier()
+lessons.check_close([c for c, _, _ in by_hand], library.cost_int, "frontier costs by hand")
+lessons.check_close([o for _, o, _ in by_hand], library.omega, "frontier ΣΩ by hand", rtol=1e-9)
+lessons.check(all(cfg == library.config(i) for i, (_, _, cfg) in enumerate(by_hand)),
+              "the hand-made frontier's configs differ from Problem.frontier's")
+print(f"{pair[0]} ({n_params[pair[0]]:,} weights) × {pair[1]} ({n_params[pair[1]]:,}): "
+      f"{len(merged)} pairs, {len(by_hand)} on the Pareto frontier by hand = Problem.frontier "
+      f"({len(library)} points)")
+pd.DataFrame([{"cost (bits)": c, "ΣΩ": o, **cfg} for c, o, cfg in by_hand])
+
+# %% [markdown]
+# ## 2. The whole frontier, exactly
 
 # %%
 def timed(fn, repeats=5):
@@ -93,7 +139,7 @@ print(f"{len(frontier)} Pareto-optimal configurations out of "
 frontier.points[["size_mb", "compression", "avg_bits", "omega"]].head()
 
 # %% [markdown]
-# ## 2. Budgets for QAT
+# ## 3. Budgets for QAT
 # We pick (a) the target compressions (the paper's 10.34× headline; in the quick profile also
 # 13.11×, HAWQ-V3's ResNet-20 point) and (b) the size of uniform W*b*A`a_bits` models, so that
 # notebook 03 compares mixed and uniform precision at **equal size**: `search.select_at_size`
@@ -122,7 +168,7 @@ picked = pd.DataFrame([{"label": k, **{c: v[c] for c in ("size_mb", "compression
 picked
 
 # %% [markdown]
-# ## 3. The same budgets with the references
+# ## 4. The same budgets with the references
 # The ILP (HAWQ-V3's formulation over our candidate set, PuLP + CBC) must reach the frontier's ΣΩ
 # exactly; greedy, random (same size) and uniform show what the exact search buys.
 
@@ -148,7 +194,7 @@ reporting.write_table(comparison, study.tables / "search_comparison",
 comparison
 
 # %% [markdown]
-# ## 4. Pictures: the frontier among random configurations, and the chosen bit widths
+# ## 5. Pictures: the frontier among random configurations, and the chosen bit widths
 
 # %%
 cands = problem.random_points(n=n_candidates, seed=seed)
@@ -172,19 +218,43 @@ study.save_json("configs.json", {k: {"config": {l: int(b) for l, b in v["config"
                                      "omega": float(v["omega"]),
                                      "search_ms": frontier_ms}
                                  for k, v in picks.items()})
-runtime.atomic_write_text(study.path("data", "frontier.csv"),
-                            frontier.to_frame().to_csv(index=False))
+written = runtime.atomic_write_text(study.path("data", "frontier.csv"),
+                                    frontier.to_frame().to_csv(index=False))
+print(f"wrote data/configs.json ({len(picks)} picks) and data/{written.name} "
+      f"({len(frontier)} points) for notebook 03")
 
 # %% [markdown]
 # ## Exercises
-# 1. Change the candidate bits to `[4, 8]` (HAWQ-V3's set). What is the smallest model the frontier
-#    reaches now, and why can it not reach 10× compression?
-#    *Hint:* the first/last layers stay at 8 bits and FP32 parameters stay FP32: what is the best case at 4 bits?
-# 2. Use `cost="bops"` in `pareto_frontier`. Which layers get more bits under a BOPs budget than
-#    under a size budget, and why (hint: MACs per weight differ across stages)?
-#    *Hint:* MACs per weight = output pixels of the layer: 32², 16² or 8² in ResNet-20's three stages.
-# 3. Time `search.ilp_select` for 20 budgets against one `pareto_frontier` call plus 20
-#    `search.select` calls.
+# 1. **HAWQ-V3's bits (checked).** Build the problem with candidate bits `[4, 8]` (HAWQ-V3's
+#    set) and find the smallest model its frontier reaches, in MB and as a compression. Why can
+#    it not reach 10× compression?
+#    *Hint:* `search.Problem.from_model(model, omega[[4, 8]], [4, 8], a_bits=a_bits, policy=policy, input_size=study.input_size).frontier().points`; the first/last layers stay at 8 bits and the FP32 parameters stay FP32.
+# 2. **A BOPs budget (checked).** Use `problem.frontier(cost="bops")` and pick the point with the
+#    least ΣΩ whose BOPs do not exceed those of the first size pick above. Which layers get more
+#    bits under the BOPs budget than under the size budget, and why?
+#    *Hint:* `search.select(frontier, max_bops=…)`; MACs per weight = output pixels of the layer: 32², 16² or 8² in ResNet-20's three stages.
+# 3. Time `problem.ilp(min_compression=r)` for 20 budgets against one `problem.frontier()` call
+#    plus 20 `search.select(frontier, min_compression=r)` calls.
 #    *Hint:* `time.perf_counter` around both; `benchmarks/search.py` does it carefully.
 #
 # Worked solutions: [`solutions/02_bit_allocation_solutions.ipynb`](solutions/02_bit_allocation_solutions.ipynb) (and its paired `.py`).
+
+# %%
+# YOUR CODE HERE (exercise 1): two numbers
+smallest_mb_48 = ...          # the smallest size (MB) on the frontier with bits [4, 8]
+max_compression_48 = ...      # its compression (FP32 size / size)
+
+# %%
+lessons.check_02_hawq_bits(smallest_mb_48, max_compression_48, model=model, omega=omega,
+                           a_bits=a_bits, policy=policy, input_size=study.input_size)
+
+# %%
+size_pick = next(iter(picks.values()))   # the first pick of section 3 (a size budget)
+# YOUR CODE HERE (exercise 2): a row of the BOPs frontier, as search.select returns it
+bops_pick = ...
+
+# %%
+if lessons.check_02_bops_pick(bops_pick, problem=problem, size_pick=size_pick):
+    stages = pd.DataFrame({"size budget": size_pick["config"], "BOPs budget": bops_pick["config"]})
+    stages["stage"] = [name.split(".")[0] for name in stages.index]
+    display(stages.groupby("stage", sort=False)[["size budget", "BOPs budget"]].mean().round(2))

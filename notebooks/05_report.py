@@ -16,17 +16,21 @@
 # %% [markdown]
 # # 05 · Report
 #
-# > - **You will:** assemble the headline table and the report; compare configurations by size and
-# >   by BOPs.
-# > - **Prerequisites:** notebooks 00–04 (their results files).
-# > - **Run time with the lab defaults:** 0.2 min measured on this project's shared 2-core CPU
-# >   (load average 10–17), kernel start included.
+# > - **You will:** assemble the headline table and the report; compute one configuration's size
+# >   and compression by hand (Eq. S); compute the FP32 model's BOPs and the seeds a difference
+# >   needs yourself (exercises 05.1 and 05.2, checked); compare configurations by size and by
+# >   BOPs.
+# > - **Prerequisites:** the results of notebooks 00–03 (opened first, this notebook computes
+# >   them at the lab defaults and says so); notebook 04's tables are included when it has run.
+# > - **Run time with the lab defaults:** <!-- lab-time -->not yet measured (after a lab run, `python -m hmqat.study.lessons --write-times results/lab/manifest.json` writes it here)<!-- /lab-time -->
 #
 # This notebook gathers what notebooks 00–04 wrote into the headline table and a README for
-# `results/<profile>/`. Every number here is **ours**: a reconstruction of HMQAT (Huang et al.,
-# *Neural Networks* 182:106910, 2025) from its abstract and the prior work it builds on. The paper's
-# own numbers are ResNet18/ImageNet (10.34× smaller, 99.81 % of FP32 top-1) and are quoted only
-# as a target, never as our result.
+# `results/<profile>/`; it trains nothing. At the lab defaults the table holds notebook 03's short
+# runs (80 steps, one seed), so its ± std and paired intervals are empty: the quick profile's
+# report (`results/quick/README.md`) has three seeds. Every number here is **ours**: a
+# reconstruction of HMQAT (Huang et al., *Neural Networks* 182:106910, 2025) from its abstract and
+# the prior work it builds on. The paper's own numbers are ResNet18/ImageNet (10.34× smaller,
+# 99.81 % of FP32 top-1) and are quoted only as a target, never as our result.
 
 # %% tags=["parameters"]
 results_dir = "../results/lab"
@@ -35,20 +39,23 @@ arch = "resnet20"
 dataset = "cifar10"
 n_synthetic = 0
 seed = 0
-val_size = 0
+val_size = 5000
+val_from = "test"
 device = "auto"
 batch_size = 128
 
 # %%
 import json
+import math
 
 import pandas as pd
 
-from hmqat import runtime
-from hmqat.study import reporting
+from hmqat import models, quant, runtime
+from hmqat.study import lessons, reporting
 from hmqat.study.pipeline import Study
 
 study = Study.from_params(globals())
+lessons.ensure_upstream(study, "05_report")   # 00-03's results; computed here if missing
 fp32 = study.load_json("fp32.json")
 qat = pd.DataFrame(study.load_json("qat_results.json"))
 
@@ -69,14 +76,77 @@ headline = pd.concat([fp32_row, reporting.seeded_headline(qat, fp32["test_top1"]
 paths = reporting.write_table(headline, study.tables / "headline",
                               caption=f"{arch}: mixed-precision (HMQAT reconstruction) vs uniform "
                                       f"QAT; test top-1 mean ± std over {len(seeds)} seed(s); "
-                                      "val top-1 = validation hold-out, for ranking only "
-                                      "(optimistic: the pretrained weights saw it)",
+                                      "val top-1 = the validation split, for ranking only "
+                                      "(docs/method.md §8)",
                               data_label=study.data_label, profile=profile,
                               float_format=reporting.SEEDED_FORMATS)
 comparisons = reporting.paired_comparisons(qat, reporting.equal_size_pairs(list(qat["label"])))
 sentences = [reporting.describe_comparison(r) for _, r in comparisons.iterrows()]
 print("\n".join(sentences))
 headline
+
+# %% [markdown]
+# ### From scratch: one configuration's size and compression (Eq. S)
+# The `size MB` and `compression` columns follow HAWQ-V3's accounting (docs/design.md §3):
+#
+# $$\text{size} = \sum_i n_i b_i / 8 \;+\; 4\cdot(\text{other parameters}) \text{ bytes}, \qquad
+# \text{MB} = 2^{20} \text{ bytes}$$
+#
+# where $n_i$ is layer $i$'s weight count at $b_i$ bits, and the "other parameters" stay FP32:
+# biases, BatchNorm's affine weights, and the steps QAT adds (one per output channel of each
+# weight quantizer, one per layer's activation quantizer). BatchNorm's running statistics are
+# buffers, not parameters, and are not counted. Compression is FP32 size over that. Below: the
+# most compressed mixed configuration of notebook 03, by hand, against `hmqat.quant` and the
+# number notebook 03 recorded from its trained model.
+
+# %%
+model = study.fp32_model()
+layers = models.quantizable_layers(model, input_size=study.input_size)
+rows = study.load_json("qat_results.json")
+row = max([r for r in rows if r["kind"] == "mixed"] or rows, key=lambda r: r["compression"])
+config = row["config"]
+n_all = sum(p.numel() for p in model.parameters())            # every FP32 parameter
+n_low = sum(info.n_params for info in layers)                  # the weights that go low-bit
+weight_bytes = sum(info.n_params * config[info.name] for info in layers) / 8
+steps = sum(info.weight_shape[0] for info in layers) + len(layers)   # weight + activation steps
+size_bytes = weight_bytes + 4 * (n_all - n_low + steps)
+size_mb, compression = size_bytes / 2 ** 20, 4 * n_all / size_bytes
+library_mb = quant.model_size_mb(model, config, a_bits=row["a_bits"],
+                                 input_size=study.input_size)
+assert math.isclose(size_mb, library_mb, rel_tol=1e-12)
+assert math.isclose(size_mb, row["size_mb"], rel_tol=1e-9)
+assert math.isclose(compression, row["compression"], rel_tol=1e-9)
+print(f"{row['label']}: {n_low:,} low-bit weights in {weight_bytes / 1024:.1f} KB "
+      f"({8 * weight_bytes / n_low:.2f} bits on average) + {n_all - n_low + steps:,} FP32 "
+      f"parameters ({steps:,} of them steps) in {4 * (n_all - n_low + steps) / 1024:.1f} KB = "
+      f"{size_bytes / 1024:.1f} KB; FP32 {4 * n_all / 1024:.1f} KB → {compression:.2f}x, as "
+      f"hmqat.quant and notebook 03 report")
+
+# %% [markdown]
+# ### Exercise 05.1 (fill in): the FP32 model's BOPs
+# Eq. B counts bit operations per image, $\text{BOPs} = \sum_i \text{MACs}_i\, b_i\, a_i$. The
+# `BOPs (G)` column is that for each quantized model. What is it for the FP32 model (32-bit
+# weights and activations)? Use `layers` from the cell above (each `info.macs` is one image's
+# multiply-accumulates of that layer) and give BOPs, not GBOPs.
+
+# %%
+fp32_bops = ...   # YOUR CODE HERE
+lessons.check_05_fp32_bops(fp32_bops, model, study.input_size)
+
+# %% [markdown]
+# ### Exercise 05.2 (fill in): seeds a difference needs
+# A paired 95 % interval over $n$ seeds is $\bar d \pm t_{0.975,\,n-1}\, s_d/\sqrt n$
+# (docs/method.md §8). Write `seeds_needed(diff, sd)`: the smallest $n \ge 2$ whose half-width
+# $t_{0.975,\,n-1}\, s_d/\sqrt n$ is below `diff` (`scipy.stats.t.ppf` gives the quantile).
+
+# %%
+def seeds_needed(diff: float, sd: float) -> int:
+    """Smallest n >= 2 with t(0.975, n − 1) · sd / √n < diff."""
+    # YOUR CODE HERE
+    raise NotImplementedError
+
+
+lessons.check_05_seeds_needed(seeds_needed)
 
 # %% [markdown]
 # ## Ablations (notebook 04), if it ran
@@ -116,8 +186,9 @@ reconstruction of HMQAT; they are not the paper's numbers (the paper reports Res
 10.34x smaller at 99.81 % of FP32 top-1, a target we quote, not a result we reproduced here).
 
 FP32 reference: {'published' if fp32.get('pretrained', True) else 'randomly initialised (no pretrained weights in this profile)'} {arch} weights, {fp32['pretrained_top1']:.2f} % top-1 on this test split
-before fine-tuning, **{fp32['test_top1']:.2f} %** after fine-tuning on its training split minus a
-validation hold-out of {fp32['val_size']} images (seed {study.seed}; docs/method.md §8).
+before fine-tuning, **{fp32['test_top1']:.2f} %** after fine-tuning (seed {study.seed}; every choice
+made on a validation split of {fp32['val_size']} images, disjoint from the test split;
+docs/method.md §8).
 
 ## Headline
 
@@ -169,13 +240,14 @@ print(text[:1500])
 
 # %% [markdown]
 # ## Exercises
-# 1. Add a column "BOPs compression" (FP32 BOPs = MACs·32·32) to the headline table.
-#    *Hint:* FP32 BOPs = MACs·32·32 with MACs from `models.quantizable_layers`.
+# 1. Add a column "BOPs compression" (FP32 BOPs over each row's BOPs) to the headline table.
+#    *Hint:* your `fp32_bops` of exercise 05.1, divided by `headline["BOPs (G)"] * 1e9`.
 # 2. Which uniform baseline is the fairest comparison for the mixed configuration, by size and by
 #    BOPs? Do both comparisons tell the same story?
 #    *Hint:* find, for each mixed row, the uniform row nearest in size and the one nearest in BOPs.
 # 3. How many seeds would a 0.2-point difference need for its 95 % interval to exclude 0, given
 #    the std over seeds in the headline table?
-#    *Hint:* the half-width is t(0.975, n−1)·s_d/√n; solve for n with s_d from the paired table.
+#    *Hint:* your `seeds_needed` of exercise 05.2, with s_d from the paired table (the quick
+#    profile's: at the lab defaults there is one seed and no s_d).
 #
 # Worked solutions: [`solutions/05_report_solutions.ipynb`](solutions/05_report_solutions.ipynb) (and its paired `.py`).

@@ -66,7 +66,8 @@ def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathL
               frontier_random: int = 20, variability_sets: int = 3, variability_tol: float = 0.1,
               seed: int = 0, eval_batch: int = 500, progress: bool = True,
               channels_last: bool = True, fixed_reverse: bool = False,
-              report: Callable[[dict[str, pd.DataFrame]], None] | None = None
+              report: Callable[[dict[str, pd.DataFrame]], None] | None = None,
+              omega_tables: Mapping[str, pd.DataFrame] | None = None
               ) -> dict[str, pd.DataFrame]:
     """Run the experiments of docs/method.md §3 in ``stages`` (cheapest first), on calibration
     images from ``train_ds`` and every measured loss/accuracy on all of ``val_ds``.
@@ -75,9 +76,15 @@ def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathL
     CSV already exists in the study's :func:`work_dir` (same weights, same settings) is read
     back instead of recomputed (resume). ``report(results)`` (e.g. a partial of
     :func:`write_study_report`) is called after every stage so finished parts are on disk
-    early. Returns {name: frame}.
+    early. ``omega_tables``: Ω of every variant, already computed by the caller from the same
+    model, traces and calibration settings (notebook 01 shows them first), so the most costly
+    tables (``fisher``, ``exact_quad``) are not computed twice. Returns {name: frame}.
     """
     unknown = [s for s in stages if s not in STUDY_STAGES]
+    if omega_tables is not None and set(VARIANTS) - set(omega_tables):
+        raise SensitivityError(f"omega_tables lacks the variants "
+                               f"{sorted(set(VARIANTS) - set(omega_tables))}; pass every one of "
+                               f"{VARIANTS} (sensitivity.omega_table) or None")
     if unknown:
         raise SensitivityError(f"unknown stage(s) {unknown}; use some of {STUDY_STAGES}")
     root = Path(root)
@@ -132,6 +139,8 @@ def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathL
                 om = om.loc[list(dict.fromkeys(sub["layer"]))]
                 om.columns = [int(c) for c in om.columns]
                 omegas[v] = om
+        elif omega_tables is not None:   # the caller's tables of these settings
+            omegas = {v: omega_tables[v] for v in VARIANTS}
         else:
             omegas = {v: omega_table(model, traces, bits, variant=v, seed=seed, method=method,
                                      batches=calib) for v in VARIANTS}

@@ -17,7 +17,9 @@
 # %% [markdown]
 # # Solutions — 05 report
 # From the committed quick-profile headline table (`results/quick/tables/headline.csv`:
-# ResNet-20, CIFAR-10 JPEG q75 mirror, test top-1 mean over seeds 0, 1, 2 per row).
+# ResNet-20, CIFAR-10 JPEG q75 mirror, test top-1 mean over seeds 0, 1, 2 per row). The two
+# fill-in exercises of the notebook (05.1, 05.2) are solved in the cells of exercises 1 and 3,
+# with their checks.
 
 # %% tags=["parameters"]
 arch = "resnet20"
@@ -28,17 +30,21 @@ from pathlib import Path
 
 import pandas as pd
 
-from hmqat import models
+from hmqat import models, quant
+from hmqat.study import lessons
 
 headline = pd.read_csv(Path(quick_dir) / "tables" / "headline.csv", comment="#")
 
 # %% [markdown]
-# ## Exercise 1: a "BOPs compression" column
-# FP32 BOPs = Σ MACs·32·32 (Eq. B with 32-bit weights and activations).
+# ## Exercise 05.1 (fill in) and exercise 1: a "BOPs compression" column
+# FP32 BOPs = Σ MACs·32·32 (Eq. B with 32-bit weights and activations), per image.
 
 # %%
-macs = sum(info.macs for info in models.quantizable_layers(models.create_model(arch)))
-fp32_gbops = macs * 32 * 32 / 1e9
+model = models.create_model(arch)
+macs = sum(info.macs for info in models.quantizable_layers(model))
+fp32_bops = macs * 32 * 32
+lessons.check_05_fp32_bops(fp32_bops, model, quant.DEFAULT_INPUT_SIZE)
+fp32_gbops = fp32_bops / 1e9
 headline["BOPs compression"] = fp32_gbops / headline["BOPs (G)"]
 print(f"FP32: {macs / 1e6:.1f} M MACs = {fp32_gbops:.1f} GBOPs")
 headline[["config", "size MB", "compression", "BOPs (G)", "BOPs compression", "test top-1"]].round(2)
@@ -64,7 +70,7 @@ for _, r in headline[headline["config"].str.startswith("HMQAT")].iterrows():
 pd.DataFrame(rows)
 
 # %% [markdown]
-# ## Exercise 3: seeds needed for a 0.2-point difference
+# ## Exercise 05.2 (fill in) and exercise 3: seeds needed for a 0.2-point difference
 # The paired 95 % interval is d̄ ± t(0.975, n−1)·s_d/√n (docs/method.md §8). It excludes 0 when
 # the half-width is below the difference, so we look for the smallest n with
 # t(0.975, n−1)·s_d/√n < 0.2. s_d is the std of the per-seed differences; the headline table's
@@ -84,5 +90,6 @@ def seeds_needed(diff: float, sd: float, n_max: int = 200) -> int:
     return n_max
 
 
+lessons.check_05_seeds_needed(seeds_needed)
 pd.DataFrame({"s_d": [0.1, 0.2, 0.3], "seeds for 0.2 points": [seeds_needed(0.2, s) for s in
                                                                (0.1, 0.2, 0.3)]})
