@@ -328,6 +328,9 @@ def test_qat_level_verdict_reads_the_cis():
     kendall.loc[0, "tau_low"] = -0.1
     assert "not shown to survive QAT" in ablation.qat_level_verdict(
         {"runs": runs, "kendall": kendall}, steps=150)
+    tied = kendall.assign(kendall_tau=math.nan)      # every QAT error tied: no τ defined
+    assert "No Kendall τ is defined here" in ablation.qat_level_verdict(
+        {"runs": runs, "kendall": tied}, steps=150)
 
 
 def test_transition_study_budget_b_gives_the_ladder_arm_an_equal_steps_control(setup, tmp_path,

@@ -524,3 +524,18 @@ def test_calibration_variability_with_exact_traces_reports_the_per_image_se():
     probes, _ = sensitivity.calibration_variability(model, sets, tol=0.5, max_probes=4,
                                                     trace_method="hutchinson", **kw)
     assert "data_se" not in probes and (probes["within_set_se"] > 0).all()
+
+
+def test_kendall_tau_b_equals_scipy_with_and_without_ties():
+    from scipy import stats as st
+
+    from hmqat.sensitivity import kendall_tau_b
+    rng = np.random.default_rng(0)
+    for n in (2, 5, 17, 64):
+        for ties in (False, True):
+            x = rng.integers(0, 4, n).astype(float) if ties else rng.normal(size=n)
+            y = rng.integers(0, 3, n).astype(float) if ties else x + rng.normal(size=n)
+            want = st.kendalltau(x, y).statistic
+            got = kendall_tau_b(x, y)
+            assert (np.isnan(want) and np.isnan(got)) or abs(got - want) < 1e-12
+    assert np.isnan(kendall_tau_b(np.ones(5), np.arange(5.0)))

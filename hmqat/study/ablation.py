@@ -50,6 +50,11 @@ from . import plotting, reporting
 from .runs import qat_run, recipe_batches
 
 __all__ = [
+    "ChoiceArm",
+    "choice_arms",
+    "choice_table",
+    "choice_verdict",
+    "recipe_choices",
     "ALLOCATION_METHODS",
     "AblationError",
     "COLUMNS",
@@ -63,6 +68,7 @@ __all__ = [
     "qat_level_check",
     "qat_level_configs",
     "qat_level_verdict",
+    "read_fixed_size",
     "run_ablations",
     "run_specs",
     "run_transition_arm",
@@ -157,6 +163,99 @@ def run_specs(specs: Sequence[RunSpec], fp32_model: nn.Module, train_loader: Any
 
 
 # --------------------------------------------------------------------------------------------
+# The recipe's choices, re-decided on the validation split with paired seeds (docs/method.md §8)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ChoiceArm:
+    """One arm of the recipe-choice experiment: the profile's settings with at most one changed."""
+
+    label: str
+    choice: str            # "profile", "step_lr", "distillation" or "init"
+    step_lr: float | None
+    recipe: Recipe
+    init: str
+
+
+def choice_arms(*, lr: float, step_lr: float | None, recipe: Recipe, init: str
+                ) -> list[ChoiceArm]:
+    """The profile's arm and, for each choice the study makes, the arm that makes it the other
+    way: step_lr = lr ↔ lr/10 (LSQ's rule against the old screen's), distillation on ↔ off, and
+    the step init MSE ↔ LSQ's 2⟨|w|⟩/√Q_P."""
+    same_lr = step_lr is None or math.isclose(step_lr, lr)
+    kd = recipe.distillation.enabled
+    other_init = "lsq" if init == "mse" else "mse"
+    return [
+        ChoiceArm("profile", "profile", step_lr, recipe, init),
+        ChoiceArm("step_lr = lr/10" if same_lr else "step_lr = lr", "step_lr",
+                  lr / 10 if same_lr else lr, recipe, init),
+        ChoiceArm("distillation off" if kd else "distillation on", "distillation", step_lr,
+                  replace(recipe, distillation=replace(recipe.distillation, enabled=not kd)),
+                  init),
+        ChoiceArm(f"init {other_init}", "init", step_lr, recipe, other_init),
+    ]
+
+
+def recipe_choices(fp32_model: nn.Module, bit_config: Mapping[str, int],
+                   arms: Sequence[ChoiceArm], cfg: train.TrainConfig, seeds: Sequence[int],
+                   train_loader: Any, val_loader: Iterable, *, run_dir: str | Path,
+                   **run_kw: Any) -> pd.DataFrame:
+    """Train every arm on every seed at ``bit_config`` (``train_loader(seed)`` gives a seed's
+    loader; ``run_kw`` goes to :func:`hmqat.study.runs.qat_run`, so the profile's arm with
+    notebook 03's settings is notebook 03's run, read back). One row per (arm, seed) with the
+    validation top-1 and its per-image bits; the test split is never read for a choice."""
+    if len(seeds) < 2:
+        print(f"[choices] {len(seeds)} seed: a screen, not a decision (the study decides on "
+              f"3 seeds)", flush=True)
+    fp32_key = run_kw.pop("fp32_key", None) or model_fingerprint(fp32_model)
+    rows = []
+    for arm in arms:
+        for s in seeds:
+            rec = qat_run(fp32_model, bit_config, arm.recipe, train_loader(s), val_loader,
+                          replace(cfg, seed=s, step_lr=arm.step_lr), run_dir=run_dir,
+                          init=arm.init, fp32_key=fp32_key, **run_kw).record
+            rows.append({"label": arm.label, "choice": arm.choice, "seed": s,
+                         "val_top1": rec["top1"], "correct": rec.get("correct"),
+                         "n_val": rec["n_val"], "size_mb": rec["size_mb"],
+                         "compression": rec["compression"], "bops": rec["bops"],
+                         "avg_bits": rec["avg_bits"], "wall_s": rec["wall_s"],
+                         "cached": bool(rec["cached"]), "run_id": rec["run_id"]})
+            print(f"[choices] {arm.label:>18} seed {s}: val top-1 {rec['top1']:.2f} %"
+                  + ("  (read back)" if rec["cached"] else ""), flush=True)
+    return pd.DataFrame(rows)
+
+
+def choice_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each alternative − the profile's arm, validation top-1 paired by seed, with the interval
+    over seeds and validation images (:func:`hmqat.study.reporting.paired_comparisons`)."""
+    pairs = [(a, "profile") for a in dict.fromkeys(runs["label"]) if a != "profile"]
+    table = reporting.paired_comparisons(runs, pairs, value="val_top1")
+    choice = runs.drop_duplicates("label").set_index("label")["choice"]
+    return table.assign(choice=table["a"].map(choice))
+
+
+def choice_verdict(table: pd.DataFrame) -> list[str]:
+    """One sentence per choice, saying what its interval supports: the alternative is better
+    (the profile's choice is contradicted: change params), worse (confirmed), or undecided (the
+    profile's setting stays, and the sentence says it was not decided by the data)."""
+    out = []
+    for _, r in table.iterrows():
+        head = (f"{r['choice']}: {r['a']} − profile = {r['diff']:+.2f} points validation top-1")
+        if not math.isfinite(float(r["ci_low"])):
+            out.append(head + f" ({int(r['seeds'])} seed: a screen, not a decision).")
+        elif r["ci_low"] > 0:
+            out.append(head + f", 95 % CI [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]: the "
+                       f"alternative is better; the profile's choice is contradicted: switch to "
+                       f"{r['a']} in params.")
+        elif r["ci_high"] < 0:
+            out.append(head + f", 95 % CI [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]: the "
+                       f"profile's choice is confirmed.")
+        else:
+            out.append(head + f", 95 % CI [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]: "
+                       f"undecided; the profile's setting stays, not because the data chose it.")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # Experiment 7: does ΣΩ predict the accuracy after QAT? (FIT's protocol, docs/method.md §3.3)
 # --------------------------------------------------------------------------------------------
 #: Predictors of the QAT-level check, in table order (those present in the fixed-size table).
@@ -179,6 +278,23 @@ def qat_level_configs(per_config: pd.DataFrame, n: int, *, by: str = "omega_join
     order = per_config.sort_values(by, kind="stable").reset_index(drop=True)
     picks = np.unique(np.round(np.linspace(0, len(order) - 1, n)).astype(int))
     return order.iloc[picks].reset_index(drop=True)
+
+
+def read_fixed_size(path: str | Path, n: int, *, rerun: str) -> pd.DataFrame:
+    """Notebook 01's fixed-size table (``data/sensitivity/fixed_size.csv``) for the QAT-level
+    check, read and checked before any training: the file exists and :func:`qat_level_configs`
+    can pick ``n`` configs from it. Notebook 01 writes it only with a validation split
+    (``val_size`` > 0), so a run without one fails here, naming ``rerun`` (the command that
+    writes it), instead of after the ablation runs have trained."""
+    p = Path(path)
+    if not p.exists():
+        raise AblationError(f"{p} not found: the QAT-level check (qat_level_configs={n}) trains "
+                            f"configs of notebook 01's fixed-size comparison, which 01 writes "
+                            f"only with a validation split (val_size > 0). Run `{rerun}` with "
+                            f"val_size > 0, or set qat_level_configs = 0 to skip the check")
+    frame = pd.read_csv(p)
+    qat_level_configs(frame, n)       # n within [3, configs available], before any training
+    return frame
 
 
 def qat_level_check(fp32_model: nn.Module, train_loader: Any, val_loader: Iterable,
@@ -220,9 +336,14 @@ def qat_level_verdict(out: Mapping[str, pd.DataFrame], *, steps: int,
     runs = out["runs"]
     j = k.loc["omega_joint"]
     others = k.drop(index="omega_joint").dropna(subset=["kendall_tau"])
+    spread = runs["qat_top1"].max() - runs["qat_top1"].min()
+    if others.empty or not math.isfinite(float(j["kendall_tau"])):
+        return (f"{len(runs)} configs, {steps} QAT steps: {split} top-1 "
+                f"{runs['qat_top1'].min():.2f}–{runs['qat_top1'].max():.2f} % (spread "
+                f"{spread:.2f} points). No Kendall τ is defined here (tied QAT errors or "
+                f"predictors), so this run says nothing about ΣΩ after QAT.")
     best = others["kendall_tau"].idxmax()
     b = others.loc[best]
-    spread = runs["qat_top1"].max() - runs["qat_top1"].min()
     lines = [f"{len(runs)} configs of equal size ({runs['compression'].min():.2f}–"
              f"{runs['compression'].max():.2f}×) spanning ΣΩ (joint) "
              f"{runs['omega_joint'].min():.3g}–{runs['omega_joint'].max():.3g}, one training "

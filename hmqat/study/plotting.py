@@ -62,6 +62,7 @@ __all__ = [
     "plot_single_layer",
     "plot_training_curves",
     "plot_transition_diagnostics",
+    "plot_walk",
     "predictor_label",
     "savefig",
     "use_style",
@@ -1383,4 +1384,46 @@ def plot_budget_accuracy_size(runs: pd.DataFrame, *, title: str | None = "Test t
         _titles(fig, title, subtitle)
         _legend_below(fig, handles, labels, caption="Mean over seeds; bars span the seeds.",
                       max_cols=4)
+    return fig
+
+
+def plot_walk(runs: pd.DataFrame, *, value: str = "test_top1", caption: str | None = None,
+              title: str | None = "The frontier walk against separate QAT runs",
+              subtitle: str | None = None) -> Figure:
+    """Top-1 against model size for the frontier walk (notebook 07) and its two direct arms:
+    one series per ``arm`` (marker and line style differ), the mean over seeds with bars of ±
+    one standard deviation over seeds (none with one seed), the arms drawn side by side at each
+    point's size, each point named above its highest mean. ``runs``: one row per (point, arm,
+    seed) with ``size_mb`` and ``value`` (:func:`hmqat.study.walk_study.run_row`).
+    ``caption``: text under the legend (e.g. the compute of each arm)."""
+    _require(runs, ["point", "arm", "seed", "size_mb", value], "runs")
+    agg = (runs.groupby(["arm", "point"], sort=False)
+           .agg(mean=(value, "mean"), std=(value, "std"), size_mb=("size_mb", "first"))
+           .reset_index())
+    agg["std"] = agg["std"].fillna(0.0)
+    arms = list(dict.fromkeys(runs["arm"]))
+    sizes = np.sort(agg["size_mb"].unique()) * 1024
+    dodge = 0.06 * (float(np.diff(sizes).min()) if len(sizes) > 1 else float(sizes[0]))
+    with use_style():
+        fig, ax = plt.subplots(figsize=_size(5.2, 3.6))
+        handles = []
+        for i, arm in enumerate(arms):
+            sub = agg[agg["arm"] == arm].sort_values("size_mb")
+            x = sub["size_mb"].to_numpy(float) * 1024 + (i - (len(arms) - 1) / 2) * dodge
+            handles.append(ax.errorbar(x, sub["mean"], yerr=sub["std"], marker=MARKERS[i],
+                                       ls=LINESTYLES[i], color=f"C{i}", ms=5, capsize=2,
+                                       lw=1.0))
+        for point, sub in agg.groupby("point", sort=False):
+            top = float((sub["mean"] + sub["std"]).max())
+            ax.annotate(str(point).removeprefix("HMQAT "),
+                        (float(sub["size_mb"].iloc[0]) * 1024, top), xytext=(0, 5),
+                        textcoords="offset points", ha="center", va="bottom",
+                        fontsize="x-small", color="0.25")
+        ax.margins(y=0.15)
+        ax.set_xlabel("model size (KB)")
+        ax.set_ylabel(f"{'test' if value.startswith('test') else 'validation'} top-1 (%)")
+        _titles(fig, title, subtitle)
+        note = "Mean over seeds; bars: ± 1 std over seeds; arms drawn side by side at each size."
+        _legend_below(fig, handles, arms, caption=f"{note} {caption}" if caption else note,
+                      max_cols=3)
     return fig

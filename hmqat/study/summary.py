@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: The documents whose marked blocks are generated, relative to :data:`ROOT`.
 DOCS = ("README.md", "docs/method.md")
 #: Blocks left out (empty between their markers) while their files do not exist.
-OPTIONAL_BLOCKS = ("readme-budget-axis",)
+OPTIONAL_BLOCKS = ("readme-budget-axis", "method-walk")
 
 #: Which notebook writes each result file (a path relative to the results folder; tables
 #: without their ``.csv``), for the message that names a missing file.
@@ -67,6 +67,9 @@ PRODUCERS: dict[str, str] = {
     "data/transition_experiment.json": "04_ablations",
     "data/transition_experiment.csv": "04_ablations",
     "data/transition_diagnostics.csv": "04_ablations",
+    "tables/walk_frontier": "07_frontier_walk",
+    "tables/walk_movement": "07_frontier_walk",
+    "data/walk_verdict.json": "07_frontier_walk",
     "tables/headline": "05_report",
     "tables/budget_axis": "06_budget",
     "tables/budget_accuracy": "06_budget",
@@ -78,6 +81,8 @@ SENSITIVITY_TABLES = ("single_layer_summary", "noise_summary", "additivity_summa
                       "trace_variability_picks")
 #: The budget axis's files (notebook 06): all or none.
 BUDGET_FILES = ("tables/budget_axis", "tables/budget_accuracy", "data/budget_verdict.json")
+#: Notebook 07's files (the frontier walk); the block is left out while none exists.
+WALK_FILES = ("tables/walk_frontier", "tables/walk_movement", "data/walk_verdict.json")
 #: HAWQ (V1, Dong et al., ICCV 2019), ResNet-20 on the original CIFAR-10: weights-only
 #: compression, top-1 and its FP32 top-1 (docs/method.md §8). The paper's numbers, not ours.
 HAWQ_ANCHOR = {"compression": 13.11, "top1": 92.22, "fp32": 92.37}
@@ -410,6 +415,25 @@ def _readme_budget_axis(res: _Results) -> str | None:
     ])
 
 
+def _method_walk(res: _Results) -> str | None:
+    """Notebook 07's table, the scale phases' movement and its verdict (docs/method.md §5.5)."""
+    if not any(res.has(f) for f in WALK_FILES):
+        return None
+    for f in WALK_FILES:
+        if not res.has(f):
+            raise res.missing(f)
+    verdict = res.json("data/walk_verdict.json")
+    if not isinstance(verdict, list):
+        raise SummaryError(f"{res._file('data/walk_verdict.json')} is not a list of sentences; "
+                           f"rerun notebook 07_frontier_walk")
+    return "\n".join([
+        "**The frontier walk** (notebook 07): " + _caption(res, "tables/walk_frontier"), "",
+        _markdown(res.table("tables/walk_frontier")), "",
+        "Scale-only phases: " + _caption(res, "tables/walk_movement"), "",
+        _markdown(res.table("tables/walk_movement")), "", *[f"* {line}" for line in verdict],
+    ])
+
+
 def _kendall_summary(k: pd.DataFrame) -> tuple[str, str]:
     """(τ list of joint, qerr_only and the 2-bit count; what τ(joint) − τ(qerr_only) says)."""
     k = k.set_index("predictor")
@@ -722,6 +746,7 @@ _BLOCKS = {
     "method-allocation": _method_allocation,
     "method-transitions": _method_transitions,
     "method-anchor": _method_anchor,
+    "method-walk": _method_walk,
 }
 
 
