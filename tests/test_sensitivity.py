@@ -539,3 +539,18 @@ def test_kendall_tau_b_equals_scipy_with_and_without_ties():
             got = kendall_tau_b(x, y)
             assert (np.isnan(want) and np.isnan(got)) or abs(got - want) < 1e-12
     assert np.isnan(kendall_tau_b(np.ones(5), np.arange(5.0)))
+
+
+def test_spearman_equals_scipy_with_and_without_ties():
+    from scipy import stats as st
+
+    from hmqat.sensitivity import _average_ranks, _spearman
+    rng = np.random.default_rng(1)
+    for n in (3, 9, 40):
+        for ties in (False, True):
+            x = rng.integers(0, 4, n).astype(float) if ties else rng.normal(size=n)
+            y = rng.integers(0, 3, n).astype(float) if ties else x + rng.normal(size=n)
+            assert np.array_equal(_average_ranks(x), st.rankdata(x))
+            want = st.spearmanr(x, y).statistic
+            got = _spearman(x, y)
+            assert (np.isnan(want) and np.isnan(got)) or abs(got - want) < 1e-12

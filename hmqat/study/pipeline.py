@@ -64,7 +64,7 @@ __all__ = ["KEY_OUTPUTS", "NOTEBOOKS", "PipelineError", "Study", "load_params", 
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = params.NOTEBOOKS
-PROFILES = ("smoke", "lab", "quick", "paper", "imagenet")   # lab: the notebooks' own defaults
+PROFILES = ("smoke", "lab", "quick", "extended", "paper", "imagenet")   # lab: the notebooks' own defaults
 
 
 class PipelineError(RuntimeError):

@@ -119,12 +119,12 @@ def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathL
         return False
 
     def save(name: str, df: pd.DataFrame) -> None:
+        """Each stage's CSV as soon as it is done (a crashed study resumes from them); the
+        report (tables with bootstrap CIs, figures) is written once, at the end."""
         res[name] = df
         for folder in (work, root):
             runtime.atomic_write_text(_csv(folder, name),
                                       df.to_csv(index=False, lineterminator="\n"))
-        if report is not None:
-            report(res)
 
     traces = hessian.layer_traces(model, calib, tol=trace_tol, max_probes=trace_max_probes,
                                   seed=seed, cache_dir=root / "cache", progress=progress,
