@@ -387,19 +387,32 @@ def _readme_headline(res: _Results) -> str:
                               "headline.md`)", "", _markdown(head, formats)])
 
 
-def _readme_budget_axis(res: _Results) -> str | None:
-    present = [f for f in BUDGET_FILES if res.has(f)]
-    if not present:
-        return None
-    for f in BUDGET_FILES:
+def _all_or_none(res: _Results, files: Sequence[str]) -> bool:
+    """True when every one of an optional block's ``files`` exists, False when none does; a
+    partial set names the first missing file and the notebook that writes it."""
+    if not any(res.has(f) for f in files):
+        return False
+    for f in files:
         if not res.has(f):
             raise res.missing(f)
+    return True
+
+
+def _sentences(res: _Results, name: str) -> list[str]:
+    """A verdict file: the list of sentences its notebook wrote (:data:`PRODUCERS`)."""
+    verdict = res.json(name)
+    if not isinstance(verdict, list):
+        raise SummaryError(f"{res._file(name)} is not a list of sentences; rerun notebook "
+                           f"{PRODUCERS[name]}")
+    return verdict
+
+
+def _readme_budget_axis(res: _Results) -> str | None:
+    if not _all_or_none(res, BUDGET_FILES):
+        return None
     axis = res.table("tables/budget_axis")
     acc = res.table("tables/budget_accuracy")
-    verdict = res.json("data/budget_verdict.json")
-    if not isinstance(verdict, list):
-        raise SummaryError(f"{res._file('data/budget_verdict.json')} is not a list of sentences; "
-                           f"rerun notebook 06_budget")
+    verdict = _sentences(res, "data/budget_verdict.json")
     cells = acc.assign(cell=[f"{m:.2f} ± {s:.2f}" if pd.notna(s) else f"{m:.2f}"
                              for m, s in zip(acc["test_top1"], acc["std"])])
     wide = cells.pivot_table(index="label", columns="budget", values="cell", aggfunc="first",
@@ -417,15 +430,9 @@ def _readme_budget_axis(res: _Results) -> str | None:
 
 def _method_walk(res: _Results) -> str | None:
     """Notebook 07's table, the scale phases' movement and its verdict (docs/method.md §5.5)."""
-    if not any(res.has(f) for f in WALK_FILES):
+    if not _all_or_none(res, WALK_FILES):
         return None
-    for f in WALK_FILES:
-        if not res.has(f):
-            raise res.missing(f)
-    verdict = res.json("data/walk_verdict.json")
-    if not isinstance(verdict, list):
-        raise SummaryError(f"{res._file('data/walk_verdict.json')} is not a list of sentences; "
-                           f"rerun notebook 07_frontier_walk")
+    verdict = _sentences(res, "data/walk_verdict.json")
     return "\n".join([
         "**The frontier walk** (notebook 07): " + _caption(res, "tables/walk_frontier"), "",
         _markdown(res.table("tables/walk_frontier")), "",
