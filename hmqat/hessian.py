@@ -998,6 +998,9 @@ def layer_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
 # --------------------------------------------------------------------------------------------
 #: Largest |vᵀHv − vᵀGv| / |vᵀHv| that :func:`gauss_newton_traces`' check accepts as rounding.
 GN_CHECK_RTOL = 1e-3
+#: Absolute floor of that check, as a fraction of vᵀJᵀJv/N (the logits' own change): below it
+#: both sides are round-off, as for a softmax saturated on every image (e.g. random weights).
+GN_CHECK_ATOL = 1e-6
 #: Per-image gradients held at once by :func:`gauss_newton_traces` (images × cotangents ×
 #: measured weights, in elements; 64 M ≈ 256 MB in float32): cotangents go in blocks below it.
 GN_MAX_ELEMENTS = 64_000_000
@@ -1085,7 +1088,10 @@ def _gn_check(model: nn.Module, criterion: Callable, x: torch.Tensor, y: torch.T
         (g,) = torch.autograd.grad(criterion(logits(wg), y), wg, create_graph=True)
         (hv,) = torch.autograd.grad(g, wg, grad_outputs=v)
         vhv = float(torch.vdot(hv.reshape(-1), v.reshape(-1)))
-        if abs(vhv - vgv) > GN_CHECK_RTOL * max(abs(vhv), 1e-30):
+        # the floor: round-off against the curvature an unsaturated softmax would give the same
+        # logit change (||u||²/N); a saturated softmax leaves vᵀHv and vᵀGv both at round-off
+        floor = GN_CHECK_ATOL * float((u.detach() ** 2).sum()) / max(len(u), 1)
+        if abs(vhv - vgv) > GN_CHECK_RTOL * max(abs(vhv), abs(vgv)) + floor:
             raise NotPiecewiseLinearError(
                 f"layer {name.removesuffix('.weight')!r}: vᵀHv = {vhv:.6g} but the Gauss-Newton "
                 f"part vᵀGv = {vgv:.6g} of the loss {_criterion_name(criterion)} (a per-sample "

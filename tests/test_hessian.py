@@ -336,6 +336,21 @@ def test_gauss_newton_refuses_a_smooth_net_naming_the_layer():
         hessian.gauss_newton_traces(mlp(), make_batches((5,)))
 
 
+def test_gauss_newton_accepts_a_saturated_softmax_where_both_sides_are_round_off():
+    """Huge logits (every image's softmax one-hot, as after a few steps from random weights):
+    vᵀHv and vᵀGv are both ~1e-27, their ratio is noise, and the traces are ~0 either way."""
+    model, batches = TinyCNN(), make_batches((2, 5, 5), sizes=(6,))
+    with torch.no_grad():
+        model.fc.weight.mul_(1e4)
+        model.fc.bias.zero_()
+    x, y = batches[0]
+    y = model(x).argmax(1)          # the saturated class is the label: p ≈ one-hot on y
+    df = hessian.gauss_newton_traces(model, [(x, y)])
+    assert df.attrs["checked"] and (df["trace"].abs() < 1e-6).all()
+    with pytest.raises(HessianError, match="not piecewise linear"):   # a smooth net still fails
+        hessian.gauss_newton_traces(mlp(), make_batches((5,)))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"projections": 1}, "projections=1; use None"),
     ({"micro_batch": 0}, "micro_batch=0; use a positive int"),

@@ -200,7 +200,7 @@ def run_study(model: nn.Module, train_ds: Any, val_ds: Any, root: str | os.PathL
             fs = pd.read_csv(_csv(work, "fixed_size_partial"))
         if fs is not None:
             res["frontier"] = with_fixed_size_randoms(res["frontier"], fs, target_compression)
-    if "variability" in stages and not done("variability_picks"):
+    if "variability" in stages and variability_sets > 0 and not done("variability_picks"):
         n_sets = variability_sets
         pool = hdata.calibration_subset(train_ds, min(len(train_ds), n_sets * calib_samples),
                                         seed=seed + 1000)
