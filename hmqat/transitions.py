@@ -530,10 +530,12 @@ class PrecisionTransition(Callback):
 
     Run records (checkpointed by :func:`hmqat.train.fit`): ``events`` (one per stage start:
     step, stage, widths changed, the task loss of the step before and of the first step at the
-    new stage) and ``diagnostics`` (one row per changed weight quantizer: step / MSE-optimal
-    step after the re-init and for the carried range, zero-code fraction, error ratio; plus a
-    row per layer at the end of every scale-only phase and at the end of training, and BN
-    drift rows, ``kind="bn"``).
+    new stage; with a scale-only phase also how far it moved the changed weight steps,
+    ``step_median`` and ``step_max`` of |s_end/s_start − 1| over every channel's step, as
+    :func:`step_movement` measures the frontier walk's phase) and ``diagnostics`` (one row per
+    changed weight quantizer: step / MSE-optimal step after the re-init and for the carried
+    range, zero-code fraction, error ratio; plus a row per layer at the end of every scale-only
+    phase and at the end of training, and BN drift rows, ``kind="bn"``).
     """
 
     def __init__(self, config: TransitionConfig | None = None, *,
@@ -562,6 +564,10 @@ class PrecisionTransition(Callback):
         self._starts: list[int] = []
         self._warmup_steps = 0
         self._total = 0
+        # the changed weight steps at the start of the open scale-only phase (after the re-init)
+        # and the index of its stage's event; closed by _close_phase
+        self._phase_start: dict[str, torch.Tensor] = {}
+        self._phase_event = -1
 
     # -- schedule ------------------------------------------------------------------------------
     def stage_starts(self, steps_per_epoch: int, epochs: int) -> list[int]:
@@ -692,7 +698,9 @@ class PrecisionTransition(Callback):
         record the diagnostics."""
         label = self.stages[k][1]
         model = state.model
+        self._close_phase(model)      # a phase cut short by this stage ends here
         changed, acts = 0, []
+        start: dict[str, torch.Tensor] = {}
         for key, (q, weight) in self._quantizers(model).items():
             new = self.bits_for(label, self.targets[key])
             old = q.bits if q.enabled else None
@@ -717,6 +725,7 @@ class PrecisionTransition(Callback):
                 q.set_bits(new, mode)         # lazily from the next training batch
             state.optimizer.state.pop(q.step, None)
             if weight is not None:
+                start[key.rsplit(".", 1)[0]] = q.step.detach().clone()
                 self.diagnostics.append({
                     "step": state.step, "stage": k, "when": "transition", "kind": "weight",
                     "layer": key.rsplit(".", 1)[0], "bits_old": old, "bits": new,
@@ -731,6 +740,21 @@ class PrecisionTransition(Callback):
         self.events.append({"step": state.step, "epoch": state.epoch, "stage": k,
                             "bits": label, "changed": changed, "loss_before": self._last_loss,
                             "loss_after": None})
+        if start and self.config.scale_only_steps and label != "fp32":
+            self._phase_start, self._phase_event = start, len(self.events) - 1
+
+    def _close_phase(self, model: nn.Module) -> None:
+        """Record on the open scale-only phase's event how far it moved the changed weight
+        steps (:func:`step_movement`: ``step_median``, ``step_max``), then close it."""
+        if not self._phase_start:
+            return
+        layers = quant.quantized_layers(model)
+        moved = step_movement(self._phase_start,
+                              {n: layers[n].weight_quantizer.step for n in self._phase_start})
+        self.events[self._phase_event].update(step_median=moved["step_median"],
+                                              step_max=moved["step_max"],
+                                              step_layers=len(self._phase_start))
+        self._phase_start, self._phase_event = {}, -1
 
     def _snapshot(self, state: TrainState, when: str) -> None:
         """Diagnostics rows of every active weight quantizer now (end of a phase or of training)."""
@@ -749,7 +773,9 @@ class PrecisionTransition(Callback):
         self._last_loss = state.loss
         if self.in_scale_only(step) and not self.in_scale_only(step + 1):
             self._snapshot(state, "scale_only_end")
+            self._close_phase(state.model)
         if step + 1 == self._total:
+            self._close_phase(state.model)         # a phase that lasts to the end of training
             self._snapshot(state, "end")
             self._freeze_weights(state, False)     # hand back a model whose weights train
         self._set_lr_mult(state, step + 1)   # the loop reads lr_mult before the next step
@@ -765,7 +791,9 @@ class PrecisionTransition(Callback):
         return {"targets": dict(self.targets), "applied": self.applied,
                 "events": [dict(e) for e in self.events],
                 "diagnostics": [dict(d) for d in self.diagnostics],
-                "last_loss": self._last_loss}
+                "last_loss": self._last_loss,
+                "phase_start": {k: v.detach().clone() for k, v in self._phase_start.items()},
+                "phase_event": self._phase_event}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.targets = dict(state["targets"])
@@ -773,6 +801,10 @@ class PrecisionTransition(Callback):
         self.events = [dict(e) for e in state["events"]]
         self.diagnostics = [dict(d) for d in state["diagnostics"]]
         self._last_loss = state["last_loss"]
+        # checkpoints written before the phase movement was recorded have neither key
+        self._phase_start = {k: v.detach().clone()
+                             for k, v in (state.get("phase_start") or {}).items()}
+        self._phase_event = int(state.get("phase_event", -1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1257,6 +1289,8 @@ class Recipe:
         if t.enabled:
             sched = "→".join(f"{bits}@{at:g}" for at, bits in t.stages)
             extra = f", scale-only {t.scale_only_steps}" if t.scale_only_steps else ""
+            if t.scale_only_steps and t.scale_only_lr_mult != 1:
+                extra += f" at step lr x{t.scale_only_lr_mult:g}"
             parts.append(f"transitions({sched} {t.unit}, {t.reinit}{extra})")
         if o.dampen:
             parts.append(f"dampen(λ {o.dampen_weight:g}→{o.dampen_weight_final:g})")

@@ -313,6 +313,11 @@ else:
 #   (`transition_workers`). With two seeds $t_{0.975,1} = 12.7$, so the interval is wide unless
 #   the two seeds agree almost exactly: the lab rehearses the protocol; the quick profile's run
 #   (docs/method.md §7.1) is the evidence.
+# * **An earlier screen.** The ladder rows here run at the step_lr chosen above, and their
+#   scale-only phases at that rate; in the quick run those phases barely moved the steps
+#   (issue 26). Notebook 07 §8 re-tests the chosen ladder arm fairly, at the main line's step_lr
+#   and with a scale-phase rate screened to move the steps (docs/method.md §5.5), and that
+#   re-test replaces these rows as the ladder's evidence.
 
 # %%
 if transition_experiment:

@@ -639,3 +639,46 @@ def test_resume_in_the_middle_of_a_scale_only_phase_is_bit_identical(tmp_path):
     assert cbs[0].state_dict() == ref_cbs[0].state_dict()
     assert cbs[-1].state_dict() == ref_cbs[-1].state_dict()
     assert [e["step"] for e in cbs[0].events] == [0, 2]
+
+
+def test_each_scale_only_phase_records_how_far_it_moved_the_changed_steps():
+    """events[k] of a stage with a scale-only phase carries the median and max of
+    |s_end / s_start − 1| over every channel's step of the weight quantizers that stage changed
+    (as transitions.step_movement measures the frontier walk's phase), recomputed here from the
+    steps a probe saw: s_start before the phase's first step, s_end before the step after it."""
+    import numpy as np
+
+    def run(callbacks, steps):      # FP activations: Tiny's 4-bit activations stop the
+        cfg = train.TrainConfig(epochs=1, lr=0.01, step_lr=0.01, max_steps_per_epoch=steps)
+        train.qat(_fp32(), CONFIG, _loader(16 * steps), None, cfg, a_bits=None,
+                  callbacks=callbacks)          # conv gradients (all codes clip)
+
+    pt = PT([(0, 8), (4, "target")], unit="step", reinit="data", fp32_exit="data",
+            scale_only_steps=2, scale_only_lr_mult=20.0, warmup=0, batches=_batches(2))
+    probe = Probe()
+    run([pt, probe], 8)
+    rows = probe.rows
+    # stage 0 (8 bit) changes conv2 (4 -> 8) and conv3 (2 -> 8); stage 1 moves them to target
+    for ev, start, end in ((pt.events[0], 0, 2), (pt.events[1], 4, 6)):
+        r = np.concatenate([(rows[end][n][1].double() / rows[start][n][1].double() - 1).abs()
+                            .reshape(-1).numpy() for n in ("conv2", "conv3")])
+        assert ev["step_layers"] == 2
+        assert ev["step_median"] == pytest.approx(float(np.median(r)), rel=1e-12)
+        assert ev["step_max"] == pytest.approx(float(r.max()), rel=1e-12)
+        assert ev["step_median"] > 0
+    # a stage whose phase is cut short by the next stage start is closed there
+    cut = PT([(0, 8), (1, "target")], unit="step", reinit="data", fp32_exit="data",
+             scale_only_steps=3, warmup=0, batches=_batches(2))
+    class After(train.Callback):      # the steps after each optimizer step
+        rows: list = []
+
+        def on_after_step(self, state):
+            self.rows.append({n: l.weight_quantizer.step.detach().clone()
+                              for n, l in quant.quantized_layers(state.model).items()})
+
+    probe, after = Probe(), After()
+    run([cut, probe, after], 5)
+    r = np.concatenate([(after.rows[0][n].double() / probe.rows[0][n][1].double() - 1).abs()
+                        .reshape(-1).numpy() for n in ("conv2", "conv3")])
+    assert cut.events[0]["step_median"] == pytest.approx(float(np.median(r)), rel=1e-12)
+    assert "step_median" in cut.events[1] and cut.state_dict()["phase_start"] == {}

@@ -4,6 +4,7 @@ schedules, table, compute, movement, screen and verdict against hand computation
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -374,6 +375,250 @@ def test_plot_walk_refuses_runs_without_the_arm_column():
 
 
 # --------------------------------------------------------------------------------------------
+# The old ladder, re-tested fairly (issue 26, item 3)
+# --------------------------------------------------------------------------------------------
+def test_ladder_arm_is_notebook_04s_choice_at_the_main_lines_step_lr():
+    from hmqat.transitions import Recipe
+
+    arm = walk_study.ladder_arm(scale_only_steps=26, scale_lr_mult=500.0)
+    assert walk_study.LADDER_CHOICE == "data+so/8>T/step_lr=lr/10+bn"
+    assert (arm.name, arm.reinit, arm.ladder, arm.scale_only_steps, arm.step_warmup,
+            arm.bn_end, arm.step_lr_mult, arm.scale_only_lr_mult) == (
+        "data+so/8>T+bn", "data", (8,), 26, 0, True, None, 500.0)   # None: cfg's step_lr
+    base = Recipe.from_dict({"distillation": {"enabled": True}})
+    t = arm.recipe(base, 390, 325)
+    assert t.transition.stages == ((0, 8), (65, "target")) and t.transition.reinit == "data"
+    assert t.transition.scale_only_lr_mult == 500.0 and t.bn.at_end and t.distillation.enabled
+    assert "scale-only 26 at step lr x500" in t.describe()
+    # the new field at its default gives notebook 04's recipe exactly (the same run ids)
+    old = walk_study.ladder_arm("data+so/8>4>T", scale_only_steps=20, scale_lr_mult=1.0)
+    assert old.recipe(base, 300, 250) == base.updated({"bn": {"at_end": False}, "transition": {
+        "enabled": True, "unit": "step", "reinit": "data", "fp32_exit": "data",
+        "stages": ((0, 8), (25, 4), (50, "target")), "scale_only_steps": 20, "step_warmup": 0}})
+    assert old.name == "data+so/8>4>T" and not old.bn_end
+
+
+@pytest.mark.parametrize("choice, kw, message", [
+    ("lsq/step_lr=lr", {}, r"'lsq' is not one of notebook 04's screening arms"),
+    ("data+so/none", {}, r"has no ladder; the re-test needs a ladder arm with a scale-only "),
+    ("range/8>T+bn", {}, r"has no scale-only phase; the re-test needs"),
+    ("data+so/8>T", {"scale_only_steps": 0}, r"scale_only_steps=0; the re-test needs a "),
+    ("data+so/8>T", {"scale_lr_mult": 0.0}, r"scale_lr_mult=0.0; use a multiplier > 0"),
+    ("", {}, r"ladder choice ''; give notebook 04's arm name"),
+])
+def test_ladder_arm_refuses_what_is_not_a_ladder_with_a_scale_phase(choice, kw, message):
+    with pytest.raises(WalkStudyError, match=message):
+        walk_study.ladder_arm(choice, **{"scale_only_steps": 5, "scale_lr_mult": 2.0, **kw})
+
+
+@pytest.mark.parametrize("total, want", [(300, (50, 20)), (390, (65, 26)), (80, (13, 5)),
+                                         (2, (1, 1)), (3, (1, 1)), (12, (2, 1))])
+def test_ladder_schedule_keeps_notebook_04s_shares(total, want):
+    # by hand: round(total / 6) steps at 8 bit, round(total / 15) scale-only steps, >= 1 each
+    assert walk_study.ladder_schedule(total) == want
+    pre, scale = want
+    assert 1 <= scale <= pre < total
+
+
+def test_ladder_schedule_refuses_a_run_too_short_for_a_ladder():
+    for bad in (1, 0, True, 2.5):
+        with pytest.raises(WalkStudyError, match=r"a ladder needs an int >= 2"):
+            walk_study.ladder_schedule(bad)
+
+
+def test_ladder_points_are_02s_pick_and_03s_uniform_w2a4(problem):
+    model, prob = problem
+    points = walk_study.ladder_points(prob, model, seeds=[0, 1, 2])
+    assert [label for label, _ in points] == ["HMQAT 10.34x", "uniform W2A4"]
+    assert points[0][1] == search.select(prob.frontier(), min_compression=10.34)["config"]
+    assert points[1][1] == quant.uniform_config(model, 2)
+    one = walk_study.ladder_points(prob, model, seeds=[0])     # one seed: the screen point only
+    assert one == points[:1]
+
+
+def _ladder_record(bits: list[int], medians: list[float | None], *, size: float = 0.1) -> dict:
+    rec = _record(bits, size=size)
+    rec["transition_events"] = [
+        {"step": 5 * i, "stage": i, "bits": [8, "target"][i], "changed": 3,
+         **({} if m is None else {"step_median": m, "step_max": 3 * m})}
+        for i, m in enumerate(medians)]
+    return rec
+
+
+def test_ladder_phases_and_screen_rows_from_the_recorded_events():
+    rec = _ladder_record([1] * 7 + [0] * 3, [0.05, 0.004])
+    phases = walk_study.ladder_phases(rec)
+    assert phases == [
+        {"stage": 0, "bits": "8", "step": 0, "median step change %": pytest.approx(5.0),
+         "max step change %": pytest.approx(15.0), "moved": True},
+        {"stage": 1, "bits": "target", "step": 5, "median step change %": pytest.approx(0.4),
+         "max step change %": pytest.approx(1.2), "moved": False}]
+    row = walk_study.ladder_screen_row(2.0, rec)
+    assert row == {"scale_lr": 2.0, "val_top1": 70.0,
+                   "min median step change %": pytest.approx(0.4), "moved": False,
+                   "status": "a phase moved < threshold"}
+    assert walk_study.ladder_screen_row(2.0, rec, threshold=0.003)["moved"] is True
+    assert walk_study.ladder_phases(_ladder_record([1] * 10, [None, None])) == []
+    with pytest.raises(WalkStudyError, match=r"records no scale-only phase movement"):
+        walk_study.ladder_screen_row(2.0, _ladder_record([1] * 10, [None, None]))
+    div = walk_study.ladder_screen_row(8.0, None, diverged=DIVERGED)
+    assert div["status"] == "diverged: loss became nan at epoch 1, step 2 (global step 1)"
+
+
+def test_ladder_rate_moved_or_the_most_movement_with_a_warning():
+    rows = [walk_study.ladder_screen_row(0.5, _ladder_record([1] * 9 + [0], [0.02, 0.004])),
+            walk_study.ladder_screen_row(2.0, _ladder_record([1] * 8 + [0] * 2, [0.05, 0.012])),
+            walk_study.ladder_screen_row(8.0, _ladder_record([1] * 7 + [0] * 3, [0.2, 0.05])),
+            walk_study.ladder_screen_row(32.0, None, diverged=DIVERGED)]
+    lr, note = walk_study.choose_ladder_scale_lr(pd.DataFrame(rows), where="at HMQAT 10.34x")
+    assert lr == 2.0 and note == (
+        "ladder scale_lr = 2: the best validation top-1 at HMQAT 10.34x (80.00 %) among the 2 of "
+        "4 screened rates whose scale phases all moved the steps; 0.5 left out (a scale phase "
+        "moved < 1%); 32 left out (the walk diverged).")
+    # none moved: the rate that moved most runs, named as not the fair re-test
+    lr, note = walk_study.choose_ladder_scale_lr(pd.DataFrame([rows[0], rows[3]]))
+    assert lr == 0.5 and note == (
+        "ladder scale_lr = 0.5: no screened rate moved every scale phase by a median >= 1% "
+        "(smallest median per rate: 0.5: 0.4 %, 32: diverged); the decision runs at the rate "
+        "that moved the steps most and is NOT the fair re-test: add larger rates to "
+        "walk_screen_scale_lrs.")
+    with pytest.raises(WalkStudyError, match=r"every screened ladder scale_lr diverged \(32\)"):
+        walk_study.choose_ladder_scale_lr(pd.DataFrame([rows[3]]))
+
+
+#: Per-image test bits of the re-test by (arm, point): three seeds of ten images each.
+LADDER_BITS = {
+    (walk_study.LSQ, "HMQAT 10.34x"): [[1, 1, 1, 0, 0, 1, 1, 0, 1, 1],
+                                       [1, 1, 0, 0, 1, 1, 1, 0, 1, 1],
+                                       [1, 0, 1, 0, 1, 1, 1, 0, 1, 1]],
+    (walk_study.LADDER, "HMQAT 10.34x"): [[1, 1, 1, 0, 0, 1, 1, 0, 1, 0],
+                                          [1, 1, 0, 0, 1, 1, 0, 0, 1, 1],
+                                          [1, 0, 1, 0, 0, 1, 1, 0, 1, 1]],
+    (walk_study.LSQ, "uniform W2A4"): [[1, 0, 1, 0, 0, 1, 0, 0, 1, 1],
+                                       [1, 1, 0, 0, 0, 1, 0, 0, 1, 1],
+                                       [0, 1, 1, 0, 0, 1, 0, 0, 1, 1]],
+    (walk_study.LADDER, "uniform W2A4"): [[1, 0, 1, 0, 0, 1, 0, 0, 1, 1],
+                                          [1, 1, 0, 0, 0, 1, 0, 0, 1, 1],
+                                          [0, 1, 1, 0, 0, 1, 0, 0, 1, 0]],
+}
+
+
+def _ladder_runs() -> pd.DataFrame:
+    rows = []
+    for (arm, point), per_seed in LADDER_BITS.items():
+        for seed, bits in enumerate(per_seed):
+            if arm == walk_study.LSQ:
+                rows.append(walk_study.ladder_row(point, arm, seed, _record(bits, size=0.1), 390))
+            else:     # seed 2's target phase at W2A4 moved too little
+                small = point == "uniform W2A4" and seed == 2
+                rec = _ladder_record(bits, [0.08, 0.005 if small else 0.02])
+                rows.append(walk_study.ladder_row(point, arm, seed, rec, 390,
+                                                  steps_at_target=325, scale_lr=2.0))
+    return pd.DataFrame(rows)
+
+
+def test_ladder_table_is_the_paired_eq_v_interval_at_equal_total_steps():
+    runs_ = _ladder_runs()
+    table = walk_study.ladder_table(runs_)
+    assert table["point"].tolist() == ["HMQAT 10.34x", "uniform W2A4"]
+    first = table.iloc[0]
+    # by hand: plain LSQ 21/30 correct, the ladder 18/30
+    assert (first["plain LSQ"], first["ladder"]) == pytest.approx((70.0, 60.0))
+    want = stats.crossed_paired_difference(
+        100.0 * np.array(LADDER_BITS[walk_study.LADDER, "HMQAT 10.34x"], dtype=float),
+        100.0 * np.array(LADDER_BITS[walk_study.LSQ, "HMQAT 10.34x"], dtype=float))
+    assert first["diff"] == pytest.approx(-10.0) == pytest.approx(want.mean)
+    assert (first["ci_low"], first["ci_high"]) == pytest.approx((want.low, want.high))
+    assert (first["seeds"], first["images"], first["interval"]) == (3, 10, "seeds × images")
+    assert (first["total steps"], first["ladder steps at target"], first["scale lr"]) == \
+        (390, 325, 2.0)
+    assert first["min median step change %"] == pytest.approx(2.0)
+    assert table["phases moved"].tolist() == ["6 of 6", "5 of 6"]
+    mv = walk_study.ladder_movement(runs_)
+    assert len(mv) == 12 and mv["stage"].tolist()[:2] == ["8 bit", "target"]
+    assert mv[mv["moved"] == "no"][["point", "seed", "stage"]].values.tolist() == [
+        ["uniform W2A4", 2, "target"]]
+    assert mv["median step change %"].tolist()[:2] == pytest.approx([8.0, 2.0])
+
+
+def test_ladder_table_refuses_unequal_total_steps_and_a_missing_arm():
+    runs_ = _ladder_runs()
+    with pytest.raises(WalkStudyError, match=r"point 'HMQAT 10.34x' has no \['plain LSQ'\] run"):
+        walk_study.ladder_table(runs_[runs_["label"] != walk_study.LSQ])
+    runs_.loc[runs_["label"] == walk_study.LSQ, "steps"] = 455
+    with pytest.raises(WalkStudyError) as err:
+        walk_study.ladder_table(runs_)
+    assert str(err.value) == ("point 'HMQAT 10.34x': the ladder trained 390 steps, plain LSQ "
+                              "455; the re-test compares them at equal total steps")
+    with pytest.raises(WalkStudyError, match=r"arm 'walk' is not one of \['ladder', "):
+        walk_study.ladder_row("P", WALK, 0, _record([1] * 10, size=0.1), 2)
+
+
+def _ladder_table(rows: list[tuple]) -> pd.DataFrame:
+    return pd.DataFrame([{"point": p, "seeds": n, "diff": d, "ci_low": lo, "ci_high": hi,
+                          "phases moved": moved, "min median step change %": 2.5}
+                         for p, n, d, lo, hi, moved in rows])
+
+
+def test_ladder_verdict_every_interval_excludes_the_goal():
+    out = walk_study.ladder_verdict(_ladder_table([
+        ("HMQAT 10.34x", 3, -0.3, -0.5, -0.1, "6 of 6"),
+        ("uniform W2A4", 3, 0.2, 0.05, 0.35, "6 of 6")]))
+    assert out == [
+        "HMQAT 10.34x: ladder − plain LSQ -0.30 [-0.50, -0.10] pt over 3 seeds: the interval "
+        "excludes +0.5: no +0.5 pt gain; the ladder is worse than plain LSQ; scale phases moved "
+        "the steps by a median of at least 2.50 % (6 of 6 moved).",
+        "uniform W2A4: ladder − plain LSQ +0.20 [+0.05, +0.35] pt over 3 seeds: the interval "
+        "excludes +0.5: no +0.5 pt gain; a smaller gain; scale phases moved the steps by a "
+        "median of at least 2.50 % (6 of 6 moved).",
+        "Goal decided: every interval excludes +0.5; the re-tested ladder, at the main line's "
+        "step_lr and with scale phases that move the steps, does not gain +0.5 pt over plain "
+        "LSQ at equal total steps at any point. Plain LSQ (+ KD) stays the main line."]
+
+
+def test_ladder_verdict_a_gain_and_the_undecided_cases():
+    out = walk_study.ladder_verdict(_ladder_table([
+        ("HMQAT 10.34x", 3, 0.8, 0.6, 1.0, "6 of 6"),
+        ("uniform W2A4", 3, 0.3, -0.1, 0.7, "6 of 6")]))
+    assert "a gain of at least +0.5 pt with the interval above 0" in out[0]
+    assert "undecided: the interval holds +0.5" in out[1]
+    assert out[-1] == ("Goal decided: the re-tested ladder gains >= +0.5 pt with the interval "
+                       "above 0 at HMQAT 10.34x.")
+    out = walk_study.ladder_verdict(_ladder_table([
+        ("HMQAT 10.34x", 3, 0.6, -0.1, 1.3, "6 of 6"),
+        ("uniform W2A4", 1, 0.9, math.nan, math.nan, "2 of 2")]))
+    assert "undecided: the interval holds +0.5" in out[0]
+    assert out[1] == ("uniform W2A4: ladder − plain LSQ +0.90 pt on 1 seed, no interval: a "
+                      "screen, not a decision; scale phases moved the steps by a median of at "
+                      "least 2.50 % (2 of 2 moved).")
+    assert out[-1] == ("Goal undecided: one seed gives no interval at uniform W2A4 (the decision "
+                       "runs >= 2 seeds); the interval holds +0.5 or reaches 0 at HMQAT 10.34x "
+                       "(more seeds would decide).")
+
+
+def test_ladder_verdict_names_a_scale_phase_that_did_not_move():
+    out = walk_study.ladder_verdict(_ladder_table([
+        ("HMQAT 10.34x", 3, -0.3, -0.5, -0.1, "6 of 6"),
+        ("uniform W2A4", 3, -1.0, -1.3, -0.7, "5 of 6")]))
+    assert out[-2] == ("Not the fair re-test at uniform W2A4: a scale phase moved the steps by a "
+                       "median below the required 1 %; screen larger rates.")
+    assert out[-1] == ("Goal undecided: a scale phase did not move the steps at uniform W2A4.")
+
+
+def test_earlier_scale_movement_of_notebook_04s_phases():
+    diag = pd.DataFrame({"when": ["transition", "scale_only_end", "scale_only_end",
+                                  "scale_only_end", "end"],
+                         "kind": ["weight", "weight", "weight", "bn", "weight"],
+                         "step_ratio": [1.0, 1.002, 0.97, math.nan, 1.5]})
+    got = walk_study.earlier_scale_movement(diag)
+    assert got["rows"] == 2
+    assert got["median %"] == pytest.approx((0.2 + 3.0) / 2)
+    assert got["max %"] == pytest.approx(3.0)
+    assert walk_study.earlier_scale_movement(pd.DataFrame()) is None
+    assert walk_study.earlier_scale_movement(diag[diag["when"] != "scale_only_end"]) is None
+
+
+# --------------------------------------------------------------------------------------------
 # Notebook 07 end to end
 # --------------------------------------------------------------------------------------------
 SMOKE = {"results_dir": "", "profile": "smoke", "arch": "resnet20", "dataset": "synthetic",
@@ -480,3 +725,42 @@ def test_notebook_07_runs_end_to_end(executed):
     # seed 0: rate 3's five points, rate 5's four more (point 0 is shared), none of rate 20
     # (it diverged in its first transition); seed 1: five
     assert len(hmq) == 5 + 4 + 5
+
+
+def test_notebook_07_re_tests_the_ladder(executed):
+    """Section 8: the ladder screen, the decision runs paired with plain LSQ (the walk's
+    study-budget runs at 10.34x, read back), the movement of every scale phase, the verdict."""
+    root, nb = executed
+    screen = pd.read_csv(root / "tables" / "ladder_screen.csv", comment="#")
+    # a random-init ResNet-20 on synthetic data: the target phase's steps hardly move at any rate
+    assert screen["scale_lr"].tolist() == [3.0, 5.0, 20.0] and not screen["moved"].any()
+    verdict = json.loads((root / "data" / "ladder_verdict.json").read_text())
+    assert verdict[0].startswith("ladder scale_lr = 5: no screened rate moved every scale phase "
+                                 "by a median >= 1% (smallest median per rate: 3: ")
+    assert verdict[0].endswith("is NOT the fair re-test: add larger rates to "
+                               "walk_screen_scale_lrs.")
+    assert verdict[-2].startswith("Not the fair re-test at HMQAT 10.34x, uniform W2A4")
+    assert verdict[-1].startswith("Goal undecided: ")
+    table = pd.read_csv(root / "tables" / "ladder_retest.csv", comment="#")
+    assert table["point"].tolist() == ["HMQAT 10.34x", "uniform W2A4"]
+    # 2 steps per run: 1 at 8 bit (its 1-step scale phase) and 1 at the target (scale-only)
+    assert table["total steps"].tolist() == [2, 2]
+    assert table["ladder steps at target"].tolist() == [1, 1]
+    assert (table["seeds"] == 2).all() and (table["interval"] == "seeds × images").all()
+    assert (table["scale lr"] == 5.0).all()
+    moves = pd.read_csv(root / "tables" / "ladder_movement.csv", comment="#")
+    assert len(moves) == 2 * 2 * 2 and moves["stage"].tolist()[:2] == ["8 bit", "target"]
+    rows = pd.DataFrame(json.loads((root / "data" / "ladder_runs.json").read_text()))
+    walk = pd.DataFrame(json.loads((root / "data" / "walk_runs.json").read_text()))
+    for s in (0, 1):   # plain LSQ at 10.34x is the walk's study-budget run there, read back
+        lsq = rows[(rows["point"] == "HMQAT 10.34x") & (rows["label"] == walk_study.LSQ)
+                   & (rows["seed"] == s)].iloc[0]
+        budget = walk[(walk["point"] == "HMQAT 10.34x") & (walk["arm"] == BUDGET)
+                      & (walk["seed"] == s)].iloc[0]
+        assert lsq["test_correct"] == budget["test_correct"] and lsq["cached"]
+    ladder = rows[rows["label"] == walk_study.LADDER]
+    assert (ladder["steps"] == rows[rows["label"] == walk_study.LSQ]["steps"].iloc[0]).all()
+    # three screened rates at 10.34x (rate 5's is seed 0's decision run), W2A4 seed 0, seed 1 x 2
+    assert len(list((root / "checkpoints" / "ladder").glob("*/result.json"))) == 3 + 1 + 2
+    text = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
+    assert "did not run notebook 04's transition experiment" in text

@@ -612,7 +612,10 @@ class TransitionArm:
     from step 0), re-initialised by ``reinit`` ("range": Eq. T1, "data": Eq. T2), with a
     ``scale_only_steps`` phase and a ``step_warmup`` (in steps) after every stage start.
     ``bn_end``: BN re-estimation after the last step. ``step_lr_mult``: step_lr = lr ×
-    this (None: the TrainConfig's step_lr).
+    this (None: the TrainConfig's step_lr). ``scale_only_lr_mult``: the steps' learning rate
+    in the scale-only phases is step_lr × this (×, like every step, the cosine factor;
+    ``transition.scale_only_lr_mult``); notebook 07's fair re-test of the ladder sets it so
+    that the phase moves the steps (docs/method.md §5.5).
     """
 
     name: str
@@ -622,6 +625,7 @@ class TransitionArm:
     step_warmup: int = 0
     bn_end: bool = False
     step_lr_mult: float | None = None
+    scale_only_lr_mult: float = 1.0
 
     def recipe(self, base: Recipe, total_steps: int, steps_at_target: int) -> Recipe:
         """``base`` with this arm's transition and BN sections for a run of ``total_steps``."""
@@ -630,7 +634,8 @@ class TransitionArm:
             changes["transition"] = {
                 "enabled": True, "unit": "step", "reinit": self.reinit, "fp32_exit": self.reinit,
                 "stages": ladder_stages(total_steps, steps_at_target, self.ladder),
-                "scale_only_steps": self.scale_only_steps, "step_warmup": self.step_warmup}
+                "scale_only_steps": self.scale_only_steps, "step_warmup": self.step_warmup,
+                "scale_only_lr_mult": self.scale_only_lr_mult}
         elif total_steps != steps_at_target:
             raise AblationError(f"arm {self.name!r} has no precision schedule, so every step is "
                                 f"at the target; got steps_at_target={steps_at_target} != "
@@ -1053,7 +1058,10 @@ def write_transition_results(out: Mapping[str, Any], study: Any, *, point: str,
     paired = out["paired"].copy()
     reporting.write_table(
         paired, study.tables / "transition_experiment",
-        caption=(f"Transition-aware fine-tuning vs plain LSQ ({study.arch}; arms screened at "
+        caption=(f"Earlier screen (the chosen ladder arm is re-tested at the main line's "
+                 f"step_lr with scale phases that move the steps in notebook 07 §8, "
+                 f"docs/method.md §5.5): transition-aware fine-tuning vs plain LSQ "
+                 f"({study.arch}; arms screened at "
                  f"{point}, then run at every point listed), seeds "
                  f"{seeds} (paired), every arm trained from the same FP32 model on train minus "
                  f"a {settings.get('val_size')}-image hold-out; choices on the hold-out (val_*), "

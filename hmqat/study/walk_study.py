@@ -16,13 +16,20 @@ The goal (:func:`walk_verdict`): the walk produces every point for at most a thi
 optimizer steps of one study-budget run per point, and each point's paired interval of a − c
 has its lower bound at or above −0.3 points. The functions here are pure (records and frames
 in, frames and sentences out), so their numbers are checked by hand in tests/test_walk_study.py.
+
+The same notebook re-tests notebook 04's precision ladder fairly (issue 26, item 3;
+docs/method.md §5.5): the ladder arm notebook 04 chose (:data:`LADDER_CHOICE`), at the main
+line's step_lr and with a scale-only phase whose rate is screened to move the steps
+(:func:`ladder_arm`, :func:`ladder_schedule`, :func:`ladder_screen_row`), against plain LSQ at
+equal total steps, paired by seed at 10.34x and uniform W2A4 (:func:`ladder_points`,
+:func:`ladder_row`, :func:`ladder_table`, :func:`ladder_movement`, :func:`ladder_verdict`).
 """
 from __future__ import annotations
 
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pandas as pd
@@ -30,9 +37,13 @@ import torch.nn as nn
 
 from .. import quant, search
 from . import reporting
+from .ablation import TransitionArm, screening_arms
 
-__all__ = ["ARMS", "BUDGET", "DEFAULT_POINTS", "EQUAL", "WALK", "Schedule", "WalkStudyError",
-           "choose_scale_lr", "compute_summary", "equal_steps_schedule", "frontier_points",
+__all__ = ["ARMS", "BUDGET", "DEFAULT_POINTS", "EQUAL", "LADDER", "LADDER_CHOICE",
+           "LADDER_SHARES", "LSQ", "Schedule", "WALK", "WalkStudyError", "choose_ladder_scale_lr",
+           "choose_scale_lr", "compute_summary", "earlier_scale_movement", "equal_steps_schedule",
+           "frontier_points", "ladder_arm", "ladder_movement", "ladder_phases", "ladder_points",
+           "ladder_row", "ladder_schedule", "ladder_screen_row", "ladder_table", "ladder_verdict",
            "movement_table", "run_row", "scale_lr_candidates", "screen_row", "walk_table",
            "walk_verdict"]
 
@@ -369,11 +380,13 @@ def scale_lr_candidates(scale_lr: float | None, screen_lrs: Sequence[float],
     return [float(x) for x in screen_lrs]
 
 
-def choose_scale_lr(screen: pd.DataFrame, *, moved_threshold: float = 0.01
+def choose_scale_lr(screen: pd.DataFrame, *, moved_threshold: float = 0.01,
+                    label: str = "walk_scale_lr", where: str = "at the last point"
                     ) -> tuple[float, str]:
-    """``(scale_lr, sentence)``: among the screened rows (:func:`screen_row`) whose every scale
-    phase moved the steps, the one with the best validation top-1 at the last point (a tie goes
-    to the smaller rate); the sentence names the rates left out and why. None moved: a
+    """``(scale_lr, sentence)``: among the screened rows (:func:`screen_row`,
+    :func:`ladder_screen_row`) whose every scale phase moved the steps, the one with the best
+    validation top-1 (``where``: at the walk's last point) (a tie goes to the smaller rate); the
+    sentence, which starts with ``label``, names the rates left out and why. None moved: a
     :class:`WalkStudyError` naming each rate's smallest median and asking for other rates."""
     _check_frame(screen, ["scale_lr", "val_top1", "moved", "min median step change %",
                           "status"], "screen")
@@ -395,7 +408,7 @@ def choose_scale_lr(screen: pd.DataFrame, *, moved_threshold: float = 0.01
                    f"{moved_threshold:.0%})" if slow else "",
                    f"; {', '.join(blew)} left out (the walk diverged)" if blew else ""])
     return float(best["scale_lr"]), (
-        f"walk_scale_lr = {best['scale_lr']:g}: the best validation top-1 at the last point "
+        f"{label} = {best['scale_lr']:g}: the best validation top-1 {where} "
         f"({best['val_top1']:.2f} %) among the {len(ok)} of {len(screen)} screened rates whose "
         f"scale phases all moved the steps{why}.")
 
@@ -473,3 +486,329 @@ def walk_verdict(table: pd.DataFrame, *, movement: pd.DataFrame | None = None,
         verdict = "not met" if missed or not cheap else "undecided"
         out.append(f"Goal {verdict}: " + "; ".join(reasons) + ".")
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# The old ladder, re-tested fairly (issue 26, item 3; docs/method.md §5.5)
+# --------------------------------------------------------------------------------------------
+#: The ladder arm notebook 04's transition experiment chose on the validation split (quick
+#: profile, ``results/quick/data/transition_experiment.json``, ``choices.final_arm``): data
+#: re-init + a scale-only phase, 8 bit → target, BN re-estimated at the end. Its step_lr part
+#: (lr/10 there) is what the re-test replaces by the main line's step_lr.
+LADDER_CHOICE = "data+so/8>T/step_lr=lr/10+bn"
+#: Notebook 04's schedule as shares of a run (quick: 50 of 300 steps above the target, a
+#: scale-only phase of 20 steps after each stage start); :func:`ladder_schedule` applies them.
+LADDER_SHARES = (50 / 300, 20 / 300)
+#: The two arms of the re-test, as its rows label them.
+LADDER, LSQ = "ladder", "plain LSQ"
+
+
+def ladder_arm(choice: str = LADDER_CHOICE, *, scale_only_steps: int,
+               scale_lr_mult: float) -> TransitionArm:
+    """The :class:`hmqat.study.ablation.TransitionArm` of notebook 04's arm name ``choice``
+    (e.g. ``"data+so/8>T/step_lr=lr/10+bn"``: one of :func:`hmqat.study.ablation.screening_arms`,
+    an optional ``/step_lr=…`` part, an optional ``+bn``) with its ladder, re-init and BN
+    switch kept, and what the fair re-test changes (docs/method.md §5.5): the step_lr part is
+    dropped (the run's TrainConfig step_lr, the main line's, applies), the scale-only phase is
+    ``scale_only_steps`` long and runs the steps at step_lr × ``scale_lr_mult``. Refuses an arm
+    without a ladder or without a scale-only phase: there is no ladder, or no scale phase, to
+    re-test."""
+    if not isinstance(choice, str) or not choice:
+        raise WalkStudyError(f"ladder choice {choice!r}; give notebook 04's arm name, e.g. "
+                             f"{LADDER_CHOICE!r}")
+    bn = choice.endswith("+bn")
+    name = (choice[:-len("+bn")] if bn else choice).split("/step_lr=", 1)[0]
+    if isinstance(scale_only_steps, bool) or not isinstance(scale_only_steps, int) \
+            or scale_only_steps < 1:
+        raise WalkStudyError(f"scale_only_steps={scale_only_steps!r}; the re-test needs a "
+                             f"scale-only phase of >= 1 step")
+    if isinstance(scale_lr_mult, bool) or not isinstance(scale_lr_mult, (int, float)) \
+            or not math.isfinite(scale_lr_mult) or scale_lr_mult <= 0:
+        raise WalkStudyError(f"scale_lr_mult={scale_lr_mult!r}; use a multiplier > 0 of the "
+                             f"step learning rate")
+    arms = {a.name: a for a in screening_arms(scale_only_steps)}
+    arm = arms.get(name)
+    if arm is None:
+        raise WalkStudyError(f"ladder choice {choice!r}: {name!r} is not one of notebook 04's "
+                             f"screening arms {sorted(arms)}")
+    if not arm.ladder or not arm.scale_only_steps:
+        raise WalkStudyError(f"ladder choice {choice!r} has "
+                             + ("no ladder" if not arm.ladder else "no scale-only phase")
+                             + "; the re-test needs a ladder arm with a scale-only phase, e.g. "
+                               "'data+so/8>T'")
+    return replace(arm, name=name + ("+bn" if bn else ""), bn_end=bn,
+                   scale_only_lr_mult=float(scale_lr_mult))
+
+
+def ladder_schedule(total_steps: int, shares: tuple[float, float] = LADDER_SHARES
+                    ) -> tuple[int, int]:
+    """``(pre_steps, scale_only_steps)`` of a ladder run of ``total_steps`` optimizer steps:
+    notebook 04's shares of a run (:data:`LADDER_SHARES`), each rounded to the nearest step
+    (Python's round), at least 1, with pre_steps <= total − 1 (one step at least at the target)
+    and the scale-only phase no longer than either stage. 300 → (50, 20), 390 → (65, 26)."""
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 2:
+        raise WalkStudyError(f"ladder_schedule: total_steps={total_steps!r}; a ladder needs an "
+                             f"int >= 2 (one step above the target, one at it)")
+    pre = min(max(1, round(total_steps * shares[0])), total_steps - 1)
+    scale = min(max(1, round(total_steps * shares[1])), pre, total_steps - pre)
+    return pre, scale
+
+
+def ladder_points(problem: search.Problem, model: nn.Module, *, seeds: Sequence[int],
+                  compression: float = 10.34, uniform_bits: int = 2, a_bits: int | None = 4,
+                  policy: str = "first_last_8") -> list[tuple[str, dict[str, int]]]:
+    """The re-test's ``[(label, bit config)]``: ``"HMQAT <compression>x"``, the lowest-Ω config
+    of at least that compression on ``problem``'s size–Ω frontier (notebook 02's pick, so
+    notebook 03's runs are read back as plain LSQ), and ``"uniform W<uniform_bits>A<a_bits>"``
+    (notebook 03's uniform baseline). With one seed only the first: one seed screens (no
+    interval), so the uniform point, which only a decision needs, is left out."""
+    try:
+        row = search.select(problem.frontier("size"), min_compression=compression)
+    except search.SearchError as exc:
+        raise WalkStudyError(f"the ladder re-test's point HMQAT {compression:g}x: {exc}") from None
+    points = [(f"HMQAT {compression:g}x", {k: int(v) for k, v in row["config"].items()})]
+    if len(seeds) >= 2:
+        uni = quant.uniform_config(model, uniform_bits, policy=policy)
+        points.append((f"uniform W{uniform_bits}" + (f"A{a_bits}" if a_bits else ""),
+                       {k: int(v) for k, v in uni.items()}))
+    return points
+
+
+def ladder_phases(record: Mapping[str, Any], *, threshold: float = 0.01
+                  ) -> list[dict[str, Any]]:
+    """The scale-only phases of one ladder run, from its record's ``transition_events``
+    (:class:`hmqat.transitions.PrecisionTransition` records each phase's movement there):
+    one dict per phase with its stage, the width it moved to, the step it started at, the
+    median and max relative change of the changed weight steps in percent, and ``moved``
+    (median >= ``threshold``, the walk's rule)."""
+    out = []
+    for ev in record.get("transition_events") or []:
+        if ev.get("step_median") is None:
+            continue
+        out.append({"stage": int(ev["stage"]), "bits": str(ev["bits"]), "step": int(ev["step"]),
+                    "median step change %": 100 * float(ev["step_median"]),
+                    "max step change %": 100 * float(ev["step_max"]),
+                    "moved": bool(ev["step_median"] >= threshold)})
+    return out
+
+
+def ladder_screen_row(scale_lr: float, record: Mapping[str, Any] | None, *,
+                      diverged: str | None = None, threshold: float = 0.01) -> dict[str, Any]:
+    """One screened ladder run (one seed, one point): the columns of :func:`screen_row`
+    (``scale_lr``, validation top-1, the smallest median step change over its scale phases,
+    ``moved``: every phase >= ``threshold``, ``status``), so :func:`choose_scale_lr` chooses
+    among them. A run that stopped on a non-finite loss is a row too (``diverged``)."""
+    if diverged is not None:
+        return screen_row(scale_lr, None, diverged=diverged)
+    phases = ladder_phases(record or {}, threshold=threshold)
+    if not phases:
+        raise WalkStudyError("the screened ladder run records no scale-only phase movement; "
+                             "train it with a scale-only phase (ladder_arm) on this hmqat")
+    moved = all(p["moved"] for p in phases)
+    return {"scale_lr": float(scale_lr), "val_top1": float(record["top1"]),
+            "min median step change %": min(p["median step change %"] for p in phases),
+            "moved": moved, "status": "moved" if moved else "a phase moved < threshold"}
+
+
+def choose_ladder_scale_lr(screen: pd.DataFrame, *, moved_threshold: float = 0.01,
+                           where: str = "") -> tuple[float, str]:
+    """``(scale_lr, sentence)`` for the ladder's decision runs from its screen
+    (:func:`ladder_screen_row` rows). Where a rate moved every phase, :func:`choose_scale_lr`'s
+    choice (the best validation top-1 among those). Where none did, the decision still runs,
+    so the re-test reports what it measured, but not as the fair re-test: the rate whose
+    smallest median moved the most (a tie: the better validation top-1, then the smaller
+    rate), and the sentence says so and names the fix. Every rate diverged: a
+    :class:`WalkStudyError`."""
+    _check_frame(screen, ["scale_lr", "val_top1", "moved", "min median step change %",
+                          "status"], "screen")
+    if screen["moved"].astype(bool).any():
+        return choose_scale_lr(screen, moved_threshold=moved_threshold, label="ladder scale_lr",
+                               where=where or "at the screened point")
+    ran = screen[~screen["status"].str.startswith("diverged")]
+    if ran.empty:
+        raise WalkStudyError(f"every screened ladder scale_lr diverged "
+                             f"({', '.join(f'{x:g}' for x in screen['scale_lr'])}); add smaller "
+                             f"rates to walk_screen_scale_lrs")
+    best = ran.sort_values(["min median step change %", "val_top1", "scale_lr"],
+                           ascending=[False, False, True]).iloc[0]
+    meds = ", ".join(f"{r['scale_lr']:g}: " + ("diverged" if r["status"].startswith("diverged")
+                                                else f"{r['min median step change %']:.3g} %")
+                     for _, r in screen.iterrows())
+    return float(best["scale_lr"]), (
+        f"ladder scale_lr = {best['scale_lr']:g}: no screened rate moved every scale phase by a "
+        f"median >= {moved_threshold:.0%} (smallest median per rate: {meds}); the decision runs "
+        f"at the rate that moved the steps most and is NOT the fair re-test: add larger rates "
+        f"to walk_screen_scale_lrs.")
+
+
+def ladder_row(point: str, arm: str, seed: int, record: Mapping[str, Any], steps: int, *,
+               steps_at_target: int | None = None, scale_lr: float | None = None,
+               threshold: float = 0.01) -> dict[str, Any]:
+    """One row of the re-test's runs frame: the point, the arm (:data:`LADDER` or :data:`LSQ`,
+    as ``label`` for :func:`hmqat.study.reporting.paired_comparisons`), the seed, validation and
+    test top-1 with their per-image bits, the accounting, the optimizer ``steps`` (total) and
+    ``steps_at_target``, the scale phase's ``scale_lr``, and for the ladder its phases
+    (:func:`ladder_phases`)."""
+    if arm not in (LADDER, LSQ):
+        raise WalkStudyError(f"arm {arm!r} is not one of {[LADDER, LSQ]}")
+    missing = [k for k in ("top1", "test_top1", "size_mb", "compression", "bops", "avg_bits")
+               if k not in record]
+    if missing:
+        raise WalkStudyError(f"the record of {point!r} ({arm}, seed {seed}) lacks {missing}; "
+                             f"the re-test needs runs with a test read (test_loader=)")
+    phases = ladder_phases(record, threshold=threshold) if arm == LADDER else []
+    return {"point": point, "label": arm, "seed": int(seed),
+            "val_top1": float(record["top1"]), "test_top1": float(record["test_top1"]),
+            "correct": record.get("correct"), "n_val": record.get("n_val"),
+            "test_correct": record.get("test_correct"), "n_test": record.get("n_test"),
+            "size_mb": float(record["size_mb"]), "compression": float(record["compression"]),
+            "bops": float(record["bops"]), "avg_bits": float(record["avg_bits"]),
+            "steps": int(steps),
+            "steps_at_target": int(steps if steps_at_target is None else steps_at_target),
+            "scale_lr": math.nan if scale_lr is None else float(scale_lr),
+            "phases": phases, "train_s": float(record.get("train_s", math.nan)),
+            "cached": bool(record.get("cached", False)), "run_id": record.get("run_id")}
+
+
+def ladder_movement(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per scale-only phase of every ladder run (point, seed, the width the stage moved
+    to, the step it started at, median and max relative change of the changed weight steps in
+    percent, moved yes/no)."""
+    _check_frame(runs, ["point", "label", "seed", "phases"], "ladder runs")
+    rows = []
+    for _, r in runs[runs["label"] == LADDER].iterrows():
+        for p in r["phases"]:
+            rows.append({"point": r["point"], "seed": int(r["seed"]),
+                         "stage": f"{p['bits']} bit" if p["bits"] != "target" else "target",
+                         "starts at step": p["step"],
+                         "median step change %": p["median step change %"],
+                         "max step change %": p["max step change %"],
+                         "moved": "yes" if p["moved"] else "no"})
+    if not rows:
+        raise WalkStudyError("the ladder runs record no scale-only phase; nothing to show")
+    return pd.DataFrame(rows)
+
+
+def ladder_table(runs: pd.DataFrame, *, value: str = "test_top1",
+                 confidence: float = 0.95) -> pd.DataFrame:
+    """One row per point (in the order of ``runs``): the mean ``value`` of plain LSQ and of the
+    ladder over seeds, ladder − plain LSQ paired by seed with its ``confidence`` interval
+    (:func:`hmqat.study.reporting.paired_comparisons`: Eq. V over seeds × images when the rows
+    carry per-image bits, docs/method.md §8; NaN with one seed), the total optimizer steps
+    (refused unless both arms trained the same number: the comparison is at equal total steps),
+    the ladder's steps at the target width, the scale phase's rate, the smallest median step
+    change over its phases and how many phases moved."""
+    _check_frame(runs, ["point", "label", "seed", value, "size_mb", "compression", "bops",
+                        "avg_bits", "steps", "steps_at_target", "scale_lr", "phases"],
+                 "ladder runs")
+    rows = []
+    for point in dict.fromkeys(runs["point"]):
+        sub = runs[runs["point"] == point]
+        lacking = [a for a in (LADDER, LSQ) if a not in set(sub["label"])]
+        if lacking:
+            raise WalkStudyError(f"point {point!r} has no {lacking} run; the re-test pairs the "
+                                 f"ladder with plain LSQ at every point")
+        arm = {a: sub[sub["label"] == a] for a in (LADDER, LSQ)}
+        steps = {a: int(_one(arm[a], "steps", f"{point} {a}")) for a in arm}
+        if steps[LADDER] != steps[LSQ]:
+            raise WalkStudyError(f"point {point!r}: the ladder trained {steps[LADDER]} steps, "
+                                 f"plain LSQ {steps[LSQ]}; the re-test compares them at equal "
+                                 f"total steps")
+        cmp = reporting.paired_comparisons(sub, [(LADDER, LSQ)], value=value,
+                                           confidence=confidence).iloc[0]
+        phases = [p for ps in arm[LADDER]["phases"] for p in ps]
+        mean = sub.groupby("label")[value].mean()
+        rows.append({
+            "point": point, "seeds": int(cmp["seeds"]), "images": int(cmp["images"]),
+            "plain LSQ": float(mean[LSQ]), "ladder": float(mean[LADDER]),
+            "diff": float(cmp["diff"]), "ci_low": float(cmp["ci_low"]),
+            "ci_high": float(cmp["ci_high"]), "total steps": steps[LADDER],
+            "ladder steps at target": int(_one(arm[LADDER], "steps_at_target",
+                                               f"{point} ladder")),
+            "scale lr": float(_one(arm[LADDER], "scale_lr", f"{point} ladder")),
+            "min median step change %": (min(p["median step change %"] for p in phases)
+                                         if phases else math.nan),
+            "phases moved": f"{sum(p['moved'] for p in phases)} of {len(phases)}",
+            "interval": cmp["interval"] or "none (1 seed)"})
+    return pd.DataFrame(rows)
+
+
+def ladder_verdict(table: pd.DataFrame, *, goal: float = 0.5) -> list[str]:
+    """Sentences, written by code, on the fair re-test of the ladder (docs/method.md §5.5;
+    the interval is §8's Eq. V over seeds × test images) against issue 26's goal: "the
+    re-tested ladder either gains >= +``goal`` pt with a CI above 0, or every CI excludes
+    +``goal``".
+
+    Per point (:func:`ladder_table`): a **gain** (ladder − plain LSQ >= ``goal`` and ci_low > 0),
+    **no +goal gain** (ci_high < ``goal``: the interval excludes it; worse than plain LSQ when
+    ci_high < 0 too), **undecided** (the interval holds +``goal``, or a gain >= ``goal`` whose
+    interval reaches 0), or **no interval** (one seed: a screen). A point whose scale phases
+    did not all move the steps by the required median is named: there the re-test is not the
+    fair one asked for. The last sentence says whether the goal is decided, and which way."""
+    _check_frame(table, ["point", "seeds", "diff", "ci_low", "ci_high", "phases moved",
+                         "min median step change %"], "ladder table")
+    out, gains, excluded, open_, screens, unmoved = [], [], [], [], [], []
+    for _, r in table.iterrows():
+        name, diff = r["point"], float(r["diff"])
+        moved, total = (int(x) for x in str(r["phases moved"]).split(" of "))
+        if moved < total:
+            unmoved.append(name)
+        phase = (f"; scale phases moved the steps by a median of at least "
+                 f"{r['min median step change %']:.2f} % ({r['phases moved']} moved)")
+        if not math.isfinite(float(r["ci_low"])):
+            screens.append(name)
+            out.append(f"{name}: ladder − plain LSQ {diff:+.2f} pt on {int(r['seeds'])} seed, "
+                       f"no interval: a screen, not a decision{phase}.")
+            continue
+        ci = _interval(diff, float(r["ci_low"]), float(r["ci_high"]))
+        head = f"{name}: ladder − plain LSQ {ci} pt over {int(r['seeds'])} seeds"
+        if diff >= goal and r["ci_low"] > 0:
+            gains.append(name)
+            what = f"a gain of at least +{goal:g} pt with the interval above 0"
+        elif r["ci_high"] < goal:
+            excluded.append(name)
+            what = (f"the interval excludes +{goal:g}: no +{goal:g} pt gain"
+                    + ("; the ladder is worse than plain LSQ" if r["ci_high"] < 0 else
+                       "; a smaller gain" if r["ci_low"] > 0 else ""))
+        else:
+            open_.append(name)
+            what = (f"undecided: the interval holds +{goal:g}" if r["ci_high"] >= goal
+                    and r["ci_low"] <= goal else f"undecided: a mean gain of at least "
+                    f"+{goal:g} whose interval reaches 0")
+        out.append(f"{head}: {what}{phase}.")
+    if unmoved:
+        out.append(f"Not the fair re-test at {', '.join(unmoved)}: a scale phase moved the "
+                   f"steps by a median below the required 1 %; screen larger rates.")
+    if gains and not unmoved:
+        out.append(f"Goal decided: the re-tested ladder gains >= +{goal:g} pt with the interval "
+                   f"above 0 at {', '.join(gains)}.")
+    elif excluded and len(excluded) == len(table) and not unmoved:
+        out.append(f"Goal decided: every interval excludes +{goal:g}; the re-tested ladder, "
+                   f"at the main line's step_lr and with scale phases that move the steps, "
+                   f"does not gain +{goal:g} pt over plain LSQ at equal total steps at any "
+                   f"point. Plain LSQ (+ KD) stays the main line.")
+    else:
+        reasons = ([f"one seed gives no interval at {', '.join(screens)} (the decision runs "
+                    f">= 2 seeds)"] if screens else []) \
+            + ([f"the interval holds +{goal:g} or reaches 0 at {', '.join(open_)} (more seeds "
+                f"would decide)"] if open_ else []) \
+            + ([f"a scale phase did not move the steps at {', '.join(unmoved)}"]
+               if unmoved else [])
+        out.append("Goal undecided: " + "; ".join(reasons) + ".")
+    return out
+
+
+def earlier_scale_movement(diagnostics: pd.DataFrame) -> dict[str, float] | None:
+    """How far notebook 04's scale-only phases (its earlier screen) moved the weight steps:
+    ``{"rows", "median %", "max %"}`` of |step_ratio − 1| over its ``scale_only_end`` weight
+    rows (``data/transition_diagnostics.csv``; with data re-init and frozen weights, step_ratio
+    at a phase's end is s_end / s_start), or None when it has none."""
+    need = {"when", "kind", "step_ratio"}
+    if diagnostics.empty or not need <= set(diagnostics.columns):
+        return None
+    rows = diagnostics[(diagnostics["when"] == "scale_only_end")
+                       & (diagnostics["kind"] == "weight")]["step_ratio"].dropna()
+    if rows.empty:
+        return None
+    r = 100 * (rows.astype(float) - 1).abs()
+    return {"rows": int(len(r)), "median %": float(r.median()), "max %": float(r.max())}
