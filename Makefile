@@ -18,7 +18,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 .PHONY: setup reproduce test bench lab clean clean-cache help
 
 help:
-	@echo "make reproduce [PROFILE=quick|extended|lab|smoke|paper|imagenet]  set up, run the study"
+	@echo "make reproduce [PROFILE=quick|extended|models|lab|smoke|paper|imagenet]  set up, run the study"
 	@echo "make test                                            set up, then run the tests"
 	@echo "make lab [LAB_ARGS=\"--port 8890 --no-browser\"]        JupyterLab on notebooks/ (adds --allow-root as root)"
 	@echo "make bench | make clean | make clean-cache"

@@ -26,7 +26,7 @@
 # > - **Exercises:** 2 and 3 are checked by code (`lessons.check_…` after a `# YOUR CODE HERE`
 # >   cell); exercise 1 is open.
 # > - **Lab defaults vs the quick profile** (`make reproduce`): 256 calibration images (quick:
-# >   512), the one-layer check at 2 bits (quick: 2, 3 and 4), 8 additivity configs (16), 20
+# >   512), the one-layer check at 2 bits (quick: 2, 3 and 4), 6 additivity configs (16), 14
 # >   fixed-size configs (64), one PTQ frontier budget with 6 random configs (three budgets with
 # >   20 each) and 2 calibration sets for the variability check (3). The lab run shows every part
 # >   of the study with wider confidence intervals; quote the quick profile's numbers
@@ -91,8 +91,8 @@ a_bits = 4
 fp32_checkpoint = ""
 single_bits = [2]
 noise_pairs = 1
-additivity_configs = 8
-fixed_configs = 20
+additivity_configs = 6
+fixed_configs = 14
 target_compression = 10.34
 frontier_compressions = [10.34]
 frontier_random = 6

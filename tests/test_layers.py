@@ -18,7 +18,7 @@ LAYERS: dict[str, int] = {
     "transitions": 1, "export": 1, "onnx_export": 1,
     "study": 2, "study.pipeline": 2, "study.ablation": 2, "study.reporting": 2,
     "study.plotting": 2, "study.cli": 2, "study.runs": 2, "study.params": 2,
-    "study.sensitivity_study": 2, "study.lessons": 2, "study.budget": 2, "study.summary": 2, "study.walk": 2, "study.walk_study": 2,
+    "study.sensitivity_study": 2, "study.lessons": 2, "study.budget": 2, "study.summary": 2, "study.walk": 2, "study.walk_study": 2, "study.across_models": 2,
 }
 #: Optional heavy dependencies that may be imported inside a function (only when used).
 OPTIONAL = {"pulp", "pyhessian", "onnx", "onnxruntime", "IPython",

@@ -26,6 +26,7 @@ OVERRIDES = {
     "05_report": {},
     "06_budget": {"n_images": 500},
     "07_frontier_walk": {},
+    "08_across_models": {},
 }
 
 

@@ -6,6 +6,7 @@ from each interval, and the message that names a missing file and the command th
 from __future__ import annotations
 
 import math
+import json
 from pathlib import Path
 
 import numpy as np
@@ -392,3 +393,29 @@ def _label(se: list[float]) -> str:
 def test_layer_traces_axis_label_says_exact_when_the_se_is_zero():
     assert _label([0.0, 0.0]) == "avg. trace Tr(H)/n  (exact: no probe error)"
     assert _label([0.001, 0.0]) == "avg. trace Tr(H)/n  (±2 SE)"
+
+
+def test_the_models_block_comes_from_the_models_folder_beside(tmp_path):
+    root = _synthetic(tmp_path)
+    assert "readme-models" not in summary.render_blocks(root)
+    models = tmp_path / "models"
+    (models / "data").mkdir(parents=True)
+    _table(models, "across_models_paired", pd.DataFrame([
+        {"model": "resnet56", "a": "HMQAT =W3A4 size", "b": "uniform W3A4", "seeds": 3,
+         "size gap %": 0.0, "BOPs ratio": 1.3, "diff": -0.2, "ci_low": -0.5, "ci_high": 0.1}]),
+        caption="Across models: paired")
+    with pytest.raises(summary.SummaryError, match=r"across_models.json is missing; notebook "
+                       r"08_across_models writes it: run `python -m hmqat.study.pipeline "
+                       r"--profile models --only 08_across_models`"):
+        summary.render_blocks(root)                   # all of its files, or none
+    for stem in ("kendall", "ptq_gain", "step_cost", "wall_time"):
+        _table(models, f"across_models_{stem}", pd.DataFrame([{"model": "resnet56", "x": 1.5}]),
+               caption=f"Across models: {stem}")
+    (models / "data" / "across_models.json").write_text(json.dumps(
+        {"models": ["resnet20", "resnet56"], "verdict": ["The trace ... same sign."]}))
+    block = summary.render_blocks(root)["readme-models"]
+    assert block.startswith("**Across models** (notebook 08, `")
+    assert "models: resnet20, resnet56). Across models: paired" in block
+    assert ("| resnet56 | HMQAT =W3A4 size | uniform W3A4 |       3 |        +0.00 |         1.30 "
+            "|  -0.20 |    -0.50 |     +0.10 |") in block
+    assert "Across models: wall_time" in block and block.endswith("* The trace ... same sign.")

@@ -191,6 +191,7 @@ UPSTREAM: dict[str, tuple[str, ...]] = {
     "05_report": ("00_fp32_baseline", "01_sensitivity", "02_bit_allocation", "03_qat"),
     "06_budget": ("00_fp32_baseline", "01_sensitivity", "02_bit_allocation"),
     "07_frontier_walk": ("00_fp32_baseline", "01_sensitivity", "02_bit_allocation"),
+    "08_across_models": (),   # reads other profiles' finished studies (model_results)
 }
 # with a validation split, notebook 01 also writes the fixed-size frame 04 reads
 ARTIFACTS_WITH_VAL: dict[str, tuple[str, ...]] = {
@@ -867,6 +868,34 @@ def check_07_compute_ratio(compute_ratio: Any, table: Any) -> str:
     goal = "meets" if want <= 1 / 3 else "misses"
     return (f"the walk costs {want:.3f} of {len(ordered)} separate runs ({int(walk_total):,} vs "
             f"{int(separate):,} steps): it {goal} the ≤ 1/3 goal")
+
+
+@exercise("08.1", hint="ptq[(ptq.variant == 'joint') & (ptq.target_compression == "
+                       "compression)], then its top1 minus its random_median")
+def check_08_ptq_gain(ptq_gain: Any, ptq: Any) -> str:
+    """Exercise 08.1: ``ptq_gain(ptq, c)`` is the joint pick's PTQ top-1 minus the median of the
+    random same-size configs at budget ``c``, for every budget of notebook 01's frontier table
+    ``ptq``; the gain of the wrong variant or against the best random config is named."""
+    joint = ptq[ptq["variant"] == "joint"]
+    check(not joint.empty, "the PTQ frontier table has no joint rows; rerun notebook 01")
+    lines = []
+    for _, row in joint.iterrows():
+        c = float(row["target_compression"])
+        want = float(row["top1"]) - float(row["random_median"])
+        got = _number(answer(attempt(ptq_gain, ptq.copy(), c)), f"ptq_gain(ptq, {c:g})")
+        if not math.isclose(got, want, abs_tol=1e-9):
+            if math.isclose(got, float(row["top1"]) - float(row["random_max"]), abs_tol=1e-9):
+                raise ExerciseError(f"ptq_gain(ptq, {c:g}) = {got:.4g}, expected {want:.4g}: "
+                                    "that is against the best random config; the median is "
+                                    "the typical one")
+            others = ptq[(ptq["target_compression"] == c) & (ptq["variant"] != "joint")]
+            if any(math.isclose(got, float(r["top1"]) - float(r["random_median"]), abs_tol=1e-9)
+                   for _, r in others.iterrows()):
+                raise ExerciseError(f"ptq_gain(ptq, {c:g}) = {got:.4g}, expected {want:.4g}: "
+                                    "that is another variant's row; keep variant == 'joint'")
+            check_close(got, want, f"ptq_gain(ptq, {c:g})", atol=1e-9)
+        lines.append(f"{c:g}x: {want:+.2f}")
+    return "the joint pick's gain over the random median, " + ", ".join(lines) + " points"
 
 
 # --------------------------------------------------------------------------------------------

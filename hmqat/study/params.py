@@ -33,11 +33,14 @@ from ..quant import INIT_METHODS, POLICIES, SUPPORTED_BITS
 from ..sensitivity import VARIANTS
 from ..transitions import Recipe
 
-__all__ = ["COMMON", "NOTEBOOKS", "NOTEBOOK_KEYS", "Key", "ParamsError", "check_value",
+__all__ = ["ACROSS_MODELS", "COMMON", "NOTEBOOKS", "NOTEBOOK_KEYS", "Key", "ParamsError", "check_value",
            "read_profile", "validate"]
 
 NOTEBOOKS = ("00_fp32_baseline", "01_sensitivity", "02_bit_allocation", "03_qat",
-             "04_ablations", "05_report", "06_budget", "07_frontier_walk")
+             "04_ablations", "05_report", "06_budget", "07_frontier_walk", "08_across_models")
+#: The notebook that compares models; in a profile with ``models:`` it runs once, after every
+#: model's steps, in ``results/<profile>/`` (the others run per model in ``<profile>/<arch>/``).
+ACROSS_MODELS = "08_across_models"
 
 
 class ParamsError(ValueError):
@@ -146,8 +149,10 @@ class Key:
 # --------------------------------------------------------------------------------------------
 # The schema
 # --------------------------------------------------------------------------------------------
+_ARCHS = tuple(f"resnet{d}" for d in CIFAR_RESNET_DEPTHS) + TORCHVISION_ARCHS
 COMMON: dict[str, Key] = {
-    "arch": Key(choice(tuple(f"resnet{d}" for d in CIFAR_RESNET_DEPTHS) + TORCHVISION_ARCHS), "model architecture"),
+    "arch": Key(choice(_ARCHS), "model architecture (a profile with models: runs each of "
+                "those instead)"),
     "dataset": Key(choice(("cifar10", "synthetic", "imagenet")), "dataset"),
     "n_synthetic": Key(integer(0), "synthetic training images (dataset: synthetic)"),
     "pretrained": Key(boolean, "start from the published weights"),
@@ -271,8 +276,18 @@ NOTEBOOK_KEYS: dict[str, dict[str, Key]] = {
         "walk_finetune_lr": Key(optional(number(0, strict=True)), "fine-tune lr (null: qat_lr)"),
         "walk_onnx": Key(boolean, "also export every point as ONNX"),
     },
+    "08_across_models": {
+        "recipe": Key(recipe, "QAT recipe of the cost probe (notebook 03's)"),
+        "model_results": Key(list_of(text, min_len=0), "results folders of one model each, "
+                             "relative to the results root (e.g. quick, models/resnet32)"),
+        "cost_steps": Key(integer(1), "timed QAT steps per model and round (the cost probe)"),
+        "cost_rounds": Key(integer(1), "interleaved rounds of the cost probe (median taken)"),
+        "cost_archs": Key(list_of(choice(_ARCHS[:len(CIFAR_RESNET_DEPTHS)])),
+                          "architectures the cost probe times side by side (resnet20 first: "
+                          "the reference)"),
+    },
 }
-TOP_LEVEL = ("run", "common", "notebooks")
+TOP_LEVEL = ("run", "common", "notebooks", "models")
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,6 +377,27 @@ def check_names(names: Any, what: str, where: str) -> list[str]:
     return names
 
 
+def _check_models(path: str, models: Any) -> None:
+    """``models:`` (optional) lists distinct architectures, each run through the per-model steps
+    into ``results/<profile>/<arch>/``; :data:`ACROSS_MODELS` then runs once and compares the
+    folders its ``model_results`` names (in a profile without ``models:`` it is a step like
+    any other)."""
+    if models is None:
+        return
+    if not isinstance(models, list) or not models or \
+            not all(isinstance(m, str) for m in models):
+        raise ParamsError(f"{path}: models is {_describe(models)}; expected a non-empty list of "
+                          f"architectures from {list(_ARCHS)}")
+    unknown = [m for m in models if m not in _ARCHS]
+    if unknown:
+        raise ParamsError(f"{path}: models names unknown architectures {_names(unknown)}; known: "
+                          f"{list(_ARCHS)}")
+    twice = sorted({m for m in models if models.count(m) > 1})
+    if twice:
+        raise ParamsError(f"{path}: models lists {twice} more than once; list each "
+                          f"architecture once")
+
+
 def validate(cfg: Any, path: str | os.PathLike, *, name: str | None = None) -> dict[str, Any]:
     """Check a parsed profile against the schema; return it (``{}`` sections filled in).
     Errors start with ``name`` (default: ``path``); no error shows more than a few dozen
@@ -377,6 +413,7 @@ def validate(cfg: Any, path: str | os.PathLike, *, name: str | None = None) -> d
         raise ParamsError(f"{path}: unknown top-level section(s) {_names(unknown)}; known "
                           f"sections: {list(TOP_LEVEL)}")
     run = check_names(cfg["run"], "run", path) if "run" in cfg else list(NOTEBOOKS)
+    _check_models(path, cfg.get("models"))
     _check_section(path, "common", cfg.get("common"), COMMON)
     _require(path, "common", cfg.get("common"), COMMON)
     notebooks = cfg.get("notebooks") or {}

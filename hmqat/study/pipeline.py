@@ -64,7 +64,7 @@ __all__ = ["KEY_OUTPUTS", "NOTEBOOKS", "PipelineError", "Study", "load_params", 
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = params.NOTEBOOKS
-PROFILES = ("smoke", "lab", "quick", "extended", "paper", "imagenet")   # lab: the notebooks' own defaults
+PROFILES = ("smoke", "lab", "quick", "extended", "models", "paper", "imagenet")   # lab: the notebooks' own defaults
 
 
 class PipelineError(RuntimeError):
@@ -84,6 +84,7 @@ KEY_OUTPUTS: dict[str, tuple[str, ...]] = {
     "05_report": ("README.md",),
     "06_budget": ("data/budget_runs.json", "data/budget_verdict.json"),
     "07_frontier_walk": ("data/walk_runs.json", "data/walk_verdict.json"),
+    "08_across_models": ("data/across_models.json",),
 }
 
 #: Files and folders of a results folder that are not a step's outputs: the pipeline's own
@@ -92,13 +93,17 @@ _NOT_OUTPUTS = (".stamps", ".lock", "manifest.json", "executed", "cache")
 
 
 def rerun_command(profile: str, only: Sequence[str] | None = None, *,
-                  results_root: str | os.PathLike | None = None) -> str:
+                  results_root: str | os.PathLike | None = None,
+                  models: Sequence[str] | None = None) -> str:
     """The command line that runs ``only`` (every step when None) of ``profile``, as error
-    messages print it: ``--results-root`` only when the results are not under ``results/``."""
+    messages print it: ``--results-root`` only when the results are not under ``results/``;
+    ``--models`` when only some models of a profile with ``models:`` are meant."""
     parts = ["python -m hmqat.study.pipeline", "--profile", shlex.quote(profile)]
     if results_root is not None and \
             Path(results_root).resolve() != (ROOT / "results").resolve():
         parts += ["--results-root", shlex.quote(str(Path(results_root).resolve()))]
+    if models:
+        parts += ["--models", *models]
     if only:
         parts += ["--only", *only]
     return " ".join(parts)
@@ -270,7 +275,8 @@ def _run_notebook(nb_in: Path, nb_out: Path, params: dict[str, Any], timeout: in
 def run_pipeline(profile: str = "quick", *, only: Sequence[str] | None = None,
                  results_root: Path | None = None, notebooks_dir: Path | None = None,
                  params_dir: Path | None = None, force: bool = False,
-                 timeout: int | None = None) -> dict[str, Any]:
+                 timeout: int | None = None, models: Sequence[str] | None = None
+                 ) -> dict[str, Any]:
     """Run the notebooks of ``profile`` in order; return the manifest's ``steps`` dict.
 
     Before any notebook runs: the profile is validated (:mod:`hmqat.study.params`), every step's
@@ -278,30 +284,75 @@ def run_pipeline(profile: str = "quick", *, only: Sequence[str] | None = None,
     ``results/<profile>/.lock`` is taken (:func:`hmqat.locking.results_lock`; a second run on
     the same profile stops at once naming the holder's pid). Steps and manifest updates run
     under the lock. Every failure, a full or read-only disk included, is one
-    :class:`PipelineError` whose message names the fix."""
+    :class:`PipelineError` whose message names the fix.
+
+    A profile with ``models:`` (``params/models.yaml``) runs its steps once per architecture,
+    each into ``results/<profile>/<arch>/`` with its own manifest (``models`` picks some of
+    them), then :data:`~hmqat.study.params.ACROSS_MODELS` once in ``results/<profile>/``; the
+    returned dict is then ``{arch: steps, ..., "across": steps}``."""
     cfg = load_params(profile, params_dir)
     for var in ("HMQAT_DATA_DIR", "HMQAT_WEIGHTS_DIR", "HMQAT_CACHE_DIR"):
         if os.environ.get(var):  # kernels run in notebooks/: make relative paths absolute
             os.environ[var] = str(Path(os.environ[var]).expanduser().resolve())
     results_dir = (results_root or ROOT / "results") / profile
-    plan = _plan(cfg, profile, only, notebooks_dir or ROOT / "notebooks", results_dir)
-    steps = _Steps(cfg, profile, results_dir, rerun_command(profile, only,
-                                                            results_root=results_root))
+    nb_dir = notebooks_dir or ROOT / "notebooks"
+    runs = _model_runs(cfg, profile, models, results_dir)
+    plans = [(where, _plan(sub, profile, only, nb_dir, where), sub, chosen)
+             for where, sub, chosen in runs]
     total = time.perf_counter()
     try:
         with results_lock(results_dir):
-            steps.run(plan, force, timeout)
+            upstream = []
+            for where, plan, sub, chosen in plans:
+                steps = _Steps(sub, profile, where, rerun_command(
+                    profile, only, results_root=results_root, models=chosen))
+                if plan:   # the comparison's identity: every model's last finished step
+                    steps.run(plan, force, timeout,
+                              upstream="" if chosen else "".join(upstream))
+                if chosen:
+                    upstream.append(steps.last_digest())
     except LockError as exc:
         raise PipelineError(str(exc)) from None
     except ReportingError as exc:
         raise PipelineError(str(exc)) from None
     except OSError as exc:
         raise PipelineError(_os_error(exc)) from None
-    manifest_path = results_dir / "manifest.json"
-    done = json.loads(manifest_path.read_text())["steps"] if manifest_path.exists() else {}
+    done = {}
+    for where, _, _, chosen in plans:
+        manifest_path = where / "manifest.json"
+        steps = json.loads(manifest_path.read_text())["steps"] if manifest_path.exists() else {}
+        if "models" not in cfg:
+            done = steps
+        else:
+            done[chosen[0] if chosen else "across"] = steps
     print(f"[hmqat] {profile}: finished in {(time.perf_counter() - total) / 60:.1f} min; "
           f"results in {results_dir}", flush=True)
     return done
+
+
+def _model_runs(cfg: dict[str, Any], profile: str, models: Sequence[str] | None,
+                results_dir: Path) -> list[tuple[Path, dict[str, Any], list[str] | None]]:
+    """(results folder, profile settings, ``--models`` value) of each pass: one pass for a
+    single-model profile; with ``models:`` one pass per chosen architecture (``common.arch``
+    set to it, :data:`~hmqat.study.params.ACROSS_MODELS` left out), then the comparison."""
+    listed = cfg.get("models")
+    if listed is None:
+        if models:
+            raise PipelineError(f"--models {' '.join(models)}: the {profile} profile has no "
+                                f"models: list (params/models.yaml has one); leave --models out")
+        return [(results_dir, cfg, None)]
+    chosen = list(models) if models else list(listed)
+    unknown = [m for m in chosen if m not in listed]
+    if unknown:
+        raise PipelineError(f"--models {' '.join(unknown)}: not in the {profile} profile's "
+                            f"models {listed}; choose from them")
+    run = list(cfg.get("run", NOTEBOOKS))
+    per_model = [n for n in run if n != params.ACROSS_MODELS]
+    passes = [(results_dir / arch, {**cfg, "common": {**cfg["common"], "arch": arch},
+                                    "run": per_model}, [arch]) for arch in chosen]
+    if params.ACROSS_MODELS in run:
+        passes.append((results_dir, {**cfg, "run": [params.ACROSS_MODELS]}, None))
+    return passes
 
 
 def _os_error(exc: OSError) -> str:
@@ -413,8 +464,18 @@ class _Steps:
         return f"{head} --only {' '.join(only)}"
 
     # running ---------------------------------------------------------------------------------
+    def last_digest(self) -> str:
+        """The digest of the last step this folder finished ('' when none has)."""
+        run = [n for n in NOTEBOOKS if n in set(self.cfg.get("run", NOTEBOOKS))]
+        for name in reversed(run):
+            try:
+                return str(read_json(self.stamp(name)).get("digest", ""))
+            except (OSError, ValueError, AttributeError):
+                continue
+        return ""
+
     def run(self, plan: list[tuple[str, Path, dict[str, Any]]], force: bool,
-            timeout: int | None) -> None:
+            timeout: int | None, upstream: str = "") -> None:
         """Run (or skip, when unchanged) each planned step; stamps and manifest after each.
 
         The manifest's top-level ``seed`` is the profile's; each step records ``wall_s`` (this
@@ -427,7 +488,6 @@ class _Steps:
         sources = _sources_digest()
         env = {k: os.environ.get(k, "") for k in ("HMQAT_DATA_DIR", "HMQAT_WEIGHTS_DIR")}
         _set_top_level(self.manifest, seed=int(self.cfg.get("common", {}).get("seed", 0)))
-        upstream = ""
         for name, nb_in, step_params in plan:
             digest = _step_digest(nb_in, step_params, upstream, sources, env)
             parts = _digest_parts(nb_in, step_params, upstream, sources, env)
@@ -653,13 +713,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
     ap.add_argument("--results-root", type=Path, default=None,
                     help="folder holding <profile>/ (default: results/ of the repository)")
+    ap.add_argument("--models", nargs="+", default=None,
+                    help="a profile with models: (params/models.yaml): run only these")
     args = ap.parse_args(argv)
     try:
         if args.timeout is not None and args.timeout < 1:
             raise PipelineError(f"--timeout {args.timeout}: expected a number of seconds >= 1 "
                                 "(leave it out for no per-cell limit)")
         run_pipeline(args.profile, only=args.only, force=args.force, timeout=args.timeout,
-                     results_root=args.results_root)
+                     results_root=args.results_root, models=args.models)
     except PipelineError as exc:
         print(f"[hmqat] ERROR: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -911,7 +973,11 @@ class Study:
     def command(self, step: str) -> str:
         """The command line that runs ``step`` into this study's results folder (as error
         messages suggest it; :func:`rerun_command`)."""
-        return rerun_command(self.profile, [step], results_root=self.root.resolve().parent)
+        root = self.root.resolve()
+        if root.name == self.arch and root.parent.name == self.profile:   # <profile>/<arch>/
+            return rerun_command(self.profile, [step], results_root=root.parent.parent,
+                                 models=[self.arch])
+        return rerun_command(self.profile, [step], results_root=root.parent)
 
 
 if __name__ == "__main__":

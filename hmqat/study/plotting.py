@@ -48,6 +48,7 @@ __all__ = [
     "PlotError",
     "arm_label",
     "plot_ablation",
+    "plot_across_models",
     "nearest_uniform_pairs",
     "plot_accuracy_size",
     "plot_additivity",
@@ -1425,5 +1426,40 @@ def plot_walk(runs: pd.DataFrame, *, value: str = "test_top1", caption: str | No
         _titles(fig, title, subtitle)
         note = "Mean over seeds; bars: ± 1 std over seeds; arms drawn side by side at each size."
         _legend_below(fig, handles, arms, caption=f"{note} {caption}" if caption else note,
+                      max_cols=3)
+    return fig
+
+
+def plot_across_models(points: pd.DataFrame, *, title: str | None = "Test top-1 vs size "
+                       "across models", subtitle: str | None = None) -> Figure:
+    """Test top-1 against model size (KB, log scale) for every model of notebook 08: one colour
+    per model, mixed configs (HMQAT picks) as circles joined by a line, uniform ones as squares,
+    the FP32 model as a star; bars are ± one standard deviation over seeds. ``points``:
+    :func:`hmqat.study.across_models.accuracy_points`."""
+    _require(points, ["model", "config", "kind", "size MB", "test top-1", "± std"], "points")
+    with use_style():
+        fig, ax = plt.subplots(figsize=_size(5.6, 3.8))
+        handles, labels = [], []
+        for i, (model, sub) in enumerate(points.groupby("model", sort=False)):
+            color = f"C{i}"
+            for kind, marker in (("mixed", "o"), ("uniform", "s"), ("fp32", "*")):
+                part = sub[sub["kind"] == kind].sort_values("size MB")
+                if part.empty:
+                    continue
+                ax.errorbar(part["size MB"] * 1024, part["test top-1"],
+                            yerr=part["± std"].fillna(0.0), fmt=marker,
+                            ls="-" if kind == "mixed" else "", color=color, ms=5 if
+                            kind != "fp32" else 8, capsize=2, lw=0.8)
+            handles.append(mpl.lines.Line2D([], [], color=color, lw=1.5))
+            labels.append(str(model))
+        for m, name in (("o", "mixed (HMQAT picks)"), ("s", "uniform"), ("*", "FP32")):
+            handles.append(mpl.lines.Line2D([], [], color="0.3", marker=m, ls=""))
+            labels.append(name)
+        ax.set_xscale("log")
+        ax.set_xlabel("model size (KB, log scale)")
+        ax.set_ylabel("test top-1 (%)")
+        _titles(fig, title, subtitle)
+        _legend_below(fig, handles, labels, caption="Mean over seeds; bars: ± one standard "
+                      "deviation over seeds. Each model is read from its own results folder.",
                       max_cols=3)
     return fig

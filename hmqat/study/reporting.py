@@ -42,6 +42,7 @@ __all__ = [
     "HEADLINE_FORMATS",
     "ReportingError",
     "describe_data",
+    "headline_pairs",
     "format_numbers",
     "headline_table",
     "describe_comparison",
@@ -411,6 +412,16 @@ def equal_size_pairs(labels: Sequence[str]) -> list[tuple[str, str]]:
             uniform = "uniform " + label[len("HMQAT ="):-len(" size")]
             if uniform in present:
                 pairs.append((label, uniform))
+    return pairs
+
+
+def headline_pairs(labels: Sequence[str]) -> list[tuple[str, str]]:
+    """The study's paired comparisons of notebook 03's runs: every equal-size pair
+    (:func:`equal_size_pairs`), then the 13.11× pick against uniform W2A4 (the trade of size
+    for accuracy) when both ran."""
+    pairs = equal_size_pairs(labels)
+    if {"HMQAT 13.11x", "uniform W2A4"} <= set(labels):
+        pairs.append(("HMQAT 13.11x", "uniform W2A4"))
     return pairs
 
 

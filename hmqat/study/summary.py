@@ -48,12 +48,17 @@ ROOT = Path(__file__).resolve().parents[2]
 #: The documents whose marked blocks are generated, relative to :data:`ROOT`.
 DOCS = ("README.md", "docs/method.md")
 #: Blocks left out (empty between their markers) while their files do not exist.
-OPTIONAL_BLOCKS = ("readme-budget-axis", "method-walk")
+OPTIONAL_BLOCKS = ("readme-budget-axis", "method-walk", "readme-models")
 
 #: Which notebook writes each result file (a path relative to the results folder; tables
 #: without their ``.csv``), for the message that names a missing file.
 PRODUCERS: dict[str, str] = {
     "manifest.json": "the pipeline",
+    **{f: "08_across_models" for f in ("data/across_models.json", "tables/across_models_paired",
+                                       "tables/across_models_kendall",
+                                       "tables/across_models_ptq_gain",
+                                       "tables/across_models_step_cost",
+                                       "tables/across_models_wall_time")},
     "data/fp32.json": "00_fp32_baseline",
     "data/traces.csv": "01_sensitivity",
     "tables/sensitivity_kendall_fixed_size": "01_sensitivity",
@@ -281,9 +286,7 @@ def _pairs(res: _Results) -> pd.DataFrame:
     """Notebook 03's runs paired by seed (the way notebooks 03 and 05 pair them): every
     equal-size pair, then the 13.11x trade against uniform W2A4 when both ran."""
     runs = res.runs()
-    pairs = reporting.equal_size_pairs(list(runs["label"]))
-    if {"HMQAT 13.11x", "uniform W2A4"} <= set(runs["label"]):
-        pairs.append(("HMQAT 13.11x", "uniform W2A4"))
+    pairs = reporting.headline_pairs(list(runs["label"]))
     return reporting.paired_comparisons(runs, pairs) if pairs else pd.DataFrame()
 
 
@@ -438,6 +441,47 @@ def _method_walk(res: _Results) -> str | None:
         _markdown(res.table("tables/walk_frontier")), "",
         "Scale-only phases: " + _caption(res, "tables/walk_movement"), "",
         _markdown(res.table("tables/walk_movement")), "", *[f"* {line}" for line in verdict],
+    ])
+
+
+#: The models profile's folder, beside the summarised one (``results/models`` next to
+#: ``results/quick``), and the files of its block (notebook 08).
+MODELS_FOLDER = "models"
+MODELS_FILES = ("data/across_models.json", "tables/across_models_paired",
+                "tables/across_models_kendall", "tables/across_models_ptq_gain",
+                "tables/across_models_step_cost", "tables/across_models_wall_time")
+
+
+def _readme_models(res: _Results) -> str | None:
+    """Notebook 08's tables and verdict from the ``models`` profile's folder beside this one
+    (left out until ``make reproduce PROFILE=models`` has run)."""
+    other = res.root.parent / MODELS_FOLDER
+    if other.resolve() == res.root.resolve() or not other.is_dir():
+        return None
+    models = _Results(other)
+    if not _all_or_none(models, MODELS_FILES):
+        return None
+    summary = models.json("data/across_models.json")
+    fmt = {"diff": "{:+.2f}", "ci_low": "{:+.2f}", "ci_high": "{:+.2f}", "half_width": "{:.2f}",
+           "size gap %": "{:+.2f}", "BOPs ratio": "{:.2f}", "seeds": "{:.0f}",
+           "images": "{:.0f}"}
+    paired = models.table("tables/across_models_paired")
+    paired = paired[[c for c in ("model", "a", "b", "seeds", "size gap %", "BOPs ratio", "diff",
+                                 "ci_low", "ci_high") if c in paired.columns]]
+    return "\n".join([
+        f"**Across models** (notebook 08, `{models.shown}`; models: "
+        f"{', '.join(summary.get('models', []))}). " + _caption(models,
+                                                                "tables/across_models_paired"),
+        "", _markdown(paired, fmt), "",
+        _caption(models, "tables/across_models_kendall"), "",
+        _markdown(models.table("tables/across_models_kendall")), "",
+        _caption(models, "tables/across_models_ptq_gain"), "",
+        _markdown(models.table("tables/across_models_ptq_gain")), "",
+        _caption(models, "tables/across_models_step_cost"), "",
+        _markdown(models.table("tables/across_models_step_cost")), "",
+        _caption(models, "tables/across_models_wall_time"), "",
+        _markdown(models.table("tables/across_models_wall_time")), "",
+        *[f"* {line}" for line in summary.get("verdict", [])],
     ])
 
 
@@ -748,6 +792,7 @@ _BLOCKS = {
     "readme-sensitivity": _readme_sensitivity,
     "readme-transitions": _readme_transitions,
     "readme-allocation": _readme_allocation,
+    "readme-models": _readme_models,
     "readme-cost": _readme_cost,
     "method-sensitivity": _method_sensitivity,
     "method-allocation": _method_allocation,
