@@ -58,7 +58,7 @@ def test_hessian_benchmark_runs_on_the_given_device(tmp_path: Path) -> None:
         [sys.executable, str(ROOT / "benchmarks" / "hessian_traces.py"), "--device", "cpu",
          "--n-samples", "32", "--batch-size", "32", "--tol", "0.5", "--ref-probes", "2",
          "--pyhessian-probes", "0", "--joint-probes", "2", "--lever-samples", "0",
-         "--repeats", "2", "--budgets", "10.34", "--max-probes", "2", "--regret", "0.5",
+         "--repeats", "1", "--budgets", "10.34", "--max-probes", "2", "--regret", "0.5",
          "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -67,18 +67,18 @@ def test_hessian_benchmark_runs_on_the_given_device(tmp_path: Path) -> None:
                    "## (a) OLD reference", "old_shared_probe_ratio",
                    "pyhessian: skipped (--pyhessian-probes 0)", "probe='joint'",
                    "graph reuse at batch 32", "## (a') FAIR reference",
-                   "tol 0.5: repeat 1 reference", "## (e) decision-based stopping"):
+                   "tol 0.5: repeat 0 reference", "## (e) decision-based stopping"):
         assert needle in text, needle
     # (b) = the defaults: exact Gauss-Newton traces for ResNet-20 (no probe error)
     fair = [line for line in text.splitlines() if line.startswith("fair_ratio: ")]
     assert len(fair) == 1 and float(fair[0].split()[1]) > 0
     assert "layer_traces defaults -> gauss_newton, exact, max rel_se 0.0000" in fair[0]
-    assert "tol 0.5: repeat 1 hmqat defaults" in text and "method gauss_newton" in text
+    assert "tol 0.5: repeat 0 hmqat defaults" in text and "method gauss_newton" in text
     for key in ("fair_ratio_hutchinson", "fair_ratio_gauss_newton_2proj"):
         line = [x for x in text.splitlines() if x.startswith(f"{key}: ")]
         assert len(line) == 1 and float(line[0].split()[1]) > 0, key
     assert "## (g) picks from the exact Gauss-Newton traces" in text
-    for name in ("Hutchinson tol 0.5, repeat 1", "2 output-space probes per image, repeat 0",
+    for name in ("Hutchinson tol 0.5, repeat 0", "2 output-space probes per image, repeat 0",
                  "decision rule (e, auto)", "Hutchinson tol 0.05, run 0"):
         assert f"{name}: same pick as the exact traces [" in text, name
     ratio = [line for line in text.splitlines() if line.startswith("exact_pick_ratio: ")]

@@ -283,3 +283,36 @@ def test_executed_copies_hold_no_absolute_paths(tmp_path):
     got = json.loads(text)
     assert got["cells"][0]["outputs"][0]["text"][1] == "hmqat/hessian.py:9: UserWarning: y\n"
     assert got["metadata"]["papermill"]["input_path"] == "notebooks/a.ipynb"
+
+
+def test_reuse_copies_computed_runs_once_and_never_results(tmp_path, capsys):
+    source, target = tmp_path / "quick", tmp_path / "extended"
+    assert pipeline.reuse_runs(source, target) == []            # nothing finished there yet
+    assert "holds no finished run" in capsys.readouterr().out
+    for rel in ("checkpoints/qat/abc/result.json", "cache/traces-1.json", "tables/headline.csv",
+                "data/qat_results.json", "manifest.json"):
+        (source / rel).parent.mkdir(parents=True, exist_ok=True)
+        (source / rel).write_text("{}")
+    target.mkdir()
+    assert pipeline.reuse_runs(source, target) == ["checkpoints", "cache"]
+    assert (target / "checkpoints/qat/abc/result.json").is_file()
+    assert (target / "cache/traces-1.json").is_file()
+    assert not (target / "tables").exists() and not (target / "data").exists()
+    assert json.loads((target / "manifest.json").read_text())["reused_from"] == {
+        "profile": "quick", "copied": ["checkpoints", "cache"]}
+    (target / "checkpoints/qat/abc/result.json").write_text('{"mine": 1}')
+    assert pipeline.reuse_runs(source, target) == []             # once: nothing overwritten
+    assert "mine" in (target / "checkpoints/qat/abc/result.json").read_text()
+    cfg = pipeline.load_params("extended")
+    assert cfg["reuse"] == "quick"
+
+
+def test_a_bad_reuse_is_one_clear_error(tmp_path):
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
+    for bad in ("../quick", "", 3):
+        (tmp_path / "smoke.yaml").write_text(yaml.safe_dump({**cfg, "reuse": bad}))
+        with pytest.raises(pipeline.PipelineError, match="reuse is .*expected the name of "
+                                                         "another profile"):
+            pipeline.load_params("smoke", tmp_path)

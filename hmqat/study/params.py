@@ -287,7 +287,7 @@ NOTEBOOK_KEYS: dict[str, dict[str, Key]] = {
                           "the reference)"),
     },
 }
-TOP_LEVEL = ("run", "common", "notebooks", "models")
+TOP_LEVEL = ("run", "common", "notebooks", "models", "reuse")
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,6 +414,11 @@ def validate(cfg: Any, path: str | os.PathLike, *, name: str | None = None) -> d
                           f"sections: {list(TOP_LEVEL)}")
     run = check_names(cfg["run"], "run", path) if "run" in cfg else list(NOTEBOOKS)
     _check_models(path, cfg.get("models"))
+    reuse = cfg.get("reuse")
+    if reuse is not None and (not isinstance(reuse, str) or not reuse or "/" in reuse
+                              or reuse.startswith(".")):
+        raise ParamsError(f"{path}: reuse is {_describe(reuse)}; expected the name of another "
+                          f"profile whose computed runs this one starts from (e.g. reuse: quick)")
     _check_section(path, "common", cfg.get("common"), COMMON)
     _require(path, "common", cfg.get("common"), COMMON)
     notebooks = cfg.get("notebooks") or {}

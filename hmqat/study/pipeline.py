@@ -34,6 +34,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import sys
 import threading
 import time
@@ -302,6 +303,8 @@ def run_pipeline(profile: str = "quick", *, only: Sequence[str] | None = None,
     total = time.perf_counter()
     try:
         with results_lock(results_dir):
+            if cfg.get("reuse"):
+                reuse_runs(results_dir.parent / cfg["reuse"], results_dir)
             upstream = []
             for where, plan, sub, chosen in plans:
                 steps = _Steps(sub, profile, where, rerun_command(
@@ -328,6 +331,36 @@ def run_pipeline(profile: str = "quick", *, only: Sequence[str] | None = None,
     print(f"[hmqat] {profile}: finished in {(time.perf_counter() - total) / 60:.1f} min; "
           f"results in {results_dir}", flush=True)
     return done
+
+
+#: What a profile with ``reuse:`` copies from the other profile's folder: computed runs and
+#: caches, each read back only where its identity (weights, settings, data) matches.
+REUSED = ("checkpoints", "cache")
+
+
+def reuse_runs(source: Path, target: Path) -> list[str]:
+    """Start ``target`` from the computed runs of ``source`` (``reuse: quick`` in
+    params/extended.yaml): copy :data:`REUSED` folders that ``target`` does not have yet, once.
+    Nothing reported is copied (no tables, figures, data or manifest): every notebook still
+    runs and writes its own results; a QAT run, FP32 fine-tune or trace computation is read back
+    only when its identity (weights, settings, data) is the same, which it is exactly where the
+    two profiles agree. Returns the folders copied; the manifest records the source."""
+    if not (source / "manifest.json").is_file():
+        print(f"[hmqat] reuse: {source} holds no finished run; computing everything", flush=True)
+        return []
+    copied = []
+    for name in REUSED:
+        if (source / name).is_dir() and not (target / name).exists():
+            shutil.copytree(source / name, target / name, symlinks=True)
+            copied.append(name)
+    if copied:
+        print(f"[hmqat] reuse: copied {', '.join(copied)} of {source} (runs whose identity "
+              f"matches are read back, the rest computed)", flush=True)
+        path = target / "manifest.json"
+        data = read_json(path) if path.exists() else manifest()
+        data["reused_from"] = {"profile": source.name, "copied": copied}
+        atomic_write_json(path, data)
+    return copied
 
 
 def _model_runs(cfg: dict[str, Any], profile: str, models: Sequence[str] | None,
