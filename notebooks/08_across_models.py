@@ -80,7 +80,8 @@ print(f"{len(models)} of {len(model_results)} models have finished: "
 # ## 1. The models
 # One row per results folder: the architecture, its parameter count, the fine-tuned FP32 model's
 # test top-1 and the profile and commit that produced it. Deeper networks have more layers to
-# allocate bits to (19, 31, 55 quantized convolutions plus the fixed first and last layers).
+# allocate bits to: 18, 30 and 54 convolutions, with the first convolution and the classifier
+# fixed at 8 bits.
 
 # %%
 overview = pd.DataFrame([{
@@ -118,12 +119,12 @@ else:
 
 # %%
 points = across_models.accuracy_points(models)
+reporting.write_table(points, study.tables / "across_models_points",
+                      caption="Across models: test top-1 (mean ± std over seeds) vs size, every "
+                              "notebook-03 config of every model, from each model's own results "
+                              "folder",
+                      data_label=study.data_label, profile=profile)
 if not points.empty:
-    reporting.write_table(points, study.tables / "across_models_points",
-                          caption="Across models: test top-1 (mean ± std over seeds) vs size, "
-                                  "every notebook-03 config of every model, from each model's "
-                                  "own results folder",
-                          data_label=study.data_label, profile=profile)
     fig = plotting.plot_across_models(points, subtitle=study.data_label)
     plotting.savefig(fig, study.figures / "across_models")
 points
@@ -136,11 +137,10 @@ points
 
 # %%
 paired = across_models.paired_table(models)
-if not paired.empty:
-    reporting.write_table(paired, study.tables / "across_models_paired",
-                          caption="Across models: a − b test top-1, paired over seeds and test "
-                                  "images (95 % CI, Eq. V); size gap and BOPs ratio of a to b",
-                          data_label=study.data_label, profile=profile)
+reporting.write_table(paired, study.tables / "across_models_paired",
+                      caption="Across models: a − b test top-1, paired over seeds and test images "
+                              "(95 % CI, Eq. V); size gap and BOPs ratio of a to b",
+                      data_label=study.data_label, profile=profile)
 paired
 
 # %% [markdown]
@@ -152,12 +152,11 @@ paired
 
 # %%
 kendall = across_models.kendall_table(models)
-if not kendall.empty:
-    reporting.write_table(kendall, study.tables / "across_models_kendall",
-                          caption="Across models: Kendall tau of joint and qerr_only vs the PTQ "
-                                  "loss increase of equal-size configs (bootstrap 95 % CIs) and "
-                                  "their paired difference",
-                          data_label=study.data_label, profile=profile)
+reporting.write_table(kendall, study.tables / "across_models_kendall",
+                      caption="Across models: Kendall tau of joint and qerr_only vs the PTQ loss "
+                              "increase of equal-size configs (bootstrap 95 % CIs) and their "
+                              "paired difference",
+                      data_label=study.data_label, profile=profile)
 kendall
 
 # %% [markdown]
@@ -182,11 +181,10 @@ if models:
 
 # %%
 gains = across_models.ptq_gain_table(models)
-if not gains.empty:
-    reporting.write_table(gains, study.tables / "across_models_ptq_gain",
-                          caption="Across models: PTQ top-1 (validation) of the joint pick minus "
-                                  "the median of random same-size configs",
-                          data_label=study.data_label, profile=profile)
+reporting.write_table(gains, study.tables / "across_models_ptq_gain",
+                      caption="Across models: PTQ top-1 (validation) of the joint pick minus the "
+                              "median of random same-size configs",
+                      data_label=study.data_label, profile=profile)
 gains
 
 # %% [markdown]
@@ -206,11 +204,10 @@ reporting.write_table(cost, study.tables / "across_models_step_cost",
                               f"round(s) of {cost_steps} steps, batch {batch_size}, median)",
                       data_label=study.data_label, profile=profile)
 walls = across_models.wall_times(models)
-if not walls.empty:
-    reporting.write_table(walls, study.tables / "across_models_wall_time",
-                          caption="Measured wall time of each model's study per notebook "
-                                  "(minutes, from its manifest)",
-                          data_label=study.data_label, profile=profile)
+reporting.write_table(walls, study.tables / "across_models_wall_time",
+                      caption="Measured wall time of each model's study per notebook (minutes, "
+                              "from its manifest; the steps every model runs)",
+                      data_label=study.data_label, profile=profile)
 cost
 
 # %%

@@ -4,6 +4,7 @@ a rerun skips every finished step; the profile's checks and --models."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -133,3 +134,58 @@ def test_the_shipped_models_profile_compares_with_quick():
         assert cfg["notebooks"][nb] == quick["notebooks"][nb], nb
     same = {k: v for k, v in quick["notebooks"]["03_qat"].items() if k != "choice_seeds"}
     assert {k: cfg["notebooks"]["03_qat"][k] for k in same} == same
+
+
+def test_verdict_words_separate_a_reversal_from_missing_evidence():
+    def kendall(rows):
+        return pd.DataFrame([{"model": m, "joint - qerr_only": d, "diff low": lo,
+                              "diff high": hi} for m, d, lo, hi in rows])
+
+    empty = pd.DataFrame(columns=["model", "a", "b"])
+    no_ptq = pd.DataFrame(columns=["model", "compression", "gain", "beats random %",
+                                   "random configs"])
+    same = across_models.verdict(kendall([("r20", 0.0, -0.1, 0.1), ("r56", 0.1, -0.1, 0.2)]),
+                                 empty, no_ptq)
+    assert "has the same sign at every depth" in same[0]
+    flip = across_models.verdict(kendall([("r20", 0.3, 0.1, 0.5), ("r56", -0.3, -0.5, -0.1)]),
+                                 empty, no_ptq)
+    assert "**reverses with depth** (above 0 at r20, below 0 at r56)" in flip[0]
+    gap = across_models.verdict(kendall([("r20", 0.3, 0.1, 0.5), ("r56", 0.1, -0.1, 0.2)]),
+                                empty, no_ptq)
+    assert "**is shown at r20 but not at r56**" in gap[0] and "not a reversal" in gap[0]
+    one = across_models.verdict(kendall([("r20", 0.3, 0.1, 0.5)]), empty, no_ptq)
+    assert one[0].startswith("Only r20 has finished") and "nothing to compare" in one[1]
+    ptq = pd.DataFrame([{"model": "r20", "compression": 6.0, "gain": 4.0, "beats random %": 100.0,
+                         "random configs": 20},
+                        {"model": "r56", "compression": 6.0, "gain": 1.0,
+                         "beats random %": float("nan"), "random configs": 0}])
+    lines = across_models.verdict(kendall([("r20", 0.0, -0.1, 0.1), ("r56", 0.0, -0.1, 0.1)]),
+                                  empty, ptq)
+    assert "not decided for r56" in lines[-1]      # no random configs: no sign, not "0"
+    assert across_models.verdict(kendall([]), empty, no_ptq) == [
+        "No model has finished notebooks 00-03: nothing to compare."]
+
+
+def test_wall_times_compare_the_steps_every_model_runs():
+    def model(arch, steps):
+        return across_models.ModelResults(arch, Path(arch), "p", {}, pd.DataFrame(),
+                                           pd.DataFrame(), pd.DataFrame(),
+                                           {"steps": {k: {"compute_wall_s": v}
+                                                      for k, v in steps.items()}})
+
+    walls = across_models.wall_times([model("resnet20", {"00_fp32_baseline": 90, "03_qat": 30,
+                                                         "04_ablations": 3000}),
+                                      model("resnet56", {"00_fp32_baseline": 150})])
+    assert "04_ablations" not in walls.columns
+    assert list(walls["total (min)"]) == [2.0, 2.5]
+    assert math.isnan(walls.loc[1, "03_qat"])
+
+
+def test_the_comparison_reruns_when_a_folder_it_reads_changes(tmp_path):
+    folder = tmp_path / "quick"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "qat_results.json").write_text("[1]")
+    before = pipeline._model_results_digest(tmp_path, ["quick", "models/resnet32"])
+    assert before == pipeline._model_results_digest(tmp_path, ["quick", "models/resnet32"])
+    (folder / "data" / "qat_results.json").write_text("[2]")
+    assert pipeline._model_results_digest(tmp_path, ["quick", "models/resnet32"]) != before

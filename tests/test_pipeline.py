@@ -1,5 +1,6 @@
 """The smoke profile end to end through papermill, on synthetic data (no ../shared)."""
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -288,9 +289,12 @@ def test_executed_copies_hold_no_absolute_paths(tmp_path):
 def test_reuse_copies_computed_runs_once_and_never_results(tmp_path, capsys):
     source, target = tmp_path / "quick", tmp_path / "extended"
     assert pipeline.reuse_runs(source, target) == []            # nothing finished there yet
-    assert "holds no finished run" in capsys.readouterr().out
+    assert "holds no finished step" in capsys.readouterr().out
+    (source / "manifest.json").parent.mkdir(parents=True)
+    (source / "manifest.json").write_text("{}")             # started, nothing finished yet
+    assert pipeline.reuse_runs(source, target) == []
     for rel in ("checkpoints/qat/abc/result.json", "cache/traces-1.json", "tables/headline.csv",
-                "data/qat_results.json", "manifest.json"):
+                "data/qat_results.json", ".stamps/00_fp32_baseline.json"):
         (source / rel).parent.mkdir(parents=True, exist_ok=True)
         (source / rel).write_text("{}")
     target.mkdir()
@@ -298,6 +302,7 @@ def test_reuse_copies_computed_runs_once_and_never_results(tmp_path, capsys):
     assert (target / "checkpoints/qat/abc/result.json").is_file()
     assert (target / "cache/traces-1.json").is_file()
     assert not (target / "tables").exists() and not (target / "data").exists()
+    assert not list(target.glob(".reuse-*"))                 # copied under a temporary name
     assert json.loads((target / "manifest.json").read_text())["reused_from"] == {
         "profile": "quick", "copied": ["checkpoints", "cache"]}
     (target / "checkpoints/qat/abc/result.json").write_text('{"mine": 1}')
@@ -305,14 +310,18 @@ def test_reuse_copies_computed_runs_once_and_never_results(tmp_path, capsys):
     assert "mine" in (target / "checkpoints/qat/abc/result.json").read_text()
     cfg = pipeline.load_params("extended")
     assert cfg["reuse"] == "quick"
+    from hmqat.locking import results_lock
+    with results_lock(source):                               # a running source is not copied
+        with pytest.raises(Exception, match=str(os.getpid())):
+            pipeline.reuse_runs(source, tmp_path / "other")
 
 
 def test_a_bad_reuse_is_one_clear_error(tmp_path):
     import yaml
 
     cfg = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
-    for bad in ("../quick", "", 3):
+    for bad in ("../quick", "", 3, "smoke"):
         (tmp_path / "smoke.yaml").write_text(yaml.safe_dump({**cfg, "reuse": bad}))
-        with pytest.raises(pipeline.PipelineError, match="reuse is .*expected the name of "
-                                                         "another profile"):
+        with pytest.raises(pipeline.PipelineError, match="reuse(:| is) .*(expected the name "
+                                                         "of another profile|itself)"):
             pipeline.load_params("smoke", tmp_path)

@@ -135,7 +135,8 @@ def accuracy_points(models: Sequence[ModelResults]) -> pd.DataFrame:
                      "size MB": float(m.fp32.get("fp32_size_mb", math.nan)), "compression": 1.0,
                      "BOPs (G)": math.nan, "test top-1": float(m.fp32["test_top1"]),
                      "± std": math.nan, "seeds": 1, "% of FP32": 100.0})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["model", "config", "kind", "size MB", "compression",
+                                       "BOPs (G)", "test top-1", "± std", "seeds", "% of FP32"])
 
 
 def paired_table(models: Sequence[ModelResults]) -> pd.DataFrame:
@@ -148,7 +149,9 @@ def paired_table(models: Sequence[ModelResults]) -> pd.DataFrame:
         if pairs:
             parts.append(reporting.paired_comparisons(m.runs, pairs).assign(model=m.arch))
     if not parts:
-        return pd.DataFrame(columns=["model", "a", "b", "diff", "ci_low", "ci_high"])
+        return pd.DataFrame(columns=["model", "a", "b", "seeds", "images", "size gap %",
+                                     "BOPs ratio", "diff", "ci_low", "ci_high", "half_width",
+                                     "interval", "significant", "equal_size"])
     out = pd.concat(parts, ignore_index=True)
     return out[["model"] + [c for c in out.columns if c != "model"]]
 
@@ -170,7 +173,9 @@ def kendall_table(models: Sequence[ModelResults]) -> pd.DataFrame:
                      "qerr low": q["tau_low"], "qerr high": q["tau_high"],
                      "joint - qerr_only": q["ref_minus_tau"], "diff low": q["diff_low"],
                      "diff high": q["diff_high"]})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["model", "configs", "tau joint", "joint low",
+                                       "joint high", "tau qerr_only", "qerr low", "qerr high",
+                                       "joint - qerr_only", "diff low", "diff high"])
 
 
 def ptq_gain_table(models: Sequence[ModelResults], variant: str = "joint") -> pd.DataFrame:
@@ -189,25 +194,34 @@ def ptq_gain_table(models: Sequence[ModelResults], variant: str = "joint") -> pd
                          "gain": r["top1"] - r["random_median"],
                          "beats random %": r["beats_random_pct"],
                          "random configs": int(r["n_random"])})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["model", "compression", "pick top-1", "random median",
+                                       "gain", "beats random %", "random configs"])
 
 
-def wall_times(models: Sequence[ModelResults]) -> pd.DataFrame:
-    """Each model's measured wall time per step (minutes; ``compute_wall_s`` of its manifest,
-    earlier interrupted attempts included) and in all, with the profile that ran it."""
+#: The steps every model's study runs (the models profile's per-model steps): the wall-time
+#: table compares these only, so a profile that ran more (quick: 04, 06) is not overstated.
+PER_MODEL_STEPS = ("00_fp32_baseline", "01_sensitivity", "02_bit_allocation", "03_qat",
+                   "05_report")
+
+
+def wall_times(models: Sequence[ModelResults],
+               steps: Sequence[str] = PER_MODEL_STEPS) -> pd.DataFrame:
+    """Each model's measured wall time (minutes; ``compute_wall_s`` of its manifest, earlier
+    interrupted attempts included) for each of ``steps`` and their total, with the profile that
+    ran it; a step its manifest lacks is NaN and left out of the total."""
     rows = []
     for m in models:
-        steps = m.manifest.get("steps", {})
+        recorded = m.manifest.get("steps", {})
         row: dict[str, Any] = {"model": m.arch, "profile": m.profile}
-        for name, step in steps.items():
+        total = 0.0
+        for name in steps:
+            step = recorded.get(name, {})
             wall = step.get("compute_wall_s", step.get("wall_s"))
-            if wall is not None:
-                row[name] = round(float(wall) / 60, 1)
-        row["total (min)"] = round(sum(v for k, v in row.items()
-                                       if k not in ("model", "profile")), 1)
+            row[name] = round(float(wall) / 60, 1) if wall is not None else math.nan
+            total += float(wall) if wall is not None else 0.0
+        row["total (min)"] = round(total / 60, 1)
         rows.append(row)
-    out = pd.DataFrame(rows)
-    return out[[c for c in out.columns if c != "total (min)"] + ["total (min)"]] if rows else out
+    return pd.DataFrame(rows, columns=["model", "profile", *steps, "total (min)"])
 
 
 def step_cost(archs: Sequence[str], train_loader: Any, *, steps: int, rounds: int,
@@ -257,19 +271,36 @@ def _sign(low: float, high: float) -> str:
 def _beats(pct: float) -> str:
     """The PTQ allocation's sign by notebook 01's rule (docs/method.md §3.1): '+' when the pick
     beats ≥ 95 % of the random same-size configs, '-' when it beats ≤ 5 %, else '0'."""
+    if not math.isfinite(pct):
+        return "?"
     return "+" if pct >= 95 else "-" if pct <= 5 else "0"
 
 
 def _across(signs: Mapping[str, str], models: Sequence[str], same: str) -> str:
     """How a conclusion's per-model signs read across depth: ``same`` when every model has a
-    decided sign and they agree; otherwise which models lack it or that it changes."""
+    decided sign and they agree; "reverses" when one model's interval lies above 0 and
+    another's below; "shown at A, not at B" when one direction meets straddling intervals
+    (missing evidence at B, not a reversal); and which models are undecided (not run, one seed)."""
+    if len(models) < 2:
+        return "(one model: nothing to compare)"
     undecided = [m for m in models if signs.get(m, "?") == "?"]
     decided = {m: s for m, s in signs.items() if s != "?"}
-    if len(set(decided.values())) > 1:
-        return "**changes with depth**"
-    if undecided:
+    values = set(decided.values())
+    if {"+", "-"} <= values:
+        above = [m for m, s in decided.items() if s == "+"]
+        below = [m for m, s in decided.items() if s == "-"]
+        text = (f"**reverses with depth** (above 0 at {', '.join(above)}, below 0 at "
+                f"{', '.join(below)})")
+    elif len(values) > 1:
+        shown = [m for m, s in decided.items() if s != "0"]
+        flat = [m for m, s in decided.items() if s == "0"]
+        text = (f"**is shown at {', '.join(shown)} but not at {', '.join(flat)}** (an interval "
+                f"that straddles 0: missing evidence there, not a reversal)")
+    elif undecided:
         return f"is not decided for {', '.join(undecided)} (not run, or one seed)"
-    return same
+    else:
+        return same
+    return text + (f"; not decided for {', '.join(undecided)}" if undecided else "")
 
 
 def verdict(kendall: pd.DataFrame, paired: pd.DataFrame, ptq: pd.DataFrame) -> list[str]:

@@ -419,6 +419,12 @@ def validate(cfg: Any, path: str | os.PathLike, *, name: str | None = None) -> d
                               or reuse.startswith(".")):
         raise ParamsError(f"{path}: reuse is {_describe(reuse)}; expected the name of another "
                           f"profile whose computed runs this one starts from (e.g. reuse: quick)")
+    if reuse is not None and reuse == Path(path.split(" (a link")[0]).stem:
+        raise ParamsError(f"{path}: reuse: {reuse} names this profile itself; name another "
+                          f"profile (e.g. reuse: quick) or leave reuse out")
+    if reuse is not None and cfg.get("models") is not None:
+        raise ParamsError(f"{path}: reuse and models together are not supported (each model has "
+                          f"its own folder); leave reuse out of a profile with models:")
     _check_section(path, "common", cfg.get("common"), COMMON)
     _require(path, "common", cfg.get("common"), COMMON)
     notebooks = cfg.get("notebooks") or {}

@@ -59,6 +59,7 @@ from ..sensitivity import VARIANTS
 from .reporting import ReportingError, describe_data, update_manifest
 from . import params
 from .runs import data_key
+from .across_models import NEEDED as NEEDED_ACROSS
 
 __all__ = ["KEY_OUTPUTS", "NOTEBOOKS", "PipelineError", "Study", "load_params", "main",
            "rerun_command", "run_pipeline"]
@@ -308,7 +309,8 @@ def run_pipeline(profile: str = "quick", *, only: Sequence[str] | None = None,
             upstream = []
             for where, plan, sub, chosen in plans:
                 steps = _Steps(sub, profile, where, rerun_command(
-                    profile, only, results_root=results_root, models=chosen))
+                    profile, only if chosen or "models" not in cfg else [params.ACROSS_MODELS],
+                    results_root=results_root, models=chosen))
                 if plan:   # the comparison's identity: every model's last finished step
                     steps.run(plan, force, timeout,
                               upstream="" if chosen else "".join(upstream))
@@ -333,6 +335,20 @@ def run_pipeline(profile: str = "quick", *, only: Sequence[str] | None = None,
     return done
 
 
+def _model_results_digest(results_root: Path, names: Sequence[str]) -> str:
+    """sha256 over the files notebook 08 reads from each of ``names`` (folders relative to
+    ``results_root``; :data:`hmqat.study.across_models.NEEDED`), so a rerun of e.g. the quick
+    profile makes the comparison stale."""
+    h = hashlib.sha256()
+    for name in names:
+        for rel in NEEDED_ACROSS:
+            path = results_root / name / rel
+            h.update(f"{name}/{rel}:".encode())
+            if path.is_file():
+                h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
 #: What a profile with ``reuse:`` copies from the other profile's folder: computed runs and
 #: caches, each read back only where its identity (weights, settings, data) matches.
 REUSED = ("checkpoints", "cache")
@@ -344,15 +360,22 @@ def reuse_runs(source: Path, target: Path) -> list[str]:
     Nothing reported is copied (no tables, figures, data or manifest): every notebook still
     runs and writes its own results; a QAT run, FP32 fine-tune or trace computation is read back
     only when its identity (weights, settings, data) is the same, which it is exactly where the
-    two profiles agree. Returns the folders copied; the manifest records the source."""
-    if not (source / "manifest.json").is_file():
-        print(f"[hmqat] reuse: {source} holds no finished run; computing everything", flush=True)
+    two profiles agree. The source must have finished at least one step (a stamp) and is read
+    under its lock (a running source stops this with the holder's pid); each folder is copied
+    to a temporary name first, so an interrupted copy leaves nothing half-copied. Returns the
+    folders copied; the manifest records the source."""
+    if not any((source / ".stamps").glob("*.json")):
+        print(f"[hmqat] reuse: {source} holds no finished step; computing everything", flush=True)
         return []
     copied = []
-    for name in REUSED:
-        if (source / name).is_dir() and not (target / name).exists():
-            shutil.copytree(source / name, target / name, symlinks=True)
-            copied.append(name)
+    with results_lock(source):
+        for name in REUSED:
+            if (source / name).is_dir() and not (target / name).exists():
+                tmp = target / f".reuse-{name}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(source / name, tmp, symlinks=True)
+                os.replace(tmp, target / name)
+                copied.append(name)
     if copied:
         print(f"[hmqat] reuse: copied {', '.join(copied)} of {source} (runs whose identity "
               f"matches are read back, the rest computed)", flush=True)
@@ -522,6 +545,9 @@ class _Steps:
         env = {k: os.environ.get(k, "") for k in ("HMQAT_DATA_DIR", "HMQAT_WEIGHTS_DIR")}
         _set_top_level(self.manifest, seed=int(self.cfg.get("common", {}).get("seed", 0)))
         for name, nb_in, step_params in plan:
+            if name == params.ACROSS_MODELS:   # it reads other folders: their files count too
+                upstream += _model_results_digest(self.root.parent,
+                                                  step_params.get("model_results", []))
             digest = _step_digest(nb_in, step_params, upstream, sources, env)
             parts = _digest_parts(nb_in, step_params, upstream, sources, env)
             upstream = digest
