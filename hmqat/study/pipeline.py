@@ -336,12 +336,13 @@ def run_pipeline(profile: str = "quick", *, only: Sequence[str] | None = None,
 
 
 def _model_results_digest(results_root: Path, names: Sequence[str]) -> str:
-    """sha256 over the files notebook 08 reads from each of ``names`` (folders relative to
-    ``results_root``; :data:`hmqat.study.across_models.NEEDED`), so a rerun of e.g. the quick
-    profile makes the comparison stale."""
+    """sha256 over the result files notebook 08 reads from each of ``names`` (folders relative
+    to ``results_root``; :data:`hmqat.study.across_models.NEEDED` but the manifest, which every
+    pass rewrites, skipped steps included), so a rerun of e.g. the quick profile makes the
+    comparison stale and a pass that changes nothing does not."""
     h = hashlib.sha256()
     for name in names:
-        for rel in NEEDED_ACROSS:
+        for rel in (r for r in NEEDED_ACROSS if r != "manifest.json"):
             path = results_root / name / rel
             h.update(f"{name}/{rel}:".encode())
             if path.is_file():
