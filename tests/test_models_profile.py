@@ -189,3 +189,16 @@ def test_the_comparison_reruns_when_a_folder_it_reads_changes(tmp_path):
     assert before == pipeline._model_results_digest(tmp_path, ["quick", "models/resnet32"])
     (folder / "data" / "qat_results.json").write_text("[2]")
     assert pipeline._model_results_digest(tmp_path, ["quick", "models/resnet32"]) != before
+
+
+def test_models_measured_on_another_split_are_set_aside_not_compared():
+    def model(arch, label):
+        return across_models.ModelResults(arch, Path(arch), "p", {"data_label": label},
+                                           pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), {})
+
+    clean = "CIFAR-10 (JPEG q75 mirror); val = 5,000 test-split images"
+    kept, other = across_models.same_split([model("resnet20", "CIFAR-10 (JPEG q75 mirror)"),
+                                            model("resnet32", clean), model("resnet56", clean)])
+    assert [m.arch for m in kept] == ["resnet32", "resnet56"]
+    assert [m.arch for m in other] == ["resnet20"]
+    assert across_models.same_split([]) == ([], [])

@@ -37,8 +37,9 @@ from ..quant import uniform_config
 from ..transitions import Recipe, make_callbacks
 from . import reporting
 
-__all__ = ["AcrossModelsError", "ModelResults", "accuracy_points", "kendall_table", "paired_table", "ptq_gain_table", "read_model", "read_models",
-           "step_cost", "verdict", "wall_times"]
+__all__ = ["AcrossModelsError", "ModelResults", "accuracy_points", "kendall_table",
+           "paired_table", "ptq_gain_table", "read_model", "read_models", "same_split",
+           "split_of", "step_cost", "verdict", "wall_times"]
 
 #: What a model's folder must hold (written by notebooks 00, 01 and 03), relative to it.
 NEEDED = ("data/fp32.json", "data/qat_results.json", "tables/sensitivity_kendall_fixed_size.csv",
@@ -64,8 +65,9 @@ class ModelResults:
 
 
 def read_model(folder: str | Path) -> ModelResults:
-    """One model's results: the files of :data:`NEEDED` in ``folder``; the architecture and
-    profile from its manifest. Raises :class:`AcrossModelsError` naming what is missing."""
+    """One model's results: the files of :data:`NEEDED` in ``folder``; the architecture from
+    its ``fp32.json`` (else its manifest), the profile from its manifest. Raises
+    :class:`AcrossModelsError` naming what is missing."""
     folder = Path(folder)
     missing = [p for p in NEEDED if not (folder / p).is_file()]
     if missing:
@@ -110,7 +112,28 @@ def read_models(root: str | Path, names: Sequence[str]) -> tuple[list[ModelResul
     if twice:
         raise AcrossModelsError(f"{twice} appear in more than one folder of {list(names)}; "
                                 f"list one folder per model")
+    found, other = same_split(found)
+    missing += [f"{m.folder}: measured on another split ({split_of(m)!r}, the others on "
+                f"{split_of(found[0])!r}); rerun that profile with the current split to compare it"
+                for m in other]
     return sorted(found, key=lambda m: _depth(m.arch)), missing
+
+
+def split_of(model: ModelResults) -> str:
+    """The data and split a model's study was measured on (``fp32.json``'s data label)."""
+    return str(model.fp32.get("data_label", ""))
+
+
+def same_split(models: Sequence[ModelResults]) -> tuple[list[ModelResults], list[ModelResults]]:
+    """(the models measured on the most common split, the others): differences between models
+    are compared only on the same validation/test halves (docs/method.md §8); ties go to the
+    split of the model listed first."""
+    if not models:
+        return [], []
+    splits = [split_of(m) for m in models]
+    common = max(dict.fromkeys(splits), key=splits.count)
+    return ([m for m in models if split_of(m) == common],
+            [m for m in models if split_of(m) != common])
 
 
 def _depth(arch: str) -> int:
