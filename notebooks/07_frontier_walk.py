@@ -166,20 +166,11 @@ def run_walk(run_seed, scale_lr):
                                onnx=walk_onnx)
 
 
-screen_rows, screened = [], {}
+screened = {}
 if walk_scale_lr is None:
-    for lr in scale_lrs:
-        try:
-            screened[lr] = run_walk(seeds[0], lr)
-        except train.NonFiniteLossError as exc:      # too fast a rate: recorded, left out
-            screen_rows.append(walk_study.screen_row(lr, None, diverged=str(exc)))
-        else:
-            screen_rows.append(walk_study.screen_row(lr, [p.record for p in screened[lr]]))
-        print(f"[07] screen scale_lr {lr:g}: last point val top-1 "
-              f"{screen_rows[-1]['val_top1']:.2f} %, smallest median step change "
-              f"{screen_rows[-1]['min median step change %']:.2f} % "
-              f"({screen_rows[-1]['status']})", flush=True)
-    screen = pd.DataFrame(screen_rows)
+    screen, screened = walk_study.run_screen(
+        scale_lrs, lambda lr: run_walk(seeds[0], lr),
+        lambda lr, walk: walk_study.screen_row(lr, [p.record for p in walk]))
     reporting.write_table(screen, study.tables / "walk_screen",
                           caption=f"Frontier walk: scale-phase rate screen on seed {seeds[0]}, "
                                   f"validation top-1 at the last point ({walk_scale_steps} "
@@ -386,19 +377,9 @@ print(f"ladder {ladder_name} (notebook 04's {walk_study.LADDER_CHOICE}) at step_
       f"points {[label for label, _ in ladder_at]}; seeds {seeds}")
 point0, config0 = ladder_at[0]
 if walk_scale_lr is None:
-    ladder_screen_rows = []
-    for lr in ladder_rates:
-        try:
-            rec = run_ladder(config0, seeds[0], lr)
-        except train.NonFiniteLossError as exc:      # too fast a rate: recorded, left out
-            ladder_screen_rows.append(walk_study.ladder_screen_row(lr, None, diverged=str(exc)))
-        else:
-            ladder_screen_rows.append(walk_study.ladder_screen_row(lr, rec))
-        print(f"[07] ladder screen scale_lr {lr:g}: val top-1 "
-              f"{ladder_screen_rows[-1]['val_top1']:.2f} %, smallest median step change "
-              f"{ladder_screen_rows[-1]['min median step change %']:.2f} % "
-              f"({ladder_screen_rows[-1]['status']})", flush=True)
-    ladder_screen = pd.DataFrame(ladder_screen_rows)
+    ladder_screen, _ = walk_study.run_screen(
+        ladder_rates, lambda lr: run_ladder(config0, seeds[0], lr), walk_study.ladder_screen_row,
+        what="ladder screen")
     reporting.write_table(ladder_screen, study.tables / "ladder_screen",
                           caption=f"Ladder re-test: scale-phase rate screen at {point0}, seed "
                                   f"{seeds[0]}, validation top-1 ({ladder_scale} scale-only steps "

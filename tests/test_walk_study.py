@@ -764,3 +764,24 @@ def test_notebook_07_re_tests_the_ladder(executed):
     assert len(list((root / "checkpoints" / "ladder").glob("*/result.json"))) == 3 + 1 + 2
     text = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
     assert "did not run notebook 04's transition experiment" in text
+
+
+def test_run_screen_records_a_diverged_rate_and_keeps_the_others(capsys):
+    from hmqat.train import NonFiniteLossError
+
+    def run(rate):
+        if rate > 4:
+            raise NonFiniteLossError("loss became nan at epoch 1; lower the learning rate")
+        return {"top1": 80.0 + rate, "rate": rate}
+
+    def row(rate, rec):
+        return {"scale_lr": rate, "val_top1": rec["top1"], "min median step change %": 2.0,
+                "moved": True, "status": "moved"}
+
+    screen, results = walk_study.run_screen([1.0, 8.0, 2.0], run, row, what="test screen")
+    assert list(screen["scale_lr"]) == [1.0, 8.0, 2.0] and set(results) == {1.0, 2.0}
+    assert screen.loc[1, "status"] == "diverged: loss became nan at epoch 1"
+    assert not screen.loc[1, "moved"] and math.isnan(screen.loc[1, "val_top1"])
+    assert walk_study.choose_scale_lr(screen)[0] == 2.0
+    out = capsys.readouterr().out
+    assert out.count("[07] test screen scale_lr") == 3 and "(diverged: loss became nan" in out

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -36,6 +36,7 @@ import pandas as pd
 import torch.nn as nn
 
 from .. import quant, search
+from ..train import NonFiniteLossError
 from . import reporting
 from .ablation import TransitionArm, screening_arms
 
@@ -342,11 +343,46 @@ def screen_row(scale_lr: float, records: Sequence[Mapping[str, Any]] | None, *,
         raise WalkStudyError("a screened walk needs at least two points (one transition)")
     phases = list(records[1:])
     meds = [r.get("step_median") for r in phases]
-    moved = all(r.get("scale_phase_moved") is True for r in phases)
-    return {"scale_lr": float(scale_lr), "val_top1": float(records[-1]["top1"]),
-            "min median step change %": (100 * min(meds) if all(m is not None for m in meds)
-                                         else math.nan),
-            "moved": moved, "status": "moved" if moved else "a phase moved < threshold"}
+    return _screened(scale_lr, records[-1]["top1"],
+                     100 * min(meds) if all(m is not None for m in meds) else math.nan,
+                     all(r.get("scale_phase_moved") is True for r in phases))
+
+
+def _screened(scale_lr: float, top1: float, min_median_pct: float, moved: bool
+              ) -> dict[str, Any]:
+    """A screen row (:func:`screen_row`, :func:`ladder_screen_row`) of a run that finished."""
+    return {"scale_lr": float(scale_lr), "val_top1": float(top1),
+            "min median step change %": min_median_pct, "moved": moved,
+            "status": "moved" if moved else "a phase moved < threshold"}
+
+
+def run_screen(rates: Sequence[float], run: Callable[[float], Any],
+               row: Callable[[float, Any], dict[str, Any]], *, what: str = "screen"
+               ) -> tuple[pd.DataFrame, dict[float, Any]]:
+    """Screen the scale-phase ``rates`` on one seed: ``run(rate)`` trains (or reads back) one
+    run, ``row(rate, result)`` is its screen row (:func:`screen_row`, :func:`ladder_screen_row`);
+    a run stopped by a non-finite loss is a "diverged" row, left out of the choice. Prints one
+    line per rate (``what`` names the screen). Returns the rows and each finished result."""
+    rows, results = [], {}
+    for rate in rates:
+        try:
+            results[rate] = run(rate)
+        except NonFiniteLossError as exc:     # too fast a rate: recorded, left out
+            rows.append(screen_row(rate, None, diverged=str(exc)))
+        else:
+            rows.append(row(rate, results[rate]))
+        r = rows[-1]
+        print(f"[07] {what} scale_lr {rate:g}: val top-1 {r['val_top1']:.2f} %, smallest "
+              f"median step change {r['min median step change %']:.2f} % ({r['status']})",
+              flush=True)
+    return pd.DataFrame(rows), results
+
+
+def _medians_text(screen: pd.DataFrame) -> str:
+    """Each screened rate's smallest median step change ("diverged" where it blew up)."""
+    return ", ".join(f"{r['scale_lr']:g}: " + ("diverged" if r["status"].startswith("diverged")
+                                                else f"{r['min median step change %']:.3g} %")
+                     for _, r in screen.iterrows())
 
 
 def scale_lr_candidates(scale_lr: float | None, screen_lrs: Sequence[float],
@@ -392,12 +428,10 @@ def choose_scale_lr(screen: pd.DataFrame, *, moved_threshold: float = 0.01,
                           "status"], "screen")
     ok = screen[screen["moved"].astype(bool)]
     if ok.empty:
-        meds = ", ".join(f"{r['scale_lr']:g}: " + ("diverged" if r["status"].startswith(
-            "diverged") else f"{r['min median step change %']:.3g} %")
-            for _, r in screen.iterrows())
         raise WalkStudyError(
             f"no screened walk_scale_lr moved the switched steps by a median >= "
-            f"{moved_threshold:.0%} in every scale phase (smallest median per rate: {meds}); "
+            f"{moved_threshold:.0%} in every scale phase (smallest median per rate: "
+            f"{_medians_text(screen)}); "
             f"add rates to walk_screen_scale_lrs (larger where a phase moved too little, "
             f"smaller where the walk diverged) or raise walk_scale_steps")
     best = ok.sort_values(["val_top1", "scale_lr"], ascending=[False, True]).iloc[0]
@@ -604,10 +638,8 @@ def ladder_screen_row(scale_lr: float, record: Mapping[str, Any] | None, *,
     if not phases:
         raise WalkStudyError("the screened ladder run records no scale-only phase movement; "
                              "train it with a scale-only phase (ladder_arm) on this hmqat")
-    moved = all(p["moved"] for p in phases)
-    return {"scale_lr": float(scale_lr), "val_top1": float(record["top1"]),
-            "min median step change %": min(p["median step change %"] for p in phases),
-            "moved": moved, "status": "moved" if moved else "a phase moved < threshold"}
+    return _screened(scale_lr, record["top1"], min(p["median step change %"] for p in phases),
+                     all(p["moved"] for p in phases))
 
 
 def choose_ladder_scale_lr(screen: pd.DataFrame, *, moved_threshold: float = 0.01,
@@ -631,12 +663,10 @@ def choose_ladder_scale_lr(screen: pd.DataFrame, *, moved_threshold: float = 0.0
                              f"rates to walk_screen_scale_lrs")
     best = ran.sort_values(["min median step change %", "val_top1", "scale_lr"],
                            ascending=[False, False, True]).iloc[0]
-    meds = ", ".join(f"{r['scale_lr']:g}: " + ("diverged" if r["status"].startswith("diverged")
-                                                else f"{r['min median step change %']:.3g} %")
-                     for _, r in screen.iterrows())
     return float(best["scale_lr"]), (
         f"ladder scale_lr = {best['scale_lr']:g}: no screened rate moved every scale phase by a "
-        f"median >= {moved_threshold:.0%} (smallest median per rate: {meds}); the decision runs "
+        f"median >= {moved_threshold:.0%} (smallest median per rate: {_medians_text(screen)}); "
+        f"the decision runs "
         f"at the rate that moved the steps most and is NOT the fair re-test: add larger rates "
         f"to walk_screen_scale_lrs.")
 
