@@ -26,3 +26,17 @@ def _isolated_env(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("HMQAT_DATA_DIR", raising=False)
     monkeypatch.delenv("HMQAT_WEIGHTS_DIR", raising=False)
     monkeypatch.setenv("HMQAT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "hmqat-cache"))
+
+
+#: Test files whose module fixtures run the notebooks end to end (minutes each, not seconds).
+#: Under `make test` (pytest-xdist, --dist loadfile: a file stays on one worker) they are
+#: scheduled first, so the other worker fills in around them instead of one of them starting
+#: last and leaving a core idle at the end.
+HEAVY_FIRST = ("test_pipeline.py", "test_models_profile.py", "test_walk_study.py",
+               "test_hostile_pipeline.py",
+               "test_benchmarks.py", "test_solutions.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: order kept

@@ -43,8 +43,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
-import papermill as pm
-from nbclient.exceptions import CellTimeoutError, DeadKernelError
 import torch
 import torchvision.transforms as T
 
@@ -249,7 +247,12 @@ def _one_line(text: Any) -> str:
 def _run_notebook(nb_in: Path, nb_out: Path, params: dict[str, Any], timeout: int | None) -> None:
     """Execute one notebook with papermill, echoing its printed lines (each run's epoch and
     top-1 lines, labelled progress bars, warnings) prefixed with its name. A failing cell
-    raises :class:`PipelineError` with the cell's error on one line."""
+    raises :class:`PipelineError` with the cell's error on one line. papermill is imported
+    here, not with the module: the notebooks import this module, and papermill's import (its
+    JSON-schema validator) costs every kernel ~2 s it never uses."""
+    import papermill as pm
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+
     name = nb_in.stem
     try:
         pm.execute_notebook(str(nb_in), str(nb_out), parameters=params, kernel_name="python3",
@@ -426,6 +429,8 @@ def _os_error(exc: OSError) -> str:
 def _plan(cfg: dict[str, Any], profile: str, only: Sequence[str] | None, nb_dir: Path,
           results_dir: Path) -> list[tuple[str, Path, dict[str, Any]]]:
     """(name, notebook, parameters) of every step to run, all checked before the first runs."""
+    import papermill as pm    # the driver's dependency only (see _run_notebook)
+
     names = [n for n in NOTEBOOKS if n in set(cfg.get("run", NOTEBOOKS))]
     if only is not None:
         try:
