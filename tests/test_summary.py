@@ -419,3 +419,41 @@ def test_the_models_block_comes_from_the_models_folder_beside(tmp_path):
     assert ("| resnet56 | HMQAT =W3A4 size | uniform W3A4 |       3 |        +0.00 |         1.30 "
             "|  -0.20 |    -0.50 |     +0.10 |") in block
     assert "Across models: wall_time" in block and block.endswith("* The trace ... same sign.")
+
+
+@pytest.mark.parametrize("status", [None, "running", "failed"])
+def test_a_block_whose_notebook_has_not_finished_says_so(tmp_path, status):
+    """A run that has not reached notebook 04 yet (--only, or resumed across sessions) reports
+    nothing from it, even where an earlier run's files are still there."""
+    root = _synthetic(tmp_path)
+    manifest = json.loads((root / "manifest.json").read_text())
+    if status is None:
+        del manifest["steps"]["04_ablations"]
+    else:
+        manifest["steps"]["04_ablations"]["status"] = status
+    atomic_write_json(root / "manifest.json", manifest)
+    blocks = summary.render_blocks(root)
+    for name, step in summary.BLOCK_STEPS.items():
+        assert f"Notebook {step} has not run yet" in blocks[name], name
+        assert f"--profile quick --only {step}`" in blocks[name]
+        assert "89.00" not in blocks[name]                      # nothing from the old files
+    assert "has not run yet" not in blocks["readme-headline"]
+
+
+def test_the_recipe_choices_block_appears_only_with_its_files(tmp_path):
+    root = _synthetic(tmp_path)
+    assert "readme-choices" not in summary.render_blocks(root)       # 03 §5 did not run
+    _table(root, "recipe_choices", pd.DataFrame({
+        "choice": ["step_lr", "distillation"], "a": ["step_lr = lr/10", "distillation off"],
+        "b": ["profile", "profile"], "seeds": [3, 3], "images": [5000, 5000],
+        "diff": [0.07, -1.5], "ci_low": [-0.28, -2.62], "ci_high": [0.41, -0.41]}),
+        caption="Recipe choices: synthetic")
+    with pytest.raises(summary.SummaryError, match="recipe_choices.json is missing.*03_qat"):
+        summary.render_blocks(root)                                  # half of them: named
+    atomic_write_json(root / "data" / "recipe_choices.json",
+                      {"verdict": ["distillation: the profile's choice is confirmed."]})
+    block = summary.render_blocks(root)["readme-choices"]
+    assert block.startswith("**The recipe's choices** (notebook 03 §5): Recipe choices: "
+                            "synthetic")
+    assert "| step_lr " in block and "+0.07" in block and "-2.62" in block
+    assert block.endswith("* distillation: the profile's choice is confirmed.")

@@ -40,7 +40,7 @@ from ..runtime import atomic_write_text, read_json
 from ..transitions import Recipe
 from . import ablation, reporting, sensitivity_study
 
-__all__ = ["DOCS", "OPTIONAL_BLOCKS", "PRODUCERS", "SummaryError", "apply_blocks",
+__all__ = ["BLOCK_STEPS", "DOCS", "OPTIONAL_BLOCKS", "PRODUCERS", "SummaryError", "apply_blocks",
            "interval_words", "main", "render_blocks", "stale_docs"]
 
 #: The repository root (documents are named relative to it).
@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: The documents whose marked blocks are generated, relative to :data:`ROOT`.
 DOCS = ("README.md", "docs/method.md")
 #: Blocks left out (empty between their markers) while their files do not exist.
-OPTIONAL_BLOCKS = ("readme-budget-axis", "method-walk", "readme-models")
+OPTIONAL_BLOCKS = ("readme-budget-axis", "method-walk", "readme-models", "readme-choices")
 
 #: Which notebook writes each result file (a path relative to the results folder; tables
 #: without their ``.csv``), for the message that names a missing file.
@@ -76,6 +76,8 @@ PRODUCERS: dict[str, str] = {
     "tables/walk_movement": "07_frontier_walk",
     "data/walk_verdict.json": "07_frontier_walk",
     "tables/headline": "05_report",
+    "tables/recipe_choices": "03_qat",
+    "data/recipe_choices.json": "03_qat",
     "tables/budget_axis": "06_budget",
     "tables/budget_accuracy": "06_budget",
     "data/budget_verdict.json": "06_budget",
@@ -86,6 +88,8 @@ SENSITIVITY_TABLES = ("single_layer_summary", "noise_summary", "additivity_summa
                       "trace_variability_picks")
 #: The budget axis's files (notebook 06): all or none.
 BUDGET_FILES = ("tables/budget_axis", "tables/budget_accuracy", "data/budget_verdict.json")
+#: Notebook 03 §5's files (the recipe's choices re-decided on validation): all or none.
+CHOICE_FILES = ("tables/recipe_choices", "data/recipe_choices.json")
 #: Notebook 07's files (the frontier walk); the block is left out while none exists.
 WALK_FILES = ("tables/walk_frontier", "tables/walk_movement", "data/walk_verdict.json")
 #: HAWQ (V1, Dong et al., ICCV 2019), ResNet-20 on the original CIFAR-10: weights-only
@@ -429,6 +433,23 @@ def _readme_budget_axis(res: _Results) -> str | None:
         "", "Test top-1 (mean ± sd over seeds) per arm and budget:", "",
         _markdown(wide), "", *[f"* {line}" for line in verdict],
     ])
+
+
+def _readme_choices(res: _Results) -> str | None:
+    """Notebook 03 §5: each recipe choice paired over seeds on validation, and its verdict
+    (:func:`hmqat.study.ablation.choice_verdict`, as the notebook printed it)."""
+    if not _all_or_none(res, CHOICE_FILES):
+        return None
+    table = res.table("tables/recipe_choices")
+    verdict = res.json("data/recipe_choices.json").get("verdict")
+    if not isinstance(verdict, list):
+        raise SummaryError(f"{res._file('data/recipe_choices.json')} has no list 'verdict'; "
+                           f"rerun notebook 03_qat")
+    return "\n".join([
+        "**The recipe's choices** (notebook 03 §5): " + _caption(res, "tables/recipe_choices"),
+        "", _markdown(table, {"diff": "{:+.2f}", "ci_low": "{:+.2f}", "ci_high": "{:+.2f}",
+                              "seeds": "{:.0f}", "images": "{:.0f}"}),
+        "", *[f"* {line}" for line in verdict]])
 
 
 def _method_walk(res: _Results) -> str | None:
@@ -788,6 +809,7 @@ def _method_anchor(res: _Results) -> str:
 _BLOCKS = {
     "readme-run": _readme_run,
     "readme-headline": _readme_headline,
+    "readme-choices": _readme_choices,
     "readme-budget-axis": _readme_budget_axis,
     "readme-sensitivity": _readme_sensitivity,
     "readme-transitions": _readme_transitions,
@@ -802,15 +824,38 @@ _BLOCKS = {
 }
 
 
+#: The notebook whose results a block reports, where the run may not have reached it yet
+#: (``--only``, or a run resumed across sessions): until that step has finished in the run the
+#: manifest records, the block says so instead of reading its files.
+BLOCK_STEPS = {"readme-transitions": "04_ablations", "readme-allocation": "04_ablations",
+               "method-allocation": "04_ablations", "method-transitions": "04_ablations"}
+
+
+def _finished(res: _Results, step: str) -> bool:
+    """True when ``manifest.json`` records ``step`` and not as ``running`` or ``failed``."""
+    steps = res.json("manifest.json").get("steps", {})
+    return step in steps and steps[step].get("status") not in ("running", "failed")
+
+
+def _pending(res: _Results, step: str) -> str:
+    """The text of a block whose notebook has not finished in this run."""
+    return (f"*Notebook {step} has not run yet in the run of `{res.shown}` named above, so "
+            f"nothing is reported here from it (no earlier run's numbers are mixed in). It "
+            f"runs with `python -m hmqat.study.pipeline --profile {res.profile} --only {step}`; "
+            f"then `python -m hmqat.study.summary --results {res.shown} --write`.*")
+
+
 def render_blocks(results_dir: str | Path) -> dict[str, str]:
     """``{block name: markdown}`` for every block whose files exist in ``results_dir``
     (optional blocks, :data:`OPTIONAL_BLOCKS`, are left out while their files are absent; a
-    missing required file raises :class:`SummaryError` naming it and the command that writes
-    it)."""
+    block of :data:`BLOCK_STEPS` whose notebook has not finished in the manifest's run says
+    so; a missing required file raises :class:`SummaryError` naming it and the command that
+    writes it)."""
     res = _Results(results_dir)
     out = {}
     for name, make in _BLOCKS.items():
-        text = make(res)
+        step = BLOCK_STEPS.get(name)
+        text = make(res) if step is None or _finished(res, step) else _pending(res, step)
         if text is not None:
             out[name] = text.strip("\n")
     return out
