@@ -32,6 +32,16 @@ import pandas as pd
 from hmqat.study import lessons
 
 quick = Path(quick_dir)
+needed = ["tables/ablation.csv", "data/ablation_runs.csv", "data/qat_level.csv",
+          "tables/qat_level_kendall.csv", "tables/transition_screen.csv",
+          "tables/transition_experiment.csv"]
+missing = [f for f in needed if not (quick / f).is_file()]
+if missing:
+    raise FileNotFoundError(
+        f"{quick} has no notebook 04 results ({', '.join(missing)}): the committed quick run "
+        "has not reached notebook 04 yet. Run it (from the repository root: `python -m "
+        "hmqat.study.pipeline --profile quick --only 04_ablations`) or set quick_dir to a "
+        "results folder that has them")
 table = pd.read_csv(quick / "tables" / "ablation.csv", comment="#")
 runs = pd.read_csv(quick / "data" / "ablation_runs.csv")
 
