@@ -150,13 +150,19 @@ lessons.check_05_seeds_needed(seeds_needed)
 
 # %% [markdown]
 # ## Ablations (notebook 04), if it ran
+# Only when the manifest records notebook 04 as finished in this run: a table left by an earlier
+# run (or a failed attempt) is not this run's result.
 
 # %%
 ablation_md = ""
 abl_path = study.tables / "ablation.md"
-if abl_path.exists():
+abl_step = json.loads((study.root / "manifest.json").read_text()).get("steps", {}).get(
+    "04_ablations", {})
+if abl_path.exists() and abl_step and abl_step.get("status") not in ("running", "failed"):
     ablation_md = abl_path.read_text()
     print(ablation_md)
+else:
+    print("notebook 04 has not finished in this run: no ablation table is reported")
 
 # %% [markdown]
 # ## results/<profile>/README.md
@@ -214,7 +220,7 @@ Test top-1 over seeds {', '.join(str(s) for s in seeds)} of the same schedule.
 
 ## Ablations
 
-{ablation_md or '(notebook 04 did not run in this profile)'}
+{ablation_md or '(notebook 04 has not finished in this run of the profile)'}
 
 ### Transition-aware fine-tuning vs plain LSQ (paired seeds)
 
