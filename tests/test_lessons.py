@@ -102,8 +102,9 @@ def test_notebook_02_opened_first_runs_00_and_01_and_says_so(tmp_path: Path, cap
     assert ("[lessons] 02_bit_allocation reads results of 00_fp32_baseline, 01_sensitivity, "
             "which are not in") in out
     assert "missing: checkpoints/fp32-resnet20.pt, data/fp32.json, data/traces.csv" in out
-    assert ("Running them now at the lab profile, as `python -m hmqat.study.pipeline --profile "
-            "lab --only 00_fp32_baseline 01_sensitivity` would") in out
+    minutes = lessons._lab_minutes(["00_fp32_baseline", "01_sensitivity"])   # "" without a lab run
+    assert (f"Running them now at the lab profile{minutes}, as `python -m hmqat.study.pipeline "
+            f"--profile lab --only 00_fp32_baseline 01_sensitivity` would") in out
     assert "[lessons] done: 00_fp32_baseline, 01_sensitivity ran; continuing with " \
            "02_bit_allocation." in out
     # a second call finds everything and runs nothing, silently
