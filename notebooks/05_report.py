@@ -156,9 +156,9 @@ lessons.check_05_seeds_needed(seeds_needed)
 # %%
 ablation_md = ""
 abl_path = study.tables / "ablation.md"
-abl_step = json.loads((study.root / "manifest.json").read_text()).get("steps", {}).get(
-    "04_ablations", {})
-if abl_path.exists() and abl_step and abl_step.get("status") not in ("running", "failed"):
+ran_04 = reporting.step_finished(json.loads((study.root / "manifest.json").read_text()),
+                                "04_ablations")
+if abl_path.exists() and ran_04:
     ablation_md = abl_path.read_text()
     print(ablation_md)
 else:

@@ -280,3 +280,11 @@ def test_paired_comparisons_carry_the_test_images_when_runs_keep_their_bits():
     t = stats.paired_difference(100 * base.mean(1), 100 * other.mean(1))
     assert seed_only["interval"] == "seeds only"
     assert (seed_only["ci_low"], seed_only["ci_high"]) == pytest.approx((t.low, t.high))
+
+
+def test_step_finished_reads_the_manifests_status():
+    m = {"steps": {"a": {"status": "ran"}, "b": {"status": "skipped (unchanged)"},
+                   "c": {"status": "running"}, "d": {"status": "failed"}, "e": {}}}
+    assert [reporting.step_finished(m, s) for s in "abcdef"] == [True, True, False, False,
+                                                                 True, False]
+    assert not reporting.step_finished({}, "a")

@@ -51,6 +51,7 @@ __all__ = [
     "paired_interval",
     "seeded_headline",
     "read_table",
+    "step_finished",
     "update_manifest",
     "write_table",
 ]
@@ -236,6 +237,14 @@ def update_manifest(path: str | os.PathLike, step: str, **fields: Any) -> dict[s
     steps[step] = {**steps.get(step, {}), **fields}
     atomic_write_json(path, data)
     return data
+
+
+def step_finished(manifest_data: Mapping[str, Any], step: str) -> bool:
+    """True when a manifest (its parsed JSON) records ``step`` and not as ``running`` or
+    ``failed``: the step's files are then this run's results, not an earlier run's or a
+    failed attempt's (notebook 05's report and :mod:`hmqat.study.summary` both ask)."""
+    steps = manifest_data.get("steps", {})
+    return step in steps and steps[step].get("status") not in ("running", "failed")
 
 
 # --------------------------------------------------------------------------------------------

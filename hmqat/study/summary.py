@@ -831,12 +831,6 @@ BLOCK_STEPS = {"readme-transitions": "04_ablations", "readme-allocation": "04_ab
                "method-allocation": "04_ablations", "method-transitions": "04_ablations"}
 
 
-def _finished(res: _Results, step: str) -> bool:
-    """True when ``manifest.json`` records ``step`` and not as ``running`` or ``failed``."""
-    steps = res.json("manifest.json").get("steps", {})
-    return step in steps and steps[step].get("status") not in ("running", "failed")
-
-
 def _pending(res: _Results, step: str) -> str:
     """The text of a block whose notebook has not finished in this run."""
     return (f"*Notebook {step} has not run yet in the run of `{res.shown}` named above, so "
@@ -855,7 +849,9 @@ def render_blocks(results_dir: str | Path) -> dict[str, str]:
     out = {}
     for name, make in _BLOCKS.items():
         step = BLOCK_STEPS.get(name)
-        text = make(res) if step is None or _finished(res, step) else _pending(res, step)
+        text = (make(res) if step is None
+                or reporting.step_finished(res.json("manifest.json"), step)
+                else _pending(res, step))
         if text is not None:
             out[name] = text.strip("\n")
     return out
