@@ -18,7 +18,7 @@ import pytest
 
 from hmqat import locking, runtime
 from hmqat.locking import LockError, results_lock
-from hmqat.study import cli, params, pipeline
+from hmqat.study import cli, params, pipeline, reporting
 
 ROOT = Path(__file__).resolve().parent.parent
 STEP = "00_fp32_baseline"
@@ -190,6 +190,69 @@ def test_upstream_refusal_command_runs_both_steps(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(pipeline, "_run_notebook", record)
     assert _main(capsys, *_suggested(line, "Run it first: "))[0] == 0
     assert ran == [STEP, "02_bit_allocation"] and not attempts.exists()
+
+
+def test_a_partial_rerun_marks_the_steps_that_read_it_stale(tmp_path, capsys, monkeypatch):
+    """A fresh clone holds a whole committed run (every step's manifest entry and files, no
+    stamps). Rerunning 01 alone leaves 02-07's files from the earlier run: their entries say
+    stale (the cause and the command that reruns them), 00's entry stays, and notebook 05's
+    report and the summary then leave 04's files out. A stale step whose stamp survived is not
+    'unchanged, skipped': it reruns, and its entry is current again."""
+    monkeypatch.setattr(pipeline, "_sources_digest", lambda: "sources")
+    res = (tmp_path / "results").resolve()
+    root = res / "smoke"
+    committed = {n: {"status": "ran", "wall_s": 1.0} for n in params.NOTEBOOKS[:8]}
+    runtime.atomic_write_json(root / "manifest.json", {"steps": committed})
+    ran = []
+
+    def record(nb_in, nb_out, *args, **kwargs):
+        ran.append(nb_in.stem)
+        runtime.atomic_write_json(nb_out, {"metadata": {"papermill": {}}, "cells": []})
+
+    monkeypatch.setattr(pipeline, "_run_notebook", record)
+    rc, out, err = _main(capsys, "--profile", "smoke", "--results-root", str(res), "--only",
+                         "01_sensitivity", "05_report")
+    assert rc == 0, err
+    assert ran == ["01_sensitivity", "05_report"]
+    readers = ("02_bit_allocation", "03_qat", "04_ablations", "05_report", "06_budget",
+               "07_frontier_walk")
+    assert params.readers("01_sensitivity") == readers
+    assert params.readers("04_ablations") == ("05_report",) and not params.readers("05_report")
+    assert (f"[hmqat] 01_sensitivity reruns, so the results of {', '.join(readers)} are an "
+            f"earlier run's: marked stale in manifest.json until they rerun") in out
+    steps = json.loads((root / "manifest.json").read_text())["steps"]
+    assert steps["00_fp32_baseline"] == committed["00_fp32_baseline"]        # not a reader
+    assert steps["01_sensitivity"]["status"] == "ran"
+    assert steps["05_report"]["status"] == "ran" and steps["05_report"]["stale"] is None
+    for name in ("02_bit_allocation", "03_qat", "04_ablations", "06_budget", "07_frontier_walk"):
+        entry = steps[name]
+        assert entry["status"] == "stale", name
+        assert entry["stale"]["because"] == "01_sensitivity reran after it"
+        assert shlex.split(entry["stale"]["rerun"])[3:] == [
+            "--profile", "smoke", "--results-root", str(res), "--only", name]
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert not reporting.step_finished(manifest, "04_ablations")
+    assert reporting.step_finished(manifest, "05_report")
+
+    # 04 finished, then 00 reruns: 04 loses its stamp and reruns when asked, not "unchanged"
+    ran.clear()
+    assert _main(capsys, "--profile", "smoke", "--results-root", str(res), "--only",
+                 "04_ablations")[0] == 0
+    for rel in pipeline.KEY_OUTPUTS["04_ablations"]:
+        runtime.atomic_write_bytes(root / rel.format(arch="resnet20"), b"x")
+    assert (root / ".stamps" / "04_ablations.json").exists()
+    rc, out, _ = _main(capsys, "--profile", "smoke", "--results-root", str(res), "--only",
+                       "00_fp32_baseline")
+    assert rc == 0 and not (root / ".stamps" / "04_ablations.json").exists()
+    steps = json.loads((root / "manifest.json").read_text())["steps"]
+    assert steps["04_ablations"]["status"] == "stale"
+    assert steps["04_ablations"]["stale"]["because"] == "00_fp32_baseline reran after it"
+    ran.clear()
+    rc, out, _ = _main(capsys, "--profile", "smoke", "--results-root", str(res), "--only",
+                       "04_ablations")
+    assert rc == 0 and ran == ["04_ablations"] and "unchanged" not in out
+    entry = json.loads((root / "manifest.json").read_text())["steps"]["04_ablations"]
+    assert entry["status"] == "ran" and entry["stale"] is None
 
 
 def test_attempt_bookkeeping_on_a_full_disk_never_hides_the_error(tmp_path, monkeypatch):

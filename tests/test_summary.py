@@ -149,6 +149,11 @@ def _synthetic(tmp_path: Path, name: str = "quick") -> Path:
 
 
 def _budget_files(root: Path) -> None:
+    """Notebook 06's files, and its finished entry in the manifest."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["steps"]["06_budget"] = {"status": "ran", "wall_s": 900.0, "compute_wall_s": 900.0,
+                                      "attempts": 1, "parameters": {"seeds": [0, 1, 2]}}
+    atomic_write_json(root / "manifest.json", manifest)
     _table(root, "budget_axis", pd.DataFrame({
         "budget": ["0 (PTQ)", "390 (1 ep)"], "pair": ["=W3A4 size: mixed − uniform W3A4"] * 2,
         "seeds": [3, 3], "images": [5000, 5000], "diff": [1.25, -0.25],
@@ -421,23 +426,37 @@ def test_the_models_block_comes_from_the_models_folder_beside(tmp_path):
     assert "Across models: wall_time" in block and block.endswith("* The trace ... same sign.")
 
 
-@pytest.mark.parametrize("status", [None, "running", "failed"])
-def test_a_block_whose_notebook_has_not_finished_says_so(tmp_path, status):
-    """A run that has not reached notebook 04 yet (--only, or resumed across sessions) reports
-    nothing from it, even where an earlier run's files are still there."""
+@pytest.mark.parametrize("status, why", [(None, "has not run yet"),
+                                         ("running", "has not run yet"),
+                                         ("failed", "failed"),
+                                         ("stale", "has not rerun since a step it reads reran")])
+@pytest.mark.parametrize("step", ["04_ablations", "06_budget"])
+def test_a_block_whose_notebook_has_not_finished_says_so(tmp_path, step, status, why):
+    """A run that has not reached a notebook yet (--only, or resumed across sessions), or that
+    reran a step it reads since, reports nothing from it, even where an earlier run's files are
+    still there; an optional block whose notebook the manifest never recorded is left out."""
     root = _synthetic(tmp_path)
+    _budget_files(root)
     manifest = json.loads((root / "manifest.json").read_text())
     if status is None:
-        del manifest["steps"]["04_ablations"]
+        del manifest["steps"][step]
     else:
-        manifest["steps"]["04_ablations"]["status"] = status
+        manifest["steps"][step]["status"] = status
     atomic_write_json(root / "manifest.json", manifest)
     blocks = summary.render_blocks(root)
-    for name, step in summary.BLOCK_STEPS.items():
-        assert f"Notebook {step} has not run yet" in blocks[name], name
+    names = [n for n, s in summary.BLOCK_STEPS.items() if s == step]
+    assert names
+    for name in names:
+        if status is None and name in summary.OPTIONAL_BLOCKS:
+            assert name not in blocks, name       # a step this run never recorded: no block
+            continue
+        assert f"Notebook {step} {why} in the run of" in blocks[name], name
         assert f"--profile quick --only {step}`" in blocks[name]
-        assert "89.00" not in blocks[name]                      # nothing from the old files
-    assert "has not run yet" not in blocks["readme-headline"]
+        for number in ("89.00", "-0.25", "+1.25"):               # nothing from the old files
+            assert number not in blocks[name], (name, number)
+    assert "Notebook" not in blocks["readme-headline"].split("\n")[0]
+    finished = [n for n, s in summary.BLOCK_STEPS.items() if s != step and n in blocks]
+    assert finished and not any(blocks[n].startswith("*Notebook") for n in finished)
 
 
 def test_the_recipe_choices_block_appears_only_with_its_files(tmp_path):

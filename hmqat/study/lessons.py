@@ -56,7 +56,7 @@ from scipy import stats as st
 from .. import models, quant, search
 from ..runtime import atomic_write_json, atomic_write_text
 from ..transitions import distillation_loss
-from .params import NOTEBOOKS
+from .params import NOTEBOOKS, UPSTREAM
 from .pipeline import KEY_OUTPUTS, PipelineError, run_pipeline
 
 __all__ = ["ExerciseError", "LessonError", "answer", "attempt", "check", "check_close",
@@ -180,19 +180,6 @@ def exercise(label: str, hint: str = "") -> Callable[[Callable[..., str]], Calla
 # --------------------------------------------------------------------------------------------
 # Upstream steps: any notebook runs on its own at the lab profile
 # --------------------------------------------------------------------------------------------
-# The steps each notebook reads results of (in chain order). A step counts as done when all its
-# key outputs (hmqat.study.pipeline.KEY_OUTPUTS, {arch}: the study's architecture) exist.
-UPSTREAM: dict[str, tuple[str, ...]] = {
-    "00_fp32_baseline": (),
-    "01_sensitivity": ("00_fp32_baseline",),
-    "02_bit_allocation": ("00_fp32_baseline", "01_sensitivity"),
-    "03_qat": ("00_fp32_baseline", "01_sensitivity", "02_bit_allocation"),
-    "04_ablations": ("00_fp32_baseline", "01_sensitivity", "02_bit_allocation"),
-    "05_report": ("00_fp32_baseline", "01_sensitivity", "02_bit_allocation", "03_qat"),
-    "06_budget": ("00_fp32_baseline", "01_sensitivity", "02_bit_allocation"),
-    "07_frontier_walk": ("00_fp32_baseline", "01_sensitivity", "02_bit_allocation"),
-    "08_across_models": (),   # reads other profiles' finished studies (model_results)
-}
 # with a validation split, notebook 01 also writes the fixed-size frame 04 reads
 ARTIFACTS_WITH_VAL: dict[str, tuple[str, ...]] = {
     "01_sensitivity": ("data/sensitivity/fixed_size.csv",),

@@ -33,14 +33,37 @@ from ..quant import INIT_METHODS, POLICIES, SUPPORTED_BITS
 from ..sensitivity import VARIANTS
 from ..transitions import Recipe
 
-__all__ = ["ACROSS_MODELS", "COMMON", "NOTEBOOKS", "NOTEBOOK_KEYS", "Key", "ParamsError", "check_value",
-           "read_profile", "validate"]
+__all__ = ["ACROSS_MODELS", "ALSO_READS", "COMMON", "NOTEBOOKS", "NOTEBOOK_KEYS", "Key", "ParamsError",
+           "UPSTREAM", "check_value", "read_profile", "readers", "validate"]
 
 NOTEBOOKS = ("00_fp32_baseline", "01_sensitivity", "02_bit_allocation", "03_qat",
              "04_ablations", "05_report", "06_budget", "07_frontier_walk", "08_across_models")
 #: The notebook that compares models; in a profile with ``models:`` it runs once, after every
 #: model's steps, in ``results/<profile>/`` (the others run per model in ``<profile>/<arch>/``).
 ACROSS_MODELS = "08_across_models"
+
+# The steps each notebook reads results of (in chain order). A step counts as done when all its
+# key outputs (hmqat.study.pipeline.KEY_OUTPUTS, {arch}: the study's architecture) exist.
+UPSTREAM: dict[str, tuple[str, ...]] = {
+    "00_fp32_baseline": (),
+    "01_sensitivity": ("00_fp32_baseline",),
+    "02_bit_allocation": ("00_fp32_baseline", "01_sensitivity"),
+    "03_qat": ("00_fp32_baseline", "01_sensitivity", "02_bit_allocation"),
+    "04_ablations": ("00_fp32_baseline", "01_sensitivity", "02_bit_allocation"),
+    "05_report": ("00_fp32_baseline", "01_sensitivity", "02_bit_allocation", "03_qat"),
+    "06_budget": ("00_fp32_baseline", "01_sensitivity", "02_bit_allocation"),
+    "07_frontier_walk": ("00_fp32_baseline", "01_sensitivity", "02_bit_allocation"),
+    "08_across_models": (),   # reads other profiles' finished studies (model_results)
+}
+#: Results a notebook reads when they exist but does not need (05 reports 04's ablation table).
+ALSO_READS: dict[str, tuple[str, ...]] = {"05_report": ("04_ablations",)}
+
+
+def readers(step: str) -> tuple[str, ...]:
+    """The steps whose results rest on ``step``'s (:data:`UPSTREAM` and :data:`ALSO_READS`), in
+    chain order: once ``step`` reruns, what they wrote is an earlier run's."""
+    return tuple(n for n in NOTEBOOKS
+                 if step in UPSTREAM.get(n, ()) + ALSO_READS.get(n, ()))
 
 
 class ParamsError(ValueError):

@@ -19,6 +19,9 @@ Step state cannot claim more than is true:
 * a step is "unchanged, skipped" only with a stamp of the same digest, an executed copy that
   records no error, no unfinished attempt, and its key outputs (:data:`KEY_OUTPUTS`, what later
   steps read, e.g. 00's FP32 checkpoint) present; otherwise it reruns and says why;
+* when a step reruns, the steps that read its results (:func:`hmqat.study.params.readers`)
+  lose their stamps and their manifest entries say ``stale`` until they rerun, so a partial
+  rerun never presents an earlier run's files as its own;
 * a failed attempt stays recorded (``.stamps/<step>.attempts.json``, written before the kernel
   starts); the files it wrote are listed as stale under ``failure`` in ``manifest.json`` (its
   entry says ``failed``, or ``running`` where the disk was too full to say more), and ``--only``
@@ -573,6 +576,7 @@ class _Steps:
         stamp.unlink(missing_ok=True)
         if name in _manifest_steps(self.manifest):   # its old entry is no longer current
             update_manifest(self.manifest, name, status="running")
+        self.mark_readers_stale(name)
         print(f"[hmqat] {name}: running ({self.profile} profile; {why}) -> "
               f"executed/{nb_out.name}", flush=True)
         attempt = _Attempts(self.attempts(name))
@@ -585,7 +589,7 @@ class _Steps:
                                       "key_outputs": self.key_outputs(name)})
             update_manifest(self.manifest, name, status="ran", wall_s=round(wall, 1),
                             compute_wall_s=round(wall + sum(earlier), 1),
-                            attempts=1 + len(earlier), failure=None,
+                            attempts=1 + len(earlier), failure=None, stale=None,
                             parameters={**step_params, "results_dir": "."},
                             executed=str(nb_out.relative_to(self.root)), **_code_version())
         except BaseException as exc:
@@ -604,6 +608,26 @@ class _Steps:
         print(f"[hmqat] {name}: done in {wall / 60:.1f} min"
               + (f" ({(wall + sum(earlier)) / 60:.1f} min with {len(earlier)} earlier "
                  "interrupted attempt(s))" if earlier else ""), flush=True)
+
+    def mark_readers_stale(self, name: str) -> list[str]:
+        """Once ``name`` reruns, the steps that read its results (:func:`params.readers`) hold
+        an earlier run's: their stamps are removed (so they are never "unchanged, skipped"
+        again) and their manifest entries say ``stale``, naming the cause and the command that
+        reruns them, until they run again. Return the steps marked. This is what keeps a
+        partial rerun (``--only``, or a fresh clone with committed results) from presenting the
+        files of the steps it did not rerun as its own."""
+        recorded, marked = _manifest_steps(self.manifest), []
+        for reader in params.readers(name):
+            self.stamp(reader).unlink(missing_ok=True)
+            if reader in recorded and recorded[reader].get("status") != "stale":
+                update_manifest(self.manifest, reader, status="stale", stale={
+                    "because": f"{name} reran after it", "since_utc": manifest()["time_utc"],
+                    "rerun": self._command([reader])})
+                marked.append(reader)
+        if marked:
+            print(f"[hmqat] {name} reruns, so the results of {', '.join(marked)} are an earlier "
+                  f"run's: marked stale in {self.manifest.name} until they rerun", flush=True)
+        return marked
 
     def record_failure(self, name: str, attempt: "_Attempts", exc: BaseException) -> list[str]:
         """List the files the failed attempt wrote as stale in the manifest (best effort: on a

@@ -239,12 +239,18 @@ def update_manifest(path: str | os.PathLike, step: str, **fields: Any) -> dict[s
     return data
 
 
+#: Manifest statuses of a step whose files are not this run's results: ``stale`` (a step it
+#: reads has rerun since, :meth:`hmqat.study.pipeline._Steps.mark_readers_stale`), or a failed
+#: or unfinished attempt.
+UNFINISHED = ("running", "failed", "stale")
+
+
 def step_finished(manifest_data: Mapping[str, Any], step: str) -> bool:
-    """True when a manifest (its parsed JSON) records ``step`` and not as ``running`` or
-    ``failed``: the step's files are then this run's results, not an earlier run's or a
+    """True when a manifest (its parsed JSON) records ``step`` and not as one of
+    :data:`UNFINISHED`: the step's files are then this run's results, not an earlier run's or a
     failed attempt's (notebook 05's report and :mod:`hmqat.study.summary` both ask)."""
     steps = manifest_data.get("steps", {})
-    return step in steps and steps[step].get("status") not in ("running", "failed")
+    return step in steps and steps[step].get("status") not in UNFINISHED
 
 
 # --------------------------------------------------------------------------------------------

@@ -828,12 +828,16 @@ _BLOCKS = {
 #: (``--only``, or a run resumed across sessions): until that step has finished in the run the
 #: manifest records, the block says so instead of reading its files.
 BLOCK_STEPS = {"readme-transitions": "04_ablations", "readme-allocation": "04_ablations",
-               "method-allocation": "04_ablations", "method-transitions": "04_ablations"}
+               "method-allocation": "04_ablations", "method-transitions": "04_ablations",
+               "readme-budget-axis": "06_budget", "method-walk": "07_frontier_walk"}
 
 
 def _pending(res: _Results, step: str) -> str:
     """The text of a block whose notebook has not finished in this run."""
-    return (f"*Notebook {step} has not run yet in the run of `{res.shown}` named above, so "
+    status = res.json("manifest.json").get("steps", {}).get(step, {}).get("status")
+    why = {"stale": "has not rerun since a step it reads reran",
+           "failed": "failed"}.get(str(status), "has not run yet")
+    return (f"*Notebook {step} {why} in the run of `{res.shown}` named above, so "
             f"nothing is reported here from it (no earlier run's numbers are mixed in). It "
             f"runs with `python -m hmqat.study.pipeline --profile {res.profile} --only {step}`; "
             f"then `python -m hmqat.study.summary --results {res.shown} --write`.*")
@@ -849,9 +853,13 @@ def render_blocks(results_dir: str | Path) -> dict[str, str]:
     out = {}
     for name, make in _BLOCKS.items():
         step = BLOCK_STEPS.get(name)
-        text = (make(res) if step is None
-                or reporting.step_finished(res.json("manifest.json"), step)
-                else _pending(res, step))
+        recorded = res.json("manifest.json").get("steps", {}) if step else {}
+        if step is None or reporting.step_finished(res.json("manifest.json"), step):
+            text = make(res)
+        elif name in OPTIONAL_BLOCKS and step not in recorded:
+            text = None       # a step this profile never ran: no block at all
+        else:
+            text = _pending(res, step)
         if text is not None:
             out[name] = text.strip("\n")
     return out
