@@ -26,9 +26,10 @@
 # > - **Exercises:** 2 and 3 are checked by code (`lessons.check_…` after a `# YOUR CODE HERE`
 # >   cell); exercise 1 is open.
 # > - **Lab defaults vs the quick profile** (`make reproduce`): 256 calibration images (quick:
-# >   512), the one-layer check at 2 bits (quick: 2, 3 and 4), 6 additivity configs (16), 14
-# >   fixed-size configs (64), one PTQ frontier budget with 6 random configs (three budgets with
-# >   20 each) and 2 calibration sets for the variability check (3). The lab run shows every part
+# >   512), the one-layer check at 2 bits (quick: 2, 3 and 4), the matched-noise control on every
+# >   2nd layer (quick: every layer), 4 additivity configs (16), 10 fixed-size configs (64), one
+# >   PTQ frontier budget with 4 random configs (three budgets with 20 each) and 2 calibration
+# >   sets for the variability check (3). The lab run shows every part
 # >   of the study with wider confidence intervals; quote the quick profile's numbers
 # >   (docs/method.md §3).
 #
@@ -91,11 +92,12 @@ a_bits = 4
 fp32_checkpoint = ""
 single_bits = [2]
 noise_pairs = 1
-additivity_configs = 6
-fixed_configs = 14
+noise_every = 2                # the matched-noise control on every 2nd layer (quick: every layer)
+additivity_configs = 4
+fixed_configs = 10
 target_compression = 10.34
 frontier_compressions = [10.34]
-frontier_random = 6
+frontier_random = 4
 variability_sets = 2
 variability_tol = 0.1
 
@@ -242,7 +244,7 @@ if val_ds is not None:
         model, train_ds, val_ds, study.root, bits=bits, a_bits=a_bits, policy=policy,
         method=init, calib_samples=calib_samples, calib_batch=calib_batch, trace_tol=trace_tol,
         trace_max_probes=trace_max_probes, trace_method=trace_method, single_bits=single_bits,
-        noise_pairs=noise_pairs,
+        noise_pairs=noise_pairs, noise_every=noise_every,
         additivity_configs=additivity_configs, fixed_configs=fixed_configs,
         target_compression=target_compression, frontier_compressions=frontier_compressions,
         frontier_random=frontier_random, variability_sets=variability_sets,

@@ -55,7 +55,7 @@
 #
 # **The lab defaults are a short screen:** notebook 02's picks (two at its lab defaults: ~10.34×
 # and uniform W3A4's size) and the three `uniform_baselines` (W4A4, W3A4, W2A4), each trained
-# for `max_steps_per_epoch` = 80 steps (about a fifth of an epoch) on one seed. The quick
+# for `max_steps_per_epoch` = 60 steps (about a sixth of an epoch) on one seed. The quick
 # profile trains a full epoch on three seeds; its numbers are in the README.
 
 # %% tags=["parameters"]
@@ -80,8 +80,8 @@ uniform_baselines = [[4, 4], [3, 4], [2, 4]]
 seeds = [0]
 # the study's QAT recipe: FP32 teacher, KL at T = 4 (Eq. D)
 recipe = {"distillation": {"enabled": True}}
-max_steps_per_epoch = 80
-choice_seeds = [0]     # section 5 at lab scale: 3 more runs of 80 steps (~2 min), one seed: a screen
+max_steps_per_epoch = 60
+choice_seeds = [0]     # section 5 at lab scale: 3 more runs of 60 steps, one seed: a screen
 
 # %%
 import pandas as pd

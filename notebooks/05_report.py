@@ -26,7 +26,7 @@
 #
 # This notebook gathers what notebooks 00–04 wrote into the headline table and a README for
 # `results/<profile>/`; it trains nothing. At the lab defaults the table holds notebook 03's short
-# runs (80 steps, one seed), so its ± std and paired intervals are empty: the quick profile's
+# runs (60 steps, one seed), so its ± std and paired intervals are empty: the quick profile's
 # report (`results/quick/README.md`) has three seeds. Every number here is **ours**: a
 # reconstruction of HMQAT (Huang et al., *Neural Networks* 182:106910, 2025) from its abstract and
 # the prior work it builds on. The paper's own numbers are ResNet18/ImageNet (10.34× smaller,

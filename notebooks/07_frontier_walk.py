@@ -70,7 +70,7 @@ qat_lr = 0.004
 step_lr = 0.0004
 qat_wd = 0.00005
 recipe = {"distillation": {"enabled": True}}
-max_steps_per_epoch = 80
+max_steps_per_epoch = 60
 seeds = [0]
 # the walk: its points (largest first) and the phases of each transition
 walk_points = ["W4A4 size", "W3A4 size", 10.34]   # quick/extended: 5 points, ... 13.11

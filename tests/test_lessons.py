@@ -200,18 +200,31 @@ def test_write_lab_times_fills_the_json_and_all_six_headers(tmp_path: Path) -> N
                                     for i, n in enumerate(NOTEBOOKS)}
     assert written["chain_min"] == round(sum(60.0 * (i + 1) + 6
                                              for i in range(len(NOTEBOOKS))) / 60, 1)
+    assert written["core_min"] == round(sum(60.0 * (i + 1) + 6 for i in range(6)) / 60, 1)
     assert (written["date"], written["git_sha"], written["cpu_count"]) == \
         (f"2026-12-0{len(NOTEBOOKS)}", "abcdef1234567", 2)
     text01 = lessons.lab_time_text("01_sensitivity", written)
     assert text01 == (f"2.1 min, measured by the pipeline in the lab run of "
                       f"2026-12-0{len(NOTEBOOKS)} (2 CPU cores, git abcdef1); the chain of "
-                      f"{len(NOTEBOOKS)} notebooks took {written['chain_min']} min")
+                      f"{len(NOTEBOOKS)} notebooks took {written['chain_min']} min (00–05: "
+                      f"{written['core_min']} min)")
     for name in NOTEBOOKS:
         for suffix in (".py", ".ipynb"):
             src = (nbs / f"{name}{suffix}").read_text()
             assert lessons.header_times(src, name) == [lessons.lab_time_text(name, written)]
         nb = json.loads((nbs / f"{name}.ipynb").read_text())   # still output-free
         assert all(not c.get("outputs") for c in nb["cells"])
+    # 1.1 ... 9.1 min each, 00-05 sum to 21.6 min: both goals met
+    assert lessons.lab_budget_verdict(written) == [
+        "each notebook <= 10 min: met",
+        f"core chain 00–05 <= 30 min: met ({written['core_min']:.1f} min; all "
+        f"{len(NOTEBOOKS)} notebooks {written['chain_min']:.1f} min)"]
+    slow = {**written, "notebooks": {**written["notebooks"], "01_sensitivity": 11.4},
+            "core_min": 32.1}
+    assert lessons.lab_budget_verdict(slow) == [
+        "each notebook <= 10 min: MISSED by 01_sensitivity (11.4 min)",
+        f"core chain 00–05 <= 30 min: MISSED (32.1 min; all {len(NOTEBOOKS)} notebooks "
+        f"{written['chain_min']:.1f} min)"]
     before = {p.name: p.read_text() for p in nbs.iterdir()}
     lessons.write_lab_times(tmp_path / "manifest.json", notebooks_dir=nbs)   # idempotent
     assert {p.name: p.read_text() for p in nbs.iterdir()} == before

@@ -60,7 +60,7 @@ from .params import NOTEBOOKS, UPSTREAM
 from .pipeline import KEY_OUTPUTS, PipelineError, run_pipeline
 
 __all__ = ["ExerciseError", "LessonError", "answer", "attempt", "check", "check_close",
-           "ensure_upstream", "exercise", "lab_time_text", "write_lab_times", "main",
+           "ensure_upstream", "exercise", "lab_budget_verdict", "lab_time_text", "write_lab_times", "main",
            "check_00_per_class_top1", "check_00_percent_of_fp32", "check_01_trace_vs_omega",
            "check_01_sum_omega", "check_02_hawq_bits", "check_02_bops_pick"]
 
@@ -254,6 +254,11 @@ def ensure_upstream(study: Any, notebook: str, *, skip: Sequence[str] = (),
 # Measured run times in the headers
 # --------------------------------------------------------------------------------------------
 TIME_OPEN, TIME_CLOSE = "<!-- lab-time -->", "<!-- /lab-time -->"
+#: The course's core chain, one lesson per concept of the method (FP32 → traces → allocation →
+#: QAT → ablations → report); 06–08 are the study's further questions. The lab budget: each
+#: notebook <= 10 min, the core chain <= 30 min on a 2-core CPU (params/lab.yaml).
+CORE = NOTEBOOKS[:6]
+LAB_GOAL_NOTEBOOK_MIN, LAB_GOAL_CORE_MIN = 10.0, 30.0
 TIME_RE = re.compile(re.escape(TIME_OPEN) + r"(.*?)" + re.escape(TIME_CLOSE))
 NOT_MEASURED = ("not yet measured (after a lab run, `python -m hmqat.study.lessons "
                 "--write-times results/lab/manifest.json` writes it here)")
@@ -265,9 +270,27 @@ def lab_time_text(name: str, times: Mapping[str, Any] | None) -> str:
     if times is None:
         return NOT_MEASURED
     minutes = float(times["notebooks"][name])
+    core = (f" ({CORE[0][:2]}–{CORE[-1][:2]}: {float(times['core_min']):.1f} min)"
+            if "core_min" in times else "")
     return (f"{minutes:.1f} min, measured by the pipeline in the lab run of "
             f"{times['date']} ({times['cpu_count']} CPU cores, git {times['git_sha'][:7]}); the "
-            f"chain of {len(times['notebooks'])} notebooks took {float(times['chain_min']):.1f} min")
+            f"chain of {len(times['notebooks'])} notebooks took {float(times['chain_min']):.1f} min"
+            f"{core}")
+
+
+def lab_budget_verdict(times: Mapping[str, Any]) -> list[str]:
+    """The lab budget's two goals against a measured run (``notebooks/lab_times.json``'s
+    content): each notebook <= :data:`LAB_GOAL_NOTEBOOK_MIN`, the core chain <=
+    :data:`LAB_GOAL_CORE_MIN`; one line each, saying met or missed with the numbers."""
+    over = {n: float(m) for n, m in times["notebooks"].items() if float(m) > LAB_GOAL_NOTEBOOK_MIN}
+    core = float(times["core_min"])
+    return [
+        (f"each notebook <= {LAB_GOAL_NOTEBOOK_MIN:.0f} min: "
+         + ("met" if not over else "MISSED by " + ", ".join(f"{n} ({m:.1f} min)"
+                                                            for n, m in over.items()))),
+        (f"core chain {CORE[0][:2]}–{CORE[-1][:2]} <= {LAB_GOAL_CORE_MIN:.0f} min: "
+         + ("met" if core <= LAB_GOAL_CORE_MIN else "MISSED") + f" ({core:.1f} min; all "
+         f"{len(times['notebooks'])} notebooks {float(times['chain_min']):.1f} min)")]
 
 
 def read_lab_times(path: Path = LAB_TIMES) -> dict[str, Any] | None:
@@ -350,6 +373,7 @@ def write_lab_times(manifest_path: str | Path, *, notebooks_dir: Path = NOTEBOOK
         "cpu_count": data.get("cpu_count"),
         "notebooks": minutes,
         "chain_min": round(sum(float(steps[n]["compute_wall_s"]) for n in NOTEBOOKS) / 60, 1),
+        "core_min": round(sum(float(steps[n]["compute_wall_s"]) for n in CORE) / 60, 1),
     }
     atomic_write_json(out or notebooks_dir / "lab_times.json", times)
     for name in NOTEBOOKS:
@@ -936,6 +960,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           + ", ".join(f"{n[:2]} {m} min" for n, m in times["notebooks"].items())
           + f"; chain {times['chain_min']} min; headers of all {len(times['notebooks'])} "
             f"notebooks updated", flush=True)
+    for line in lab_budget_verdict(times):
+        print(f"[hmqat] {line}", flush=True)
     return 0
 
 

@@ -211,6 +211,7 @@ NOTEBOOK_KEYS: dict[str, dict[str, Key]] = {
         "fp32_checkpoint": Key(text, "FP32 checkpoint to analyse ('' = notebook 00's)"),
         "single_bits": Key(list_of(bit_width), "widths of the one-layer-at-a-time check"),
         "noise_pairs": Key(integer(1), "antithetic noise pairs per layer"),
+        "noise_every": Key(integer(1), "the matched-noise control on every k-th layer (1: all)"),
         "additivity_configs": Key(integer(1), "configs of the additivity check"),
         "fixed_configs": Key(integer(1), "fixed-size configs of the Kendall check"),
         "target_compression": Key(number(1, strict=True), "size of the fixed-size configs"),
