@@ -39,11 +39,10 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence, Union
 
 import torch
-import torchvision
-import torchvision.transforms as T
 from torch.utils.data import DataLoader, DistributedSampler
-from torchvision.datasets import ImageFolder
-from torchvision.io import ImageReadMode, decode_image, read_file, write_png
+# torchvision is imported inside the functions that use it (JPEG decoding, the CIFAR download,
+# ImageNet transforms): its import costs ~1.5 s per process, which every notebook kernel would
+# otherwise pay although the decode cache (or synthetic data) needs none of it.
 
 from .runtime import CheckpointError, atomic_torch_save, hash_tensor, load_checkpoint
 
@@ -184,6 +183,7 @@ def _decode_files(files: Sequence[Path]) -> torch.Tensor:
 
     A file that does not decode (truncated, empty, not an image) or whose size differs from the
     first image's raises :class:`DatasetError` naming that file."""
+    from torchvision.io import ImageReadMode, decode_image, read_file   # imported here: see the imports' note
     out = []
     with _quiet_torchvision_io():
         for f in files:
@@ -428,6 +428,7 @@ def _load_imagefolder_split(base: Path, split: str, num_classes: int,
 
 
 def _load_torchvision_split(base: Path | None, split: str) -> TensorImages:
+    import torchvision.datasets   # imported here: see the imports' note
     download = base is None
     folder = base if base is not None else _cache_dir() / "torchvision"
     try:
@@ -598,6 +599,7 @@ def write_synthetic_imagefolder(root: str | os.PathLike, *, num_classes: int = 1
                                 splits: Sequence[str] = ("train", "test")) -> Path:
     """Write a tiny ImageFolder tree of PNGs (tests of the folder and ImageNet paths). Class
     folders are :data:`CIFAR10_CLASSES` for 10 classes, else ``class000``, ``class001``, ..."""
+    from torchvision.io import write_png   # imported here: see the imports' note
     root = Path(root)
     for si, split in enumerate(splits):
         ds = synthetic_cifar(num_classes * per_class, num_classes, seed + si, image_size,
@@ -753,6 +755,8 @@ def imagenet_loaders(root: str | os.PathLike | None = None, *, batch_size: int =
     if not (root / "train").is_dir() or not (root / val_name).is_dir():
         raise DatasetError(f"ImageNet root {root or '(unset)'} must contain train/<class>/ and "
                            "val/<class>/ folders (ImageFolder layout). Set HMQAT_DATA_DIR to it.")
+    import torchvision.transforms as T   # imported here: see the imports' note
+    from torchvision.datasets import ImageFolder
     norm = T.Normalize(MEAN, STD)
     train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(),
                           T.ToTensor(), norm])

@@ -60,7 +60,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from . import quant
 from .models import CIFAR_RESNET_DEPTHS, TORCHVISION_ARCHS, CifarResNet, create_model
@@ -166,6 +165,7 @@ def infer_arch(model: nn.Module) -> tuple[str, int] | None:
         if depth in CIFAR_RESNET_DEPTHS and len(model.layer2) == len(model.layer3) == len(model.layer1):
             return f"resnet{depth}", model.linear.out_features
         return None
+    from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet   # ~1.5 s, only here
     if type(model) is ResNet:
         blocks = tuple(len(getattr(model, f"layer{i}")) for i in range(1, 5))
         kind = type(model.layer1[0])

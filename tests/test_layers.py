@@ -23,8 +23,9 @@ LAYERS: dict[str, int] = {
 #: Optional heavy dependencies that may be imported inside a function (only when used).
 OPTIONAL = {"pulp", "pyhessian", "onnx", "onnxruntime", "IPython",
             "fcntl",  # fcntl: absent on Windows; IPython: the notebooks extra
-            "papermill", "nbclient"}  # only the pipeline driver runs notebooks; every kernel
+            "papermill", "nbclient",  # only the pipeline driver runs notebooks; every kernel
 #                                       imports study.pipeline (Study) and would pay ~2 s for them
+            "torchvision"}  # decoding, downloads, ImageNet and its model zoo only: ~1.5 s a kernel
 
 
 def _module_name(path: Path) -> str:

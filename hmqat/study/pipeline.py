@@ -47,7 +47,6 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 import torch
-import torchvision.transforms as T
 
 from .. import data
 from ..data import TensorImages
@@ -838,6 +837,7 @@ class _ImageFolderSplit(torch.utils.data.Dataset):
         return self.folder[i]
 
     def subset(self, indices: Sequence[int] | torch.Tensor):
+        import torchvision.transforms as T   # ImageNet only: CIFAR kernels skip its ~1.5 s
         idx = [int(i) for i in indices]
         tf = T.Compose([T.Resize(int(self.image_size * 256 / 224)),
                         T.CenterCrop(self.image_size), T.PILToTensor()])
