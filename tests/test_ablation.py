@@ -240,6 +240,30 @@ def test_transition_verdict_applies_the_goal_to_each_point():
     assert "No arm meets it" in none
 
 
+@pytest.mark.parametrize("study_val, n_val, says, never", [
+    (5000, 5000, "every arm trained from notebook 00's FP32 model; choices on the study's "
+     "validation split (val_*), which no model involved has seen", "hold-out"),
+    (0, 5000, "every arm trained from one FP32 model fine-tuned on train minus a 5000-image "
+     "hold-out; choices on the hold-out (val_*)", "notebook 00's"),
+    (5000, 2000, "fine-tuned on train minus a 2000-image hold-out", "notebook 00's"),
+])
+def test_transition_captions_name_where_the_model_and_validation_come_from(study_val, n_val,
+                                                                           says, never):
+    """Notebook 04's rule: the study's own validation split (same size) means notebook 00's
+    model, unseen validation images; otherwise ablation.validation_fp32's hold-out model."""
+    caps = ablation.transition_captions(
+        arch="resnet20", point="HMQAT 10.34x", seeds=[0, 1, 2],
+        settings={"val_size": n_val, "device": "cpu"},
+        choices={"screen_seed": 0, "step_lr": "lr/10 (0.0004)"}, study_val_size=study_val,
+        n_runs=29, run_hours=1.85)
+    paired = caps["transition_experiment"]
+    assert says in paired and never not in paired
+    assert "seeds [0, 1, 2] (paired)" in paired and paired.endswith("29 trained runs 1.85 h")
+    where = "validation split only" if "00's" in says else "validation hold-out only"
+    assert caps["transition_screen"].startswith(
+        f"Screening of transition arms at HMQAT 10.34x, seed 0, {where} (one seed")
+
+
 def test_transition_verdict_judges_budget_b_against_the_equal_steps_control():
     nan = float("nan")
     cols = ["point", "budget", "arm", "role", "seeds", "test_mean", "test_std", "test_diff",

@@ -75,6 +75,7 @@ __all__ = [
     "screening_arms",
     "summarize",
     "transition_ablation",
+    "transition_captions",
     "transition_diagnostics",
     "transition_specs",
     "transition_study",
@@ -999,7 +1000,7 @@ def transition_verdict(paired: pd.DataFrame, choices: Mapping[str, Any], *,
     the goal is judged against the plain-LSQ control with the same total steps
     (``ctrl_test_diff``), not against plain LSQ with fewer steps; the control itself (``role``
     "control": plain LSQ with more steps) is shown but is not a candidate."""
-    lines = [f"Choices on the validation hold-out (seed {choices.get('screen_seed')}): step_lr "
+    lines = [f"Choices on validation (seed {choices.get('screen_seed')}): step_lr "
              f"{choices.get('step_lr')}, chosen arm `{choices.get('final_arm')}`."]
     winners = []
 
@@ -1032,6 +1033,41 @@ def transition_verdict(paired: pd.DataFrame, choices: Mapping[str, Any], *,
     return "\n".join(lines)
 
 
+def transition_captions(*, arch: str, point: str, seeds: Sequence[int],
+                        settings: Mapping[str, Any], choices: Mapping[str, Any],
+                        study_val_size: int, n_runs: int, run_hours: float) -> dict[str, str]:
+    """The captions of ``tables/transition_experiment`` and ``tables/transition_screen``.
+
+    Where the FP32 model and the validation images come from follows notebook 04: with the
+    study's own validation split (``settings["val_size"]`` equal to the study's ``val_size`` >
+    0) every arm starts from notebook 00's model, which never saw those images; otherwise from
+    :func:`validation_fp32`'s model, fine-tuned on the training images minus a hold-out of
+    ``settings["val_size"]`` images."""
+    n_val = int(settings.get("val_size") or 0)
+    if study_val_size > 0 and n_val == study_val_size:
+        source = ("every arm trained from notebook 00's FP32 model; choices on the study's "
+                  "validation split (val_*), which no model involved has seen")
+        where = "validation split"
+    else:
+        source = (f"every arm trained from one FP32 model fine-tuned on train minus a "
+                  f"{n_val}-image hold-out; choices on the hold-out (val_*)")
+        where = "validation hold-out"
+    return {
+        "transition_experiment": (
+            f"Earlier screen (the chosen ladder arm is re-tested at the main line's step_lr "
+            f"with scale phases that move the steps in notebook 07 §8, docs/method.md §5.5): "
+            f"transition-aware fine-tuning vs plain LSQ ({arch}; arms screened at {point}, then "
+            f"run at every point listed), seeds {list(seeds)} (paired), {source}, test_* read "
+            f"once per final run; diff = arm - plain LSQ with 95 % paired-t CI; budget A = "
+            f"equal total steps, B = equal steps at target; steps_at_target per arm; "
+            f"wall_s_mean = mean train+eval seconds per run on {settings.get('device', 'cpu')} "
+            f"(runs share the machine); sum over all {n_runs} trained runs {run_hours:.2f} h"),
+        "transition_screen": (
+            f"Screening of transition arms at {point}, seed {choices.get('screen_seed')}, "
+            f"{where} only (one seed: a ranking, not evidence); choices: {dict(choices)}"),
+    }
+
+
 def write_transition_results(out: Mapping[str, Any], study: Any, *, point: str,
                              settings: Mapping[str, Any], wall_s: float) -> dict[str, Path]:
     """Write the experiment of :func:`transition_study` under the study's results folder:
@@ -1056,26 +1092,16 @@ def write_transition_results(out: Mapping[str, Any], study: Any, *, point: str,
                                       "data": study.data_label, "profile": study.profile})
     seeds = sorted(out["final"]["seed"].unique().tolist())
     paired = out["paired"].copy()
-    reporting.write_table(
-        paired, study.tables / "transition_experiment",
-        caption=(f"Earlier screen (the chosen ladder arm is re-tested at the main line's "
-                 f"step_lr with scale phases that move the steps in notebook 07 §8, "
-                 f"docs/method.md §5.5): transition-aware fine-tuning vs plain LSQ "
-                 f"({study.arch}; arms screened at "
-                 f"{point}, then run at every point listed), seeds "
-                 f"{seeds} (paired), every arm trained from the same FP32 model on train minus "
-                 f"a {settings.get('val_size')}-image hold-out; choices on the hold-out (val_*), "
-                 f"test_* read once per final run; diff = arm - plain LSQ with 95 % paired-t "
-                 f"CI; budget A = equal total steps, B = equal steps at target; steps_at_target "
-                 f"per arm; wall_s_mean = mean train+eval seconds per run on "
-                 f"{settings.get('device', 'cpu')} (runs share the machine); sum over all "
-                 f"{runs['run_id'].nunique()} trained runs {run_hours:.2f} h"),
-        data_label=study.data_label, profile=study.profile)
+    captions = transition_captions(
+        arch=study.arch, point=point, seeds=seeds, settings=settings,
+        choices=out["choices"], study_val_size=study.val_size,
+        n_runs=runs["run_id"].nunique(), run_hours=run_hours)
+    reporting.write_table(paired, study.tables / "transition_experiment",
+                          caption=captions["transition_experiment"],
+                          data_label=study.data_label, profile=study.profile)
     reporting.write_table(
         out["screen"].drop(columns=["test_top1"]), study.tables / "transition_screen",
-        caption=(f"Screening of transition arms at {point}, seed {out['choices']['screen_seed']}, "
-                 f"validation hold-out only (one seed: a ranking, not evidence); "
-                 f"choices: {out['choices']}"),
+        caption=captions["transition_screen"],
         data_label=study.data_label, profile=study.profile, float_format={"step_lr": "{:g}"})
     diag = out["diagnostics"]
     diag = diag[diag["point"] == point] if "point" in diag else diag
