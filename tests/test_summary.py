@@ -476,3 +476,17 @@ def test_the_recipe_choices_block_appears_only_with_its_files(tmp_path):
                             "synthetic")
     assert "| step_lr " in block and "+0.07" in block and "-2.62" in block
     assert block.endswith("* distillation: the profile's choice is confirmed.")
+
+
+def test_the_run_block_names_the_commits_of_steps_run_with_newer_code(tmp_path):
+    """A run continued later (e.g. 04 and 06 after 00-03) says which steps ran at which commit."""
+    root = _synthetic(tmp_path)
+    assert "(commit `abcdef0`, started" in summary.render_blocks(root)["readme-run"]
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["steps"]["00_fp32_baseline"]["git_sha"] = "abcdef0123456789"
+    for step in ("03_qat", "04_ablations"):
+        manifest["steps"][step].update(git_sha="1234567890abcdef", git_dirty=False)
+    manifest["steps"]["01_sensitivity"].update(git_sha="abcdef0123456789", git_dirty=True)
+    atomic_write_json(root / "manifest.json", manifest)
+    assert ("(commit `abcdef0`; steps 01 at `abcdef0` + uncommitted changes; steps 03, 04 at "
+            "`1234567`, started") in summary.render_blocks(root)["readme-run"]

@@ -280,10 +280,19 @@ def _split_text(res: _Results) -> str:
 
 
 def _commit(res: _Results) -> str:
+    """The run's commit (the manifest's top level: its first step), and the commits of the
+    steps that ran at another one (a run resumed or continued with newer code)."""
     m = res.json("manifest.json")
     sha = str(m.get("git_sha") or "unknown")[:7]
     dirty = " + uncommitted changes" if m.get("git_dirty") else ""
-    return f"commit `{sha}`{dirty}"
+    later: dict[str, list[str]] = {}
+    for step, entry in m.get("steps", {}).items():
+        other = str(entry.get("git_sha") or "")[:7]
+        if other and (other != sha or bool(entry.get("git_dirty")) != bool(m.get("git_dirty"))):
+            key = f"`{other}`" + (" + uncommitted changes" if entry.get("git_dirty") else "")
+            later.setdefault(key, []).append(step[:2])
+    also = "".join(f"; steps {', '.join(steps)} at {key}" for key, steps in later.items())
+    return f"commit `{sha}`{dirty}{also}"
 
 
 def _pairs(res: _Results) -> pd.DataFrame:
