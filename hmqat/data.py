@@ -183,7 +183,8 @@ def _decode_files(files: Sequence[Path]) -> torch.Tensor:
 
     A file that does not decode (truncated, empty, not an image) or whose size differs from the
     first image's raises :class:`DatasetError` naming that file."""
-    from torchvision.io import ImageReadMode, decode_image, read_file   # imported here: see the imports' note
+    # imported here: see the imports' note
+    from torchvision.io import ImageReadMode, decode_image, read_file
     out = []
     with _quiet_torchvision_io():
         for f in files:

@@ -359,7 +359,7 @@ def manifest(seed: int | None = None, device: str | torch.device | None = None,
                               ":(top,exclude)results")),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
-        "torchvision": _version("torchvision"),   # read from its metadata: importing it costs ~1.5 s
+        "torchvision": _version("torchvision"),   # its metadata: importing it costs ~1.5 s
         "numpy": np.__version__,
         "pandas": pandas.__version__,
         "platform": platform.platform(),

@@ -60,7 +60,8 @@ from .params import NOTEBOOKS, UPSTREAM
 from .pipeline import KEY_OUTPUTS, PipelineError, run_pipeline
 
 __all__ = ["ExerciseError", "LessonError", "answer", "attempt", "check", "check_close",
-           "ensure_upstream", "exercise", "lab_budget_verdict", "lab_time_text", "write_lab_times", "main",
+           "ensure_upstream", "exercise", "lab_budget_verdict", "lab_time_text", "write_lab_times",
+           "main",
            "check_00_per_class_top1", "check_00_percent_of_fp32", "check_01_trace_vs_omega",
            "check_01_sum_omega", "check_02_hawq_bits", "check_02_bops_pick"]
 

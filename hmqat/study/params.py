@@ -33,8 +33,8 @@ from ..quant import INIT_METHODS, POLICIES, SUPPORTED_BITS
 from ..sensitivity import VARIANTS
 from ..transitions import Recipe
 
-__all__ = ["ACROSS_MODELS", "ALSO_READS", "COMMON", "NOTEBOOKS", "NOTEBOOK_KEYS", "Key", "ParamsError",
-           "UPSTREAM", "check_value", "read_profile", "readers", "validate"]
+__all__ = ["ACROSS_MODELS", "ALSO_READS", "COMMON", "NOTEBOOKS", "NOTEBOOK_KEYS", "Key",
+           "ParamsError", "UPSTREAM", "check_value", "read_profile", "readers", "validate"]
 
 NOTEBOOKS = ("00_fp32_baseline", "01_sensitivity", "02_bit_allocation", "03_qat",
              "04_ablations", "05_report", "06_budget", "07_frontier_walk", "08_across_models")
