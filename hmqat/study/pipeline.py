@@ -616,11 +616,12 @@ class _Steps:
         partial rerun (``--only``, or a fresh clone with committed results) from presenting the
         files of the steps it did not rerun as its own."""
         recorded, marked = _manifest_steps(self.manifest), []
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for reader in params.readers(name):
             self.stamp(reader).unlink(missing_ok=True)
             if reader in recorded and recorded[reader].get("status") != "stale":
                 update_manifest(self.manifest, reader, status="stale", stale={
-                    "because": f"{name} reran after it", "since_utc": manifest()["time_utc"],
+                    "because": f"{name} reran after it", "since_utc": since,
                     "rerun": self._command([reader])})
                 marked.append(reader)
         if marked:

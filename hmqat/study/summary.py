@@ -862,10 +862,9 @@ def render_blocks(results_dir: str | Path) -> dict[str, str]:
     out = {}
     for name, make in _BLOCKS.items():
         step = BLOCK_STEPS.get(name)
-        recorded = res.json("manifest.json").get("steps", {}) if step else {}
         if step is None or reporting.step_finished(res.json("manifest.json"), step):
             text = make(res)
-        elif name in OPTIONAL_BLOCKS and step not in recorded:
+        elif name in OPTIONAL_BLOCKS and step not in res.json("manifest.json").get("steps", {}):
             text = None       # a step this profile never ran: no block at all
         else:
             text = _pending(res, step)
